@@ -1,0 +1,2 @@
+"""onnxmerge."""
+__version__ = "0.1.0"

@@ -1,0 +1,26 @@
+"""The exceptions onnxmerge raises for problems a user can fix.
+
+Every message says what is wrong, where (file, node, op, tensor, axis) and what to do.
+The CLI prints them as one line ``onnxmerge: error: ...`` and exits 1; any other
+exception is a bug and keeps its traceback.
+"""
+
+
+class OnnxMergeError(Exception):
+    """Base class of all user-facing onnxmerge errors."""
+
+
+class InvalidModelError(OnnxMergeError):
+    """The file is not a loadable, valid ONNX model (or refers to unsafe external data)."""
+
+
+class UnsupportedGraphError(OnnxMergeError):
+    """The model is valid ONNX but uses something onnxmerge cannot handle."""
+
+
+class CalibrationError(OnnxMergeError):
+    """Calibration inputs are missing, malformed or do not fit the models."""
+
+
+class RecipeError(OnnxMergeError):
+    """Options or a recipe are inconsistent."""
