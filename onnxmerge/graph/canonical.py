@@ -1,0 +1,152 @@
+"""Canonicalisation: rewrite exporter idioms into one form the rule table understands.
+
+Each pass takes an onnx-graphsurgeon graph and returns the number of rewrites it made. The
+pipeline runs to a fixpoint under ``MAX_ROUNDS``. The canonical model computes the same
+outputs as the input model; the caller's ModelProto is never modified.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from ..errors import UnsupportedGraphError
+
+log = logging.getLogger(__name__)
+
+MAX_ROUNDS = 8
+BN_MODES = ("keep", "fold")
+
+
+def drop_identities(graph: gs.Graph) -> int:
+    """Identity nodes alias their input: consumers read the input directly."""
+    count = 0
+    outputs = set(id(t) for t in graph.outputs)
+    for node in list(graph.nodes):
+        if node.op != "Identity" or id(node.outputs[0]) in outputs:
+            continue
+        source, alias = node.inputs[0], node.outputs[0]
+        for consumer in list(alias.outputs):
+            consumer.inputs[:] = [source if t is alias else t for t in consumer.inputs]
+        node.outputs.clear()
+        count += 1
+    return count
+
+
+def fold_constants(graph: gs.Graph) -> int:
+    """Evaluate subgraphs whose inputs are all constant (ConstantOfShape weights, shape math)."""
+    before = len(graph.nodes)
+    graph.fold_constants(error_ok=True).cleanup()
+    return before - len(graph.nodes)
+
+
+def normalize_gemm(graph: gs.Graph) -> int:
+    """Gemm with alpha/beta != 1: scale the constant operands so alpha = beta = 1."""
+    count = 0
+    for node in graph.nodes:
+        if node.op != "Gemm":
+            continue
+        alpha, beta = node.attrs.get("alpha", 1.0), node.attrs.get("beta", 1.0)
+        if alpha != 1.0 and isinstance(node.inputs[1], gs.Constant):
+            node.inputs[1] = gs.Constant(node.inputs[1].name + "_scaled", node.inputs[1].values * np.float32(alpha))
+            node.attrs["alpha"] = 1.0
+            count += 1
+        if len(node.inputs) > 2 and beta != 1.0 and isinstance(node.inputs[2], gs.Constant):
+            node.inputs[2] = gs.Constant(node.inputs[2].name + "_scaled", node.inputs[2].values * np.float32(beta))
+            node.attrs["beta"] = 1.0
+            count += 1
+    return count
+
+
+def fold_batch_norm(graph: gs.Graph) -> int:
+    """Fold BatchNormalization into the Conv that alone feeds it (as exporters do by default)."""
+    count = 0
+    for bn in list(graph.nodes):
+        if bn.op != "BatchNormalization" or len(bn.outputs) != 1 or not bn.inputs[0].inputs:
+            continue
+        conv = bn.inputs[0].inputs[0]
+        if conv.op != "Conv" or len(conv.outputs[0].outputs) != 1 or not all(
+            isinstance(t, gs.Constant) for t in list(conv.inputs[1:]) + list(bn.inputs[1:])
+        ):
+            continue
+        scale, bias, mean, var = (t.values.astype(np.float64) for t in bn.inputs[1:])
+        factor = scale / np.sqrt(var + bn.attrs.get("epsilon", 1e-5))
+        weight = conv.inputs[1].values
+        old_bias = conv.inputs[2].values if len(conv.inputs) > 2 else np.zeros(weight.shape[0])
+        new_weight = (weight * factor.reshape(-1, *[1] * (weight.ndim - 1))).astype(weight.dtype)
+        new_bias = ((old_bias - mean) * factor + bias).astype(weight.dtype)
+        name = conv.inputs[1].name
+        conv.inputs = [conv.inputs[0], gs.Constant(name + "_bn", new_weight), gs.Constant(name + "_bnbias", new_bias)]
+        result = bn.outputs[0]
+        bn.outputs.clear()
+        conv.outputs = [result]
+        count += 1
+    return count
+
+
+def untie_initializers(graph: gs.Graph) -> int:
+    """Give each constant use its own tensor: exporters share identical tensors between layers
+    (fresh BatchNorm statistics), but each layer's copy must transform with its own space."""
+    count = 0
+    seen: set[int] = set()
+    for node in graph.nodes:
+        for index, tensor in enumerate(node.inputs):
+            if not isinstance(tensor, gs.Constant):
+                continue
+            if id(tensor) in seen:
+                node.inputs[index] = gs.Constant(f"{tensor.name}_{node.name or 'use'}_{index}", tensor.values.copy())
+                count += 1
+            else:
+                seen.add(id(tensor))
+    return count
+
+
+PASSES: tuple[Callable[[gs.Graph], int], ...] = (drop_identities, fold_constants, normalize_gemm)
+
+
+def canonicalize(model: onnx.ModelProto, *, bn: str = "keep") -> onnx.ModelProto:
+    """Return the canonical form of ``model`` with inferred shapes.
+
+    Args:
+        model: any valid ONNX model; not modified.
+        bn: ``keep`` leaves BatchNormalization nodes, ``fold`` folds them into the Conv before.
+
+    Raises:
+        UnsupportedGraphError: when the model uses constructs canonicalisation cannot handle.
+    """
+    if bn not in BN_MODES:
+        raise UnsupportedGraphError(f"unknown BatchNormalization mode {bn!r}; use one of {BN_MODES}")
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model)
+    initializer_names = {init.name for init in proto.graph.initializer}
+    # Old IR versions list every weight as a graph input too; they are constants here.
+    kept = [i for i in proto.graph.input if i.name not in initializer_names]
+    del proto.graph.input[:]
+    proto.graph.input.extend(kept)
+    graph = gs.import_onnx(proto)
+    passes = PASSES + ((fold_batch_norm,) if bn == "fold" else ())
+    for _ in range(MAX_ROUNDS):
+        changed = sum(p(graph) for p in passes)
+        graph.cleanup().toposort()
+        if not changed:
+            break
+    untie_initializers(graph)
+    graph.cleanup().toposort()
+    result = gs.export_onnx(graph, do_type_check=False)
+    result.ir_version = model.ir_version
+    del result.opset_import[:]
+    result.opset_import.extend(model.opset_import)
+    result.metadata_props.extend(model.metadata_props)
+    return infer_shapes(result)
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX shape inference with data propagation (shape subgraphs feeding Reshape)."""
+    try:
+        return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception as error:  # onnx raises several types; all mean the same to the user
+        raise UnsupportedGraphError(f"shape inference failed: {str(error).splitlines()[0]}") from error

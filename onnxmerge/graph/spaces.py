@@ -1,0 +1,248 @@
+"""Feature-space discovery: walk a canonical graph through the op-rule table and collect the
+spaces (sets of tensor axes transformed together) with their producers and consumers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .layout import Atom, Layout, LayoutConflict, SpaceTable, leaves
+from .rules import RULES
+
+Dim = int | str | None
+
+
+@dataclass(frozen=True)
+class ParamUse:
+    """An initializer axis that indexes (producer) or is contracted with (consumer) spaces."""
+
+    name: str
+    axis: int
+    layout: Layout
+    role: str
+    node: str
+
+
+@dataclass(frozen=True)
+class Barrier:
+    """A node whose channel behaviour is unknown: the spaces it touches are fixed."""
+
+    node: str
+    op: str
+    reason: str
+
+
+@dataclass
+class Space:
+    """One feature space: its width, whether it may be transformed and who touches it."""
+
+    id: int
+    name: str
+    width: int
+    fixed_reasons: list[str] = field(default_factory=list)
+    producers: list[ParamUse] = field(default_factory=list)
+    consumers: list[ParamUse] = field(default_factory=list)
+    tensors: list[tuple[str, int]] = field(default_factory=list)
+
+    @property
+    def fixed(self) -> bool:
+        return bool(self.fixed_reasons)
+
+
+@dataclass
+class SpaceGraph:
+    """The result of ``find_spaces``; layouts refer to ``Space.id``."""
+
+    table: SpaceTable
+    spaces: list[Space]
+    barriers: list[Barrier]
+    params: list[ParamUse]
+    layouts: dict[str, dict[int, Layout]]
+
+    @property
+    def free_spaces(self) -> list[Space]:
+        return [s for s in self.spaces if not s.fixed]
+
+    def space(self, space_id: int) -> Space:
+        return self._by_id[space_id]
+
+    def __post_init__(self) -> None:
+        self._by_id = {s.id: s for s in self.spaces}
+
+
+def tensor_shapes(model: onnx.ModelProto) -> dict[str, tuple[Dim, ...]]:
+    """Shapes known from graph inputs, outputs, value_info and initializers."""
+    shapes: dict[str, tuple[Dim, ...]] = {}
+    graph = model.graph
+    for info in list(graph.input) + list(graph.value_info) + list(graph.output):
+        kind = info.type.WhichOneof("value")
+        if kind != "tensor_type" or not info.type.tensor_type.HasField("shape"):
+            continue
+        shapes[info.name] = tuple(
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+            for d in info.type.tensor_type.shape.dim
+        )
+    for init in graph.initializer:
+        shapes[init.name] = tuple(init.dims)
+    return shapes
+
+
+def node_label(node: onnx.NodeProto, index: int) -> str:
+    return node.name or f"{node.op_type}_{index}"
+
+
+class _Walk:
+    """The Context the rules see, for one graph walk."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.table = SpaceTable()
+        self.shapes = tensor_shapes(model)
+        self.initializers = {init.name: init for init in model.graph.initializer}
+        self._arrays: dict[str, np.ndarray] = {}
+        self.layouts: dict[str, dict[int, Layout]] = {}
+        self.params: list[ParamUse] = []
+        self.barriers: list[Barrier] = []
+        self._opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+        self.node = ""
+        self.touched: list[Layout] = []
+
+    # --- queries --------------------------------------------------------------------------
+    def layouts_of(self, name: str) -> dict[int, Layout]:
+        return self.layouts.get(name, {})
+
+    def shape(self, name: str) -> tuple:
+        if name not in self.shapes:
+            raise LayoutConflict(f"shape of tensor {name!r} unknown")
+        return self.shapes[name]
+
+    def const(self, name: str) -> np.ndarray | None:
+        if name not in self.initializers:
+            return None
+        if name not in self._arrays:
+            self._arrays[name] = numpy_helper.to_array(self.initializers[name])
+        return self._arrays[name]
+
+    def opset(self) -> int:
+        return self._opset
+
+    def width(self, layout) -> int:
+        return self.table.width(layout)
+
+    # --- actions --------------------------------------------------------------------------
+    def set_output(self, name: str, layouts: dict[int, Layout | None]) -> None:
+        kept = {k: v for k, v in layouts.items() if v is not None}
+        self.touched.extend(kept.values())
+        self.layouts[name] = kept
+
+    def new_space(self, width: int) -> Layout:
+        atom = self.table.new(width, self.node)
+        self.touched.append(atom)
+        return atom
+
+    def untracked_as_fixed(self, layout: Layout | None, width: int, reason: str) -> Layout:
+        if layout is not None:
+            return layout
+        atom = self.new_space(width)
+        self.table.fix(atom, f"{reason} at {self.node}")
+        return atom
+
+    def unify(self, a: Layout | None, b: Layout | None) -> None:
+        if a is None and b is None:
+            return
+        self.table.unify(a, b)
+
+    def param(self, name: str, axis: int, layout: Layout | None, role: str) -> None:
+        if layout is None:
+            return
+        if name not in self.initializers:
+            raise LayoutConflict(f"parameter {name!r} is not a constant")
+        self.touched.append(layout)
+        self.params.append(ParamUse(name, axis, layout, role, self.node))
+
+    def split(self, layout: Layout | None, width: int, groups: int):
+        if layout is None:
+            return None, None
+        return self.table.split_factor(layout, groups)
+
+    def split_factor(self, factor, size: int):
+        return self.table.split_factor(factor, size)
+
+    def cut(self, layout: Layout | None, sizes: list[int]):
+        return self.table.cut(layout, sizes)
+
+    def barrier(self, node: onnx.NodeProto, reason: str) -> None:
+        self.barriers.append(Barrier(self.node, node.op_type, reason))
+        why = f"barrier at {self.node} ({node.op_type}): {reason}"
+        for name in node.input:
+            for layout in self.layouts_of(name).values():
+                self.table.fix(layout, why)
+        for layout in self.touched:
+            self.table.fix(layout, why)
+
+
+class _RuleContext:
+    """Adapter giving rules the ``Context`` names (``layouts`` is a method there)."""
+
+    def __init__(self, walk: _Walk):
+        self._walk = walk
+
+    def __getattr__(self, name: str):
+        return getattr(self._walk, name)
+
+    def layouts(self, name: str) -> dict[int, Layout]:
+        return self._walk.layouts_of(name)
+
+
+def find_spaces(model: onnx.ModelProto) -> SpaceGraph:
+    """Find every feature space of a canonical, shape-inferred model.
+
+    Args:
+        model: a model from ``canonicalize`` (topologically sorted, each initializer used by
+            one node input, shapes inferred). It is not modified.
+
+    Returns:
+        The spaces, barriers and parameter uses. Graph outputs are fixed spaces.
+    """
+    walk = _Walk(model)
+    ctx = _RuleContext(walk)
+    for index, node in enumerate(model.graph.node):
+        walk.node, walk.touched = node_label(node, index), []
+        op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+        rule = RULES.get(op)
+        if rule is None:
+            if any(walk.layouts_of(name) for name in node.input):
+                walk.barrier(node, f"no rule for op {op}")
+            for name in node.output:
+                walk.layouts[name] = {}
+            continue
+        try:
+            rule.handler(node, ctx)
+        except LayoutConflict as conflict:
+            walk.barrier(node, str(conflict))
+    for output in model.graph.output:
+        for layout in walk.layouts_of(output.name).values():
+            walk.table.fix(layout, f"graph output {output.name}")
+    return _assemble(walk)
+
+
+def _assemble(walk: _Walk) -> SpaceGraph:
+    table = walk.table
+    params = [ParamUse(p.name, p.axis, table.resolve(p.layout), p.role, p.node) for p in walk.params]
+    layouts = {t: {k: table.resolve(v) for k, v in axes.items()} for t, axes in walk.layouts.items()}
+    used = {s for p in params for s in leaves(p.layout)}
+    used |= {s for axes in layouts.values() for v in axes.values() for s in leaves(v)}
+    spaces = {}
+    for index, space_id in enumerate(sorted(used)):
+        spaces[space_id] = Space(space_id, f"S{index}", table.widths[space_id],
+                                 list(table.fixed.get(space_id, [])))
+    for p in params:
+        for s in leaves(p.layout):
+            (spaces[s].producers if p.role == "producer" else spaces[s].consumers).append(p)
+    for tensor, axes in layouts.items():
+        for axis, layout in axes.items():
+            if isinstance(layout, Atom):
+                spaces[layout.space].tensors.append((tensor, axis))
+    return SpaceGraph(table, list(spaces.values()), walk.barriers, params, layouts)

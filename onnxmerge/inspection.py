@@ -1,0 +1,97 @@
+"""What ``onnxmerge inspect`` reports: a JSON-ready summary of a model's spaces and barriers.
+
+The JSON layout (``format: onnxmerge.inspect/1``) is documented in docs/inspect-json.md and
+kept stable: fields are only ever added.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import onnx
+
+from .graph.layout import leaves
+from .graph.spaces import ParamUse, SpaceGraph
+
+FORMAT = "onnxmerge.inspect/1"
+
+
+def _value_info(info: onnx.ValueInfoProto) -> dict:
+    tensor = info.type.tensor_type
+    shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim]
+    return {"name": info.name, "shape": shape, "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name}
+
+
+def _use(use: ParamUse) -> dict:
+    return {"param": use.name, "axis": use.axis, "node": use.node}
+
+
+def describe(path: str, model: onnx.ModelProto, graph: SpaceGraph) -> dict:
+    """The inspect report of a canonical model and its spaces."""
+    spaces = []
+    for space in graph.spaces:
+        spaces.append({
+            "id": space.name,
+            "width": space.width,
+            "free": not space.fixed,
+            "fixed_reasons": space.fixed_reasons,
+            "producers": [_use(u) for u in space.producers],
+            "consumers": [_use(u) for u in space.consumers],
+            "tensors": [{"tensor": t, "axis": a} for t, a in space.tensors],
+            "structured": _structured(graph, space.id),
+        })
+    return {
+        "format": FORMAT,
+        "model": str(path),
+        "ir_version": model.ir_version,
+        "opsets": {o.domain or "ai.onnx": o.version for o in model.opset_import},
+        "inputs": [_value_info(i) for i in model.graph.input],
+        "outputs": [_value_info(o) for o in model.graph.output],
+        "ops": dict(sorted(Counter(n.op_type for n in model.graph.node).items())),
+        "spaces": spaces,
+        "barriers": [{"node": b.node, "op": b.op, "reason": b.reason} for b in graph.barriers],
+        "summary": {
+            "nodes": len(model.graph.node),
+            "parameters": sum(int(_numel(i)) for i in model.graph.initializer),
+            "spaces": len(graph.spaces),
+            "free": len(graph.free_spaces),
+            "fixed": len(graph.spaces) - len(graph.free_spaces),
+            "barriers": len(graph.barriers),
+        },
+    }
+
+
+def _numel(init: onnx.TensorProto) -> int:
+    count = 1
+    for d in init.dims:
+        count *= d
+    return count
+
+
+def _structured(graph: SpaceGraph, space_id: int) -> bool:
+    """True when the space is a factor of a head/group grid or a part of a concat."""
+    return any(len(leaves(p.layout)) > 1 and space_id in leaves(p.layout) for p in graph.params)
+
+
+def render(report: dict) -> str:
+    """Plain-text form of ``describe``'s report."""
+    lines = [f"model: {report['model']}  (IR {report['ir_version']}, opsets {report['opsets']})"]
+    for kind in ("inputs", "outputs"):
+        for info in report[kind]:
+            lines.append(f"  {kind[:-1]:6} {info['name']}: {info['dtype']} {info['shape']}")
+    lines.append("ops: " + ", ".join(f"{op} x{n}" for op, n in report["ops"].items()))
+    lines.append(f"{'space':6} {'width':>5}  {'state':5}  producers -> consumers")
+    for space in report["spaces"]:
+        state = "free" if space["free"] else "fixed"
+        producers = ", ".join(f"{u['param']}[{u['axis']}]" for u in space["producers"][:3])
+        more = "" if len(space["producers"]) <= 3 else f" +{len(space['producers']) - 3}"
+        consumers = ", ".join(f"{u['param']}[{u['axis']}]" for u in space["consumers"][:3])
+        more_c = "" if len(space["consumers"]) <= 3 else f" +{len(space['consumers']) - 3}"
+        reason = f"  ({space['fixed_reasons'][0]})" if space["fixed_reasons"] else ""
+        lines.append(f"{space['id']:6} {space['width']:>5}  {state:5}  {producers}{more} -> {consumers}{more_c}{reason}")
+    for barrier in report["barriers"]:
+        lines.append(f"barrier: node {barrier['node']!r} ({barrier['op']}): {barrier['reason']}")
+    s = report["summary"]
+    lines.append(f"{s['spaces']} spaces: {s['free']} free, {s['fixed']} fixed; {s['barriers']} barriers; "
+                 f"{s['nodes']} nodes, {s['parameters']} parameters")
+    return "\n".join(lines)
