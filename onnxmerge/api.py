@@ -2,18 +2,36 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
+import time
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
 
-from . import inspection
-from .errors import InvalidModelError
-from .graph.canonical import canonicalize
+from . import __version__, inspection
+from .calib.capture import CaptureUnit, collect_statistics, plan_captures
+from .calib.data import CalibrationSet, input_specs, load_calibration
+from .calib.stats import combine_stats, load_stats
+from .errors import CalibrationError, InvalidModelError, RecipeError
+from .evaluate import load_test_data, parse_tasks, run_heads, score
+from .graph.canonical import canonicalize, infer_shapes
+from .graph.correspond import correspond
 from .graph.spaces import SpaceGraph, find_spaces
-from .io import load_model
+from .io import load_model, model_sha256
+from .match import get_method
+from .match.grid import assignments_of, match_grid
+from .match.matching import Matching
 from .rewrite.apply import transform_parameters
+from .rewrite.heads import split_trunk
+from .rewrite.merge import Member, assemble, merged_trunk_parameters
+from .rewrite.repair import REPAIRS, reset_batch_norm
 from .rewrite.transform import Permutation
+
+log = logging.getLogger(__name__)
 
 
 def analyse(model: onnx.ModelProto, *, bn: str = "keep") -> tuple[onnx.ModelProto, SpaceGraph]:
@@ -50,3 +68,225 @@ def check(model: onnx.ModelProto, what: str) -> None:
     except onnx.checker.ValidationError as error:
         raise InvalidModelError(f"{what} fails onnx.checker: {str(error).splitlines()[0]}; "
                                 "check the input with onnx.checker, else report this") from error
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """Every option of a merge, with its default."""
+
+    method: str = "zip"
+    alpha: float = 0.5
+    beta: float = 1.0
+    heads: str = "separate"
+    zip_layers: int | None = None
+    repair: str = "auto"
+    bn: str = "keep"
+    batch_size: int = 64
+    max_samples: int | None = None
+    provider: str = "auto"
+    seed: int = 0
+
+
+@dataclass
+class MergeResult:
+    """The merged model and the JSON-ready report."""
+
+    model: onnx.ModelProto
+    report: dict = field(default_factory=dict)
+
+
+def merge(paths: list[str], *, calibration: str | None = None, stats: list[str] | None = None,
+          options: MergeOptions = MergeOptions()) -> MergeResult:
+    """Merge models of one architecture into one ONNX model (method.md §2-4, 6-7).
+
+    Args:
+        paths: two or more ONNX files; model 0 is the reference whose graph the trunk keeps.
+        calibration: .npz/.npy inputs for statistics (``--calib``).
+        stats: statistics files from ``calibrate`` to use instead of (or with) calibration.
+        options: see ``MergeOptions``.
+    """
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+    method = get_method(options.method)
+    if len(paths) < 2:
+        raise RecipeError("merge needs at least two models")
+    members = _members(paths, options.bn)
+    split = split_trunk(members[0].model, members[0].graph, heads=options.heads, zip_layers=options.zip_layers)
+    timings["analyse_s"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    calib = _calibration(calibration, members, options) if calibration else None
+    if method.needs_calibration and calib is None and not stats:
+        raise RecipeError(f"--method {options.method} needs calibration data: pass --calib DATA or --stats FILES")
+    units, unit_stats, provider = ([], [], "none")
+    if method.needs_calibration:
+        units, unit_stats, provider = _statistics(members, split, calib, stats, options)
+    timings["calibrate_s"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    matchings, summary = _match(members, split, units, unit_stats, method, options)
+    timings["match_s"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    merged = assemble(members, split, matchings, merged_trunk_parameters(members, split, matchings), heads=options.heads)
+    merged, repair = _repair(merged, calib, options, provider)
+    merged = infer_shapes(merged)
+    _record(merged, paths, options)
+    check(merged, "merged model")
+    timings["rewrite_s"] = time.perf_counter() - clock
+    report = {"format": "onnxmerge.merge/1", "models": [str(p) for p in paths], "method": options.method,
+              "options": asdict(options), "provider": provider, "repair": repair,
+              "layers": f"{split.zipped_layers} of {split.total_layers} layers zipped",
+              "spaces": summary, "timings": timings}
+    return MergeResult(merged, report)
+
+
+def _members(paths: list[str], bn: str) -> list[Member]:
+    analysed = []
+    for path in paths:
+        canonical, graph = analyse(load_model(path), bn=bn)
+        analysed.append((str(path), canonical, graph))
+    return [Member(model, graph, correspond(analysed[0], (path, model, graph))) for path, model, graph in analysed]
+
+
+def _calibration(path: str, members: list[Member], options: MergeOptions) -> CalibrationSet:
+    specs = [input_specs(member.model) for member in members]
+    return load_calibration(path, specs, max_samples=options.max_samples)
+
+
+def _batches(calib: CalibrationSet, count: int, batch_size: int):
+    return zip(*(calib.batches(i, batch_size) for i in range(count)))
+
+
+def _plan(members: list[Member], split):
+    """Capture units of model 0, the same units in every model, and their widths."""
+    reference = members[0]
+    units, missing = plan_captures(reference.model, reference.graph, set(split.zipped))
+    for space in sorted(missing):
+        log.warning("space %s appears in no capturable tensor; it is matched as identity",
+                    reference.graph.space(space).name)
+    per_model = [[CaptureUnit(tuple(m.space_of(s) for s in u.spaces), m.correspondence.tensors[u.tensor], u.axis)
+                  for u in units] for m in members]
+    widths = [[int(np.prod([m.graph.table.widths[s] for s in mine.spaces])) for m, mine in zip(members, column)]
+              for column in zip(*per_model)]
+    return units, per_model, widths
+
+
+def _statistics(members: list[Member], split, calib, stats_files, options: MergeOptions):
+    """Capture units of model 0, their statistics (computed and/or loaded), the provider used."""
+    units, per_model, widths = _plan(members, split)
+    fingerprint = _fingerprint(members, units)
+    shards, provider = [], "none"
+    if calib is not None:
+        computed, provider = collect_statistics([m.model for m in members], per_model,
+                                                _batches(calib, len(members), options.batch_size), widths, options.provider)
+        shards.append(({_unit_key(u): s for u, s in zip(units, computed)}, {"fingerprint": fingerprint}))
+    shards.extend(load_stats(path) for path in stats_files or [])
+    if not shards:
+        return units, [], provider
+    for path, (_, meta) in zip(stats_files or [], shards[-len(stats_files or []):]):
+        if meta.get("fingerprint") != fingerprint:
+            raise CalibrationError(f"{path}: statistics of other models or options; recompute them with "
+                                   "onnxmerge calibrate on the same models and --bn/--heads/--zip-layers")
+    combined = combine_stats(shards)
+    return units, [combined[_unit_key(u)] for u in units], provider
+
+
+def calibrate(paths: list[str], calibration: str, options: MergeOptions = MergeOptions()) -> tuple[dict, dict]:
+    """Statistics a merge of these models needs, as (stats by unit, meta) for ``save_stats``."""
+    members = _members(paths, options.bn)
+    split = split_trunk(members[0].model, members[0].graph, heads=options.heads, zip_layers=options.zip_layers)
+    calib = _calibration(calibration, members, options)
+    units, stats, provider = _statistics(members, split, calib, None, options)
+    meta = {"fingerprint": _fingerprint(members, units), "provider": provider, "samples": str(calib.num_samples)}
+    return {_unit_key(u): s for u, s in zip(units, stats)}, meta
+
+
+def _unit_key(unit: CaptureUnit) -> str:
+    return f"{unit.tensor}:{unit.axis}"
+
+
+def _fingerprint(members: list[Member], units: list[CaptureUnit]) -> str:
+    """Identifies the statistics a plan needs, so shards of other models are refused."""
+    digest = hashlib.sha256()
+    for member in members:
+        for init in member.model.graph.initializer:
+            digest.update(init.raw_data[:4096])
+    digest.update(";".join(_unit_key(u) for u in units).encode())
+    return digest.hexdigest()[:16]
+
+
+def _match(members: list[Member], split, units: list[CaptureUnit], stats: list, method, options: MergeOptions):
+    """Matchings keyed by model 0's space ids, and the per-space report rows."""
+    params = method.make_params(alpha=options.alpha, beta=options.beta)
+    reference = members[0]
+    matchings: dict[int, Matching] = {}
+    rows = []
+    for unit, unit_stats in zip(units, stats):
+        corr = unit_stats.correlation()
+        widths = list(unit_stats.widths)
+        if len(unit.spaces) == 1:
+            found = {unit.spaces[0]: method.function(corr, widths, params)}
+        else:
+            outer, inner = unit.spaces
+            blocks = reference.graph.table.widths[outer]
+            known = assignments_of(matchings[outer]) if outer in matchings else None
+            block, within = match_grid(corr, blocks, widths[0] // blocks, len(members),
+                                       lambda c, w: method.function(c, w, params), known)
+            found = {outer: matchings.get(outer, block), inner: within}
+        for space, matching in found.items():
+            if space in matchings:
+                continue
+            matchings[space] = matching
+            rows.append({"space": reference.graph.space(space).name, "tensor": unit.tensor,
+                         "widths": [m.graph.table.widths[m.space_of(space)] for m in members],
+                         "merged_width": matching.width, "mean_correlation": matching.mean_correlation,
+                         "within_model_merges": list(matching.within_model_merges)})
+    for space in sorted(set(split.zipped) - set(matchings)):
+        matchings[space] = Matching.identity([m.graph.table.widths[m.space_of(space)] for m in members])
+    return matchings, rows
+
+
+def _repair(merged: onnx.ModelProto, calib, options: MergeOptions, provider: str) -> tuple[onnx.ModelProto, str]:
+    if options.repair not in REPAIRS:
+        raise RecipeError(f"unknown --repair {options.repair!r}; use one of {', '.join(REPAIRS)}")
+    has_bn = any(n.op_type == "BatchNormalization" for n in merged.graph.node)
+    mode = options.repair if options.repair != "auto" else ("reset" if has_bn else "repair")
+    if mode == "none":
+        return merged, "none"
+    if calib is None:
+        if options.repair != "auto":
+            raise RecipeError(f"--repair {mode} needs calibration data (--calib)")
+        return merged, "none (no calibration data)"
+    if mode == "reset":
+        if not has_bn:
+            raise RecipeError("--repair reset needs BatchNormalization nodes; use --repair repair for BN-free models")
+        repaired, passes = reset_batch_norm(merged, lambda: calib.batches(0, options.batch_size), options.provider)
+        return repaired, f"reset ({passes} passes)"
+    raise RecipeError("--repair repair (REPAIR rescaling) is not available yet; use --repair reset or none")
+
+
+def _record(model: onnx.ModelProto, paths: list[str], options: MergeOptions) -> None:
+    """Store what produced the merged model in its metadata."""
+    entries = {"onnxmerge.version": __version__, "onnxmerge.method": options.method,
+               "onnxmerge.options": json.dumps(asdict(options), sort_keys=True)}
+    for index, path in enumerate(paths):
+        entries[f"onnxmerge.input{index}.sha256"] = model_sha256(path)
+        entries[f"onnxmerge.input{index}.name"] = os.path.basename(str(path))
+    for key, value in entries.items():
+        model.metadata_props.add(key=key, value=value)
+
+
+def evaluate(paths: list[str], data: str, *, labels: str = "y", tasks: str | None = None,
+             ensemble: bool = False, provider: str = "auto") -> list[dict]:
+    """Accuracy rows (see evaluate.score): one per model, or one for their ensemble.
+
+    ``tasks`` lists each head's classes across all heads scored together: for a two-head
+    merged model or an ensemble of two models, ``0-4,5-9``; for one source model, its own
+    classes (``0-4``).
+    """
+    inputs, truth = load_test_data(data, labels)
+    task_lists = parse_tasks(tasks) if tasks else None
+    heads = [run_heads(load_model(path), inputs, provider) for path in paths]
+    if ensemble:
+        joined = [h for model_heads in heads for h in model_heads]
+        return [dict(model="ensemble(" + ", ".join(os.path.basename(str(p)) for p in paths) + ")",
+                     **score(joined, truth, task_lists))]
+    return [dict(model=str(path), **score(model_heads, truth, task_lists)) for path, model_heads in zip(paths, heads)]

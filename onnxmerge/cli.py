@@ -14,7 +14,13 @@ import sys
 from . import __version__, api, inspection
 from .errors import OnnxMergeError
 from .graph.canonical import BN_MODES
+from .calib.capture import PROVIDERS
+from .calib.stats import save_stats
 from .io import load_model, save_model
+from .match import METHODS
+from .report import write_json
+from .rewrite.heads import HEADS
+from .rewrite.repair import REPAIRS
 
 
 def _graph_options() -> argparse.ArgumentParser:
@@ -44,6 +50,65 @@ def cmd_permute(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibration_options() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("calibration")
+    group.add_argument("--calib", metavar="DATA", help=".npz (one array per input name, or one array) or .npy inputs")
+    group.add_argument("--batch-size", type=int, default=64, help="samples per onnxruntime run (default 64)")
+    group.add_argument("--max-samples", type=int, help="use at most this many calibration samples")
+    group.add_argument("--provider", choices=PROVIDERS, default="auto",
+                       help="onnxruntime provider: auto uses CUDA when a session really runs on it (default auto)")
+    return parent
+
+
+def _plan_options() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("what is merged")
+    group.add_argument("--heads", choices=HEADS, default="separate",
+                       help="separate: one head per model, outputs suffixed _m<i>; shared: heads averaged (default separate)")
+    group.add_argument("--zip-layers", type=int, metavar="N", help="merge only the spaces of the first N weight layers")
+    return parent
+
+
+def _options(args: argparse.Namespace) -> api.MergeOptions:
+    fields = api.MergeOptions.__dataclass_fields__
+    return api.MergeOptions(**{name: getattr(args, name) for name in fields if hasattr(args, name)})
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Merge two or more models of one architecture into one ONNX model."""
+    result = api.merge(args.models, calibration=args.calib, stats=args.stats, options=_options(args))
+    save_model(result.model, args.output)
+    if args.report:
+        write_json(result.report, args.report)
+    print(f"wrote {args.output}: {result.report['layers']}, method {args.method}, "
+          f"repair {result.report['repair']}, provider {result.report['provider']}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Compute the statistics a merge needs and save them (combine shards with merge --stats)."""
+    if not args.calib:
+        raise OnnxMergeError("calibrate needs --calib DATA")
+    stats, meta = api.calibrate(args.models, args.calib, _options(args))
+    save_stats(args.output, stats, meta)
+    print(f"wrote {args.output}: {len(stats)} statistics over {meta['samples']} samples, provider {meta['provider']}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Accuracy of models (joint, per task, average); --ensemble scores their output ensemble."""
+    results = api.evaluate(args.models, args.data, labels=args.labels, tasks=args.tasks,
+                           ensemble=args.ensemble, provider=args.provider)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    for row in results:
+        tasks = "  ".join(f"task {name}: {acc:6.2%}" for name, acc in row["tasks"].items())
+        print(f"{row['model']}: joint {row['joint']:6.2%}  {tasks}  average {row['average']:6.2%}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onnxmerge", description="Merge neural networks at the ONNX graph level.")
     parser.add_argument("--version", action="version", version=f"onnxmerge {__version__}")
@@ -61,6 +126,38 @@ def build_parser() -> argparse.ArgumentParser:
     permute.add_argument("-o", "--output", required=True, help="where to write the permuted model")
     permute.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     permute.set_defaults(run=cmd_permute)
+
+    calibration, plan = _calibration_options(), _plan_options()
+    merge = commands.add_parser("merge", parents=[graph, calibration, plan], help=cmd_merge.__doc__,
+                                description=cmd_merge.__doc__)
+    merge.add_argument("models", nargs="+", help="ONNX files; the first is the reference graph")
+    merge.add_argument("-o", "--output", required=True, help="merged ONNX file")
+    merge.add_argument("--stats", nargs="+", metavar="FILE", help="statistics from onnxmerge calibrate (shards add up)")
+    merge.add_argument("--method", choices=[m.name for m in METHODS], default="zip",
+                       help="; ".join(f"{m.name}: {m.summary}" for m in METHODS))
+    merge.add_argument("--alpha", type=float, default=0.5, help="zip: correlation decay of joined clusters (0.5)")
+    merge.add_argument("--beta", type=float, default=1.0, help="zip: scale of within-model merge budgets (1.0)")
+    merge.add_argument("--repair", choices=REPAIRS, default="auto",
+                       help="auto: BN reset when the graph has BatchNormalization, REPAIR otherwise")
+    merge.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    merge.add_argument("--report", metavar="JSON", help="write the matching summary, timings and provider")
+    merge.set_defaults(run=cmd_merge)
+
+    calibrate = commands.add_parser("calibrate", parents=[graph, calibration, plan], help=cmd_calibrate.__doc__,
+                                    description=cmd_calibrate.__doc__)
+    calibrate.add_argument("models", nargs="+", help="the ONNX files of the merge, in the same order")
+    calibrate.add_argument("-o", "--output", required=True, help="statistics file (.npz)")
+    calibrate.set_defaults(run=cmd_calibrate)
+
+    evaluate = commands.add_parser("eval", help=cmd_eval.__doc__, description=cmd_eval.__doc__)
+    evaluate.add_argument("models", nargs="+", help="ONNX files (a merged multi-head model, or source models)")
+    evaluate.add_argument("--data", required=True, help=".npz with the inputs and the labels")
+    evaluate.add_argument("--labels", default="y", help="name of the labels array (default y)")
+    evaluate.add_argument("--tasks", help="classes of each head, e.g. 0-4,5-9 (default: one head, classes 0..k-1)")
+    evaluate.add_argument("--ensemble", action="store_true", help="score the models' outputs together as one multi-head model")
+    evaluate.add_argument("--provider", choices=PROVIDERS, default="auto", help="onnxruntime provider")
+    evaluate.add_argument("--json", action="store_true", help="print JSON")
+    evaluate.set_defaults(run=cmd_eval)
     return parser
 
 

@@ -13,6 +13,8 @@ from typing import Callable
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+import onnxruntime
+from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
 from ..errors import UnsupportedGraphError
 
@@ -31,7 +33,9 @@ def drop_identities(graph: gs.Graph) -> int:
             continue
         source, alias = node.inputs[0], node.outputs[0]
         for consumer in list(alias.outputs):
-            consumer.inputs[:] = [source if t is alias else t for t in consumer.inputs]
+            for index, tensor in enumerate(consumer.inputs):
+                if tensor is alias:
+                    consumer.inputs[index] = source
         node.outputs.clear()
         count += 1
     return count
@@ -40,6 +44,7 @@ def drop_identities(graph: gs.Graph) -> int:
 def fold_constants(graph: gs.Graph) -> int:
     """Evaluate subgraphs whose inputs are all constant (ConstantOfShape weights, shape math)."""
     before = len(graph.nodes)
+    onnxruntime.set_default_logger_severity(3)  # its graph optimiser warns about partial folds
     graph.fold_constants(error_ok=True).cleanup()
     return before - len(graph.nodes)
 
@@ -127,7 +132,8 @@ def canonicalize(model: onnx.ModelProto, *, bn: str = "keep") -> onnx.ModelProto
     kept = [i for i in proto.graph.input if i.name not in initializer_names]
     del proto.graph.input[:]
     proto.graph.input.extend(kept)
-    graph = gs.import_onnx(proto)
+    # gs folds Shape ops only where shapes are known, so infer them first
+    graph = gs.import_onnx(infer_shapes(proto))
     passes = PASSES + ((fold_batch_norm,) if bn == "fold" else ())
     for _ in range(MAX_ROUNDS):
         changed = sum(p(graph) for p in passes)
@@ -145,8 +151,19 @@ def canonicalize(model: onnx.ModelProto, *, bn: str = "keep") -> onnx.ModelProto
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """ONNX shape inference with data propagation (shape subgraphs feeding Reshape)."""
+    """ONNX shape inference with data propagation; where it leaves node outputs unknown
+    (function ops such as GroupNormalization-21, shape arithmetic on symbols), onnxruntime's
+    symbolic shape inference is tried as well."""
     try:
-        return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
     except Exception as error:  # onnx raises several types; all mean the same to the user
         raise UnsupportedGraphError(f"shape inference failed: {str(error).splitlines()[0]}") from error
+    known = {v.name for v in list(inferred.graph.value_info) + list(inferred.graph.output)
+             if v.type.tensor_type.HasField("shape")}
+    if all(name in known for node in inferred.graph.node for name in node.output if name):
+        return inferred
+    try:
+        return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception as error:  # best effort: the rules report what stays unknown
+        log.info("symbolic shape inference failed: %s", error)
+        return inferred

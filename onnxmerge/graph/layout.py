@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from math import prod
-from typing import Union
+from typing import Callable, Union
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,23 @@ def grid_factors(layout: Layout | None, size: int) -> list[Layout | int]:
     return [layout]
 
 
+def layout_width(layout: Factor, leaf_width: Callable[[int], int]) -> int:
+    """Positions of an axis with this layout, given each space's width."""
+    if layout is None:
+        return 1
+    if isinstance(layout, int):
+        return layout
+    if isinstance(layout, Atom):
+        return leaf_width(layout.space)
+    if isinstance(layout, Grid):
+        return prod(layout_width(f, leaf_width) for f in layout.factors)
+    if isinstance(layout, Interleave | Concat):
+        return sum(layout_width(p, leaf_width) for p in layout.parts)
+    if isinstance(layout, Stacked):
+        return len(layout.parts)
+    return layout_width(layout.parts[0], leaf_width)
+
+
 def leaves(layout: Layout | None) -> list[int]:
     """Space ids of all atoms in a layout, in order."""
     if layout is None or isinstance(layout, int):
@@ -135,19 +152,7 @@ class SpaceTable:
         return type(layout)(tuple(self.resolve(p) for p in layout.parts))
 
     def width(self, layout: Factor) -> int:
-        if layout is None:
-            return 1
-        if isinstance(layout, int):
-            return layout
-        if isinstance(layout, Atom):
-            return self.widths[self.find(layout.space)]
-        if isinstance(layout, Grid):
-            return prod(self.width(f) for f in layout.factors)
-        if isinstance(layout, Interleave | Concat):
-            return sum(self.width(p) for p in layout.parts)
-        if isinstance(layout, Stacked):
-            return len(layout.parts)
-        return self.width(layout.parts[0])
+        return layout_width(layout, lambda space: self.widths[self.find(space)])
 
     def fix(self, layout: Factor, reason: str) -> None:
         for space in leaves(self.resolve(layout)):

@@ -37,6 +37,8 @@ class Context(Protocol):
     def unify(self, a: Layout | None, b: Layout | None) -> None: ...
     def param(self, name: str, axis: int, layout: Layout | None, role: str) -> None: ...
     def opset(self) -> int: ...
+    def is_uniform(self, name: str) -> bool: ...
+    def mark_uniform(self, name: str) -> None: ...
 
 
 Handler = Callable[[onnx.NodeProto, Context], None]
@@ -95,7 +97,7 @@ def broadcast(node: onnx.NodeProto, ctx: Context, data: list[str]) -> None:
     out = node.output[0]
     out_shape = ctx.shape(out)
     out_rank = len(out_shape)
-    dynamic = [n for n in data if n and ctx.const(n) is None]
+    dynamic = [n for n in data if n and ctx.const(n) is None and not ctx.is_uniform(n)]
     result: dict[int, Layout | None] = {}
     for axis in range(out_rank):
         aligned = []
@@ -320,6 +322,9 @@ def concat(node: onnx.NodeProto, ctx: Context) -> None:
             if ctx.const(name) is not None and ctx.const(name).shape[k] != 1:
                 ctx.param(name, k, base, "producer")
         result[k] = base
+    if not any(ctx.layouts(n).get(axis) is not None for n in node.input):
+        ctx.set_output(out, {k: v for k, v in result.items() if v is not None})
+        return
     parts = []
     for name in node.input:
         part = ctx.layouts(name).get(axis)
@@ -327,10 +332,9 @@ def concat(node: onnx.NodeProto, ctx: Context) -> None:
             part = ctx.new_space(ctx.const(name).shape[axis])
             ctx.param(name, axis, part, "producer")
         parts.append(part)
-    if any(p is not None for p in parts):
-        parts = [ctx.untracked_as_fixed(p, ctx.shape(n)[axis], "concatenated with untracked data")
-                 for p, n in zip(parts, node.input)]
-        result[axis] = Concat(tuple(parts)) if len(parts) > 1 else parts[0]
+    parts = [ctx.untracked_as_fixed(p, ctx.shape(n)[axis], "concatenated with untracked data")
+             for p, n in zip(parts, node.input)]
+    result[axis] = Concat(tuple(parts)) if len(parts) > 1 else parts[0]
     ctx.set_output(out, {k: v for k, v in result.items() if v is not None})
 
 
@@ -507,6 +511,12 @@ def no_channels(node: onnx.NodeProto, ctx: Context) -> None:
         ctx.set_output(name, {})
 
 
+def uniform(node: onnx.NodeProto, ctx: Context) -> None:
+    """ConstantOfShape: one value everywhere, so it broadcasts against any channel order."""
+    ctx.set_output(node.output[0], {})
+    ctx.mark_uniform(node.output[0])
+
+
 UNARY = (
     "Abs Acos Acosh Asin Asinh Atan Atanh Cast CastLike Ceil Celu Clip Cos Cosh Dropout Elu Erf "
     "Exp Floor Gelu HardSigmoid HardSwish Identity IsInf IsNaN LeakyRelu Log LogSoftmax Mish Neg "
@@ -551,8 +561,9 @@ def _build() -> dict[str, Rule]:
         register(op, "same-space", pool)
     for op in ("Pad", "Resize", "Upsample"):
         register(op, "same-space", same_size_axes)
-    for op in ("Shape", "Size", "ConstantOfShape", "Range"):
+    for op in ("Shape", "Size", "Range"):
         register(op, "no-channels", no_channels)
+    register("ConstantOfShape", "no-channels", uniform)
     return rows
 
 

@@ -108,6 +108,7 @@ class _Walk:
         self._opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
         self.node = ""
         self.touched: list[Layout] = []
+        self.uniform: set[str] = set()
 
     # --- queries --------------------------------------------------------------------------
     def layouts_of(self, name: str) -> dict[int, Layout]:
@@ -127,6 +128,12 @@ class _Walk:
 
     def opset(self) -> int:
         return self._opset
+
+    def is_uniform(self, name: str) -> bool:
+        return name in self.uniform
+
+    def mark_uniform(self, name: str) -> None:
+        self.uniform.add(name)
 
     def width(self, layout) -> int:
         return self.table.width(layout)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import onnx
@@ -14,27 +14,44 @@ from .transform import Transform, transform_axis
 TransformFor = Callable[[int, str], "Transform | None"]
 
 
-def transform_parameters(model: onnx.ModelProto, graph: SpaceGraph,
-                         transform_for: TransformFor) -> onnx.ModelProto:
-    """Return a copy of ``model`` whose initializers are transformed along their space axes.
+def transformed_arrays(model: onnx.ModelProto, graph: SpaceGraph, transform_for: TransformFor,
+                       names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    """Parameters of ``model`` (all, or ``names``) transformed along their space axes.
 
     Args:
         model: the canonical model ``graph`` was found in; not modified.
         graph: its spaces.
         transform_for: (space id, role) -> Transform, or None to leave the space as it is.
             Role is ``producer`` or ``consumer`` (see ``graph.rules``).
+        names: restrict to these initializers.
     """
     uses: dict[str, dict[int, tuple]] = {}
     for use in graph.params:
         uses.setdefault(use.name, {})[use.axis] = (use.layout, use.role)
+    wanted = None if names is None else set(names)
+    result = {}
+    for init in model.graph.initializer:
+        if wanted is not None and init.name not in wanted:
+            continue
+        array = numpy_helper.to_array(init)
+        for axis, (layout, role) in uses.get(init.name, {}).items():
+            array = transform_axis(array, axis, layout, lambda s, r=role: transform_for(s, r), graph.table.width)
+        result[init.name] = array
+    return result
+
+
+def replace_initializers(model: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of ``model`` with the named initializers replaced."""
     result = onnx.ModelProto()
     result.CopyFrom(model)
     for init in result.graph.initializer:
-        if init.name not in uses:
-            continue
-        array = numpy_helper.to_array(init)
-        for axis, (layout, role) in uses[init.name].items():
-            array = transform_axis(array, axis, layout, lambda s, r=role: transform_for(s, r),
-                                   graph.table.width)
-        init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(array), init.name))
+        if init.name in arrays:
+            init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(arrays[init.name]), init.name))
     return result
+
+
+def transform_parameters(model: onnx.ModelProto, graph: SpaceGraph,
+                         transform_for: TransformFor) -> onnx.ModelProto:
+    """A copy of ``model`` whose parameters are transformed along their space axes."""
+    uses = {use.name for use in graph.params}
+    return replace_initializers(model, transformed_arrays(model, graph, transform_for, uses))

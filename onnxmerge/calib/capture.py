@@ -1,0 +1,149 @@
+"""Run models in onnxruntime exposing the intermediate tensors the statistics need."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+import onnx
+import onnxruntime
+
+from ..graph.layout import Atom, Grid, leaves
+from ..graph.spaces import SpaceGraph, tensor_shapes
+from .stats import SpaceStats, to_samples
+
+from ..errors import CalibrationError
+
+log = logging.getLogger(__name__)
+
+PROVIDERS = ("auto", "cpu", "cuda")
+_CUDA, _CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
+
+
+def expose(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph outputs also list ``tensors`` (types from shape inference)."""
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    known = {v.name: v for v in list(model.graph.value_info) + list(model.graph.input)}
+    present = {o.name for o in model.graph.output}
+    for name in tensors:
+        if name in present:
+            continue
+        info = onnx.ValueInfoProto()
+        if name in known:
+            info.CopyFrom(known[name])
+        else:
+            info.name = name
+        exposed.graph.output.append(info)
+        present.add(name)
+    return exposed
+
+
+def open_session(model: onnx.ModelProto, provider: str = "auto") -> tuple[onnxruntime.InferenceSession, str]:
+    """An inference session and the provider that really runs it.
+
+    ``auto`` uses CUDA when a session actually runs on it and falls back to CPU; ``cuda``
+    raises when it does not. onnxruntime silently falls back to CPU when CUDA is requested
+    without a usable GPU, so the answer comes from ``session.get_providers()``.
+    """
+    if provider not in PROVIDERS:
+        raise CalibrationError(f"unknown provider {provider!r}; use one of {', '.join(PROVIDERS)}")
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    data = model.SerializeToString()
+    if provider in ("auto", "cuda") and _CUDA in onnxruntime.get_available_providers():
+        session = onnxruntime.InferenceSession(data, options, providers=[_CUDA, _CPU])
+        if session.get_providers()[0] == _CUDA:
+            return session, "cuda"
+    if provider == "cuda":
+        raise CalibrationError("the CUDA provider is not usable here (onnxruntime-gpu and a GPU are needed); "
+                               "use --provider cpu or auto")
+    return onnxruntime.InferenceSession(data, options, providers=[_CPU]), "cpu"
+
+
+@dataclass(frozen=True)
+class CaptureUnit:
+    """Spaces whose statistics come from one tensor axis: one space, or a 2-factor grid
+    (heads x within-head, groups x within-group) captured jointly."""
+
+    spaces: tuple[int, ...]
+    tensor: str
+    axis: int
+
+
+def plan_captures(model: onnx.ModelProto, graph: SpaceGraph, wanted: set[int]) -> tuple[list[CaptureUnit], set[int]]:
+    """Choose a tensor for each wanted space: the one with the most positions per sample
+    (most statistics per batch), latest in the graph on ties (after the nonlinearity).
+
+    Returns the units and the wanted spaces no tensor shows (matched as identity).
+    """
+    order = {name: k for k, node in enumerate(model.graph.node) for name in node.output}
+    shapes = tensor_shapes(model)
+
+    def score(tensor: str, axis: int) -> tuple[int, int]:
+        dims = [d for k, d in enumerate(shapes.get(tensor, ())) if k not in (0, axis)]
+        return int(np.prod([d if isinstance(d, int) else 1 for d in dims])), order.get(tensor, -1)
+
+    best: dict[tuple[int, ...], tuple[tuple[int, int], str, int]] = {}
+    free = {s.id for s in graph.free_spaces}
+    for tensor, axes in graph.layouts.items():
+        for axis, layout in axes.items():
+            key = _unit_key(layout)
+            if key is None or not set(key) & wanted:
+                continue
+            # other tracked axes of the tensor would be read as aligned replicas: they are not
+            if any(set(leaves(other)) & free for k, other in axes.items() if k != axis):
+                continue
+            candidate = (score(tensor, axis), tensor, axis)
+            if key not in best or candidate[0] > best[key][0]:
+                best[key] = candidate
+    units, covered = [], set()
+    for key in sorted(best, key=len):  # single spaces first, then grids for what is left
+        if len(key) > 1 and set(key) <= covered:
+            continue
+        units.append(CaptureUnit(key, best[key][1], best[key][2]))
+        covered.update(key)
+    return units, wanted - covered
+
+
+def _unit_key(layout) -> tuple[int, ...] | None:
+    if isinstance(layout, Atom):
+        return (layout.space,)
+    if isinstance(layout, Grid) and len(layout.factors) == 2 and all(isinstance(f, Atom) for f in layout.factors):
+        return tuple(f.space for f in layout.factors)
+    return None
+
+
+def collect_statistics(models: list[onnx.ModelProto], units: list[list[CaptureUnit]],
+                       batches: Iterable[list[dict[str, np.ndarray]]], widths: list[list[int]],
+                       provider: str = "auto") -> tuple[list[SpaceStats], str]:
+    """Stream the calibration batches through every model and accumulate unit statistics.
+
+    Args:
+        models: canonical models.
+        units: for each model, its capture units (same order across models).
+        batches: per step, one feed dict per model (the same samples).
+        widths: for each unit, each model's feature width there.
+        provider: ``auto``, ``cpu`` or ``cuda``.
+
+    Returns:
+        One ``SpaceStats`` per unit (features of all models concatenated) and the provider
+        that ran.
+    """
+    sessions, used = [], set()
+    for model, model_units in zip(models, units):
+        session, ran = open_session(expose(model, [u.tensor for u in model_units]), provider)
+        sessions.append(session)
+        used.add(ran)
+    stats = [SpaceStats.empty(tuple(w)) for w in widths]
+    for feeds in batches:
+        outputs = []
+        for session, model_units, feed in zip(sessions, units, feeds):
+            names = list(dict.fromkeys(u.tensor for u in model_units))
+            values = dict(zip(names, session.run(names, feed)))
+            outputs.append([to_samples(values[u.tensor], u.axis) for u in model_units])
+        for k, unit_stats in enumerate(stats):
+            unit_stats.update([per_model[k] for per_model in outputs])
+    return stats, "+".join(sorted(used))

@@ -1,0 +1,219 @@
+"""Build the merged ONNX graph: one trunk with merged parameters, one head copy per model.
+
+For model i and a matched space, producers become ``M_i p`` and consumers ``W U_i``
+(method.md §4); the merged parameter is the sum over models. Fixed spaces are averaged.
+A head copy reads the trunk through ``U_i``: folded into its first weight layer where it
+reads the trunk directly, else through an explicit MatMul "unmerge" node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..graph.correspond import Correspondence
+from ..graph.layout import Layout, layout_width, leaves
+from ..graph.rules import RULES
+from ..graph.spaces import SpaceGraph
+from ..match.matching import Matching
+from .apply import transformed_arrays
+from .heads import TrunkSplit
+from .transform import Linear, transform_axis
+
+
+@dataclass(frozen=True)
+class Member:
+    """One input model of a merge: canonical model, spaces, and correspondence to model 0."""
+
+    model: onnx.ModelProto
+    graph: SpaceGraph
+    correspondence: Correspondence
+
+    def space_of(self, reference_space: int) -> int:
+        return self.correspondence.spaces[reference_space]
+
+
+def merged_trunk_parameters(members: list[Member], split: TrunkSplit,
+                            matchings: dict[int, Matching]) -> dict[str, np.ndarray]:
+    """Trunk parameters of the merged model, keyed by model 0's initializer names."""
+    reference = members[0].model
+    trunk_inputs = {name for k, node in enumerate(reference.graph.node) if k not in split.head_nodes for name in node.input}
+    names = [init.name for init in reference.graph.initializer if init.name in trunk_inputs]
+    count = len(members)
+    merged: dict[str, np.ndarray] = {}
+    for i, member in enumerate(members):
+        back = {mine: ref for ref, mine in member.correspondence.spaces.items()}
+
+        def transform_for(space: int, role: str, i=i, back=back):
+            matching = matchings.get(back[space])
+            if matching is None:
+                return None
+            # producers carry count * M_i so that the final division by count averages
+            return Linear(matching.merge[i] * count) if role == "producer" else Linear(matching.unmerge[i].T)
+
+        mine = [member.correspondence.params[name] for name in names]
+        arrays = transformed_arrays(member.model, member.graph, transform_for, mine)
+        for name, my_name in zip(names, mine):
+            value = arrays[my_name]
+            if value.dtype.kind != "f":  # shapes, axes, indices: identical across models
+                merged.setdefault(name, value)
+                continue
+            merged[name] = merged.get(name, 0.0) + value.astype(np.float64) / count
+    dtypes = {init.name: helper.tensor_dtype_to_np_dtype(init.data_type) for init in reference.graph.initializer}
+    return {name: np.asarray(value).astype(dtypes[name]) for name, value in merged.items()}
+
+
+def merged_width(member: Member, layout: Layout | int, matchings: dict[int, Matching]) -> int:
+    """Width of an axis of ``member`` once its matched spaces have their merged widths."""
+    back = {mine: ref for ref, mine in member.correspondence.spaces.items()}
+
+    def leaf_width(space: int) -> int:
+        matching = matchings.get(back[space])
+        return member.graph.table.widths[space] if matching is None else matching.width
+
+    return layout_width(layout, leaf_width)
+
+
+def unmerge_matrix(member: Member, index: int, layout: Layout, matchings: dict[int, Matching]) -> np.ndarray | None:
+    """The (d x r) matrix giving model ``index``'s features on an axis from the merged ones."""
+    back = {mine: ref for ref, mine in member.correspondence.spaces.items()}
+    if not any(back[s] in matchings for s in leaves(layout)):
+        return None
+
+    def transform_for(space: int):
+        matching = matchings.get(back[space])
+        return None if matching is None else Linear(matching.unmerge[index])
+
+    def width_of(part) -> int:  # the input of this transform is in merged widths
+        return merged_width(member, part, matchings)
+
+    size = width_of(layout)
+    return transform_axis(np.eye(size), 0, layout, transform_for, width_of)
+
+
+class _HeadBuilder:
+    """Copies model i's head nodes, renamed with ``_m<i>``, reading the trunk through U_i."""
+
+    def __init__(self, members: list[Member], split: TrunkSplit, matchings: dict[int, Matching]):
+        self.members, self.split, self.matchings = members, split, matchings
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._unmerged: dict[tuple[int, str], str] = {}
+
+    def build(self, index: int) -> dict[str, str]:
+        """Append model ``index``'s head; return its tensor renames (model i name -> merged)."""
+        member = self.members[index]
+        model = member.model
+        back_tensors = {mine: ref for ref, mine in member.correspondence.tensors.items()}
+        produced = {name for k in self.split.head_nodes for name in model.graph.node[k].output}
+        suffix = f"_m{index}"
+        params = {init.name: init for init in model.graph.initializer}
+        for k in sorted(self.split.head_nodes):
+            node = onnx.NodeProto()
+            node.CopyFrom(model.graph.node[k])
+            fold = self._foldable(member, node, produced)
+            arrays = self._folded_params(member, index, node) if fold else {}
+            for slot, name in enumerate(node.input):
+                if not name:
+                    continue
+                if name in params:
+                    value = arrays.get(name, numpy_helper.to_array(params[name]))
+                    self.initializers.append(numpy_helper.from_array(value, name + suffix))
+                    node.input[slot] = name + suffix
+                elif name in produced:
+                    node.input[slot] = name + suffix
+                else:
+                    trunk = back_tensors[name]
+                    node.input[slot] = trunk if fold else self._unmerge(index, trunk, name)
+            for slot, name in enumerate(node.output):
+                if name:
+                    node.output[slot] = name + suffix
+            node.name = (node.name or node.op_type) + suffix
+            self.nodes.append(node)
+        return {name: name + suffix for name in produced}
+
+    def _foldable(self, member: Member, node: onnx.NodeProto, produced: set[str]) -> bool:
+        """A weight layer reading one trunk tensor directly can absorb U_i into its weights."""
+        rule = RULES.get(node.op_type)
+        dynamic = [n for n in node.input if n and n not in {i.name for i in member.model.graph.initializer}]
+        return rule is not None and rule.kind == "new-space" and len(dynamic) == 1 and dynamic[0] not in produced
+
+    def _folded_params(self, member: Member, index: int, node: onnx.NodeProto) -> dict[str, np.ndarray]:
+        back = {mine: ref for ref, mine in member.correspondence.spaces.items()}
+
+        def transform_for(space: int, role: str):
+            matching = self.matchings.get(back[space])
+            if role != "consumer" or matching is None:
+                return None
+            return Linear(matching.unmerge[index].T)
+
+        return transformed_arrays(member.model, member.graph, transform_for, list(node.input))
+
+    def _unmerge(self, index: int, trunk: str, name: str) -> str:
+        """Model ``index``'s features of trunk tensor ``trunk`` (explicit MatMul per tracked axis)."""
+        key = (index, trunk)
+        if key in self._unmerged:
+            return self._unmerged[key]
+        member = self.members[index]
+        current = trunk
+        rank = len(_shape(member.model, name))
+        for axis, layout in sorted(member.graph.layouts.get(name, {}).items()):
+            matrix = unmerge_matrix(member, index, layout, self.matchings)
+            if matrix is None:
+                continue
+            current = self._matmul_on_axis(current, axis, rank, matrix.T.astype(np.float32), f"{trunk}_unmerge{axis}_m{index}")
+        self._unmerged[key] = current
+        return current
+
+    def _matmul_on_axis(self, tensor: str, axis: int, rank: int, matrix: np.ndarray, name: str) -> str:
+        weight = numpy_helper.from_array(matrix, name + "_w")
+        self.initializers.append(weight)
+        if axis == rank - 1:
+            self.nodes.append(helper.make_node("MatMul", [tensor, weight.name], [name], name=name))
+            return name
+        perm = [k for k in range(rank) if k != axis] + [axis]
+        inverse = list(np.argsort(perm))
+        self.nodes.append(helper.make_node("Transpose", [tensor], [name + "_t"], name=name + "_t", perm=perm))
+        self.nodes.append(helper.make_node("MatMul", [name + "_t", weight.name], [name + "_mm"], name=name))
+        self.nodes.append(helper.make_node("Transpose", [name + "_mm"], [name], name=name + "_back",
+                                           perm=[int(p) for p in inverse]))
+        return name
+
+
+def _shape(model: onnx.ModelProto, name: str) -> tuple:
+    for info in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        if info.name == name:
+            return tuple(info.type.tensor_type.shape.dim)
+    raise KeyError(name)
+
+
+def assemble(members: list[Member], split: TrunkSplit, matchings: dict[int, Matching],
+             trunk_params: dict[str, np.ndarray], *, heads: str) -> onnx.ModelProto:
+    """The merged model: model 0's trunk nodes with merged parameters plus the heads."""
+    reference = members[0].model
+    graph = reference.graph
+    trunk_nodes = [n for k, n in enumerate(graph.node) if k not in split.head_nodes]
+    initializers = [numpy_helper.from_array(value, name) for name, value in trunk_params.items()]
+    builder = _HeadBuilder(members, split, matchings)
+    outputs = list(graph.output)
+    if heads == "separate":
+        outputs = []
+        for index, member in enumerate(members):
+            renames = builder.build(index)
+            back_tensors = {mine: ref for ref, mine in member.correspondence.tensors.items()}
+            for output in member.model.graph.output:
+                info = onnx.ValueInfoProto()
+                info.CopyFrom(output)
+                info.name = f"{output.name}_m{index}"
+                source = renames.get(output.name) or builder._unmerge(index, back_tensors[output.name], output.name)
+                if source != info.name:
+                    builder.nodes.append(helper.make_node("Identity", [source], [info.name], name=info.name))
+                outputs.append(info)
+    merged_graph = helper.make_graph(trunk_nodes + builder.nodes, graph.name or "merged", list(graph.input),
+                                     outputs, initializers + builder.initializers)
+    model = helper.make_model(merged_graph, opset_imports=list(reference.opset_import))
+    model.ir_version = reference.ir_version
+    return model

@@ -1,0 +1,113 @@
+"""Train the digits sample models and write them with their data (run from the repo root).
+
+Pairs of small ResNet-style CNNs are trained on scikit-learn's bundled digits (8x8 images),
+one on classes 0-4 and one on classes 5-9, and exported with torch's legacy exporter keeping
+BatchNormalization. Writes into samples/digits/:
+  resnet_a.onnx, resnet_b.onnx  same architecture (stem 32, stages 32 and 64), tasks 0-4 / 5-9
+  calib.npz                     500 training images of all classes, array "input"
+  test.npz                      the held-out images ("input") and labels ("y")
+Needs torch and scikit-learn: pip install -e .[cpu,torch,dev]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+TASKS = {"a": list(range(5)), "b": list(range(5, 10))}
+
+
+class Block(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Identity() if stride == 1 and c_in == c_out else nn.Sequential(
+            nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """stem -> stage of `blocks` blocks at `width` -> stage at 2*width (stride 2) -> pool -> linear."""
+
+    def __init__(self, width: int = 32, blocks: int = 2, classes: int = 5):
+        super().__init__()
+        layers = [nn.Conv2d(1, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+        c_in = width
+        for stage, c_out in enumerate((width, 2 * width)):
+            for b in range(blocks):
+                layers.append(Block(c_in, c_out, 2 if stage and b == 0 else 1))
+                c_in = c_out
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, classes)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def data(seed: int = 0):
+    digits = load_digits()
+    x = (digits.images / 16.0).astype(np.float32)[:, None]
+    return train_test_split(x, digits.target, test_size=0.25, random_state=seed, stratify=digits.target)
+
+
+def train(model: nn.Module, x: np.ndarray, y: np.ndarray, classes: list[int], seed: int, epochs: int = 15) -> nn.Module:
+    torch.manual_seed(seed)
+    mask = np.isin(y, classes)
+    inputs = torch.from_numpy(x[mask])
+    targets = torch.from_numpy(np.searchsorted(classes, y[mask]))
+    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(inputs))
+        for start in range(0, len(order), 64):
+            batch = order[start:start + 64]
+            optimiser.zero_grad()
+            nn.functional.cross_entropy(model(inputs[batch]), targets[batch]).backward()
+            optimiser.step()
+    return model.eval()
+
+
+def export(model: nn.Module, path: Path) -> None:
+    torch.onnx.export(model, (torch.zeros(2, 1, 8, 8),), path, dynamo=False, opset_version=17,
+                      input_names=["input"], output_names=["output"],
+                      dynamic_axes={"input": {0: "N"}, "output": {0: "N"}},
+                      training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False)
+
+
+def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, classes: list[int]) -> float:
+    mask = np.isin(y, classes)
+    with torch.no_grad():
+        predicted = model(torch.from_numpy(x[mask])).argmax(1).numpy()
+    return float((np.asarray(classes)[predicted] == y[mask]).mean())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=HERE)
+    args = parser.parse_args()
+    x_train, x_test, y_train, y_test = data()
+    for name, seed in (("a", 1), ("b", 2)):
+        torch.manual_seed(seed)
+        model = train(ResNet(), x_train, y_train, TASKS[name], seed)
+        export(model, args.out / f"resnet_{name}.onnx")
+        print(f"resnet_{name}: task accuracy {accuracy(model, x_test, y_test, TASKS[name]):.3f}")
+    pick = np.random.default_rng(0).choice(len(x_train), 500, replace=False)
+    np.savez_compressed(args.out / "calib.npz", input=x_train[pick])
+    np.savez_compressed(args.out / "test.npz", input=x_test, y=y_test)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""One small model per row of the op-rule table, checked by the permutation oracle.
+
+Each model is input -> Conv (makes a free 16-channel space) -> the op under test -> a
+consumer -> output. Permuting every free space must leave the output unchanged, the op must
+not be a barrier, and the Conv weights must have moved.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxmerge import api
+from onnxmerge.graph.rules import BINARY, RULES, UNARY
+
+RNG = np.random.default_rng(0)
+C = 16
+
+
+def const(name: str, value) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(value), name)
+
+
+def weights(shape) -> np.ndarray:
+    return RNG.standard_normal(shape).astype(np.float32) * 0.5
+
+
+def model(nodes, inits, *, in_shape=("N", 8, 4, 4), out_shape=None, opset=18, head="pool") -> onnx.ModelProto:
+    """x -> Conv(8->16) -> y; ``nodes`` map y to z; z -> head -> output."""
+    body = [helper.make_node("Conv", ["x", "w1", "b1"], ["y"], kernel_shape=[1, 1], name="conv1")] + nodes
+    inits = [const("w1", weights((C, in_shape[1], 1, 1))), const("b1", weights(C))] + inits
+    if head == "pool":  # z [N, C', H, W] -> Conv 1x1 -> GlobalAveragePool -> Flatten
+        width = (out_shape or (None, C))[1]
+        body += [helper.make_node("Conv", ["z", "w2"], ["c2"], kernel_shape=[1, 1], name="conv2"),
+                 helper.make_node("GlobalAveragePool", ["c2"], ["p"]),
+                 helper.make_node("Flatten", ["p"], ["out"])]
+        inits.append(const("w2", weights((5, width, 1, 1))))
+    else:  # z [N, K] -> Gemm
+        body += [helper.make_node("Gemm", ["z", "w2"], ["out"], transB=1, name="fc")]
+        inits.append(const("w2", weights((5, out_shape[1]))))
+    graph = helper.make_graph(body, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(in_shape))],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 5])], inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8
+    return m
+
+
+def unary(op: str, **attrs):
+    if op == "Gelu":  # added in opset 20
+        return model([helper.make_node("Gelu", ["y"], ["z"])], [], opset=20)
+    # keep each op in its domain: (0, 1) for inverse trig, > 1 for Acosh/Log/Sqrt
+    pre = {"Acos": "Sigmoid", "Asin": "Sigmoid", "Atanh": "Sigmoid"}.get(op)
+    nodes, inits, source = [], [], "y"
+    if pre:
+        nodes.append(helper.make_node(pre, ["y"], ["y0"]))
+        source = "y0"
+    if op in ("Acosh", "Log", "Sqrt", "Reciprocal"):
+        nodes += [helper.make_node("Abs", ["y"], ["ya"]), helper.make_node("Add", ["ya", "one5"], ["y0"])]
+        inits.append(const("one5", np.float32(1.5)))
+        source = "y0"
+    if op in ("Not", "IsInf", "IsNaN"):
+        if op == "Not":
+            nodes.append(helper.make_node("Greater", [source, "zero"], ["yb"]))
+            inits.append(const("zero", np.float32(0)))
+            source = "yb"
+        nodes += [helper.make_node(op, [source], ["zb"]), helper.make_node("Cast", ["zb"], ["z"], to=TensorProto.FLOAT)]
+        return model(nodes, inits)
+    if op == "CastLike":
+        nodes.append(helper.make_node(op, [source, "like"], ["z"]))
+        inits.append(const("like", np.zeros(1, np.float32)))
+        return model(nodes, inits)
+    extra = {"Cast": {"to": TensorProto.FLOAT}, "Softmax": {"axis": 1}, "LogSoftmax": {"axis": 1},
+             "Hardmax": {"axis": 1}}.get(op, {})
+    nodes.append(helper.make_node(op, [source], ["z"], **extra, **attrs))
+    return model(nodes, inits)
+
+
+def binary(op: str):
+    """op(y, per-channel constant) and op(y, y2) where y2 comes from a second conv branch."""
+    nodes = [helper.make_node("Conv", ["x", "w3"], ["y2"], kernel_shape=[1, 1], name="conv3")]
+    inits = [const("w3", weights((C, 8, 1, 1))), const("k", np.abs(weights((C, 1, 1))) + 0.5)]
+    if op in ("And", "Or", "Xor", "BitwiseAnd"):
+        kind = TensorProto.BOOL if op != "BitwiseAnd" else TensorProto.INT32
+        nodes += [helper.make_node("Greater", ["y", "y2"], ["g1"]), helper.make_node("Cast", ["g1"], ["a"], to=kind),
+                  helper.make_node("Greater", ["y2", "k"], ["g2"]), helper.make_node("Cast", ["g2"], ["b"], to=kind),
+                  helper.make_node(op, ["a", "b"], ["r"]), helper.make_node("Cast", ["r"], ["z"], to=TensorProto.FLOAT)]
+        return model(nodes, inits)
+    if op in ("Equal", "Greater", "GreaterOrEqual", "Less", "LessOrEqual"):
+        nodes += [helper.make_node(op, ["y", "y2"], ["r"]), helper.make_node("Cast", ["r"], ["r2"], to=TensorProto.FLOAT),
+                  helper.make_node("Mul", ["r2", "k"], ["z"])]
+        return model(nodes, inits)
+    if op == "Where":
+        nodes += [helper.make_node("Greater", ["y", "k"], ["cond"]), helper.make_node("Where", ["cond", "y", "y2"], ["z"])]
+        return model(nodes, inits)
+    if op == "Pow":
+        nodes += [helper.make_node("Abs", ["y"], ["ya"]), helper.make_node("Pow", ["ya", "k"], ["z"])]
+        return model(nodes, inits)
+    if op == "PRelu":
+        nodes.append(helper.make_node("PRelu", ["y", "k"], ["z"]))
+        return model(nodes, inits)
+    if op in ("Sum", "Mean", "Max", "Min"):
+        nodes.append(helper.make_node(op, ["y", "y2", "k"], ["z"]))
+        return model(nodes, inits)
+    nodes += [helper.make_node(op, ["y", "k"], ["t"]), helper.make_node(op, ["t", "y2"], ["z"])]
+    return model(nodes, inits)
+
+
+def special_cases() -> dict[str, onnx.ModelProto]:
+    n = helper.make_node
+    cases = {
+        "Expand": model([n("Expand", ["y", "shape"], ["z"])], [const("shape", np.array([1, C, 4, 4], np.int64))]),
+        "BatchNormalization": model([n("BatchNormalization", ["y", "s", "b", "m", "v"], ["z"])],
+                                    [const("s", weights(C)), const("b", weights(C)), const("m", weights(C)),
+                                     const("v", np.abs(weights(C)) + 0.5)]),
+        "InstanceNormalization": model([n("InstanceNormalization", ["y", "s", "b"], ["z"])],
+                                       [const("s", weights(C)), const("b", weights(C))]),
+        "LayerNormalization": model([n("Transpose", ["y"], ["yt"], perm=[0, 2, 3, 1]),
+                                     n("LayerNormalization", ["yt", "s", "b"], ["ln"], axis=-1),
+                                     n("Transpose", ["ln"], ["z"], perm=[0, 3, 1, 2])],
+                                    [const("s", weights(C)), const("b", weights(C))]),
+        "GroupNormalization": model([n("GroupNormalization", ["y", "s", "b"], ["z"], num_groups=4)],
+                                    [const("s", weights(C)), const("b", weights(C))], opset=21),
+        "Conv": model([n("Conv", ["y", "wg"], ["z"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=4)],
+                      [const("wg", weights((32, 4, 3, 3)))], out_shape=(None, 32)),
+        "ConvTranspose": model([n("ConvTranspose", ["y", "wt", "bt"], ["z"], kernel_shape=[2, 2], strides=[2, 2])],
+                               [const("wt", weights((C, 24, 2, 2))), const("bt", weights(24))], out_shape=(None, 24)),
+        "Gemm": model([n("GlobalAveragePool", ["y"], ["g"]), n("Flatten", ["g"], ["f"]),
+                       n("Gemm", ["f", "wm", "bm"], ["z"], alpha=0.5, beta=2.0)],
+                      [const("wm", weights((C, 32))), const("bm", weights(32))], head="fc", out_shape=(None, 32)),
+        "MatMul": model([n("Transpose", ["y"], ["yt"], perm=[0, 2, 3, 1]), n("MatMul", ["yt", "wm"], ["mm"]),
+                         n("Transpose", ["mm"], ["z"], perm=[0, 3, 1, 2])],
+                        [const("wm", weights((C, 24)))], out_shape=(None, 24)),
+        "Gather": model([n("ReduceMax", ["y"], ["r"], axes=[2, 3], keepdims=0), n("Gather", ["r", "idx"], ["z"], axis=0)],
+                        [const("idx", np.array([0], np.int64))], in_shape=(3, 8, 4, 4), head="fc", out_shape=(None, C),
+                        opset=17),
+        "Concat": model([n("Conv", ["x", "w3"], ["y2"], kernel_shape=[1, 1]), n("Concat", ["y", "y2"], ["z"], axis=1)],
+                        [const("w3", weights((8, 8, 1, 1)))], out_shape=(None, 24)),
+        "Split": model([n("Split", ["y", "sizes"], ["s1", "s2"], axis=1), n("Relu", ["s2"], ["r2"]),
+                        n("Concat", ["r2", "s1"], ["z"], axis=1)], [const("sizes", np.array([6, 10], np.int64))]),
+        "Slice": model([n("Slice", ["y", "st", "en", "ax"], ["z"])],
+                       [const("st", np.array([4], np.int64)), const("en", np.array([12], np.int64)),
+                        const("ax", np.array([1], np.int64))], out_shape=(None, 8)),
+        "Transpose": model([n("Transpose", ["y"], ["t"], perm=[0, 2, 3, 1]), n("Relu", ["t"], ["r"]),
+                            n("Transpose", ["r"], ["z"], perm=[0, 3, 1, 2])], []),
+        "Reshape": model([n("Reshape", ["y", "sh"], ["r"]), n("Softmax", ["r"], ["s"], axis=2),
+                          n("Reshape", ["s", "back"], ["z"])],
+                         [const("sh", np.array([0, 4, 4, 16], np.int64)), const("back", np.array([0, C, 4, 4], np.int64))]),
+        "Flatten": model([n("Flatten", ["y"], ["z"])], [], head="fc", out_shape=(None, C * 16)),
+        "Squeeze": model([n("ReduceMean", ["y", "axes"], ["r"], keepdims=1), n("Squeeze", ["r", "sq"], ["z"])],
+                         [const("axes", np.array([2, 3], np.int64)), const("sq", np.array([2, 3], np.int64))],
+                         head="fc", out_shape=(None, C)),
+        "Unsqueeze": model([n("Unsqueeze", ["y", "ax"], ["u"]), n("Relu", ["u"], ["r"]), n("Squeeze", ["r", "ax"], ["z"])],
+                           [const("ax", np.array([2], np.int64))]),
+        "Pad": model([n("Pad", ["y", "pads"], ["z"], mode="reflect")],
+                     [const("pads", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64))]),
+        "Resize": model([n("Resize", ["y", "", "scales"], ["z"], mode="nearest")],
+                        [const("scales", np.array([1, 1, 2, 2], np.float32))]),
+        "Upsample": model([n("Upsample", ["y", "scales"], ["z"], mode="nearest")],
+                          [const("scales", np.array([1, 1, 2, 2], np.float32))], opset=9),
+        "Shape": model([n("Shape", ["y"], ["s"]), n("Reshape", ["y", "s"], ["z"])], []),
+        "Size": model([n("Size", ["y"], ["s"]), n("Cast", ["s"], ["sf"], to=TensorProto.FLOAT),
+                       n("Div", ["y", "sf"], ["z"])], []),
+        "ConstantOfShape": model([n("Shape", ["y"], ["s"]), n("ConstantOfShape", ["s"], ["o"],
+                                                              value=helper.make_tensor("v", TensorProto.FLOAT, [1], [2.0])),
+                                  n("Mul", ["y", "o"], ["z"])], []),
+        "Range": model([n("Range", ["r0", "r1", "r2"], ["rg"]), n("Reshape", ["rg", "sh"], ["rs"]),
+                        n("Cast", ["rs"], ["rf"], to=TensorProto.FLOAT), n("Add", ["y", "rf"], ["z"])],
+                       [const("r0", np.int64(0)), const("r1", np.int64(4)), const("r2", np.int64(1)),
+                        const("sh", np.array([1, 1, 1, 4], np.int64))]),
+    }
+    for op in ("MaxPool", "AveragePool", "LpPool"):
+        cases[op] = model([n(op, ["y"], ["z"], kernel_shape=[2, 2])], [])
+    for op in ("GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"):
+        cases[op] = model([n(op, ["y"], ["z"])], [])
+    for op in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+               "ReduceLogSumExp", "ReduceSumSquare"):
+        cases[op] = model([n("Sigmoid", ["y"], ["ys"]), n(op, ["ys", "axes"], ["z"], keepdims=1)],
+                          [const("axes", np.array([3], np.int64))])
+    return cases
+
+
+def all_cases() -> dict[str, onnx.ModelProto]:
+    cases = {op: unary(op) for op in UNARY}
+    cases.update({op: binary(op) for op in BINARY})
+    cases.update(special_cases())
+    return cases
+
+
+CASES = all_cases()
+
+
+def run(m: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+def test_every_rule_has_a_case():
+    assert sorted(RULES) == sorted(CASES)
+
+
+@pytest.mark.parametrize("op", sorted(CASES))
+def test_permutation_preserves_outputs(op):
+    m = CASES[op]
+    onnx.checker.check_model(m, full_check=True)
+    batch = 3 if op == "Gather" else 2
+    x = RNG.standard_normal((batch, 8, 4, 4)).astype(np.float32)
+    canonical, graph = api.analyse(m)
+    assert graph.barriers == []
+    assert graph.free_spaces, "the conv output space should be free"
+    permuted = api.permute(m, seed=3)
+    expected, got = run(m, x), run(permuted, x)
+    np.testing.assert_allclose(got, expected, atol=1e-4 * max(1.0, np.abs(expected).max()), rtol=0)
+    before = {i.name: numpy_helper.to_array(i) for i in canonical.graph.initializer}
+    after = {i.name: numpy_helper.to_array(i) for i in permuted.graph.initializer}
+    assert not np.array_equal(before["w1"], after["w1"])
+
+
+def test_unknown_op_is_a_barrier():
+    n = helper.make_node
+    m = model([n("Einsum", ["y"], ["z"], equation="nchw->nchw")], [])
+    _, graph = api.analyse(m)
+    assert [(b.op, b.reason) for b in graph.barriers] == [("Einsum", "no rule for op Einsum")]
+    conv_space = next(s for s in graph.spaces if any(p.name == "w1" and p.axis == 0 for p in s.producers))
+    assert conv_space.fixed
