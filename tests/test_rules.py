@@ -171,6 +171,9 @@ def special_cases() -> dict[str, onnx.ModelProto]:
                        [const("r0", np.int64(0)), const("r1", np.int64(4)), const("r2", np.int64(1)),
                         const("sh", np.array([1, 1, 1, 4], np.int64))]),
     }
+    for op in ("ArgMax", "ArgMin"):  # positions along the reduced (spatial) axis
+        cases[op] = model([n(op, ["y"], ["a"], axis=3, keepdims=1), n("Cast", ["a"], ["af"], to=TensorProto.FLOAT),
+                           n("Mul", ["y", "af"], ["z"])], [])
     for op in ("MaxPool", "AveragePool", "LpPool"):
         cases[op] = model([n(op, ["y"], ["z"], kernel_shape=[2, 2])], [])
     for op in ("GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"):
@@ -192,11 +195,16 @@ def all_cases() -> dict[str, onnx.ModelProto]:
 CASES = all_cases()
 
 
-def run(m: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+def run_all(m: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
+    """Every output of a single-input model in onnxruntime (CPU)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run(None, {"x": x})[0]
+    return session.run(None, {session.get_inputs()[0].name: x})
+
+
+def run(m: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    return run_all(m, x)[0]
 
 
 def test_every_rule_has_a_case():

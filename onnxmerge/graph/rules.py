@@ -39,6 +39,7 @@ class Context(Protocol):
     def opset(self) -> int: ...
     def is_uniform(self, name: str) -> bool: ...
     def mark_uniform(self, name: str) -> None: ...
+    def fix(self, layout: Layout, reason: str) -> None: ...
 
 
 Handler = Callable[[onnx.NodeProto, Context], None]
@@ -485,6 +486,18 @@ def reduce(node: onnx.NodeProto, ctx: Context) -> None:
     ctx.set_output(node.output[0], result)
 
 
+def arg_reduce(node: onnx.NodeProto, ctx: Context) -> None:
+    """ArgMax/ArgMin return positions along the axis, so that axis must keep its order."""
+    x = node.input[0]
+    r = rank(ctx, x)
+    axis = axis_of(attr(node, "axis", 0), r)
+    layouts = ctx.layouts(x)
+    if axis in layouts:
+        ctx.fix(layouts[axis], f"{node.op_type} returns positions along it")
+    keep = attr(node, "keepdims", 1)
+    ctx.set_output(node.output[0], {(k if keep or k < axis else k - 1): v for k, v in layouts.items() if k != axis})
+
+
 def pool(node: onnx.NodeProto, ctx: Context) -> None:
     """Pools act per channel: batch and channel axes pass, spatial axes change size."""
     if len(node.output) > 1 and node.output[1]:
@@ -557,6 +570,8 @@ def _build() -> dict[str, Rule]:
     for op in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1",
                "ReduceL2", "ReduceLogSumExp", "ReduceSumSquare"):
         register(op, "reduce", reduce)
+    for op in ("ArgMax", "ArgMin"):
+        register(op, "reduce", arg_reduce)
     for op in ("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"):
         register(op, "same-space", pool)
     for op in ("Pad", "Resize", "Upsample"):

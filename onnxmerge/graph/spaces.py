@@ -129,6 +129,9 @@ class _Walk:
     def opset(self) -> int:
         return self._opset
 
+    def fix(self, layout: Layout, reason: str) -> None:
+        self.table.fix(layout, f"{reason} at {self.node}")
+
     def is_uniform(self, name: str) -> bool:
         return name in self.uniform
 

@@ -1,0 +1,334 @@
+"""Calibration inputs: read a .npz/.npy file, check it against every model's inputs, feed batches.
+
+Rules (method.md §2 runs every model on the same samples):
+
+- A ``.npz`` holds one array per graph input name. A single array (a ``.npy``, or a ``.npz`` with
+  exactly one array) feeds each model's sole input whatever the models call it, because exporters
+  name inputs differently. Arrays no model asks for (labels, say) are ignored and never read.
+- Axis 0 is the sample (batch) axis. Every other fixed dimension must match exactly.
+- dtypes: a floating array is cast to the model's floating dtype (float64 data feeds a float32
+  model; values that overflow the target are refused); an integer array is cast to the model's
+  integer dtype when every value fits; integer vs floating (and anything else) is refused.
+- No NaN or Inf, at least one sample, the same number of samples in every array used.
+- Batches: all models step through the samples in lockstep with one batch size, so the feeds
+  of one step hold the same samples. A model whose batch dimension is fixed to b (older exports
+  use 1) must get exactly b samples per run, so then every model gets batches of b whatever
+  size is asked for, and the last ``num_samples % b`` samples are dropped with a logged warning
+  (padding would add fake samples to the statistics). Models with different fixed batch sizes
+  cannot run in lockstep and are refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import onnx
+
+from ..errors import CalibrationError, UnsupportedGraphError
+
+log = logging.getLogger(__name__)
+
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGIC = b"PK"
+_CHUNK_BYTES = 64 << 20  # value checks read big arrays in slices of about this size
+_SINGLE = ""  # array key of a .npy file
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One graph input of a model.
+
+    Attributes:
+        name: the graph input name.
+        dtype: the numpy dtype onnxruntime expects.
+        shape: one entry per axis, an int for a fixed dimension, None for a symbolic or unknown
+            one; None when the model gives no shape at all.
+    """
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | None, ...] | None
+
+    @property
+    def fixed_batch(self) -> int | None:
+        """The batch (axis 0) size when the model fixes it, else None."""
+        return self.shape[0] if self.shape else None
+
+
+def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
+    """The graph inputs of ``model`` that are not initializers, in graph order.
+
+    Raises:
+        UnsupportedGraphError: an input is not a tensor or has an element type numpy lacks.
+    """
+    initializers = {init.name for init in model.graph.initializer}
+    specs = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        if value.type.WhichOneof("value") != "tensor_type":
+            raise UnsupportedGraphError(f"graph input {value.name!r} is not a tensor; "
+                                        "onnxmerge feeds only tensor inputs")
+        tensor = value.type.tensor_type
+        try:
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type))
+        except (KeyError, TypeError, ValueError) as error:
+            name = onnx.TensorProto.DataType.Name(tensor.elem_type)
+            raise UnsupportedGraphError(f"graph input {value.name!r} has element type {name}; "
+                                        "onnxmerge feeds only numeric numpy types") from error
+        shape = None
+        if tensor.HasField("shape"):
+            shape = tuple(dim.dim_value if dim.HasField("dim_value") and dim.dim_value > 0 else None
+                          for dim in tensor.shape.dim)
+        specs.append(InputSpec(value.name, dtype, shape))
+    return specs
+
+
+class _Arrays:
+    """The arrays of one file, read only when asked for: a .npy is memory-mapped, a .npz member
+    is loaded on first use (numpy cannot map members of a zip) and kept."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            with open(path, "rb") as handle:
+                magic = handle.read(len(_NPY_MAGIC))
+        except OSError as error:
+            raise CalibrationError(f"{path}: cannot read ({error.strerror}); give a .npz or .npy file") from error
+        self._npz = None
+        self._loaded: dict[str, np.ndarray] = {}
+        try:
+            if magic.startswith(_NPY_MAGIC):
+                self._loaded[_SINGLE] = np.load(path, mmap_mode="r", allow_pickle=False)
+                self.keys = [_SINGLE]
+            elif magic.startswith(_ZIP_MAGIC):
+                self._npz = np.load(path, allow_pickle=False)
+                self.keys = list(self._npz.files)
+            else:
+                raise CalibrationError(f"{path}: not a .npy or .npz file; "
+                                       "save the inputs with numpy.save or numpy.savez")
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+            raise CalibrationError(f"{path}: cannot read as .npy/.npz ({error}); "
+                                   "save the inputs with numpy.save or numpy.savez") from error
+
+    def get(self, key: str) -> np.ndarray:
+        if key not in self._loaded:
+            try:
+                self._loaded[key] = self._npz[key]
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+                raise CalibrationError(f"{self.path}: cannot read array {key!r} ({error}); "
+                                       "save plain numeric arrays with numpy.savez") from error
+        return self._loaded[key]
+
+    def truncate(self, count: int) -> None:
+        for key, array in self._loaded.items():
+            if array.shape[0] > count:
+                # a loaded .npz array is copied so the dropped samples are freed; a memory map stays a view
+                self._loaded[key] = array[:count] if isinstance(array, np.memmap) else array[:count].copy()
+
+    def close(self) -> None:
+        """Close the .npz file once every array in use is loaded."""
+        if self._npz is not None:
+            self._npz.close()
+            self._npz = None
+
+
+def _label(names: list[str] | None, index: int) -> str:
+    return f"model {index + 1}" if names is None else names[index]
+
+
+def _describe(key: str) -> str:
+    return "the array" if key == _SINGLE else f"array {key!r}"
+
+
+def _bind(arrays: _Arrays, specs: list[InputSpec], model: str) -> list[tuple[InputSpec, str]]:
+    """Which array feeds each input of one model: by name, or the single array for a sole input."""
+    path = arrays.path
+    if len(arrays.keys) == 1 and len(specs) == 1:
+        return [(specs[0], arrays.keys[0])]
+    if arrays.keys == [_SINGLE]:
+        raise CalibrationError(f"{path}: {model} has {len(specs)} inputs ({', '.join(s.name for s in specs)}) "
+                               "but a .npy holds one array; save a .npz with one array per input name")
+    found = ", ".join(repr(k) for k in arrays.keys) or "none"
+    for spec in specs:
+        if spec.name not in arrays.keys:
+            raise CalibrationError(f"{path}: no array for input {spec.name!r} of {model} (arrays found: {found}); "
+                                   f"save it under that name with numpy.savez")
+    return [(spec, spec.name) for spec in specs]
+
+
+def _check_layout(path: str, spec: InputSpec, key: str, array: np.ndarray, model: str) -> None:
+    """Rank, fixed non-batch dimensions and dtype kind of one array against one input."""
+    where = f"{_describe(key)} for input {spec.name!r} of {model}"
+    if array.ndim == 0:
+        raise CalibrationError(f"{path}: {where} is a scalar; axis 0 must index the samples")
+    if spec.shape is not None:
+        if array.ndim != len(spec.shape):
+            raise CalibrationError(f"{path}: {where} has shape {array.shape} (rank {array.ndim}) but the model "
+                                   f"expects rank {len(spec.shape)} {_shape_text(spec.shape)}; reshape the data")
+        for axis, (want, have) in enumerate(zip(spec.shape, array.shape)):
+            if axis > 0 and want is not None and want != have:
+                raise CalibrationError(f"{path}: {where} has shape {array.shape} but the model expects "
+                                       f"{_shape_text(spec.shape)} (axis {axis}: {have} vs {want}); reshape the data")
+    have, want = array.dtype, spec.dtype
+    if have == want:
+        return
+    kinds = (have.kind, want.kind)
+    if kinds[0] == "f" and kinds[1] == "f" or kinds[0] in "iu" and kinds[1] in "iu":
+        return  # values are checked against the target range in _check_values
+    raise CalibrationError(f"{path}: {where} has dtype {have} but the model expects {want}; "
+                           f"convert the data to {want} (with the preprocessing the model expects)")
+
+
+def _shape_text(shape: tuple[int | None, ...]) -> str:
+    return "[" + ", ".join("?" if dim is None else str(dim) for dim in shape) + "]"
+
+
+def _check_values(path: str, key: str, array: np.ndarray, targets: set[np.dtype]) -> None:
+    """No NaN or Inf, and every value representable in each dtype the array is cast to."""
+    row_bytes = max(1, array[:1].nbytes)
+    step = max(1, _CHUNK_BYTES // row_bytes)
+    nan = inf = overflow = 0
+    low, high = None, None
+    for start in range(0, array.shape[0], step):
+        chunk = np.asarray(array[start:start + step])
+        if chunk.dtype.kind == "f":
+            nan += int(np.isnan(chunk).sum())
+            inf += int(np.isinf(chunk).sum())
+            for target in targets:
+                if target != chunk.dtype and target.kind == "f":
+                    with np.errstate(over="ignore"):
+                        overflow += int((~np.isfinite(chunk.astype(target)) & np.isfinite(chunk)).sum())
+        elif chunk.dtype.kind in "iu" and chunk.size:
+            low = chunk.min() if low is None else min(low, chunk.min())
+            high = chunk.max() if high is None else max(high, chunk.max())
+    what = _describe(key)
+    if nan or inf:
+        raise CalibrationError(f"{path}: {what} has {nan} NaN and {inf} Inf values; "
+                               "drop or fix those samples")
+    if overflow:
+        raise CalibrationError(f"{path}: {what} has {overflow} values too large for "
+                               f"{'/'.join(sorted(str(t) for t in targets))}; rescale the data")
+    for target in targets:
+        if low is not None and target.kind in "iu":
+            info = np.iinfo(target)
+            if low < info.min or high > info.max:
+                raise CalibrationError(f"{path}: {what} has values in [{low}, {high}] that do not fit {target}; "
+                                       f"save the data as {target}")
+
+
+def _common_batch(path: str, specs_per_model: list[list[InputSpec]], names: list[str] | None) -> int | None:
+    """The fixed batch size every model must run with, or None when all are dynamic."""
+    fixed: dict[int, str] = {}
+    for index, specs in enumerate(specs_per_model):
+        for spec in specs:
+            if spec.fixed_batch is not None:
+                fixed.setdefault(spec.fixed_batch, f"{_label(names, index)} input {spec.name!r}")
+    if len(fixed) > 1:
+        listed = ", ".join(f"{size} ({where})" for size, where in fixed.items())
+        raise CalibrationError(f"{path}: the models fix different batch sizes: {listed}; "
+                               "export them with a dynamic batch dimension")
+    return next(iter(fixed), None)
+
+
+class CalibrationSet:
+    """Checked calibration inputs of a set of models; see the module docstring for the rules.
+
+    Attributes:
+        path: the file read.
+        num_samples: samples used (after ``max_samples``).
+        fixed_batch: the batch size a model fixes (then every model runs with it), or None.
+    """
+
+    def __init__(self, arrays: _Arrays, bindings: list[list[tuple[InputSpec, str]]],
+                 num_samples: int, fixed_batch: int | None):
+        self.path = arrays.path
+        self.num_samples = num_samples
+        self.fixed_batch = fixed_batch
+        self._arrays = arrays
+        self._bindings = bindings
+
+    @property
+    def num_models(self) -> int:
+        return len(self._bindings)
+
+    def batch_size(self, requested: int) -> int:
+        """The batch size ``batches`` really uses for a requested one (the same for every model)."""
+        if requested < 1:
+            raise CalibrationError(f"{self.path}: batch size {requested}; use a batch size of at least 1")
+        return self.fixed_batch or requested
+
+    def batches(self, model_index: int, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        """Feeds for one model, keyed by its input names, in sample order.
+
+        Every model gets the same samples at the same step, so the iterators of several models
+        can be zipped. Each feed is a fresh C-contiguous array in the model's dtype.
+
+        Args:
+            model_index: position of the model in ``specs_per_model`` of ``load_calibration``.
+            batch_size: samples per feed; replaced by ``fixed_batch`` when a model fixes it.
+        """
+        size = self.batch_size(batch_size)
+        bindings = self._bindings[model_index]
+        stop = self.num_samples - self.num_samples % size if self.fixed_batch else self.num_samples
+        for start in range(0, stop, size):
+            yield {spec.name: np.array(self._arrays.get(key)[start:start + size], dtype=spec.dtype, order="C")
+                   for spec, key in bindings}
+
+
+def load_calibration(path: str | Path, specs_per_model: list[list[InputSpec]], *,
+                     max_samples: int | None = None, model_names: list[str] | None = None) -> CalibrationSet:
+    """Read calibration inputs and check them against every model's inputs.
+
+    Args:
+        path: a ``.npz`` (one array per input name, or a single array) or a ``.npy``.
+        specs_per_model: ``input_specs`` of each model, in merge order.
+        max_samples: use only the first this many samples.
+        model_names: how error messages name the models (default ``model 1``, ``model 2``, ...).
+
+    Returns:
+        The checked set; every array in use is memory-mapped (.npy) or loaded (.npz).
+
+    Raises:
+        CalibrationError: unreadable file, missing input, wrong rank, fixed dimension or dtype,
+            differing sample counts, NaN/Inf or overflowing values, no samples, or models that
+            fix different batch sizes. The message names the file and says what to do.
+    """
+    path = str(path)
+    arrays = _Arrays(path)
+    bindings = []
+    for index, specs in enumerate(specs_per_model):
+        model = _label(model_names, index)
+        bound = _bind(arrays, specs, model)
+        for spec, key in bound:
+            _check_layout(path, spec, key, arrays.get(key), model)
+        bindings.append(bound)
+    used = list(dict.fromkeys(key for bound in bindings for _, key in bound))
+    counts = {key: arrays.get(key).shape[0] for key in used}
+    if len(set(counts.values())) > 1:
+        listed = ", ".join(f"{key!r}: {count}" for key, count in counts.items())
+        raise CalibrationError(f"{path}: arrays have different numbers of samples ({listed}); "
+                               "give every input the same samples along axis 0")
+    if max_samples is not None and max_samples < 1:
+        raise CalibrationError(f"{path}: max_samples={max_samples}; use at least 1 sample or leave it unset")
+    num_samples = min(next(iter(counts.values()), 0), max_samples or np.iinfo(np.int64).max)
+    if num_samples == 0:
+        raise CalibrationError(f"{path}: no samples (axis 0 has length 0); give at least one sample")
+    arrays.truncate(num_samples)
+    fixed_batch = _common_batch(path, specs_per_model, model_names)
+    if fixed_batch is not None and num_samples < fixed_batch:
+        raise CalibrationError(f"{path}: {num_samples} samples but the models run in fixed batches of "
+                               f"{fixed_batch}; give at least {fixed_batch} samples")
+    if fixed_batch is not None and num_samples % fixed_batch:
+        log.warning("%s: %d samples are not a multiple of the fixed batch size %d; the last %d are dropped",
+                    path, num_samples, fixed_batch, num_samples % fixed_batch)
+    for key in used:
+        targets = {spec.dtype for bound in bindings for spec, bound_key in bound if bound_key == key}
+        _check_values(path, key, arrays.get(key), targets)
+    arrays.close()
+    return CalibrationSet(arrays, bindings, num_samples, fixed_batch)

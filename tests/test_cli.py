@@ -1,0 +1,80 @@
+"""The `onnxmerge` command: inspect and permute end to end, and bad input handling."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from onnxmerge.cli import main
+from onnxmerge.io import load_model
+from tests.test_rules import model, run_all
+from tests.test_zoo_oracles import outputs_close
+
+
+def onnxmerge(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "onnxmerge.cli", *args], capture_output=True, text=True)
+
+
+def test_inspect_json_reports_spaces(zoo_files):
+    path, _ = zoo_files.get("resnet_basic", "legacy_bn")
+    result = onnxmerge("inspect", path, "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["format"] == "onnxmerge.inspect/1"
+    assert report["barriers"] == []
+    assert report["summary"]["free"] == sum(s["free"] for s in report["spaces"]) > 0
+    # the classifier output space is the only fixed one, and it is fixed for being the output
+    fixed = [s for s in report["spaces"] if not s["free"]]
+    assert len(fixed) == 1 and fixed[0]["width"] == 10
+    assert "graph output" in fixed[0]["fixed_reasons"][0]
+
+
+def test_inspect_text_and_strict(tmp_path, capsys):
+    from onnx import helper
+    path = tmp_path / "einsum.onnx"
+    m = model([helper.make_node("Einsum", ["y"], ["z"], equation="nchw->nchw")], [])
+    path.write_bytes(m.SerializeToString())
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "barrier: node" in out and "spaces:" in out
+    assert main(["inspect", str(path), "--strict"]) == 1
+    assert "is a barrier" in capsys.readouterr().err
+
+
+def test_permute_command_preserves_outputs(zoo_files, tmp_path):
+    path, x = zoo_files.get("squeeze_excite", "legacy_folded")
+    out = tmp_path / "permuted.onnx"
+    result = onnxmerge("permute", path, "-o", str(out), "--seed", "5")
+    assert result.returncode == 0, result.stderr
+    outputs_close(run_all(load_model(path), x), run_all(load_model(out), x))
+
+
+@pytest.mark.parametrize("content", [b"", b"not an onnx file at all", bytes(range(256)) * 10])
+def test_bad_model_gives_one_line_error_and_no_output(tmp_path, content):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(content)
+    out = tmp_path / "out.onnx"
+    for args in (["inspect", str(bad)], ["permute", str(bad), "-o", str(out)]):
+        result = onnxmerge(*args)
+        assert result.returncode == 1
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("onnxmerge: error:") and "bad.onnx" in lines[0]
+        assert "Traceback" not in result.stderr
+    assert not out.exists()
+    assert bad.read_bytes() == content
+
+
+def test_missing_file_and_usage_errors(tmp_path):
+    result = onnxmerge("inspect", str(tmp_path / "nope.onnx"))
+    assert result.returncode == 1 and "nope.onnx" in result.stderr
+    assert onnxmerge("permute", str(tmp_path / "nope.onnx")).returncode == 2  # -o missing
+
+
+def test_help_for_every_command():
+    for command in ("inspect", "permute", "merge", "calibrate", "eval"):
+        result = onnxmerge(command, "--help")
+        assert result.returncode == 0 and "usage: onnxmerge" in result.stdout

@@ -1,0 +1,176 @@
+"""Streaming statistics against direct numpy computations on all samples at once."""
+
+import numpy as np
+import pytest
+
+from onnxmerge.calib.stats import (SpaceStats, combine_stats, load_stats, save_stats, to_samples)
+from onnxmerge.errors import CalibrationError
+
+WIDTHS = (6, 10)
+
+
+def _features(seed: int, rows: int) -> list[np.ndarray]:
+    """Correlated features of two models with offsets, so covariance is not trivial."""
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal((rows, 8))
+    first = base[:, :6] * np.arange(1, 7) + 3.0
+    second = np.hstack([base @ rng.standard_normal((8, 4)), rng.standard_normal((rows, 6))]) - 1.5
+    return [first.astype(np.float32), second.astype(np.float32)]
+
+
+def _accumulate(batches: list[list[np.ndarray]], widths=WIDTHS) -> SpaceStats:
+    stats = SpaceStats.empty(widths)
+    for batch in batches:
+        stats.update(batch)
+    return stats
+
+
+def _batches(seed: int, count: int) -> list[list[np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [_features(seed * 1000 + k, int(rng.integers(1, 200))) for k in range(count)]
+
+
+def _assert_close(actual: np.ndarray, expected: np.ndarray) -> None:
+    np.testing.assert_allclose(actual, expected, rtol=1e-10, atol=1e-10 * np.abs(expected).max())
+
+
+def test_streaming_equals_direct_computation():
+    batches = _batches(1, 60)
+    stats = _accumulate(batches)
+    everything = np.vstack([np.hstack(batch) for batch in batches]).astype(np.float64)
+    assert stats.count == everything.shape[0]
+    assert stats.widths == WIDTHS
+    _assert_close(stats.mean(), everything.mean(axis=0))
+    _assert_close(stats.covariance(), np.cov(everything, rowvar=False, bias=True))
+    _assert_close(stats.correlation(), np.corrcoef(everything, rowvar=False))
+
+
+def test_two_shards_combined_equal_one_run():
+    batches = _batches(2, 20)
+    whole = _accumulate(batches)
+    combined = _accumulate(batches[:7]) + _accumulate(batches[7:])
+    assert combined.count == whole.count
+    _assert_close(combined.sum, whole.sum)
+    _assert_close(combined.outer, whole.outer)
+
+
+def test_fast_update_is_close():
+    batches = _batches(3, 5)
+    precise = _accumulate(batches)
+    fast = SpaceStats.empty(WIDTHS)
+    for batch in batches:
+        fast.update(batch, precise=False)
+    np.testing.assert_allclose(fast.correlation(), precise.correlation(), atol=1e-5)
+
+
+def test_dead_channels_have_zero_correlation():
+    rng = np.random.default_rng(4)
+    first = rng.standard_normal((500, 4)).astype(np.float32)
+    first[:, 1] = 0.0  # dead ReLU
+    first[:, 3] = 7.3  # constant
+    second = rng.standard_normal((500, 3)).astype(np.float32)
+    second[:, 0] = -2.1
+    stats = SpaceStats.empty((4, 3))
+    for start in range(0, 500, 100):
+        stats.update([first[start:start + 100], second[start:start + 100]])
+    corr = stats.correlation()
+    assert np.isfinite(corr).all()
+    dead = [1, 3, 4]
+    live = [0, 2, 5, 6]
+    assert (corr[dead, :] == 0).all() and (corr[:, dead] == 0).all()
+    np.testing.assert_array_equal(np.diag(corr)[live], 1.0)
+    assert np.abs(corr).max() <= 1.0
+    np.testing.assert_allclose(corr, corr.T)
+
+
+def test_no_samples_raises():
+    with pytest.raises(CalibrationError, match="no samples"):
+        SpaceStats.empty(WIDTHS).correlation()
+
+
+@pytest.mark.parametrize("features, message", [
+    ([np.zeros((3, 6))], "2 models"),
+    ([np.zeros((3, 6)), np.zeros((3, 9))], "model 2 gave features of shape"),
+    ([np.zeros((3, 6)), np.zeros((4, 10))], "different numbers of feature rows"),
+    ([np.zeros((3, 6)), np.full((3, 10), np.nan)], "model 2 produced NaN"),
+], ids=["model-count", "width", "rows", "nan"])
+def test_bad_batches_raise(features, message):
+    with pytest.raises(CalibrationError, match=message):
+        SpaceStats.empty(WIDTHS).update(features)
+
+
+def test_to_samples_nchw():
+    x = np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5)
+    rows = to_samples(x, 1)
+    assert rows.shape == (40, 3)
+    np.testing.assert_array_equal(rows[1 * 20 + 2 * 5 + 3], x[1, :, 2, 3])  # row n*H*W + h*W + w
+
+
+def test_to_samples_ntc_and_nc():
+    x = np.arange(2 * 7 * 3, dtype=np.float32).reshape(2, 7, 3)
+    rows = to_samples(x, 2)
+    assert rows.shape == (14, 3)
+    np.testing.assert_array_equal(rows[7 + 4], x[1, 4])
+    y = np.arange(15, dtype=np.float32).reshape(5, 3)
+    np.testing.assert_array_equal(to_samples(y, 1), y)
+
+
+def _stats_dict(seed: int) -> dict[str, SpaceStats]:
+    return {"/stem/Conv_output_0:1": _accumulate(_batches(seed, 3)),
+            "S 2/odd:name": _accumulate(_batches(seed + 1, 2), WIDTHS)}
+
+
+def test_save_load_round_trip(tmp_path):
+    stats = _stats_dict(5)
+    meta = {"fingerprint": "abc123", "provider": "cpu"}
+    path = tmp_path / "stats.npz"
+    save_stats(path, stats, meta)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stats.npz"]  # no temporary left
+    loaded, loaded_meta = load_stats(path)
+    assert loaded_meta == meta
+    assert list(loaded) == list(stats)
+    for name, space in stats.items():
+        assert loaded[name].count == space.count and loaded[name].widths == space.widths
+        np.testing.assert_array_equal(loaded[name].sum, space.sum)
+        np.testing.assert_array_equal(loaded[name].outer, space.outer)
+
+
+def test_save_keeps_the_given_name(tmp_path):
+    path = tmp_path / "shard.stats"
+    save_stats(path, _stats_dict(6), {})
+    assert path.exists() and load_stats(path)[1] == {}
+
+
+def test_combine_stats_adds_shards():
+    first, second = _stats_dict(7), _stats_dict(8)
+    meta = {"fingerprint": "f"}
+    combined = combine_stats([(first, meta), (second, {"fingerprint": "f", "provider": "cuda"})])
+    for name in first:
+        assert combined[name].count == first[name].count + second[name].count
+        _assert_close(combined[name].outer, first[name].outer + second[name].outer)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s, m: ({k: v for k, v in list(s.items())[:1]}, m), "different spaces"),
+    (lambda s, m: (s, {"fingerprint": "other"}), "differ in fingerprint"),
+    (lambda s, m: ({**s, "S 2/odd:name": SpaceStats.empty((6, 9))}, m), "differ in the widths"),
+], ids=["spaces", "fingerprint", "widths"])
+def test_combine_mismatched_shards_raises(change, message):
+    stats, meta = _stats_dict(9), {"fingerprint": "f"}
+    with pytest.raises(CalibrationError, match=message):
+        combine_stats([(stats, meta), change(stats, meta)], sources=["a.npz", "b.npz"])
+
+
+@pytest.mark.parametrize("content", [b"not numpy at all", b""], ids=["text", "empty"])
+def test_load_stats_rejects_other_files(tmp_path, content):
+    path = tmp_path / "bad.npz"
+    path.write_bytes(content)
+    with pytest.raises(CalibrationError, match="bad.npz"):
+        load_stats(path)
+
+
+def test_load_stats_rejects_plain_npz(tmp_path):
+    path = tmp_path / "inputs.npz"
+    np.savez(path, x=np.zeros(3))
+    with pytest.raises(CalibrationError, match="not an onnxmerge statistics file"):
+        load_stats(path)
