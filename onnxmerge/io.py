@@ -1,0 +1,401 @@
+"""Reading and writing ONNX model files.
+
+``load_model`` treats every file as untrusted: it refuses anything that is not a complete,
+checkable ONNX model, external data that points outside the model's folder or past the end
+of its file, and IR or opset versions the installed onnx cannot handle. The model it returns
+is self-contained in memory. ``save_model`` writes atomically: a failed save leaves nothing
+at or beside the target. Neither function modifies its input (file or ``ModelProto``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from typing import BinaryIO
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import external_data_helper, numpy_helper
+
+from .errors import InvalidModelError, OnnxMergeError, UnsupportedGraphError
+
+# Protobuf cannot serialize (or parse) a message of 2 GiB or more; bigger models need external data.
+PROTOBUF_LIMIT = 2**31 - 1
+# Tensors smaller than this stay inside the model file when saving with external data
+# (onnx's own default threshold): moving tiny tensors out saves nothing.
+EXTERNAL_DATA_THRESHOLD = 1024
+# Tensors of at least ALIGN_THRESHOLD bytes start at an ALIGNMENT-byte offset in the sidecar so
+# onnxruntime can memory-map them (64 KiB is the largest common allocation granularity).
+ALIGN_THRESHOLD = 1 << 20
+ALIGNMENT = 1 << 16
+# Oldest default-domain opset accepted: older ones predate the op semantics graph/rules.py knows.
+MIN_OPSET = 7
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+_HASH_CHUNK = 1 << 20
+_MESSAGE_DETAIL = 200
+
+
+def _current_umask() -> int:
+    # os.umask can only be read by setting it; do it once, at import, not per save.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_current_umask()
+
+
+def _detail(error: BaseException) -> str:
+    """An exception as one short line: error messages here must stay single-line."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= _MESSAGE_DETAIL else text[: _MESSAGE_DETAIL - 3] + "..."
+
+
+def _iter_graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto a graph holds: initializers, sparse ones, node attributes, subgraphs."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    yield from _iter_node_tensors(graph.node)
+
+
+def _iter_node_tensors(nodes: Iterable[onnx.NodeProto]) -> Iterator[onnx.TensorProto]:
+    """Tensors in node attributes (Constant values and the like), recursing into subgraphs."""
+    for node in nodes:
+        for attribute in node.attribute:
+            tensors = list(attribute.tensors) + [attribute.t] * attribute.HasField("t")
+            sparse = list(attribute.sparse_tensors) + [attribute.sparse_tensor] * attribute.HasField(
+                "sparse_tensor")
+            subgraphs = list(attribute.graphs) + [attribute.g] * attribute.HasField("g")
+            yield from tensors
+            for tensor in sparse:
+                yield from (tensor.values, tensor.indices)
+            for subgraph in subgraphs:
+                yield from _iter_graph_tensors(subgraph)
+
+
+def _iter_model_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto of a model, including those inside local functions."""
+    yield from _iter_graph_tensors(model.graph)
+    for function in model.functions:
+        yield from _iter_node_tensors(function.node)
+
+
+def _is_external(tensor: onnx.TensorProto) -> bool:
+    return tensor.data_location == onnx.TensorProto.EXTERNAL
+
+
+def _read_model_proto(name: str) -> onnx.ModelProto:
+    """Parse the file at ``name`` without touching any external data."""
+    if not os.path.exists(name):
+        raise InvalidModelError(f"{name}: file not found; check the path")
+    if not os.path.isfile(name):
+        raise InvalidModelError(f"{name}: not a regular file; pass the path of an .onnx file")
+    size = os.path.getsize(name)
+    if size > PROTOBUF_LIMIT:
+        raise InvalidModelError(f"{name}: the file is {size} bytes, over protobuf's {PROTOBUF_LIMIT}-byte "
+                                "limit; re-export the model with its weights in external data")
+    try:
+        with open(name, "rb") as file:
+            data = file.read()
+    except OSError as error:
+        raise InvalidModelError(f"{name}: cannot read the file ({_detail(error)}); "
+                                "check its permissions") from error
+    if not data:
+        raise InvalidModelError(f"{name}: the file is empty; check the file is a complete .onnx export")
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as error:
+        raise InvalidModelError(f"{name}: not an ONNX model (protobuf parse failed: {_detail(error)}); "
+                                "check the file is a complete .onnx export") from error
+    # Random bytes and cut files can still parse as protobuf; a real model has both of these.
+    if model.ir_version <= 0 or not model.HasField("graph"):
+        raise InvalidModelError(f"{name}: not an ONNX model (no IR version or no graph); "
+                                "check the file is a complete .onnx export")
+    return model
+
+
+def _check_versions(name: str, model: onnx.ModelProto) -> None:
+    """Refuse IR and default-domain opset versions outside what the installed onnx supports."""
+    if model.ir_version > onnx.IR_VERSION:
+        raise UnsupportedGraphError(
+            f"{name}: IR version {model.ir_version} is newer than this onnx {onnx.__version__} supports "
+            f"(IR versions up to {onnx.IR_VERSION}); upgrade onnx or re-export with an older IR version")
+    newest = onnx.defs.onnx_opset_version()
+    for opset in model.opset_import:
+        if opset.domain in _DEFAULT_DOMAINS and not MIN_OPSET <= opset.version <= newest:
+            raise UnsupportedGraphError(
+                f"{name}: default-domain opset {opset.version} is outside the supported range "
+                f"{MIN_OPSET}..{newest}; re-export the model with an opset in that range")
+
+
+def _external_info(name: str, tensor: onnx.TensorProto) -> tuple[str, int, int | None]:
+    """(location, offset, length) of an external tensor, or InvalidModelError when malformed."""
+    entries = {entry.key: entry.value for entry in tensor.external_data}
+    location = entries.get("location", "")
+    try:
+        offset = int(entries.get("offset") or 0)
+        length = int(entries["length"]) if entries.get("length") else None
+    except ValueError as error:
+        raise InvalidModelError(f"{name}: tensor {tensor.name!r} has a non-integer external offset or "
+                                "length; re-export the model with onnx.save_model") from error
+    if not location or offset < 0 or (length is not None and length < 0):
+        raise InvalidModelError(f"{name}: tensor {tensor.name!r} has an invalid external data entry "
+                                f"(location {location!r}, offset {offset}, length {length}); "
+                                "re-export the model with onnx.save_model")
+    return location, offset, length
+
+
+def _resolve_inside(folder: str, location: str) -> str | None:
+    """The real path of ``location`` under ``folder``, or None if it leaves the folder."""
+    # A model must not make us read arbitrary files: only relative paths that, after resolving
+    # symlinks and "..", stay inside the folder of the model file.
+    if os.path.isabs(location):
+        return None
+    try:
+        real_folder = os.path.realpath(folder)
+        target = os.path.realpath(os.path.join(real_folder, location))
+        return target if os.path.commonpath([real_folder, target]) == real_folder else None
+    except ValueError:  # a NUL byte in the location, or (Windows) another drive
+        return None
+
+
+def _check_external(name: str, tensor: onnx.TensorProto, folder: str) -> None:
+    """Refuse external data outside the model's folder, missing, or past the end of its file."""
+    location, offset, length = _external_info(name, tensor)
+    where = f"{name}: tensor {tensor.name!r} external data {location!r}"
+    target = _resolve_inside(folder, location)
+    if target is None:
+        raise InvalidModelError(f"{where} is outside the model's folder; refusing to read it, "
+                                "keep external data files beside the model")
+    if not os.path.isfile(target):
+        raise InvalidModelError(f"{where} not found; copy the data file beside the model")
+    size = os.path.getsize(target)
+    end = offset + (length if length is not None else 0)
+    if offset > size or end > size:
+        raise InvalidModelError(f"{where}: offset {offset} + length {length or 0} is past the end of "
+                                f"the {size}-byte file; the data file is truncated or belongs to "
+                                "another model")
+
+
+def _load_external(name: str, model: onnx.ModelProto) -> None:
+    """Check, then read, every external tensor of ``model`` so that it is self-contained."""
+    folder = os.path.dirname(os.path.abspath(name))
+    external = [tensor for tensor in _iter_model_tensors(model) if _is_external(tensor)]
+    for tensor in external:
+        _check_external(name, tensor, folder)
+    for tensor in external:
+        try:
+            external_data_helper.load_external_data_for_tensor(tensor, folder)
+        except (OSError, ValueError, onnx.checker.ValidationError) as error:
+            raise InvalidModelError(f"{name}: cannot read external data of tensor {tensor.name!r} "
+                                    f"({_detail(error)}); keep the data file beside the model as a "
+                                    "regular file") from error
+
+
+def _check_model(name: str, model: onnx.ModelProto) -> None:
+    """onnx.checker (not full_check) on the self-contained model."""
+    try:
+        if model.ByteSize() > PROTOBUF_LIMIT:
+            # The checker cannot take a proto this big; its path form re-reads the file instead.
+            onnx.checker.check_model(name)
+        else:
+            onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, ValueError) as error:
+        raise InvalidModelError(f"{name}: not a valid ONNX model (onnx.checker: {_detail(error)}); "
+                                "check the file is a complete, valid .onnx export") from error
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load an untrusted ONNX file into a self-contained, checked ``ModelProto``.
+
+    External data is only read from files inside the model's folder and within their size;
+    it is loaded into memory, so the returned model has no external references.
+    The file is never modified.
+
+    Args:
+        path: the ``.onnx`` file.
+
+    Returns:
+        The model, with all tensor data in memory.
+
+    Raises:
+        InvalidModelError: the file is missing, unreadable, not a (complete) ONNX model, fails
+            ``onnx.checker``, or has unsafe, missing or truncated external data.
+        UnsupportedGraphError: the IR version or the default-domain opset is outside what the
+            installed onnx supports (opsets ``MIN_OPSET`` up to ``onnx.defs.onnx_opset_version()``).
+    """
+    name = os.fspath(path)
+    model = _read_model_proto(name)
+    _check_versions(name, model)
+    _load_external(name, model)
+    # Checked only now: the checker resolves external locations against the working directory.
+    _check_model(name, model)
+    return model
+
+
+def model_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of the model file at ``path`` (external data files not included), streamed.
+
+    Raises:
+        InvalidModelError: the file cannot be read.
+    """
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as file:
+            for chunk in iter(lambda: file.read(_HASH_CHUNK), b""):
+                digest.update(chunk)
+    except OSError as error:
+        raise InvalidModelError(f"{os.fspath(path)}: cannot read the file ({_detail(error)}); "
+                                "check the path and its permissions") from error
+    return digest.hexdigest()
+
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> bytes | None:
+    """The tensor's data as raw bytes, or None if it cannot be stored externally (strings)."""
+    if tensor.HasField("raw_data"):
+        return tensor.raw_data
+    if tensor.data_type == onnx.TensorProto.STRING:
+        return None
+    # Typed fields (float_data, int32_data, ...) have no raw form; numpy_helper converts them.
+    array = numpy_helper.to_array(tensor)
+    return numpy_helper.from_array(np.ascontiguousarray(array), tensor.name).raw_data
+
+
+def _iter_initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Initializers of a graph and of its subgraphs: the tensors external data is for."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            subgraphs = [attribute.g] * attribute.HasField("g") + list(attribute.graphs)
+            for subgraph in subgraphs:
+                yield from _iter_initializers(subgraph)
+
+
+def _write_sidecar(model: onnx.ModelProto, file: BinaryIO, location: str) -> None:
+    """Move the large initializers of ``model`` (a copy) into the open binary ``file``.
+
+    Each moved tensor then refers to ``location`` with its offset and length.
+    """
+    offset = 0
+    for tensor in _iter_initializers(model.graph):
+        data = _tensor_bytes(tensor)
+        if data is None or len(data) < EXTERNAL_DATA_THRESHOLD:
+            continue
+        if len(data) >= ALIGN_THRESHOLD:
+            padding = -offset % ALIGNMENT
+            file.write(b"\0" * padding)
+            offset += padding
+        file.write(data)
+        for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+            tensor.ClearField(field)
+        del tensor.external_data[:]
+        for key, value in (("location", location), ("offset", offset), ("length", len(data))):
+            tensor.external_data.add(key=key, value=str(value))
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        offset += len(data)
+
+
+def _write_temp(target: str, write: Callable[[BinaryIO], object], temps: list[str]) -> str:
+    """Call ``write(file)`` on a new temporary file beside ``target``, flushed to disk; its path.
+
+    The file is in the target's folder so that ``os.replace`` is an atomic rename; its path is
+    added to ``temps`` before anything can fail, for the caller to clean up.
+    """
+    folder, base = os.path.split(target)
+    fd, temp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=folder or ".")
+    temps.append(temp)
+    with os.fdopen(fd, "wb") as file:
+        os.chmod(temp, _FILE_MODE)  # mkstemp makes it owner-only; give it an ordinary file's mode
+        write(file)
+        file.flush()
+        os.fsync(file.fileno())
+    return temp
+
+
+def _check_in_memory(name: str, model: onnx.ModelProto) -> None:
+    """Refuse a model whose tensors still point at external files: saving would lose their data."""
+    for tensor in _iter_model_tensors(model):
+        if _is_external(tensor):
+            raise InvalidModelError(f"{name}: tensor {tensor.name!r} still refers to external data "
+                                    "that is not loaded; load the model with onnxmerge.io.load_model")
+
+
+def _plan(name: str, model: onnx.ModelProto, external_data: bool | None) -> bool:
+    """Whether to save with external data; refuses a single file protobuf cannot hold."""
+    size = model.ByteSize()  # computed without serializing
+    if external_data is None:
+        return size > PROTOBUF_LIMIT
+    if not external_data and size > PROTOBUF_LIMIT:
+        raise OnnxMergeError(f"{name}: the model is {size} bytes, over protobuf's {PROTOBUF_LIMIT}-byte "
+                             "limit for one file; save with external_data=True or None")
+    return external_data
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, *,
+               external_data: bool | None = None) -> None:
+    """Write ``model`` to ``path`` atomically; ``model`` is not modified.
+
+    Everything is written to temporary files beside the target first and moved into place
+    with ``os.replace``: after a failure nothing is left at or beside the target (an older
+    file there stays as it was, except that its sidecar may be gone).
+
+    Args:
+        model: a self-contained model (no tensor referring to unloaded external data).
+        path: the output ``.onnx`` file; its folder must exist.
+        external_data: True puts initializers of at least ``EXTERNAL_DATA_THRESHOLD`` bytes into
+            one sidecar ``<file name>.data`` beside the output, which the model names by that
+            relative name; False writes one file; None (default) uses external data only when
+            one file would exceed ``PROTOBUF_LIMIT``.
+
+    Raises:
+        InvalidModelError: a tensor still refers to unloaded external data.
+        OnnxMergeError: the file cannot be written, or is too large for protobuf.
+    """
+    name = os.fspath(path)
+    _check_in_memory(name, model)
+    temps: list[str] = []
+    placed: list[str] = []
+    try:
+        if _plan(name, model, external_data):
+            sidecar = name + ".data"
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            location = os.path.basename(sidecar)
+            sidecar_temp = _write_temp(sidecar, lambda file: _write_sidecar(copy, file, location), temps)
+            _check_fits(name, copy)
+            model_temp = _write_temp(name, lambda file: file.write(copy.SerializeToString()), temps)
+            os.replace(sidecar_temp, sidecar)
+            placed.append(sidecar)
+        else:
+            model_temp = _write_temp(name, lambda file: file.write(model.SerializeToString()), temps)
+        os.replace(model_temp, name)
+        placed.clear()
+    except OSError as error:
+        raise OnnxMergeError(f"{name}: cannot write the model ({_detail(error)}); "
+                             "check the folder exists, is writable and has free space") from error
+    finally:
+        # Whatever did not reach its final place (and a sidecar without its model) is removed.
+        for leftover in temps + placed:
+            _remove_quietly(leftover)
+
+
+def _check_fits(name: str, model: onnx.ModelProto) -> None:
+    """Refuse a model that exceeds protobuf's limit even with its large tensors moved out."""
+    size = model.ByteSize()
+    if size > PROTOBUF_LIMIT:
+        raise OnnxMergeError(f"{name}: even with external data the model is {size} bytes, over "
+                             f"protobuf's {PROTOBUF_LIMIT}-byte limit (too many small tensors or "
+                             "nodes); lower onnxmerge.io.EXTERNAL_DATA_THRESHOLD or split the model")
+
+
+def _remove_quietly(path: str) -> None:
+    """Best-effort cleanup: a file that cannot be removed must not hide the original error."""
+    try:
+        os.remove(path)
+    except OSError:
+        pass
