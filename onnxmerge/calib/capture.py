@@ -75,7 +75,9 @@ class CaptureUnit:
 
 def plan_captures(model: onnx.ModelProto, graph: SpaceGraph, wanted: set[int]) -> tuple[list[CaptureUnit], set[int]]:
     """Choose a tensor for each wanted space: the one with the most positions per sample
-    (most statistics per batch), latest in the graph on ties (after the nonlinearity).
+    (most statistics per batch), earliest in the graph on ties: the weight layer's output,
+    before any nonlinearity, where no channel is dead and every channel identifies its
+    counterpart in the other models.
 
     Returns the units and the wanted spaces no tensor shows (matched as identity).
     """
@@ -84,7 +86,7 @@ def plan_captures(model: onnx.ModelProto, graph: SpaceGraph, wanted: set[int]) -
 
     def score(tensor: str, axis: int) -> tuple[int, int]:
         dims = [d for k, d in enumerate(shapes.get(tensor, ())) if k not in (0, axis)]
-        return int(np.prod([d if isinstance(d, int) else 1 for d in dims])), order.get(tensor, -1)
+        return int(np.prod([d if isinstance(d, int) else 1 for d in dims])), -order.get(tensor, -1)
 
     best: dict[tuple[int, ...], tuple[tuple[int, int], str, int]] = {}
     free = {s.id for s in graph.free_spaces}

@@ -1,0 +1,116 @@
+"""Merging oracles: a model merged with function-preserving copies of itself is the model."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxmerge import api
+from onnxmerge.errors import OnnxMergeError
+from onnxmerge.io import load_model, save_model
+from tests import zoo
+from tests.test_rules import run_all
+from tests.test_zoo_oracles import ALL, IDS, outputs_close
+
+NO_REPAIR = api.MergeOptions(repair="none", method="permute")
+
+
+def permuted_copies(zoo_files, tmp_path, name, exporter, seeds=(1,)):
+    path, x = zoo_files.get(name, exporter)
+    calib = tmp_path / "calib.npy"
+    np.save(calib, x)
+    copies = []
+    for seed in seeds:
+        copy = tmp_path / f"permuted{seed}.onnx"
+        save_model(api.permute(load_model(path), seed=seed), copy)
+        copies.append(str(copy))
+    return path, x, str(calib), copies
+
+
+@pytest.mark.parametrize("method", ["permute", "zip"])
+@pytest.mark.parametrize("name,exporter", ALL, ids=IDS)
+def test_merge_with_permuted_self_gives_self(zoo_files, tmp_path, name, exporter, method):
+    path, x, calib, (copy,) = permuted_copies(zoo_files, tmp_path, name, exporter)
+    result = api.merge([path, copy], calibration=calib, options=api.MergeOptions(method=method, repair="none"))
+    onnx.checker.check_model(result.model, full_check=True)
+    expected = run_all(load_model(path), x)
+    merged = run_all(result.model, x)
+    assert [o.name for o in result.model.graph.output] == [
+        f"{o.name}_m{i}" for i in range(2) for o in load_model(path).graph.output]
+    outputs_close(expected + expected, merged)
+
+
+@pytest.mark.parametrize("options", [api.MergeOptions(method="permute", repair="none"),
+                                     api.MergeOptions(method="zip", alpha=1.0, repair="none")], ids=["permute", "zip"])
+def test_three_permuted_copies_merge_to_the_original(zoo_files, tmp_path, options):
+    # zip with the default alpha 0.5 rates a joined pair's link to the third copy at 0.5, below
+    # strong within-model correlations, so exact recovery of three copies needs alpha 1
+    path, x, calib, copies = permuted_copies(zoo_files, tmp_path, "resnet_basic", "legacy_bn", seeds=(1, 2))
+    result = api.merge([path, *copies], calibration=calib, options=options)
+    expected = run_all(load_model(path), x)
+    outputs_close(expected * 3, run_all(result.model, x))
+
+
+@pytest.mark.parametrize("name", ["mlp", "vgg_bn", "transformer"])
+def test_shared_heads_and_self_average(zoo_files, tmp_path, name):
+    path, x = zoo_files.get(name, "legacy_bn")
+    calib = tmp_path / "calib.npy"
+    np.save(calib, x)
+    expected = run_all(load_model(path), x)
+    shared = api.merge([path, path], calibration=str(calib), options=api.MergeOptions(heads="shared", repair="none"))
+    assert [o.name for o in shared.model.graph.output] == [o.name for o in load_model(path).graph.output]
+    outputs_close(expected, run_all(shared.model, x))
+    average = api.merge([path, path], options=api.MergeOptions(method="average", repair="none"))
+    outputs_close(expected + expected, run_all(average.model, x))
+
+
+@pytest.mark.parametrize("layers", [0, 3, 6])
+def test_partial_zip_with_permuted_self(zoo_files, tmp_path, layers):
+    path, x, calib, (copy,) = permuted_copies(zoo_files, tmp_path, "resnet_basic", "legacy_folded")
+    result = api.merge([path, copy], calibration=calib, options=api.MergeOptions(zip_layers=layers, repair="none"))
+    assert result.report["layers"].startswith(f"{layers} of ")
+    expected = run_all(load_model(path), x)
+    outputs_close(expected + expected, run_all(result.model, x))
+
+
+def test_bn_reset_on_merge_of_identical_models_keeps_a_valid_model(zoo_files, tmp_path):
+    path, x = zoo_files.get("resnet_basic", "legacy_bn")
+    calib = tmp_path / "calib.npy"
+    np.save(calib, x)
+    result = api.merge([path, path], calibration=str(calib), options=api.MergeOptions(repair="reset"))
+    assert result.report["repair"].startswith("reset")
+    outputs = run_all(result.model, x)
+    assert all(np.isfinite(o).all() for o in outputs)
+    np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-5)
+
+
+def test_statistics_shards_add_up_to_one_run(zoo_files, tmp_path):
+    from onnxmerge.calib.stats import save_stats
+    path, x, calib, (copy,) = permuted_copies(zoo_files, tmp_path, "resnet_basic", "legacy_bn")
+    options = api.MergeOptions(repair="none")
+    whole = api.merge([path, copy], calibration=calib, options=options)
+    shards = []
+    for k, part in enumerate((x[:50], x[50:])):
+        np.save(tmp_path / f"part{k}.npy", part)
+        stats, meta = api.calibrate([path, copy], str(tmp_path / f"part{k}.npy"), options)
+        save_stats(tmp_path / f"stats{k}.npz", stats, meta)
+        shards.append(str(tmp_path / f"stats{k}.npz"))
+    split = api.merge([path, copy], stats=shards, options=options)
+    for a, b in zip(whole.model.graph.initializer, split.model.graph.initializer):
+        np.testing.assert_allclose(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b), atol=1e-6)
+
+
+def test_different_architectures_are_refused(zoo_files, tmp_path):
+    a, x = zoo_files.get("resnet_basic", "legacy_bn")
+    b, _ = zoo_files.get("vgg_bn", "legacy_bn")
+    np.save(tmp_path / "calib.npy", x)
+    with pytest.raises(OnnxMergeError, match="differ in architecture"):
+        api.merge([a, b], calibration=str(tmp_path / "calib.npy"))
+
+
+def test_mismatched_calibration_is_refused(zoo_files, tmp_path):
+    a, _ = zoo_files.get("resnet_basic", "legacy_bn")
+    np.save(tmp_path / "calib.npy", np.zeros((4, 3, 8, 8), np.float32))
+    with pytest.raises(OnnxMergeError, match="calib.npy"):
+        api.merge([a, a], calibration=str(tmp_path / "calib.npy"))
