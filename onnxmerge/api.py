@@ -258,8 +258,8 @@ def _repair(merged: onnx.ModelProto, calib, options: MergeOptions, provider: str
     if mode == "reset":
         if not has_bn:
             raise RecipeError("--repair reset needs BatchNormalization nodes; use --repair repair for BN-free models")
-        repaired, passes = reset_batch_norm(merged, lambda: calib.batches(0, options.batch_size), options.provider)
-        return repaired, f"reset ({passes} passes)"
+        repaired, passes, ran = reset_batch_norm(merged, lambda: calib.batches(0, options.batch_size), options.provider)
+        return repaired, f"reset ({passes} passes on {ran})"
     raise RecipeError("--repair repair (REPAIR rescaling) is not available yet; use --repair reset or none")
 
 

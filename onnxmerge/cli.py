@@ -23,11 +23,16 @@ from .rewrite.heads import HEADS
 from .rewrite.repair import REPAIRS
 
 
-def _graph_options() -> argparse.ArgumentParser:
+def _common_options() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("-v", "--verbose", action="count", default=0, help="more log output on stderr")
+    return parent
+
+
+def _graph_options() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False, parents=[_common_options()])
     parent.add_argument("--bn", choices=BN_MODES, default="keep",
                         help="keep BatchNormalization nodes or fold them into the Conv before (default keep)")
-    parent.add_argument("-v", "--verbose", action="count", default=0, help="more log output on stderr")
     return parent
 
 
@@ -149,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("-o", "--output", required=True, help="statistics file (.npz)")
     calibrate.set_defaults(run=cmd_calibrate)
 
-    evaluate = commands.add_parser("eval", help=cmd_eval.__doc__, description=cmd_eval.__doc__)
+    evaluate = commands.add_parser("eval", parents=[_common_options()], help=cmd_eval.__doc__,
+                                   description=cmd_eval.__doc__)
     evaluate.add_argument("models", nargs="+", help="ONNX files (a merged multi-head model, or source models)")
     evaluate.add_argument("--data", required=True, help=".npz with the inputs and the labels")
     evaluate.add_argument("--labels", default="y", help="name of the labels array (default y)")

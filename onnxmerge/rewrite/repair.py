@@ -39,20 +39,21 @@ def _bn_ancestors(model: onnx.ModelProto) -> dict[int, set[int]]:
     return {k: upstream[k] for k, n in enumerate(model.graph.node) if n.op_type == "BatchNormalization"}
 
 
-def reset_batch_norm(model: onnx.ModelProto, batches: Batches, provider: str = "auto") -> tuple[onnx.ModelProto, int]:
+def reset_batch_norm(model: onnx.ModelProto, batches: Batches,
+                     provider: str = "auto") -> tuple[onnx.ModelProto, int, str]:
     """A copy of ``model`` with BatchNormalization statistics measured on the batches.
 
-    Returns the model and the number of passes over the data.
+    Returns the model, the number of passes over the data and the provider that ran them.
     """
     result = onnx.ModelProto()
     result.CopyFrom(model)
     inits = {init.name: init for init in result.graph.initializer}
     pending = _bn_ancestors(result)
-    passes = 0
+    passes, ran = 0, "none"
     while pending:
         ready = [k for k, ups in pending.items() if not ups & pending.keys()]
         inputs = [result.graph.node[k].input[0] for k in ready]
-        session, _ = open_session(expose(result, inputs), provider)
+        session, ran = open_session(expose(result, inputs), provider)
         sums: dict[str, list] = {}
         for feed in batches():
             for name, value in zip(inputs, session.run(inputs, feed)):
@@ -73,4 +74,4 @@ def reset_batch_norm(model: onnx.ModelProto, batches: Batches, provider: str = "
             del pending[k]
         passes += 1
     log.info("BN reset: %d passes", passes)
-    return result, passes
+    return result, passes, ran
