@@ -150,20 +150,47 @@ def canonicalize(model: onnx.ModelProto, *, bn: str = "keep") -> onnx.ModelProto
     return infer_shapes(result)
 
 
+SMALL_CONSTANT = 1024  # elements; constants up to this size may feed shape computations
+
+
+def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model without its large weights, which become typed graph inputs: shape
+    inference needs their shapes, not their values, and copying 100 MB costs seconds."""
+    skeleton = onnx.ModelProto(ir_version=model.ir_version)
+    skeleton.opset_import.extend(model.opset_import)
+    graph = skeleton.graph
+    graph.node.extend(model.graph.node)
+    graph.input.extend(model.graph.input)
+    graph.output.extend(model.graph.output)
+    for init in model.graph.initializer:
+        if int(np.prod(init.dims)) <= SMALL_CONSTANT:
+            graph.initializer.append(init)
+        else:
+            graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    return skeleton
+
+
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """ONNX shape inference with data propagation; where it leaves node outputs unknown
+    """Record inferred shapes in ``model`` (modified and returned).
+
+    ONNX shape inference with data propagation; where it leaves node outputs unknown
     (function ops such as GroupNormalization-21, shape arithmetic on symbols), onnxruntime's
-    symbolic shape inference is tried as well."""
+    symbolic shape inference is tried as well.
+    """
+    skeleton = _skeleton(model)
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
     except Exception as error:  # onnx raises several types; all mean the same to the user
         raise UnsupportedGraphError(f"shape inference failed: {str(error).splitlines()[0]}") from error
     known = {v.name for v in list(inferred.graph.value_info) + list(inferred.graph.output)
              if v.type.tensor_type.HasField("shape")}
-    if all(name in known for node in inferred.graph.node for name in node.output if name):
-        return inferred
-    try:
-        return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
-    except Exception as error:  # best effort: the rules report what stays unknown
-        log.info("symbolic shape inference failed: %s", error)
-        return inferred
+    if not all(name in known for node in inferred.graph.node for name in node.output if name):
+        try:
+            inferred = SymbolicShapeInference.infer_shapes(skeleton, auto_merge=True)
+        except Exception as error:  # best effort: the rules report what stays unknown
+            log.info("symbolic shape inference failed: %s", error)
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred.graph.value_info)
+    del model.graph.output[:]
+    model.graph.output.extend(inferred.graph.output)
+    return model

@@ -12,7 +12,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from ..calib.capture import expose, open_session
 from ..calib.stats import to_samples
@@ -43,11 +43,64 @@ def reset_batch_norm(model: onnx.ModelProto, batches: Batches,
                      provider: str = "auto") -> tuple[onnx.ModelProto, int, str]:
     """A copy of ``model`` with BatchNormalization statistics measured on the batches.
 
+    From opset 14 in one pass, in train mode as the source frameworks reset BN: every BN
+    normalises with its batch statistics, so later layers see corrected inputs, and the
+    batch statistics are pooled over the batches. Older opsets have no train-mode BN
+    attribute: there each BN is measured in eval mode once every BN upstream is reset.
+
     Returns the model, the number of passes over the data and the provider that ran them.
     """
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset >= 14:
+        return _reset_in_train_mode(model, batches, provider)
+    return _reset_layer_by_layer(model, batches, provider)
+
+
+def _set_statistics(model: onnx.ModelProto, node: onnx.NodeProto, mean: np.ndarray, var: np.ndarray) -> None:
+    inits = {init.name: init for init in model.graph.initializer}
+    for slot, value in ((3, mean), (4, var)):
+        init = inits[node.input[slot]]
+        dtype = numpy_helper.to_array(init).dtype
+        init.CopyFrom(numpy_helper.from_array(value.astype(dtype), init.name))
+
+
+def _reset_in_train_mode(model: onnx.ModelProto, batches: Batches, provider: str):
+    train = onnx.ModelProto()
+    train.CopyFrom(model)
+    outputs = []
+    for k, node in enumerate(train.graph.node):
+        if node.op_type != "BatchNormalization":
+            continue
+        names = [f"{node.output[0]}__reset_mean", f"{node.output[0]}__reset_var"]
+        del node.output[1:]
+        node.output.extend(names)
+        kept = [a for a in node.attribute if a.name not in ("training_mode", "momentum")]
+        del node.attribute[:]
+        node.attribute.extend(kept + [helper.make_attribute("training_mode", 1), helper.make_attribute("momentum", 0.0)])
+        outputs.append((k, names))
+        train.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names)
+    session, ran = open_session(train, provider)
+    wanted = [n for _, names in outputs for n in names]
+    count, moments = 0, [[0.0, 0.0] for _ in outputs]
+    for feed in batches():
+        size = len(next(iter(feed.values())))
+        values = session.run(wanted, feed)
+        for j, acc in enumerate(moments):
+            mean, var = (v.astype(np.float64) for v in values[2 * j:2 * j + 2])
+            acc[0] = acc[0] + size * mean
+            acc[1] = acc[1] + size * (var + mean ** 2)
+        count += size
     result = onnx.ModelProto()
     result.CopyFrom(model)
-    inits = {init.name: init for init in result.graph.initializer}
+    for (k, _), (total, squares) in zip(outputs, moments):
+        mean = total / count
+        _set_statistics(result, result.graph.node[k], mean, np.maximum(squares / count - mean ** 2, 0.0))
+    return result, 1, ran
+
+
+def _reset_layer_by_layer(model: onnx.ModelProto, batches: Batches, provider: str):
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
     pending = _bn_ancestors(result)
     passes, ran = 0, "none"
     while pending:
@@ -65,12 +118,7 @@ def reset_batch_norm(model: onnx.ModelProto, batches: Batches,
         for k, name in zip(ready, inputs):
             count, total, squares = sums[name]
             mean = total / count
-            var = np.maximum(squares / count - mean ** 2, 0.0)
-            node = result.graph.node[k]
-            for slot, value in ((3, mean), (4, var)):
-                init = inits[node.input[slot]]
-                dtype = numpy_helper.to_array(init).dtype
-                init.CopyFrom(numpy_helper.from_array(value.astype(dtype), init.name))
+            _set_statistics(result, result.graph.node[k], mean, np.maximum(squares / count - mean ** 2, 0.0))
             del pending[k]
         passes += 1
     log.info("BN reset: %d passes", passes)
