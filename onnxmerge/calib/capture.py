@@ -52,6 +52,8 @@ def open_session(model: onnx.ModelProto, provider: str = "auto") -> tuple[onnxru
         raise CalibrationError(f"unknown provider {provider!r}; use one of {', '.join(PROVIDERS)}")
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
+    # spinning worker threads would compete with numpy for the cores between runs
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     data = model.SerializeToString()
     if provider in ("auto", "cuda") and _CUDA in onnxruntime.get_available_providers():
         session = onnxruntime.InferenceSession(data, options, providers=[_CUDA, _CPU])
@@ -147,5 +149,6 @@ def collect_statistics(models: list[onnx.ModelProto], units: list[list[CaptureUn
             values = dict(zip(names, session.run(names, feed)))
             outputs.append([to_samples(values[u.tensor], u.axis) for u in model_units])
         for k, unit_stats in enumerate(stats):
-            unit_stats.update([per_model[k] for per_model in outputs])
+            # float32 products, float64 accumulation: ~1e-7 relative error, twice as fast
+            unit_stats.update([per_model[k] for per_model in outputs], precise=False)
     return stats, "+".join(sorted(used))
