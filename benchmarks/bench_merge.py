@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -69,14 +68,16 @@ def inference_time(paths: list[str], data: np.ndarray, provider: str) -> float:
 
 
 def merge_in_subprocess(paths: list[str], calib: str, out: str, provider: str) -> dict:
-    """Wall time and peak RSS (MiB) of one merge, in its own process."""
+    """Wall time and peak RSS (MiB) of one merge, in its own process. Peak RSS is VmHWM: a
+    child's ru_maxrss keeps the parent's size at fork, VmHWM starts afresh at exec."""
     code = ("import json, resource, sys, time\n"
             "from onnxmerge import api\nfrom onnxmerge.io import save_model\n"
             "start = time.perf_counter()\n"
             f"result = api.merge({paths!r}, calibration={calib!r}, options=api.MergeOptions(provider={provider!r}))\n"
             f"save_model(result.model, {out!r})\n"
             "wall = time.perf_counter() - start\n"
-            "print(json.dumps({'wall': wall, 'rss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,"
+            "hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM'))\n"
+            "print(json.dumps({'wall': wall, 'rss': int(hwm.split()[1]) / 1024,"
             " 'timings': result.report['timings'], 'provider': result.report['provider']}))\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])

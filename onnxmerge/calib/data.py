@@ -21,6 +21,7 @@ Rules (method.md §2 runs every model on the same samples):
 from __future__ import annotations
 
 import logging
+import mmap
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,6 +190,14 @@ def _shape_text(shape: tuple[int | None, ...]) -> str:
     return "[" + ", ".join("?" if dim is None else str(dim) for dim in shape) + "]"
 
 
+def _release(array: np.ndarray) -> None:
+    """Drop a memory-mapped array's pages from this process (they stay in the OS page cache):
+    read pages count as resident memory, which would otherwise grow with the data set."""
+    mapping = getattr(array, "_mmap", None)  # np.memmap keeps its mmap object here
+    if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+        mapping.madvise(mmap.MADV_DONTNEED)
+
+
 def _check_values(path: str, key: str, array: np.ndarray, targets: set[np.dtype]) -> None:
     """No NaN or Inf, and every value representable in each dtype the array is cast to."""
     row_bytes = max(1, array[:1].nbytes)
@@ -207,6 +216,7 @@ def _check_values(path: str, key: str, array: np.ndarray, targets: set[np.dtype]
         elif chunk.dtype.kind in "iu" and chunk.size:
             low = chunk.min() if low is None else min(low, chunk.min())
             high = chunk.max() if high is None else max(high, chunk.max())
+        _release(array)
     what = _describe(key)
     if nan or inf:
         raise CalibrationError(f"{path}: {what} has {nan} NaN and {inf} Inf values; "
@@ -277,8 +287,11 @@ class CalibrationSet:
         bindings = self._bindings[model_index]
         stop = self.num_samples - self.num_samples % size if self.fixed_batch else self.num_samples
         for start in range(0, stop, size):
-            yield {spec.name: np.array(self._arrays.get(key)[start:start + size], dtype=spec.dtype, order="C")
-                   for spec, key in bindings}
+            feed = {spec.name: np.array(self._arrays.get(key)[start:start + size], dtype=spec.dtype, order="C")
+                    for spec, key in bindings}
+            for _, key in bindings:
+                _release(self._arrays.get(key))
+            yield feed
 
 
 def load_calibration(path: str | Path, specs_per_model: list[list[InputSpec]], *,
