@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -74,7 +74,7 @@ def check(model: onnx.ModelProto, what: str) -> None:
 class MergeOptions:
     """Every option of a merge, with its default."""
 
-    method: str = "zip"
+    method: str | None = None  # zip with calibration data, weight without
     alpha: float = 0.5
     beta: float = 1.0
     heads: str = "separate"
@@ -107,6 +107,8 @@ def merge(paths: list[str], *, calibration: str | None = None, stats: list[str] 
     """
     timings: dict[str, float] = {}
     clock = time.perf_counter()
+    if options.method is None:
+        options = replace(options, method="zip" if calibration or stats else "weight")
     method = get_method(options.method)
     if len(paths) < 2:
         raise RecipeError("merge needs at least two models")
@@ -215,10 +217,12 @@ def _fingerprint(members: list[Member], units: list[CaptureUnit]) -> str:
 
 def _match(members: list[Member], split, units: list[CaptureUnit], stats: list, method, options: MergeOptions):
     """Matchings keyed by model 0's space ids, and the per-space report rows."""
-    params = method.make_params(alpha=options.alpha, beta=options.beta)
+    params = method.make_params(alpha=options.alpha, beta=options.beta, seed=options.seed)
     reference = members[0]
     matchings: dict[int, Matching] = {}
-    rows = []
+    if method.graph_level:
+        matchings.update(method.function(members, sorted(split.zipped), params))
+    tensors = {}
     for unit, unit_stats in zip(units, stats):
         corr = unit_stats.correlation()
         widths = list(unit_stats.widths)
@@ -230,17 +234,16 @@ def _match(members: list[Member], split, units: list[CaptureUnit], stats: list, 
             known = assignments_of(matchings[outer]) if outer in matchings else None
             block, within = match_grid(corr, blocks, widths[0] // blocks, len(members),
                                        lambda c, w: method.function(c, w, params), known)
-            found = {outer: matchings.get(outer, block), inner: within}
+            found = {outer: block, inner: within}
         for space, matching in found.items():
-            if space in matchings:
-                continue
-            matchings[space] = matching
-            rows.append({"space": reference.graph.space(space).name, "tensor": unit.tensor,
-                         "widths": [m.graph.table.widths[m.space_of(space)] for m in members],
-                         "merged_width": matching.width, "mean_correlation": matching.mean_correlation,
-                         "within_model_merges": list(matching.within_model_merges)})
+            matchings.setdefault(space, matching)
+            tensors.setdefault(space, unit.tensor)
     for space in sorted(set(split.zipped) - set(matchings)):
         matchings[space] = Matching.identity([m.graph.table.widths[m.space_of(space)] for m in members])
+    rows = [{"space": reference.graph.space(space).name, "tensor": tensors.get(space),
+             "widths": [m.graph.table.widths[m.space_of(space)] for m in members],
+             "merged_width": matching.width, "mean_correlation": matching.mean_correlation,
+             "within_model_merges": list(matching.within_model_merges)} for space, matching in sorted(matchings.items())]
     return matchings, rows
 
 

@@ -86,7 +86,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     save_model(result.model, args.output)
     if args.report:
         write_json(result.report, args.report)
-    print(f"wrote {args.output}: {result.report['layers']}, method {args.method}, "
+    print(f"wrote {args.output}: {result.report['layers']}, method {result.report['method']}, "
           f"repair {result.report['repair']}, provider {result.report['provider']}")
     return 0
 
@@ -138,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("models", nargs="+", help="ONNX files; the first is the reference graph")
     merge.add_argument("-o", "--output", required=True, help="merged ONNX file")
     merge.add_argument("--stats", nargs="+", metavar="FILE", help="statistics from onnxmerge calibrate (shards add up)")
-    merge.add_argument("--method", choices=[m.name for m in METHODS], default="zip",
-                       help="; ".join(f"{m.name}: {m.summary}" for m in METHODS))
+    merge.add_argument("--method", choices=[m.name for m in METHODS],
+                       help="default: zip with --calib/--stats, weight without; "
+                            + "; ".join(f"{m.name}: {m.summary}" for m in METHODS))
     merge.add_argument("--alpha", type=float, default=0.5, help="zip: correlation decay of joined clusters (0.5)")
     merge.add_argument("--beta", type=float, default=1.0, help="zip: scale of within-model merge budgets (1.0)")
     merge.add_argument("--repair", choices=REPAIRS, default="auto",

@@ -114,3 +114,13 @@ def test_mismatched_calibration_is_refused(zoo_files, tmp_path):
     np.save(tmp_path / "calib.npy", np.zeros((4, 3, 8, 8), np.float32))
     with pytest.raises(OnnxMergeError, match="calib.npy"):
         api.merge([a, a], calibration=str(tmp_path / "calib.npy"))
+
+
+@pytest.mark.parametrize("name,exporter", [("resnet_basic", "legacy_bn"), ("vgg_bn", "dynamo"), ("mlp", "legacy_folded"),
+                                           ("densenet", "legacy_bn")])
+def test_data_free_weight_matching_recovers_a_permuted_copy(zoo_files, tmp_path, name, exporter):
+    path, x, _, (copy,) = permuted_copies(zoo_files, tmp_path, name, exporter)
+    result = api.merge([path, copy], options=api.MergeOptions(repair="none"))  # no data: weight matching
+    assert result.report["method"] == "weight"
+    expected = run_all(load_model(path), x)
+    outputs_close(expected + expected, run_all(result.model, x))

@@ -7,6 +7,7 @@ from typing import Callable
 
 from ..errors import OnnxMergeError
 from .permute import NoParams, average, permute
+from .weight import WeightParams, match_weights
 from .zip import ZipParams, zip_features
 
 
@@ -21,6 +22,7 @@ class MatchMethod:
     needs_calibration: bool
     unequal_widths: bool
     function: Callable
+    graph_level: bool = False  # function(members, spaces, params) -> {space: Matching}
 
     def make_params(self, **values):
         """The method's parameter dataclass from the options it knows."""
@@ -33,6 +35,9 @@ METHODS: tuple[MatchMethod, ...] = (
                 "Stoica et al. 2023 (ZipIt!); Xu et al. 2024", ZipParams, True, True, zip_features),
     MatchMethod("permute", "one-to-one activation matching (Hungarian on correlation)",
                 "Ainsworth et al. 2022 (Git Re-Basin, activation matching)", NoParams, True, False, permute),
+    MatchMethod("weight", "data-free weight matching by coordinate descent (used without --calib)",
+                "Ainsworth et al. 2022 (Git Re-Basin, weight matching)", WeightParams, False, False, match_weights,
+                graph_level=True),
     MatchMethod("average", "plain weight averaging, no matching", "Wortsman et al. 2022", NoParams, False, False, average),
 )
 
