@@ -18,7 +18,7 @@ from .calib.data import CalibrationSet, input_specs, load_calibration
 from .calib.stats import combine_stats, load_stats
 from .errors import CalibrationError, InvalidModelError, RecipeError
 from .evaluate import load_test_data, parse_tasks, run_heads, score
-from .graph.canonical import canonicalize, infer_shapes
+from .graph.canonical import canonicalize, fold_batch_norms, infer_shapes
 from .graph.correspond import correspond
 from .graph.spaces import SpaceGraph, find_spaces
 from .io import load_model, model_sha256
@@ -28,7 +28,7 @@ from .match.matching import Matching
 from .rewrite.apply import transform_parameters
 from .rewrite.heads import split_trunk
 from .rewrite.merge import Member, assemble, merged_trunk_parameters
-from .rewrite.repair import REPAIRS, reset_batch_norm
+from .rewrite.repair import REPAIRS, insert_repair, reset_batch_norm
 from .rewrite.transform import Permutation
 
 log = logging.getLogger(__name__)
@@ -120,15 +120,15 @@ def merge(paths: list[str], *, calibration: str | None = None, stats: list[str] 
     if method.needs_calibration and calib is None and not stats:
         raise RecipeError(f"--method {options.method} needs calibration data: pass --calib DATA or --stats FILES")
     units, unit_stats, provider = ([], [], "none")
-    if method.needs_calibration:
+    if calib is not None or stats:  # REPAIR needs the source statistics whatever the method
         units, unit_stats, provider = _statistics(members, split, calib, stats, options)
     timings["calibrate_s"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    matchings, summary = _match(members, split, units, unit_stats, method, options)
+    matchings, summary = _match(members, split, units, unit_stats if method.needs_calibration else [], method, options)
     timings["match_s"] = time.perf_counter() - clock
     clock = time.perf_counter()
     merged = assemble(members, split, matchings, merged_trunk_parameters(members, split, matchings), heads=options.heads)
-    merged, repair = _repair(merged, calib, options, provider)
+    merged, repair = _repair(merged, calib, options, _repair_targets(merged, units, unit_stats, matchings))
     merged = infer_shapes(merged)
     _record(merged, paths, options)
     check(merged, "merged model")
@@ -247,7 +247,27 @@ def _match(members: list[Member], split, units: list[CaptureUnit], stats: list, 
     return matchings, rows
 
 
-def _repair(merged: onnx.ModelProto, calib, options: MergeOptions, provider: str) -> tuple[onnx.ModelProto, str]:
+def _repair_targets(merged: onnx.ModelProto, units: list[CaptureUnit], stats: list, matchings) -> dict:
+    """REPAIR targets: for each merged trunk tensor with channels on axis 1, the mean and std
+    each merged channel should have (the average over its members in the source models)."""
+    produced = {name for node in merged.graph.node for name in node.output}
+    outputs = {o.name for o in merged.graph.output}
+    targets = {}
+    for unit, unit_stats in zip(units, stats):
+        if len(unit.spaces) != 1 or unit.axis != 1 or unit.tensor not in produced or unit.tensor in outputs:
+            continue
+        matching = matchings.get(unit.spaces[0])
+        if matching is None:
+            continue
+        bounds = np.cumsum([0, *unit_stats.widths])
+        mean, std = unit_stats.mean(), np.sqrt(np.maximum(np.diag(unit_stats.covariance()), 0.0))
+        blocks = list(zip(matching.merge, bounds[:-1], bounds[1:]))
+        targets[unit.tensor] = (sum(m @ mean[a:b] for m, a, b in blocks), sum(m @ std[a:b] for m, a, b in blocks))
+    return targets
+
+
+def _repair(merged: onnx.ModelProto, calib, options: MergeOptions, targets: dict) -> tuple[onnx.ModelProto, str]:
+    """BN reset or REPAIR of the merged model, as ``options.repair`` says (method.md §7)."""
     if options.repair not in REPAIRS:
         raise RecipeError(f"unknown --repair {options.repair!r}; use one of {', '.join(REPAIRS)}")
     has_bn = any(n.op_type == "BatchNormalization" for n in merged.graph.node)
@@ -258,12 +278,17 @@ def _repair(merged: onnx.ModelProto, calib, options: MergeOptions, provider: str
         if options.repair != "auto":
             raise RecipeError(f"--repair {mode} needs calibration data (--calib)")
         return merged, "none (no calibration data)"
-    if mode == "reset":
-        if not has_bn:
-            raise RecipeError("--repair reset needs BatchNormalization nodes; use --repair repair for BN-free models")
-        repaired, passes, ran = reset_batch_norm(merged, lambda: calib.batches(0, options.batch_size), options.provider)
-        return repaired, f"reset ({passes} passes on {ran})"
-    raise RecipeError("--repair repair (REPAIR rescaling) is not available yet; use --repair reset or none")
+    if mode == "reset" and not has_bn:
+        raise RecipeError("--repair reset needs BatchNormalization nodes; use --repair repair for BN-free models")
+    if mode == "repair":
+        if not targets:
+            return merged, "none (no merged layer with channels on axis 1 to repair)"
+        merged = insert_repair(merged, targets)
+    repaired, passes, ran = reset_batch_norm(merged, lambda: calib.batches(0, options.batch_size), options.provider)
+    if mode == "repair":
+        repaired = fold_batch_norms(repaired)
+        return repaired, f"REPAIR of {len(targets)} tensors ({passes} passes on {ran})"
+    return repaired, f"reset ({passes} passes on {ran})"
 
 
 def _record(model: onnx.ModelProto, paths: list[str], options: MergeOptions) -> None:

@@ -124,3 +124,19 @@ def test_data_free_weight_matching_recovers_a_permuted_copy(zoo_files, tmp_path,
     assert result.report["method"] == "weight"
     expected = run_all(load_model(path), x)
     outputs_close(expected + expected, run_all(result.model, x))
+
+
+def test_repair_restores_source_statistics_with_bn_folded(zoo_files, tmp_path):
+    """REPAIR on a BN-free (folded) CNN: every repaired tensor's channel means in the merged
+    model equal the average of the source models' matched channels, and the BN nodes it adds
+    are folded back into the convolutions."""
+    a, x = zoo_files.get("resnet_basic", "legacy_folded")
+    b = tmp_path / "b.onnx"
+    save_model(api.permute(load_model(a), seed=4), b)
+    np.save(tmp_path / "calib.npy", x)
+    plain = api.merge([a, str(b)], calibration=str(tmp_path / "calib.npy"), options=api.MergeOptions(repair="none"))
+    repaired = api.merge([a, str(b)], calibration=str(tmp_path / "calib.npy"))
+    assert repaired.report["repair"].startswith("REPAIR")
+    assert not any(n.op_type == "BatchNormalization" for n in repaired.model.graph.node)
+    # merging a model with a permuted copy: the sources' statistics are the merged ones already
+    outputs_close(run_all(plain.model, x), run_all(repaired.model, x))

@@ -93,6 +93,19 @@ def fold_batch_norm(graph: gs.Graph) -> int:
     return count
 
 
+def fold_batch_norms(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` with every BatchNormalization that follows a Conv folded into it."""
+    graph = gs.import_onnx(model)
+    fold_batch_norm(graph)
+    graph.cleanup().toposort()
+    result = gs.export_onnx(graph, do_type_check=False)
+    result.ir_version = model.ir_version
+    del result.opset_import[:]
+    result.opset_import.extend(model.opset_import)
+    result.metadata_props.extend(model.metadata_props)
+    return result
+
+
 def untie_initializers(graph: gs.Graph) -> int:
     """Give each constant use its own tensor: exporters share identical tensors between layers
     (fresh BatchNorm statistics), but each layer's copy must transform with its own space."""

@@ -123,3 +123,36 @@ def _reset_layer_by_layer(model: onnx.ModelProto, batches: Batches, provider: st
         passes += 1
     log.info("BN reset: %d passes", passes)
     return result, passes, ran
+
+
+def insert_repair(model: onnx.ModelProto, targets: dict[str, tuple[np.ndarray, np.ndarray]]) -> onnx.ModelProto:
+    """REPAIR (Jordan et al. 2022): after each tensor named in ``targets`` (channel axis 1),
+    a BatchNormalization whose scale and bias are the target std and mean, i.e. the average
+    of the source models' matched channels. ``reset_batch_norm`` then measures its input, so
+    each merged channel leaves with the source statistics; canonicalisation can fold it into
+    the weight layer before.
+    """
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    graph = result.graph
+    nodes = []
+    for node in graph.node:
+        for slot, name in enumerate(node.input):
+            if name in targets:
+                node.input[slot] = f"{name}__repaired"
+        nodes.append(node)
+        for name in node.output:
+            if name not in targets:
+                continue
+            mean, std = targets[name]
+            names = [f"{name}__repair_{part}" for part in ("scale", "bias", "mean", "var")]
+            values = (std, mean, np.zeros_like(mean), np.ones_like(mean))
+            graph.initializer.extend(numpy_helper.from_array(v.astype(np.float32), n) for n, v in zip(names, values))
+            nodes.append(helper.make_node("BatchNormalization", [name, *names], [f"{name}__repaired"],
+                                          name=f"{name}__repair"))
+    for output in graph.output:
+        if output.name in targets:  # a graph output keeps its name: repair it in place of the producer's
+            raise ValueError(f"cannot repair graph output {output.name}")
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return result

@@ -26,6 +26,8 @@ MERGES = {  # name -> extra merge options
     "permute": ["--method", "permute"],
     "zip (full)": ["--method", "zip"],
     "zip (partial, 5 of 11 layers)": ["--method", "zip", "--zip-layers", "5"],
+    "zip, no repair": ["--method", "zip", "--repair", "none"],
+    "zip, BN folded + REPAIR": ["--method", "zip", "--bn", "fold"],
 }
 
 
@@ -51,7 +53,7 @@ def main() -> None:
             row("model B (5-9)", api.evaluate([str(B)], str(TEST), tasks=TASKS[1])[0]),
             row("ensemble A+B", api.evaluate([str(A), str(B)], str(TEST), tasks=",".join(TASKS), ensemble=True)[0])]
     for name, options in MERGES.items():
-        target = out / (name.split()[0] + ("_partial" if "partial" in name else "") + ".onnx")
+        target = out / ("".join(c if c.isalnum() else "_" for c in name).strip("_") + ".onnx")
         run("merge", A, B, "--calib", CALIB, *options, "-o", target, "--report", target.with_suffix(".json"))
         run("eval", target, "--data", TEST, "--tasks", ",".join(TASKS))
         rows.append(row(name, api.evaluate([str(target)], str(TEST), tasks=",".join(TASKS))[0]))
