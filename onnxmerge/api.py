@@ -23,13 +23,15 @@ from .graph.correspond import correspond
 from .graph.spaces import SpaceGraph, find_spaces
 from .io import load_model, model_sha256
 from .match import get_method
+from .match.permute import permute as permute_features
 from .match.grid import assignments_of, match_grid
 from .match.matching import Matching
 from .rewrite.apply import transform_parameters
 from .rewrite.heads import split_trunk
-from .rewrite.merge import Member, assemble, merged_trunk_parameters
+from .rewrite.merge import Member, assemble, merged_trunk_parameters, reference_widths, resize_constants
 from .rewrite.repair import REPAIRS, insert_repair, reset_batch_norm
 from .rewrite.transform import Permutation
+from .rewrite.widen import widening
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,21 @@ def permute(model: onnx.ModelProto, *, seed: int = 0, bn: str = "keep") -> onnx.
     return permuted
 
 
+def widen(model: onnx.ModelProto, *, factor: float, seed: int = 0, bn: str = "keep") -> onnx.ModelProto:
+    """A function-preserving copy of ``model`` with each widenable space ``factor`` times as wide
+    (Net2Net): spaces normalised, reduced or multiplied with other activations stay as they are."""
+    if factor < 1:
+        raise RecipeError(f"--factor {factor} would narrow the model; use a factor of at least 1")
+    canonical, graph = analyse(model, bn=bn)
+    transforms = widening(graph, factor, np.random.default_rng(seed))
+    wider = transform_parameters(canonical, graph,
+                                 lambda space, role: transforms.get(space, (None, None))[role == "consumer"])
+    resize_constants(wider, graph, lambda s: transforms[s][0].matrix.shape[0] if s in transforms else graph.table.widths[s])
+    wider = infer_shapes(wider)
+    check(wider, "widened model")
+    return wider
+
+
 def check(model: onnx.ModelProto, what: str) -> None:
     """Full ONNX checks on a model onnxmerge produced; a failure here is an onnxmerge bug
     unless the input was already invalid, so name both."""
@@ -77,6 +94,7 @@ class MergeOptions:
     method: str | None = None  # zip with calibration data, weight without
     alpha: float = 0.5
     beta: float = 1.0
+    width: float | str | None = None  # zip: multiple of the widest model's width, or "min"
     heads: str = "separate"
     zip_layers: int | None = None
     repair: str = "auto"
@@ -128,6 +146,7 @@ def merge(paths: list[str], *, calibration: str | None = None, stats: list[str] 
     timings["match_s"] = time.perf_counter() - clock
     clock = time.perf_counter()
     merged = assemble(members, split, matchings, merged_trunk_parameters(members, split, matchings), heads=options.heads)
+    resize_constants(merged, members[0].graph, reference_widths(members[0], matchings))
     merged, repair = _repair(merged, calib, options, _repair_targets(merged, units, unit_stats, matchings))
     merged = infer_shapes(merged)
     _record(merged, paths, options)
@@ -217,25 +236,19 @@ def _fingerprint(members: list[Member], units: list[CaptureUnit]) -> str:
 
 def _match(members: list[Member], split, units: list[CaptureUnit], stats: list, method, options: MergeOptions):
     """Matchings keyed by model 0's space ids, and the per-space report rows."""
-    params = method.make_params(alpha=options.alpha, beta=options.beta, seed=options.seed)
     reference = members[0]
+    params = method.make_params(alpha=options.alpha, beta=options.beta, seed=options.seed)
+    run = _space_matcher(method, params, options.width)
     matchings: dict[int, Matching] = {}
     if method.graph_level:
         matchings.update(method.function(members, sorted(split.zipped), params))
+    elif not method.needs_calibration:  # average: no statistics, but the same width checks
+        for space in sorted(split.zipped):
+            widths = [m.graph.table.widths[m.space_of(space)] for m in members]
+            matchings[space] = method.function(None, widths, params, space=reference.graph.space(space).name)
     tensors = {}
     for unit, unit_stats in zip(units, stats):
-        corr = unit_stats.correlation()
-        widths = list(unit_stats.widths)
-        if len(unit.spaces) == 1:
-            found = {unit.spaces[0]: method.function(corr, widths, params)}
-        else:
-            outer, inner = unit.spaces
-            blocks = reference.graph.table.widths[outer]
-            known = assignments_of(matchings[outer]) if outer in matchings else None
-            block, within = match_grid(corr, blocks, widths[0] // blocks, len(members),
-                                       lambda c, w: method.function(c, w, params), known)
-            found = {outer: block, inner: within}
-        for space, matching in found.items():
+        for space, matching in _match_unit(reference, unit, unit_stats, run, matchings, len(members)).items():
             matchings.setdefault(space, matching)
             tensors.setdefault(space, unit.tensor)
     for space in sorted(set(split.zipped) - set(matchings)):
@@ -245,6 +258,34 @@ def _match(members: list[Member], split, units: list[CaptureUnit], stats: list, 
              "merged_width": matching.width, "mean_correlation": matching.mean_correlation,
              "within_model_merges": list(matching.within_model_merges)} for space, matching in sorted(matchings.items())]
     return matchings, rows
+
+
+def _space_matcher(method, params, width: float | str | None):
+    """The method on one space's correlation, with ``--width`` (a multiple of the widest
+    model's width, or ``min``: the narrowest model's) turned into that space's target width."""
+    def run(corr: np.ndarray, widths: list[int]) -> Matching:
+        if width is None or not method.unequal_widths:
+            return method.function(corr, widths, params)
+        target = min(widths) if width == "min" else min(sum(widths), max(1, round(width * max(widths))))
+        return method.function(corr, widths, replace(params, width=target))
+    return run
+
+
+def _match_unit(reference: Member, unit: CaptureUnit, unit_stats, run, known: dict, models: int) -> dict:
+    """Matchings of the spaces of one capture unit. Block spaces (heads, groups) keep their
+    count: they are assigned one to one whatever the method."""
+    corr = unit_stats.correlation()
+    widths = list(unit_stats.widths)
+    if len(unit.spaces) == 2:
+        outer, inner = unit.spaces
+        blocks = reference.graph.table.widths[outer]
+        assignments = assignments_of(known[outer]) if outer in known else None
+        block, within = match_grid(corr, blocks, [w // blocks for w in widths], run, assignments)
+        return {outer: block, inner: within}
+    (space,) = unit.spaces
+    if space in reference.graph.block_spaces():
+        return {space: permute_features(corr, widths, space=reference.graph.space(space).name)}
+    return {space: run(corr, widths)}
 
 
 def _repair_targets(merged: onnx.ModelProto, units: list[CaptureUnit], stats: list, matchings) -> dict:

@@ -75,6 +75,26 @@ def _plan_options() -> argparse.ArgumentParser:
     return parent
 
 
+def _multiple(text: str) -> float | str:
+    if text == "min":
+        return text
+    try:
+        value = float(text[:-1] if text.endswith("x") else text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a multiple like 1.5x") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: the multiple must be positive")
+    return value
+
+
+def cmd_widen(args: argparse.Namespace) -> int:
+    """Widen every free space by duplicating channels (Net2Net); the outputs stay the same."""
+    wider = api.widen(load_model(args.model), factor=args.factor, seed=args.seed, bn=args.bn)
+    save_model(wider, args.output)
+    print(f"wrote {args.output}")
+    return 0
+
+
 def _options(args: argparse.Namespace) -> api.MergeOptions:
     fields = api.MergeOptions.__dataclass_fields__
     return api.MergeOptions(**{name: getattr(args, name) for name in fields if hasattr(args, name)})
@@ -132,6 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
     permute.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     permute.set_defaults(run=cmd_permute)
 
+    widen = commands.add_parser("widen", parents=[graph], help=cmd_widen.__doc__, description=cmd_widen.__doc__)
+    widen.add_argument("model", help="ONNX file")
+    widen.add_argument("-o", "--output", required=True, help="where to write the widened model")
+    widen.add_argument("--factor", type=float, required=True, help="new width / old width of each widened space")
+    widen.add_argument("--seed", type=int, default=0, help="random seed choosing the copied channels (default 0)")
+    widen.set_defaults(run=cmd_widen)
+
     calibration, plan = _calibration_options(), _plan_options()
     merge = commands.add_parser("merge", parents=[graph, calibration, plan], help=cmd_merge.__doc__,
                                 description=cmd_merge.__doc__)
@@ -143,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
                             + "; ".join(f"{m.name}: {m.summary}" for m in METHODS))
     merge.add_argument("--alpha", type=float, default=0.5, help="zip: correlation decay of joined clusters (0.5)")
     merge.add_argument("--beta", type=float, default=1.0, help="zip: scale of within-model merge budgets (1.0)")
+    merge.add_argument("--width", type=_multiple, metavar="Fx|min",
+                       help="zip: merged width of every space as a multiple of the widest model's, e.g. 1.5x "
+                            "(capped at the sum of the widths; default 1x), or min: the narrowest model's")
     merge.add_argument("--repair", choices=REPAIRS, default="auto",
                        help="auto: BN reset when the graph has BatchNormalization, REPAIR otherwise")
     merge.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

@@ -186,7 +186,7 @@ def special_cases() -> dict[str, onnx.ModelProto]:
 
 
 def all_cases() -> dict[str, onnx.ModelProto]:
-    cases = {op: unary(op) for op in UNARY}
+    cases = {op: unary(op) for op in (*UNARY, "Softmax", "LogSoftmax", "Hardmax")}
     cases.update({op: binary(op) for op in BINARY})
     cases.update(special_cases())
     return cases

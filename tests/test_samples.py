@@ -18,4 +18,5 @@ def test_digits_main_job(tmp_path):
     assert {"average", "permute", "zip (full)", "ensemble A+B"} <= set(rows)
     # the shape the literature reports: aligned merging beats plain averaging, the ensemble bounds all
     assert rows["average"] < rows["zip (full)"] <= rows["ensemble A+B"]
-    assert len(list(tmp_path.glob("*.onnx"))) == 6
+    assert rows["average"] < rows["zip, A + 2x wide B (full)"] <= rows["ensemble A+wide B"]
+    assert len(list(tmp_path.glob("*.onnx"))) == 8

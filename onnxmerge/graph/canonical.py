@@ -49,6 +49,24 @@ def fold_constants(graph: gs.Graph) -> int:
     return before - len(graph.nodes)
 
 
+def constant_reshape_targets(graph: gs.Graph) -> int:
+    """Reshape targets computed at run time (Shape -> Gather -> Concat, as the legacy torch
+    exporter writes for dynamic batches) become constants when inference knows every output
+    dimension but at most one: that one is written -1. Merging can then resize them."""
+    count = 0
+    for node in graph.nodes:
+        if node.op != "Reshape" or isinstance(node.inputs[1], gs.Constant) or node.outputs[0].shape is None:
+            continue
+        shape = node.outputs[0].shape
+        unknown = [k for k, d in enumerate(shape) if not isinstance(d, int)]
+        if len(unknown) > 1:
+            continue
+        target = np.array([-1 if k in unknown else d for k, d in enumerate(shape)], dtype=np.int64)
+        node.inputs[1] = gs.Constant(f"{node.outputs[0].name}_target", target)
+        count += 1
+    return count
+
+
 def normalize_gemm(graph: gs.Graph) -> int:
     """Gemm with alpha/beta != 1: scale the constant operands so alpha = beta = 1."""
     count = 0
@@ -98,12 +116,7 @@ def fold_batch_norms(model: onnx.ModelProto) -> onnx.ModelProto:
     graph = gs.import_onnx(model)
     fold_batch_norm(graph)
     graph.cleanup().toposort()
-    result = gs.export_onnx(graph, do_type_check=False)
-    result.ir_version = model.ir_version
-    del result.opset_import[:]
-    result.opset_import.extend(model.opset_import)
-    result.metadata_props.extend(model.metadata_props)
-    return result
+    return _export(graph, model)
 
 
 def untie_initializers(graph: gs.Graph) -> int:
@@ -123,7 +136,8 @@ def untie_initializers(graph: gs.Graph) -> int:
     return count
 
 
-PASSES: tuple[Callable[[gs.Graph], int], ...] = (drop_identities, fold_constants, normalize_gemm)
+PASSES: tuple[Callable[[gs.Graph], int], ...] = (drop_identities, fold_constants, constant_reshape_targets,
+                                                  normalize_gemm)
 
 
 def canonicalize(model: onnx.ModelProto, *, bn: str = "keep") -> onnx.ModelProto:
@@ -145,22 +159,30 @@ def canonicalize(model: onnx.ModelProto, *, bn: str = "keep") -> onnx.ModelProto
     kept = [i for i in proto.graph.input if i.name not in initializer_names]
     del proto.graph.input[:]
     proto.graph.input.extend(kept)
-    # gs folds Shape ops only where shapes are known, so infer them first
-    graph = gs.import_onnx(infer_shapes(proto))
     passes = PASSES + ((fold_batch_norm,) if bn == "fold" else ())
     for _ in range(MAX_ROUNDS):
+        # passes read inferred shapes (gs folds Shape ops only where they are known), and a
+        # round's rewrites can make more shapes known: infer again between rounds
+        graph = gs.import_onnx(infer_shapes(proto))
         changed = sum(p(graph) for p in passes)
         graph.cleanup().toposort()
+        proto = _export(graph, model)
         if not changed:
             break
+    graph = gs.import_onnx(proto)
     untie_initializers(graph)
     graph.cleanup().toposort()
+    return infer_shapes(_export(graph, model))
+
+
+def _export(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
+    """Export a gs graph with the IR version, opsets and metadata of the original model."""
     result = gs.export_onnx(graph, do_type_check=False)
-    result.ir_version = model.ir_version
+    result.ir_version = like.ir_version
     del result.opset_import[:]
-    result.opset_import.extend(model.opset_import)
-    result.metadata_props.extend(model.metadata_props)
-    return infer_shapes(result)
+    result.opset_import.extend(like.opset_import)
+    result.metadata_props.extend(like.metadata_props)
+    return result
 
 
 SMALL_CONSTANT = 1024  # elements; constants up to this size may feed shape computations

@@ -40,6 +40,7 @@ class Context(Protocol):
     def is_uniform(self, name: str) -> bool: ...
     def mark_uniform(self, name: str) -> None: ...
     def fix(self, layout: Layout, reason: str) -> None: ...
+    def mark_mixed(self, layout: Layout | None, reason: str) -> None: ...
 
 
 Handler = Callable[[onnx.NodeProto, Context], None]
@@ -140,6 +141,11 @@ def batch_norm(node: onnx.NodeProto, ctx: Context) -> None:
 
 
 def instance_norm(node: onnx.NodeProto, ctx: Context) -> None:
+    """Per channel; statistics over the axes after it (which may carry channels: GroupNorm
+    exported as Reshape -> InstanceNormalization -> Reshape)."""
+    for axis, layout in ctx.layouts(node.input[0]).items():
+        if axis >= 2:
+            ctx.mark_mixed(layout, "InstanceNormalization statistics")
     channel = ctx.layouts(node.input[0]).get(1)
     for name in node.input[1:]:
         ctx.param(name, 0, channel, "producer")
@@ -152,6 +158,8 @@ def layer_norm(node: onnx.NodeProto, ctx: Context) -> None:
     r = rank(ctx, x)
     first = axis_of(attr(node, "axis", -1), r)
     layouts = ctx.layouts(x)
+    for k in range(first, r):
+        ctx.mark_mixed(layouts.get(k), "LayerNormalization statistics")
     for name in node.input[1:3]:
         if name:
             p_rank = len(ctx.const(name).shape) if ctx.const(name) is not None else r - first
@@ -168,6 +176,7 @@ def group_norm(node: onnx.NodeProto, ctx: Context) -> None:
     channel = ctx.layouts(x).get(1)
     width = ctx.shape(x)[1]
     outer, inner = ctx.split(channel, width, groups)
+    ctx.mark_mixed(channel, "GroupNormalization statistics")
     for name in node.input[1:3]:
         per_group = ctx.const(name) is not None and ctx.const(name).shape[0] == groups != width
         ctx.param(name, 0, outer if per_group else make_grid([outer, inner]), "producer")
@@ -270,6 +279,7 @@ def _contract(ctx: Context, a: str, ka: int, ma: int, b: str, kb: int, nb: int):
         ctx.param(a, ma, fresh, "producer")
         return fresh, ctx.layouts(b).get(nb)
     ctx.unify(ctx.layouts(a).get(ka), ctx.layouts(b).get(kb))
+    ctx.mark_mixed(ctx.layouts(a).get(ka), "contracted between two activations")
     return ctx.layouts(a).get(ma), ctx.layouts(b).get(nb)
 
 
@@ -480,6 +490,8 @@ def reduce(node: onnx.NodeProto, ctx: Context) -> None:
     result, position = {}, 0
     for k in range(r):
         layout = ctx.layouts(x).get(k)
+        if k in axes:
+            ctx.mark_mixed(layout, f"{node.op_type} over it")
         if k not in axes and layout is not None:
             result[position] = layout
         position += 1 if (keep or k not in axes) else 0
@@ -496,6 +508,14 @@ def arg_reduce(node: onnx.NodeProto, ctx: Context) -> None:
         ctx.fix(layouts[axis], f"{node.op_type} returns positions along it")
     keep = attr(node, "keepdims", 1)
     ctx.set_output(node.output[0], {(k if keep or k < axis else k - 1): v for k, v in layouts.items() if k != axis})
+
+
+def softmax(node: onnx.NodeProto, ctx: Context) -> None:
+    """Softmax-like ops mix the positions of their axis; the order does not matter."""
+    x = node.input[0]
+    axis = axis_of(attr(node, "axis", -1), rank(ctx, x))
+    ctx.mark_mixed(ctx.layouts(x).get(axis), f"{node.op_type} over it")
+    same_space(node, ctx)
 
 
 def pool(node: onnx.NodeProto, ctx: Context) -> None:
@@ -532,9 +552,9 @@ def uniform(node: onnx.NodeProto, ctx: Context) -> None:
 
 UNARY = (
     "Abs Acos Acosh Asin Asinh Atan Atanh Cast CastLike Ceil Celu Clip Cos Cosh Dropout Elu Erf "
-    "Exp Floor Gelu HardSigmoid HardSwish Identity IsInf IsNaN LeakyRelu Log LogSoftmax Mish Neg "
-    "Not Reciprocal Relu Round Selu Shrink Sigmoid Sign Sin Sinh Softmax Softplus Softsign Sqrt "
-    "Tan Tanh ThresholdedRelu Hardmax"
+    "Exp Floor Gelu HardSigmoid HardSwish Identity IsInf IsNaN LeakyRelu Log Mish Neg "
+    "Not Reciprocal Relu Round Selu Shrink Sigmoid Sign Sin Sinh Softplus Softsign Sqrt "
+    "Tan Tanh ThresholdedRelu"
 ).split()
 BINARY = "Add And BitwiseAnd Div Equal Greater GreaterOrEqual Less LessOrEqual Max Mean Min Mul Or Pow PRelu Sub Sum Where Xor".split()
 
@@ -552,6 +572,8 @@ def _build() -> dict[str, Rule]:
     for op in BINARY:
         register(op, "broadcast", elementwise)
     register("Expand", "broadcast", first_input_broadcast)
+    for op in ("Softmax", "LogSoftmax", "Hardmax"):
+        register(op, "same-space", softmax)
     register("BatchNormalization", "same-space", batch_norm)
     register("InstanceNormalization", "same-space", instance_norm)
     register("LayerNormalization", "same-space", layer_norm)

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .layout import Atom, Layout, LayoutConflict, SpaceTable, leaves
+from .layout import Atom, Grid, Layout, LayoutConflict, SpaceTable, leaves
 from .rules import RULES
 
 Dim = int | str | None
@@ -61,10 +61,21 @@ class SpaceGraph:
     barriers: list[Barrier]
     params: list[ParamUse]
     layouts: dict[str, dict[int, Layout]]
+    mixed: dict[int, str] = field(default_factory=dict)  # spaces whose features ops combine
 
     @property
     def free_spaces(self) -> list[Space]:
         return [s for s in self.spaces if not s.fixed]
+
+    def block_spaces(self) -> set[int]:
+        """Spaces that index blocks of a grid (attention heads, conv groups): their count is
+        part of the architecture, so they are permuted, never widened or zipped."""
+        blocks = set()
+        for use in self.params:
+            if isinstance(use.layout, Grid):
+                atoms = [f for f in use.layout.factors if isinstance(f, Atom)]
+                blocks.update(s for atom in atoms[:-1] for s in leaves(atom))
+        return blocks
 
     def space(self, space_id: int) -> Space:
         return self._by_id[space_id]
@@ -109,6 +120,7 @@ class _Walk:
         self.node = ""
         self.touched: list[Layout] = []
         self.uniform: set[str] = set()
+        self.mixed: list[tuple[Layout, str]] = []
 
     # --- queries --------------------------------------------------------------------------
     def layouts_of(self, name: str) -> dict[int, Layout]:
@@ -131,6 +143,12 @@ class _Walk:
 
     def fix(self, layout: Layout, reason: str) -> None:
         self.table.fix(layout, f"{reason} at {self.node}")
+
+    def mark_mixed(self, layout: Layout | None, reason: str) -> None:
+        """Record that an op combines the features of these spaces (normalisation statistics,
+        reductions, contractions between activations): duplicating a feature changes them."""
+        if layout is not None:
+            self.mixed.append((layout, f"{reason} at {self.node}"))
 
     def is_uniform(self, name: str) -> bool:
         return name in self.uniform
@@ -255,4 +273,5 @@ def _assemble(walk: _Walk) -> SpaceGraph:
         for axis, layout in axes.items():
             if isinstance(layout, Atom):
                 spaces[layout.space].tensors.append((tensor, axis))
-    return SpaceGraph(table, list(spaces.values()), walk.barriers, params, layouts)
+    mixed = {s: reason for layout, reason in walk.mixed for s in leaves(table.resolve(layout))}
+    return SpaceGraph(table, list(spaces.values()), walk.barriers, params, layouts, mixed)

@@ -1,4 +1,8 @@
-"""Merge-method registry: every method --method accepts, its parameters and capabilities."""
+"""Merge-method registry: every method ``--method`` accepts, its parameters and capabilities.
+
+``METHODS`` is the one explicit list; the CLI's choices, recipe validation and the tests read
+it. Adding a method = one function, one parameter dataclass and one entry here.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,18 @@ from .zip import ZipParams, zip_features
 
 @dataclass(frozen=True)
 class MatchMethod:
-    """One entry of the registry."""
+    """One merge method.
+
+    Attributes:
+        name: the ``--method`` value.
+        summary: one line for ``--help`` and reports.
+        reference: the paper the method comes from.
+        params: frozen dataclass of the method's parameters, every field with a default.
+        needs_calibration: the function reads a feature correlation (else it gets none).
+        unequal_widths: the method accepts models of different widths at a space.
+        function: ``function(corr, widths, params, space="") -> Matching`` for one space, or
+            with ``graph_level``, ``function(members, spaces, params) -> {space: Matching}``.
+    """
 
     name: str
     summary: str
@@ -22,28 +37,35 @@ class MatchMethod:
     needs_calibration: bool
     unequal_widths: bool
     function: Callable
-    graph_level: bool = False  # function(members, spaces, params) -> {space: Matching}
+    graph_level: bool = False
 
     def make_params(self, **values):
-        """The method's parameter dataclass from the options it knows."""
+        """The method's parameter dataclass from the options it knows (others are ignored)."""
         known = {f.name for f in fields(self.params)}
         return self.params(**{k: v for k, v in values.items() if k in known})
 
 
 METHODS: tuple[MatchMethod, ...] = (
     MatchMethod("zip", "elastic zipping of correlated features, within and across models",
-                "Stoica et al. 2023 (ZipIt!); Xu et al. 2024", ZipParams, True, True, zip_features),
+                "Stoica et al. 2023 (ZipIt!); Xu et al. 2024 (Training-free Heterogeneous Model Merging)",
+                ZipParams, needs_calibration=True, unequal_widths=True, function=zip_features),
     MatchMethod("permute", "one-to-one activation matching (Hungarian on correlation)",
-                "Ainsworth et al. 2022 (Git Re-Basin, activation matching)", NoParams, True, False, permute),
+                "Ainsworth et al. 2022 (Git Re-Basin, activation matching)",
+                NoParams, needs_calibration=True, unequal_widths=False, function=permute),
     MatchMethod("weight", "data-free weight matching by coordinate descent (used without --calib)",
-                "Ainsworth et al. 2022 (Git Re-Basin, weight matching)", WeightParams, False, False, match_weights,
-                graph_level=True),
-    MatchMethod("average", "plain weight averaging, no matching", "Wortsman et al. 2022", NoParams, False, False, average),
+                "Ainsworth et al. 2022 (Git Re-Basin, weight matching)",
+                WeightParams, needs_calibration=False, unequal_widths=False, function=match_weights, graph_level=True),
+    MatchMethod("average", "plain weight averaging, no matching", "Wortsman et al. 2022",
+                NoParams, needs_calibration=False, unequal_widths=False, function=average),
 )
 
 
 def get_method(name: str) -> MatchMethod:
-    """The registered method ``name``; raises OnnxMergeError listing the valid names."""
+    """The registered method ``name``.
+
+    Raises:
+        OnnxMergeError: unknown name; the message lists the valid names.
+    """
     for method in METHODS:
         if method.name == name:
             return method

@@ -20,15 +20,21 @@ from .matching import Matching
 MatchFn = Callable[[np.ndarray, Sequence[int]], Matching]
 
 
-def assign_blocks(corr: np.ndarray, blocks: int, inner: int, models: int) -> list[np.ndarray]:
+def _block(offsets: list[int], inners: list[int], model: int, block: int) -> np.ndarray:
+    """Indices of one block's features of one model in the concatenated features."""
+    start = offsets[model] + block * inners[model]
+    return np.arange(start, start + inners[model])
+
+
+def assign_blocks(corr: np.ndarray, blocks: int, inners: list[int]) -> list[np.ndarray]:
     """For each model, which of its blocks goes with model 0's block a (identity for model 0)."""
-    size = blocks * inner
+    offsets = list(np.cumsum([0] + [blocks * inner for inner in inners]))
     assignments = [np.arange(blocks)]
-    for i in range(1, models):
+    for i in range(1, len(inners)):
         score = np.zeros((blocks, blocks))
         for a in range(blocks):
             for b in range(blocks):
-                block = corr[a * inner:(a + 1) * inner, i * size + b * inner:i * size + (b + 1) * inner]
+                block = corr[np.ix_(_block(offsets, inners, 0, a), _block(offsets, inners, i, b))]
                 rows, cols = linear_sum_assignment(block, maximize=True)
                 score[a, b] = block[rows, cols].sum()
         rows, cols = linear_sum_assignment(score, maximize=True)
@@ -36,32 +42,32 @@ def assign_blocks(corr: np.ndarray, blocks: int, inner: int, models: int) -> lis
     return assignments
 
 
-def pooled_inner(corr: np.ndarray, assignments: list[np.ndarray], blocks: int, inner: int) -> np.ndarray:
+def pooled_inner(corr: np.ndarray, assignments: list[np.ndarray], blocks: int, inners: list[int]) -> np.ndarray:
     """Correlation of the within-block features averaged over assigned block tuples."""
-    models = len(assignments)
-    size = blocks * inner
-    pooled = np.zeros((models * inner, models * inner))
+    offsets = list(np.cumsum([0] + [blocks * inner for inner in inners]))
+    pooled = np.zeros((sum(inners), sum(inners)))
     for a in range(blocks):
-        index = np.concatenate([i * size + assignments[i][a] * inner + np.arange(inner) for i in range(models)])
+        index = np.concatenate([_block(offsets, inners, i, assignments[i][a]) for i in range(len(inners))])
         pooled += corr[np.ix_(index, index)]
     return pooled / blocks
 
 
-def match_grid(corr: np.ndarray, blocks: int, inner: int, models: int, match_inner: MatchFn,
+def match_grid(corr: np.ndarray, blocks: int, inners: list[int], match_inner: MatchFn,
                assignments: list[np.ndarray] | None = None) -> tuple[Matching, Matching]:
     """(block matching, within-block matching) of a grid space.
 
     Args:
-        corr: correlation of the concatenated flattened features, models * blocks * inner wide.
+        corr: correlation of the concatenated flattened features; model i has ``blocks`` blocks
+            of ``inners[i]`` features each (heads of different sizes, groups of different widths).
         match_inner: the merge method applied to the pooled within-block correlation.
         assignments: block assignments decided earlier for the same block space (heads shared
             by q, k and v), else computed here.
     """
     if assignments is None:
-        assignments = assign_blocks(corr, blocks, inner, models)
+        assignments = assign_blocks(corr, blocks, inners)
     labels = np.concatenate([np.argsort(assignment) for assignment in assignments])
-    block_matching = Matching.from_clusters(labels, [blocks] * models)
-    return block_matching, match_inner(pooled_inner(corr, assignments, blocks, inner), [inner] * models)
+    block_matching = Matching.from_clusters(labels, [blocks] * len(inners))
+    return block_matching, match_inner(pooled_inner(corr, assignments, blocks, inners), list(inners))
 
 
 def assignments_of(block_matching: Matching) -> list[np.ndarray]:

@@ -1,4 +1,4 @@
-"""The result of matching one feature space across models."""
+"""The result of matching one feature space across models (method.md §3-4)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,26 @@ from typing import Sequence
 
 import numpy as np
 
+from ..errors import CalibrationError
+
 
 @dataclass(frozen=True)
 class Matching:
-    """Merge/unmerge matrices per model for one space.
+    """Merge/unmerge matrices per model for one space of width r after merging.
 
-    ``merge[i]`` (r x d_i) averages model i's members of each cluster; summed over models it
-    gives each cluster's mean. ``unmerge[i]`` (d_i x r) is one-hot: feature -> its cluster.
+    Every merged feature is a cluster of original features (of any models). Invariants:
+
+    - ``merge[i]`` (r x d_i, float64) holds 1/|cluster| at each of model i's members of a
+      cluster, so ``sum_i merge[i] @ x_i`` is each cluster's mean over all its members;
+    - ``unmerge[i]`` (d_i x r, float64) is one-hot: model i's feature -> its cluster, so model
+      i's features are approximated by ``unmerge[i] @ merged``;
+    - ``clusters`` (int, length sum d_i) is the cluster of each concatenated feature; clusters
+      are numbered by first appearance in model 0's features, then model 1's, and so on, so a
+      model matched with a permuted copy of itself keeps its own channel order.
+
+    ``mean_correlation`` is the mean correlation of the pairs of clusters joined (NaN when
+    nothing was joined or the method does not measure it); ``within_model_merges[i]`` counts
+    the joins of two clusters made only of model i's features.
     """
 
     merge: list[np.ndarray]
@@ -24,31 +37,66 @@ class Matching:
 
     @property
     def width(self) -> int:
-        return int(self.merge[0].shape[0])
+        """Merged width r (number of clusters)."""
+        return int(self.merge[0].shape[0]) if self.merge else 0
 
     @classmethod
     def from_clusters(cls, labels: Sequence[int], widths: Sequence[int], *, mean_correlation: float = float("nan"),
                       within_model_merges: Sequence[int] | None = None) -> "Matching":
-        """Clusters renumbered by first appearance (model 0 first), so a model merged with a
-        permuted copy of itself keeps its own channel order."""
-        labels = np.asarray(labels)
-        _, first = np.unique(labels, return_index=True)
-        order = np.argsort(first)
-        renumber = np.empty(len(order), dtype=int)
-        renumber[order] = np.arange(len(order))
-        clusters = renumber[np.searchsorted(np.unique(labels), labels)]
-        r = len(order)
+        """The matching whose clusters are the features sharing a label.
+
+        Args:
+            labels: one integer per concatenated feature (model 0's d_0 features first);
+                only equality matters, clusters are renumbered by first appearance.
+            widths: d_i per model; they must sum to ``len(labels)``.
+            mean_correlation: reported as is.
+            within_model_merges: per model; zeros when not given.
+
+        Raises:
+            ValueError: ``labels`` and ``widths`` disagree (a caller bug, not a user error).
+        """
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        widths = [int(d) for d in widths]
+        if len(labels) != sum(widths) or min(widths, default=0) < 0:
+            raise ValueError(f"{len(labels)} cluster labels for widths {widths}")
+        distinct, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
+        renumber = np.empty(len(distinct), dtype=np.int64)
+        renumber[np.argsort(first)] = np.arange(len(distinct))
+        clusters = renumber[inverse.reshape(-1)]
+        r = len(distinct)
         sizes = np.bincount(clusters, minlength=r).astype(np.float64)
-        merges, unmerges, start = [], [], 0
-        for d in widths:
-            own = clusters[start:start + d]
+        merges, unmerges = [], []
+        for start, d in zip(np.cumsum([0, *widths[:-1]]), widths):
             unmerge = np.zeros((d, r))
-            unmerge[np.arange(d), own] = 1.0
+            unmerge[np.arange(d), clusters[start:start + d]] = 1.0
             unmerges.append(unmerge)
             merges.append(unmerge.T / sizes[:, None])
-            start += d
-        return cls(merges, unmerges, clusters, mean_correlation, list(within_model_merges or [0] * len(widths)))
+        within = [int(k) for k in within_model_merges] if within_model_merges is not None else [0] * len(widths)
+        return cls(merges, unmerges, clusters, float(mean_correlation), within)
 
     @classmethod
     def identity(cls, widths: Sequence[int]) -> "Matching":
-        return cls.from_clusters(np.concatenate([np.arange(d) for d in widths]), widths)
+        """Feature j of every model is cluster j (plain averaging; width max d_i)."""
+        return cls.from_clusters(np.concatenate([np.arange(d) for d in widths]) if widths else [], widths)
+
+
+def checked_correlation(corr: np.ndarray, widths: Sequence[int], space: str = "") -> np.ndarray:
+    """``corr`` as a symmetric float64 matrix of side sum(widths).
+
+    The correlation of the concatenated features is symmetric in exact arithmetic; averaging it
+    with its transpose removes rounding asymmetry (and changes nothing in an exactly symmetric
+    matrix), so "the pair (a, b)" has one value whichever way it is read.
+
+    Raises:
+        ValueError: wrong shape (a caller bug).
+        CalibrationError: non-finite values (the calibration features overflowed).
+    """
+    corr = np.asarray(corr, dtype=np.float64)
+    total = sum(int(d) for d in widths)
+    if corr.shape != (total, total):
+        raise ValueError(f"correlation of shape {corr.shape} for widths {list(widths)}")
+    if not np.isfinite(corr).all():
+        where = f"space {space}: " if space else ""
+        raise CalibrationError(f"{where}the feature correlation has NaN or infinite values; the calibration "
+                               "features overflow float32 somewhere upstream, check the calibration inputs' range")
+    return (corr + corr.T) / 2

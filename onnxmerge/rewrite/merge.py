@@ -9,6 +9,7 @@ reads the trunk directly, else through an explicit MatMul "unmerge" node.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -217,3 +218,43 @@ def assemble(members: list[Member], split: TrunkSplit, matchings: dict[int, Matc
     model = helper.make_model(merged_graph, opset_imports=list(reference.opset_import))
     model.ir_version = reference.ir_version
     return model
+
+
+def resize_constants(model: onnx.ModelProto, reference: SpaceGraph, leaf_width: Callable[[int], int]) -> None:
+    """Make the width-bearing constants of nodes that come from ``reference``'s model agree
+    with new space widths (in place): Reshape targets, Split sizes and depthwise Conv groups.
+    Entries 0 and -1 of a Reshape target (copy, infer) stay."""
+    inits = {init.name: init for init in model.graph.initializer}
+    layouts = reference.layouts
+
+    def new_width(layout) -> int:
+        return layout_width(layout, leaf_width)
+
+    for node in model.graph.node:
+        if node.op_type == "Reshape" and node.input[1] in inits and node.output[0] in layouts:
+            shape = numpy_helper.to_array(inits[node.input[1]]).copy()
+            for axis, layout in layouts[node.output[0]].items():
+                if shape[axis] > 0:
+                    shape[axis] = new_width(layout)
+            inits[node.input[1]].CopyFrom(numpy_helper.from_array(shape, node.input[1]))
+        elif node.op_type == "Split" and len(node.input) > 1 and node.input[1] in inits:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            sizes = numpy_helper.to_array(inits[node.input[1]]).copy()
+            for k, name in enumerate(node.output):
+                layout = next((v for a, v in layouts.get(name, {}).items() if a == axis or a - len(sizes) == axis), None)
+                if layout is not None:
+                    sizes[k] = new_width(layout)
+            inits[node.input[1]].CopyFrom(numpy_helper.from_array(sizes, node.input[1]))
+        elif node.op_type == "Conv" and node.input[1] in inits and inits[node.input[1]].dims[1] == 1:
+            channels = layouts.get(node.input[0], {}).get(1)
+            for attribute in node.attribute:
+                if attribute.name == "group" and attribute.i > 1 and channels is not None:
+                    attribute.i = new_width(channels)
+
+
+def reference_widths(reference: Member, matchings: dict[int, Matching]) -> Callable[[int], int]:
+    """Widths of model 0's spaces in the merged model."""
+    def leaf_width(space: int) -> int:
+        matching = matchings.get(space)
+        return reference.graph.table.widths[space] if matching is None else matching.width
+    return leaf_width

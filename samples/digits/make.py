@@ -4,6 +4,7 @@ Pairs of small ResNet-style CNNs are trained on scikit-learn's bundled digits (8
 one on classes 0-4 and one on classes 5-9, and exported with torch's legacy exporter keeping
 BatchNormalization. Writes into samples/digits/:
   resnet_a.onnx, resnet_b.onnx  same architecture (stem 32, stages 32 and 64), tasks 0-4 / 5-9
+  resnet_b_wide.onnx            twice as wide (stem 64, stages 64 and 128), task 5-9
   calib.npz                     500 training images of all classes, array "input"
   test.npz                      the held-out images ("input") and labels ("y")
 Needs torch and scikit-learn: pip install -e .[cpu,torch,dev]
@@ -99,11 +100,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE)
     args = parser.parse_args()
     x_train, x_test, y_train, y_test = data()
-    for name, seed in (("a", 1), ("b", 2)):
+    for name, task, width, seed in (("a", "a", 32, 1), ("b", "b", 32, 2), ("b_wide", "b", 64, 2)):
         torch.manual_seed(seed)
-        model = train(ResNet(), x_train, y_train, TASKS[name], seed)
+        model = train(ResNet(width), x_train, y_train, TASKS[task], seed)
         export(model, args.out / f"resnet_{name}.onnx")
-        print(f"resnet_{name}: task accuracy {accuracy(model, x_test, y_test, TASKS[name]):.3f}")
+        print(f"resnet_{name}: task accuracy {accuracy(model, x_test, y_test, TASKS[task]):.3f}")
     pick = np.random.default_rng(0).choice(len(x_train), 500, replace=False)
     np.savez_compressed(args.out / "calib.npz", input=x_train[pick])
     np.savez_compressed(args.out / "test.npz", input=x_test, y=y_test)

@@ -17,17 +17,19 @@ from onnxmerge.cli import main as onnxmerge
 
 HERE = Path(__file__).resolve().parent
 REL = HERE.relative_to(Path.cwd()) if HERE.is_relative_to(Path.cwd()) else HERE
-A, B = REL / "resnet_a.onnx", REL / "resnet_b.onnx"
+A, B, B_WIDE = REL / "resnet_a.onnx", REL / "resnet_b.onnx", REL / "resnet_b_wide.onnx"
 CALIB, TEST = REL / "calib.npz", REL / "test.npz"
 TASKS = ("0-4", "5-9")
 
-MERGES = {  # name -> extra merge options
-    "average": ["--method", "average"],
-    "permute": ["--method", "permute"],
-    "zip (full)": ["--method", "zip"],
-    "zip (partial, 5 of 11 layers)": ["--method", "zip", "--zip-layers", "5"],
-    "zip, no repair": ["--method", "zip", "--repair", "none"],
-    "zip, BN folded + REPAIR": ["--method", "zip", "--bn", "fold"],
+MERGES = {  # name -> (second model, extra merge options)
+    "average": (B, ["--method", "average"]),
+    "permute": (B, ["--method", "permute"]),
+    "zip (full)": (B, ["--method", "zip"]),
+    "zip (partial, 5 of 11 layers)": (B, ["--method", "zip", "--zip-layers", "5"]),
+    "zip, no repair": (B, ["--method", "zip", "--repair", "none"]),
+    "zip, BN folded + REPAIR": (B, ["--method", "zip", "--bn", "fold"]),
+    "zip, A + 2x wide B (full)": (B_WIDE, ["--method", "zip"]),
+    "zip, A + 2x wide B (partial 5/11)": (B_WIDE, ["--method", "zip", "--zip-layers", "5"]),
 }
 
 
@@ -51,10 +53,13 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows = [row("model A (0-4)", api.evaluate([str(A)], str(TEST), tasks=TASKS[0])[0]),
             row("model B (5-9)", api.evaluate([str(B)], str(TEST), tasks=TASKS[1])[0]),
-            row("ensemble A+B", api.evaluate([str(A), str(B)], str(TEST), tasks=",".join(TASKS), ensemble=True)[0])]
-    for name, options in MERGES.items():
+            row("model 2x wide B (5-9)", api.evaluate([str(B_WIDE)], str(TEST), tasks=TASKS[1])[0]),
+            row("ensemble A+B", api.evaluate([str(A), str(B)], str(TEST), tasks=",".join(TASKS), ensemble=True)[0]),
+            row("ensemble A+wide B", api.evaluate([str(A), str(B_WIDE)], str(TEST), tasks=",".join(TASKS),
+                                                  ensemble=True)[0])]
+    for name, (second, options) in MERGES.items():
         target = out / ("".join(c if c.isalnum() else "_" for c in name).strip("_") + ".onnx")
-        run("merge", A, B, "--calib", CALIB, *options, "-o", target, "--report", target.with_suffix(".json"))
+        run("merge", A, second, "--calib", CALIB, *options, "-o", target, "--report", target.with_suffix(".json"))
         run("eval", target, "--data", TEST, "--tasks", ",".join(TASKS))
         rows.append(row(name, api.evaluate([str(target)], str(TEST), tasks=",".join(TASKS))[0]))
     print()

@@ -1,0 +1,327 @@
+"""Per-space matching methods (method.md §3): the fast zip against a direct reference, hand-made
+cases from the method's definition, permute/average, Matching invariants and the registry."""
+
+from __future__ import annotations
+
+import math
+import numpy as np
+import pytest
+
+from onnxmerge.errors import OnnxMergeError, RecipeError
+from onnxmerge.match import METHODS, get_method
+from onnxmerge.match.matching import Matching
+from onnxmerge.match.permute import average, permute
+from onnxmerge.match.zip import ZipParams, interchangeable_dead, zip_clusters, zip_features
+
+PER_SPACE = [m for m in METHODS if not m.graph_level]
+
+
+def zip_reference(corr: np.ndarray, widths, alpha: float = 0.5, beta: float = 1.0,
+                  width: int | None = None) -> Matching:
+    """Elastic zipping done the direct way (method.md §3), O(n^3) for n features: every step
+    masks the dense score matrix and takes its argmax.
+
+    Clusters are named by their smallest feature; the pair (p, q) with p < q of highest score
+    wins, ties to the smallest (p, q) (the row-major argmax of the upper triangle), q joins p.
+    A pair is within model i when both clusters hold only model i's features; such a join
+    spends model i's budget, and with no budget left such pairs are masked out.
+    """
+    corr = np.asarray(corr, dtype=np.float64)
+    n = sum(widths)
+    r = max(widths) if width is None else width
+    score = (corr + corr.T) / 2
+    np.fill_diagonal(score, -np.inf)
+    pure = np.repeat(np.arange(len(widths)), widths)  # the model a cluster is made of, -1 when mixed
+    budget = [math.floor((n - r) * d / n * beta) for d in widths]
+    alive = np.ones(n, dtype=bool)
+    label = np.arange(n)
+    within, joined = [0] * len(widths), []
+    while alive.sum() > r:
+        allowed = np.triu(np.outer(alive, alive), k=1)
+        for model, left in enumerate(budget):
+            if left <= 0:
+                mine = alive & (pure == model)
+                allowed &= ~np.outer(mine, mine)
+        masked = np.where(allowed, score, -np.inf)
+        p, q = np.unravel_index(np.argmax(masked), masked.shape)
+        assert np.isfinite(masked[p, q]), "no allowed pair left"
+        joined.append(score[p, q])
+        if pure[p] == pure[q] >= 0:
+            budget[pure[p]] -= 1
+            within[pure[p]] += 1
+        else:
+            pure[p] = -1
+        with np.errstate(invalid="ignore"):  # alpha 0 times the -inf diagonal; masked anyway
+            new = alpha * np.minimum(score[p], score[q])
+        score[p, :], score[:, p] = new, new
+        score[p, p] = -np.inf
+        alive[q] = False
+        label[label == q] = p
+    mean = float(np.mean(joined)) if joined else float("nan")
+    return Matching.from_clusters(label, widths, mean_correlation=mean, within_model_merges=within)
+
+
+def random_correlation(rng: np.random.Generator, widths, quantum: float | None, dead: int) -> np.ndarray:
+    """Symmetric, values in [-1, 1], unit diagonal; ties when quantised; ``dead`` zero rows/columns."""
+    n = sum(widths)
+    values = rng.uniform(-1.0, 1.0, (n, n))
+    if quantum:
+        values = np.round(values / quantum) * quantum
+    corr = np.triu(values, 1)
+    corr = corr + corr.T + np.eye(n)
+    if dead and n:
+        index = rng.choice(n, size=min(dead, n), replace=False)
+        corr[index, :] = 0.0
+        corr[:, index] = 0.0
+    return corr
+
+
+def random_case(seed: int):
+    rng = np.random.default_rng(seed)
+    models = int(rng.choice([2, 3]))
+    widths = [int(d) for d in rng.integers(0 if seed % 7 == 0 else 1, 9, size=models)]
+    if sum(widths) == 0:
+        widths[0] = 3
+    corr = random_correlation(rng, widths, quantum=[None, 0.25, 0.5, 0.1][seed % 4], dead=int(rng.integers(0, 4)))
+    params = ZipParams(alpha=float(rng.choice([0.5, 0.0, 1.0, 0.3])), beta=float(rng.choice([1.0, 0.0, 0.5, 2.0])),
+                       width=int(rng.integers(max(widths), sum(widths) + 1)))
+    return corr, widths, params
+
+
+def assert_same(fast: Matching, reference: Matching) -> None:
+    np.testing.assert_array_equal(fast.clusters, reference.clusters)
+    assert fast.within_model_merges == reference.within_model_merges
+    assert fast.mean_correlation == reference.mean_correlation or (
+        math.isnan(fast.mean_correlation) and math.isnan(reference.mean_correlation))
+
+
+@pytest.mark.parametrize("block", range(8))
+def test_fast_zip_equals_reference_on_random_cases(block):
+    for seed in range(block * 100, block * 100 + 100):
+        corr, widths, params = random_case(seed)
+        reference = zip_reference(corr, widths, params.alpha, params.beta, params.width)
+        assert_same(zip_clusters(corr, widths, params), reference)
+        assert_same(zip_features(corr, widths, params), zip_reference(
+            interchangeable_dead(corr, widths), widths, params.alpha, params.beta, params.width))
+
+
+@pytest.mark.parametrize("quantum", [None, 0.125], ids=["distinct", "ties"])
+@pytest.mark.parametrize("widths", [[48, 48], [40, 24], [20, 30, 16]], ids=["2x48", "40+24", "3 models"])
+def test_fast_zip_equals_reference_on_larger_cases(widths, quantum):
+    rng = np.random.default_rng(sum(widths))
+    latent = rng.normal(size=(300, 12))  # features sharing latent factors: correlation-like structure
+    features = np.hstack([latent @ rng.normal(size=(12, d)) + rng.normal(size=(300, d)) for d in widths])
+    corr = np.corrcoef(features, rowvar=False)
+    if quantum:
+        corr = np.round(corr / quantum) * quantum
+    corr[5], corr[:, 5] = 0.0, 0.0  # one dead feature
+    for params in [ZipParams(), ZipParams(alpha=1.0, beta=0.5), ZipParams(width=sum(widths) - 3, beta=2.0)]:
+        reference = zip_reference(corr, widths, params.alpha, params.beta, params.width)
+        assert_same(zip_clusters(corr, widths, params), reference)
+
+
+def test_obvious_cross_matching_of_two_by_two():
+    # A0 ~ B1 and A1 ~ B0; within-model and other pairs weak
+    corr = np.array([[1.0, 0.1, 0.2, 0.9],
+                     [0.1, 1.0, 0.8, 0.2],
+                     [0.2, 0.8, 1.0, 0.1],
+                     [0.9, 0.2, 0.1, 1.0]])
+    matching = zip_features(corr, [2, 2])
+    np.testing.assert_array_equal(matching.clusters, [0, 1, 1, 0])
+    np.testing.assert_array_equal(matching.merge[0], np.eye(2) / 2)
+    np.testing.assert_array_equal(matching.merge[1], [[0.0, 0.5], [0.5, 0.0]])
+    np.testing.assert_array_equal(matching.unmerge[1], [[0.0, 1.0], [1.0, 0.0]])
+    assert matching.mean_correlation == pytest.approx(0.85)
+    assert matching.within_model_merges == [0, 0]
+
+
+def test_within_model_joins_spend_the_budget():
+    # A0 ~ A1 and B0 ~ B1 strongly, everything across at 0.2
+    corr = np.full((4, 4), 0.2)
+    corr[0, 1] = corr[1, 0] = 0.95
+    corr[2, 3] = corr[3, 2] = 0.9
+    np.fill_diagonal(corr, 1.0)
+    # beta 1: budgets floor(2 * 2/4) = 1 each, so both within-model pairs join
+    spent = zip_features(corr, [2, 2])
+    np.testing.assert_array_equal(spent.clusters, [0, 0, 1, 1])
+    assert spent.within_model_merges == [1, 1]
+    # beta 0.5: budgets floor(0.5) = 0; the across ties (all 0.2) go to the smallest pair
+    # (A0, B0); then {A0,B0} - A1 scores 0.5 * min(0.95, 0.2) = 0.1 < A1 - B1 at 0.2
+    crossed = zip_features(corr, [2, 2], ZipParams(beta=0.5))
+    np.testing.assert_array_equal(crossed.clusters, [0, 1, 0, 1])
+    assert crossed.within_model_merges == [0, 0]
+
+
+def test_mixed_cluster_may_take_a_feature_of_a_model_without_budget():
+    # budgets 0 (beta 0). After {A0, B0} (0.9) the joint cluster scores 0.5 * min(0.8, 0.8) = 0.4
+    # to A1, above A1 - B1 (0.3): a mixed cluster and a pure-A one are not "within model A"
+    corr = np.array([[1.0, 0.8, 0.9, 0.1],
+                     [0.8, 1.0, 0.8, 0.3],
+                     [0.9, 0.8, 1.0, 0.1],
+                     [0.1, 0.3, 0.1, 1.0]])
+    matching = zip_features(corr, [2, 2], ZipParams(beta=0.0, width=2))
+    np.testing.assert_array_equal(matching.clusters, [0, 0, 0, 1])
+    assert matching.mean_correlation == pytest.approx((0.9 + 0.4) / 2)
+
+
+@pytest.mark.parametrize("beta,expected,within", [(1.0, [0, 0, 1], [0, 0]), (2.0, [0, 1, 1], [0, 1])])
+def test_unequal_widths_budget(beta, expected, within):
+    # widths 1 and 2, r = 2: one join. Budgets floor(1 * d_i / 3 * beta): (0, 0) at beta 1, (0, 1) at 2
+    corr = np.array([[1.0, 0.5, 0.4],
+                     [0.5, 1.0, 0.9],
+                     [0.4, 0.9, 1.0]])
+    matching = zip_features(corr, [1, 2], ZipParams(beta=beta))
+    assert matching.width == 2
+    np.testing.assert_array_equal(matching.clusters, expected)
+    assert matching.within_model_merges == within
+    assert [m.shape for m in matching.merge] == [(2, 1), (2, 2)]
+
+
+def test_joint_cluster_score_is_alpha_times_the_minimum():
+    # three models of one feature, r = 1: A-B (0.9) first, then {A,B}-C at alpha * min(0.8, 0.1)
+    corr = np.array([[1.0, 0.9, 0.8],
+                     [0.9, 1.0, 0.1],
+                     [0.8, 0.1, 1.0]])
+    for alpha in (0.5, 1.0, 0.0):
+        matching = zip_features(corr, [1, 1, 1], ZipParams(alpha=alpha))
+        np.testing.assert_array_equal(matching.clusters, [0, 0, 0])
+        assert matching.mean_correlation == pytest.approx((0.9 + alpha * 0.1) / 2)
+        np.testing.assert_allclose(sum(m.sum() for m in matching.merge), 1.0)
+
+
+def test_target_width_range_and_parameters_are_checked():
+    corr = np.eye(5)
+    for params in [ZipParams(width=0), ZipParams(width=6), ZipParams(alpha=1.5), ZipParams(beta=-1.0),
+                   ZipParams(beta=math.inf)]:
+        with pytest.raises(RecipeError, match="space s3"):
+            zip_features(corr, [3, 2], params, space="s3")
+    assert zip_features(corr, [3, 2], ZipParams(width=5)).width == 5  # sum: nothing joined
+    assert zip_features(corr, [3, 2], ZipParams(width=2)).width == 2  # below max: compression
+    assert math.isnan(zip_features(corr, [3, 2], ZipParams(width=5)).mean_correlation)
+
+
+def test_non_finite_correlation_is_a_calibration_error():
+    corr = np.eye(4)
+    corr[0, 1] = np.nan
+    for method in PER_SPACE:
+        if method.needs_calibration:
+            with pytest.raises(OnnxMergeError, match="NaN"):
+                method.function(corr, [2, 2], method.params(), space="s1")
+
+
+def permuted_copy_correlation(rng, d: int, copies: int, dead=()):
+    features = rng.normal(size=(500, d)) @ rng.normal(size=(d, d))  # correlated features
+    features[:, list(dead)] = 3.0
+    perms = [np.arange(d)] + [rng.permutation(d) for _ in range(copies - 1)]
+    with np.errstate(invalid="ignore"):  # dead columns: NaN from 0/0 -> 0, as the statistics give
+        corr = np.corrcoef(np.hstack([features[:, p] for p in perms]), rowvar=False)
+    return np.nan_to_num(corr), perms
+
+
+@pytest.mark.parametrize("name", ["permute", "zip"])
+@pytest.mark.parametrize("copies", [2, 3])
+def test_permuted_copies_give_the_model_order(name, copies):
+    # copy i's feature k is model 0's feature perm_i[k], so it belongs to cluster perm_i[k]
+    corr, perms = permuted_copy_correlation(np.random.default_rng(copies), 12, copies)
+    # zip with alpha 0.5 rates a joined pair's link to a third copy at half, below the strong
+    # within-model correlations of these features, so three copies need alpha 1
+    params = ZipParams(alpha=1.0 if copies == 3 else 0.5) if name == "zip" else get_method(name).params()
+    matching = get_method(name).function(corr, [12] * copies, params)
+    np.testing.assert_array_equal(matching.clusters, np.concatenate(perms))
+    np.testing.assert_allclose(matching.merge[0], np.eye(12) / copies)
+    for perm, merge in zip(perms, matching.merge):
+        np.testing.assert_allclose(merge, np.eye(12)[perm].T / copies)
+    assert matching.mean_correlation == pytest.approx(1.0)
+
+
+def test_zip_pairs_dead_features_across_models():
+    corr, perms = permuted_copy_correlation(np.random.default_rng(5), 10, 2, dead=(2, 7))
+    matching = zip_features(corr, [10, 10])
+    assert matching.width == 10
+    assert all(np.bincount(matching.clusters[:10], minlength=10) == 1)  # one feature per model per cluster
+    live = [k for k in range(10) if perms[1][k] not in (2, 7)]
+    np.testing.assert_array_equal(matching.clusters[10:][live], perms[1][live])
+
+
+def test_permute_recovers_a_known_permutation_with_noise():
+    rng = np.random.default_rng(11)
+    features = rng.normal(size=(2000, 16))
+    perm = rng.permutation(16)
+    other = features[:, perm] + 0.3 * rng.normal(size=(2000, 16))
+    corr = np.corrcoef(np.hstack([features, other]), rowvar=False)
+    matching = permute(corr, [16, 16])
+    np.testing.assert_array_equal(matching.clusters[16:], perm)
+    np.testing.assert_array_equal(matching.unmerge[1], np.eye(16)[perm])
+
+
+@pytest.mark.parametrize("function", [average, permute], ids=["average", "permute"])
+def test_equal_width_methods_reject_unequal_widths(function):
+    with pytest.raises(RecipeError, match=r"space s4: --method \w+ needs equal widths .*\[3, 2\].*--method zip"):
+        function(np.eye(5), [3, 2], space="s4")
+
+
+def test_average_is_the_identity():
+    matching = average(None, [4, 4, 4])
+    np.testing.assert_array_equal(matching.clusters, np.tile(np.arange(4), 3))
+    for merge in matching.merge:
+        np.testing.assert_array_equal(merge, np.eye(4) / 3)
+
+
+def check_invariants(matching: Matching, widths) -> None:
+    r = matching.width
+    assert len(matching.clusters) == sum(widths) and set(matching.clusters) == set(range(r))
+    sizes = np.bincount(matching.clusters, minlength=r)
+    total = np.zeros(r)
+    for merge, unmerge, d in zip(matching.merge, matching.unmerge, widths):
+        assert merge.shape == (r, d) and unmerge.shape == (d, r)
+        assert merge.dtype == unmerge.dtype == np.float64
+        np.testing.assert_array_equal(unmerge.sum(axis=1), np.ones(d))  # one-hot rows
+        assert set(np.unique(unmerge)) <= {0.0, 1.0}
+        np.testing.assert_allclose(merge, unmerge.T / sizes[:, None])  # 1/|cluster| at members
+        total += merge.sum(axis=1)
+    np.testing.assert_allclose(total, np.ones(r))  # summed over models: the mean of the members
+    first = [int(np.flatnonzero(matching.clusters == c)[0]) for c in range(r)]
+    assert first == sorted(first)  # numbered by first appearance
+    assert len(matching.within_model_merges) == len(widths)
+    again = Matching.from_clusters(matching.clusters, widths)
+    np.testing.assert_array_equal(again.clusters, matching.clusters)
+
+
+@pytest.mark.parametrize("method", PER_SPACE, ids=[m.name for m in PER_SPACE])
+@pytest.mark.parametrize("widths", [[6, 6], [5, 5, 5], [7, 3], [4, 0]], ids=["6+6", "5+5+5", "7+3", "4+0"])
+def test_matching_invariants(method, widths):
+    corr = random_correlation(np.random.default_rng(2), widths, quantum=0.25, dead=1)
+    if len(set(widths)) > 1 and not method.unequal_widths:
+        with pytest.raises(RecipeError):
+            method.function(corr, widths, method.params())
+        return
+    first = method.function(corr, widths, method.params())
+    check_invariants(first, widths)
+    second = method.function(corr.copy(), list(widths), method.params())
+    np.testing.assert_array_equal(first.clusters, second.clusters)  # deterministic
+
+
+def test_from_clusters_renumbers_by_first_appearance():
+    matching = Matching.from_clusters([7, 3, 7, 9, 3], [2, 3])
+    np.testing.assert_array_equal(matching.clusters, [0, 1, 0, 2, 1])
+    np.testing.assert_array_equal(matching.merge[0], [[0.5, 0.0], [0.0, 0.5], [0.0, 0.0]])
+    np.testing.assert_array_equal(matching.merge[1], [[0.5, 0.0, 0.0], [0.0, 0.0, 0.5], [0.0, 1.0, 0.0]])
+    check_invariants(matching, [2, 3])
+    identity = Matching.identity([3, 2])
+    np.testing.assert_array_equal(identity.clusters, [0, 1, 2, 0, 1])
+    with pytest.raises(ValueError):
+        Matching.from_clusters([0, 1], [2, 3])
+
+
+def test_registry():
+    assert len({m.name for m in METHODS}) == len(METHODS)
+    assert {"average", "permute", "zip"} <= {m.name for m in METHODS}
+    for method in METHODS:
+        method.params()  # every parameter has a default
+        assert method.summary and method.reference
+    assert get_method("zip").unequal_widths and get_method("zip").needs_calibration
+    assert get_method("zip").make_params(alpha=0.25, seed=3) == ZipParams(alpha=0.25)
+    assert not get_method("average").needs_calibration
+    with pytest.raises(OnnxMergeError, match="unknown merge method 'zipit'; available: ") as caught:
+        get_method("zipit")
+    assert all(m.name in str(caught.value) for m in METHODS)

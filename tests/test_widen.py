@@ -1,0 +1,69 @@
+"""Width heterogeneity: widen preserves outputs; merging a model with its widened copy gives
+the model back; models of three widths merge and run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnxmerge import api
+from onnxmerge.errors import RecipeError
+from onnxmerge.io import load_model, save_model
+from tests.test_rules import run_all
+from tests.test_zoo_oracles import ALL, IDS, outputs_close
+
+
+@pytest.mark.parametrize("name,exporter", ALL, ids=IDS)
+def test_widen_preserves_outputs(zoo_files, name, exporter):
+    path, x = zoo_files.get(name, exporter)
+    model = load_model(path)
+    wider = api.widen(model, factor=2.0, seed=3)
+    widths = {i.name: tuple(i.dims) for i in wider.graph.initializer}
+    assert sum(np.prod(d) for d in widths.values()) > sum(np.prod(i.dims) for i in model.graph.initializer)
+    outputs_close(run_all(model, x), run_all(wider, x))
+
+
+WIDEN_MERGE = [("mlp", "legacy_folded"), ("resnet_basic", "legacy_bn"), ("vgg_bn", "dynamo"),
+               ("mobilenetv2", "legacy_bn"), ("densenet", "legacy_bn"), ("transformer", "dynamo"),
+               ("resnext", "dynamo")]
+
+
+@pytest.mark.parametrize("target", ["wide", "narrow"])
+@pytest.mark.parametrize("name,exporter", WIDEN_MERGE, ids=[f"{m}-{e}" for m, e in WIDEN_MERGE])
+def test_merge_with_widened_copy_gives_self(zoo_files, tmp_path, name, exporter, target):
+    # alpha 1: with 0.5 a joined pair's link to the feature's second copy (0.5) loses to strong
+    # correlations between different features, and the copy joins the wrong cluster
+    path, x = zoo_files.get(name, exporter)
+    wide = tmp_path / "wide.onnx"
+    save_model(api.permute(api.widen(load_model(path), factor=2.0, seed=5), seed=6), wide)
+    np.save(tmp_path / "calib.npy", x)
+    options = api.MergeOptions(alpha=1.0, repair="none", width=1.0 if target == "wide" else "min")
+    result = api.merge([path, str(wide)], calibration=str(tmp_path / "calib.npy"), options=options)
+    expected = run_all(load_model(path), x)
+    outputs_close(expected + expected, run_all(result.model, x))
+
+
+def test_three_widths_merge_and_run(zoo_files, tmp_path):
+    path, x = zoo_files.get("resnet_basic", "legacy_bn")
+    models = [path]
+    for factor in (1.5, 2.0):
+        wider = tmp_path / f"w{factor}.onnx"
+        save_model(api.widen(load_model(path), factor=factor, seed=int(factor * 10)), wider)
+        models.append(str(wider))
+    np.save(tmp_path / "calib.npy", x)
+    result = api.merge(models, calibration=str(tmp_path / "calib.npy"))
+    widths = {row["space"]: (row["widths"], row["merged_width"]) for row in result.report["spaces"]}
+    assert any(len(set(w)) == 3 for w, _ in widths.values())
+    assert all(r == max(w) for w, r in widths.values())
+    outputs = run_all(result.model, x)
+    assert len(outputs) == 3 and all(np.isfinite(o).all() for o in outputs)
+
+
+def test_permute_and_average_refuse_unequal_widths(zoo_files, tmp_path):
+    path, x = zoo_files.get("mlp", "legacy_folded")
+    wide = tmp_path / "wide.onnx"
+    save_model(api.widen(load_model(path), factor=2.0), wide)
+    np.save(tmp_path / "calib.npy", x)
+    for method in ("permute", "average"):
+        with pytest.raises(RecipeError, match="use --method zip"):
+            api.merge([path, str(wide)], calibration=str(tmp_path / "calib.npy"), options=api.MergeOptions(method=method))
