@@ -42,7 +42,7 @@ def run(*args: str) -> None:
 def row(name: str, result: dict) -> str:
     tasks = [result["tasks"].get(t) for t in TASKS]
     cells = [f"{v:7.1%}" if v is not None else "      -" for v in [result["joint"], *tasks, result["average"]]]
-    return f"| {name:30} | " + " | ".join(cells) + " |"
+    return f"| {name:34} | " + " | ".join(cells) + " |"
 
 
 def main() -> None:
@@ -63,8 +63,8 @@ def main() -> None:
         run("eval", target, "--data", TEST, "--tasks", ",".join(TASKS))
         rows.append(row(name, api.evaluate([str(target)], str(TEST), tasks=",".join(TASKS))[0]))
     print()
-    print(f"| {'model':30} |   joint | task {TASKS[0]} | task {TASKS[1]} | average |")
-    print(f"|{'-' * 32}|---------|----------|----------|---------|")
+    print(f"| {'model':34} |   joint | task {TASKS[0]} | task {TASKS[1]} | average |")
+    print(f"|{'-' * 36}|---------|----------|----------|---------|")
     print("\n".join(rows))
     print(f"\nmerged models and reports in {out}")
 
