@@ -140,3 +140,15 @@ def test_repair_restores_source_statistics_with_bn_folded(zoo_files, tmp_path):
     assert not any(n.op_type == "BatchNormalization" for n in repaired.model.graph.node)
     # merging a model with a permuted copy: the sources' statistics are the merged ones already
     outputs_close(run_all(plain.model, x), run_all(repaired.model, x))
+
+
+def test_provider_choice_is_reported_and_cuda_is_checked(zoo_files, tmp_path):
+    import onnxruntime
+    path, x = zoo_files.get("mlp", "legacy_folded")
+    np.save(tmp_path / "calib.npy", x)
+    result = api.merge([path, path], calibration=str(tmp_path / "calib.npy"), options=api.MergeOptions(provider="auto"))
+    assert result.report["provider"] in ("cpu", "cuda")
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        assert result.report["provider"] == "cpu"
+        with pytest.raises(OnnxMergeError, match="CUDA provider is not usable"):
+            api.merge([path, path], calibration=str(tmp_path / "calib.npy"), options=api.MergeOptions(provider="cuda"))
