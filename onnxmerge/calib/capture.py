@@ -8,6 +8,7 @@ from typing import Iterable
 
 import numpy as np
 import onnx
+import onnx.compose
 import onnxruntime
 
 from ..graph.layout import Atom, Grid, leaves
@@ -136,12 +137,22 @@ def collect_statistics(models: list[onnx.ModelProto], units: list[list[CaptureUn
         One ``SpaceStats`` per unit (features of all models concatenated) and the provider
         that ran.
     """
+    stats = [SpaceStats.empty(tuple(w)) for w in widths]
+    fused = moments_model(models, units, widths)
+    if fused is not None:
+        session, ran = open_session(fused, provider)
+        for feeds in batches:
+            feed = {f"m{i}_{name}": value for i, model_feed in enumerate(feeds) for name, value in model_feed.items()}
+            values = session.run(None, feed)
+            for k, unit_stats in enumerate(stats):
+                size, total, outer = values[3 * k:3 * k + 3]
+                unit_stats.add_moments(int(size) // unit_stats.width, total.astype(np.float64), outer.astype(np.float64))
+        return stats, ran
     sessions, used = [], set()
     for model, model_units in zip(models, units):
         session, ran = open_session(expose(model, [u.tensor for u in model_units]), provider)
         sessions.append(session)
         used.add(ran)
-    stats = [SpaceStats.empty(tuple(w)) for w in widths]
     for feeds in batches:
         outputs = []
         for session, model_units, feed in zip(sessions, units, feeds):
@@ -152,3 +163,64 @@ def collect_statistics(models: list[onnx.ModelProto], units: list[list[CaptureUn
             # float32 products, float64 accumulation: ~1e-7 relative error, twice as fast
             unit_stats.update([per_model[k] for per_model in outputs], precise=False)
     return stats, "+".join(sorted(used))
+
+
+def moments_model(models: list[onnx.ModelProto], units: list[list[CaptureUnit]],
+                  widths: list[list[int]]) -> onnx.ModelProto | None:
+    """One graph running every model side by side (names prefixed ``m<i>_``) that also
+    computes each unit's batch moments (count, sum, X^T X of the concatenated features), so
+    onnxruntime does the products and only small matrices leave it. None when the models'
+    opsets differ or predate 13 (ReduceSum's axes input): then features are copied out."""
+    opsets = {tuple(sorted((o.domain or "ai.onnx", o.version) for o in m.opset_import)) for m in models}
+    default = next((o.version for o in models[0].opset_import if o.domain in ("", "ai.onnx")), 0)
+    if len(opsets) != 1 or default < 13:
+        return None
+    parts = [onnx.compose.add_prefix(m, f"m{i}_") for i, m in enumerate(models)]
+    nodes, inits, outputs = [], [], []
+    for part in parts:
+        nodes.extend(part.graph.node)
+        inits.extend(part.graph.initializer)
+    inits += [onnx.numpy_helper.from_array(np.array(axes, np.int64), f"moments_axes{len(axes)}") for axes in ([0], [0, 2])]
+    for k in range(len(units[0])):
+        features, batched = [], False
+        for i, (model, model_units) in enumerate(zip(models, units)):
+            unit = model_units[k]
+            rank = len(tensor_shapes(model)[unit.tensor])
+            batched = unit.axis == 1 and rank > 2
+            features.append(_rows(nodes, inits, f"m{i}_{unit.tensor}", unit.axis, rank, widths[k][i],
+                                  f"moments{k}_m{i}"))
+        x = f"moments{k}_x"
+        # [N, C, L] (channels first: no transpose of the activations) or [rows, C]
+        perm, sum_axes = ([0, 2, 1], "moments_axes2") if batched else ([1, 0], "moments_axes1")
+        nodes += [onnx.helper.make_node("Concat", features, [x], axis=1),
+                  onnx.helper.make_node("Transpose", [x], [f"{x}_t"], perm=perm)]
+        if batched:
+            nodes += [onnx.helper.make_node("MatMul", [x, f"{x}_t"], [f"{x}_outer"]),
+                      onnx.helper.make_node("ReduceSum", [f"{x}_outer", "moments_axes1"], [f"moments{k}_outer"],
+                                            keepdims=0)]
+        else:
+            nodes.append(onnx.helper.make_node("MatMul", [f"{x}_t", x], [f"moments{k}_outer"]))
+        nodes += [onnx.helper.make_node("ReduceSum", [x, sum_axes], [f"moments{k}_sum"], keepdims=0),
+                  onnx.helper.make_node("Size", [x], [f"moments{k}_size"])]
+        outputs += [f"moments{k}_{name}" for name in ("size", "sum", "outer")]
+    graph = onnx.helper.make_graph(nodes, "moments", [i for p in parts for i in p.graph.input],
+                                   [onnx.helper.make_empty_tensor_value_info(n) for n in outputs], inits)
+    fused = onnx.helper.make_model(graph, opset_imports=list(models[0].opset_import))
+    fused.ir_version = models[0].ir_version
+    return fused
+
+
+def _rows(nodes: list, inits: list, tensor: str, axis: int, rank: int, width: int, name: str) -> str:
+    """Nodes giving ``tensor``'s features as float32 [N, C, L] when channels are axis 1, else
+    as rows [rows, C] (axis moved last, the rest flattened)."""
+    current, shape = tensor, [-1, width]
+    if axis == 1 and rank > 2:
+        shape = [0, width, -1]
+    elif axis != rank - 1:
+        perm = [k for k in range(rank) if k != axis] + [axis]
+        nodes.append(onnx.helper.make_node("Transpose", [current], [f"{name}_last"], perm=perm))
+        current = f"{name}_last"
+    inits.append(onnx.numpy_helper.from_array(np.array(shape, np.int64), f"{name}_shape"))
+    nodes += [onnx.helper.make_node("Reshape", [current, f"{name}_shape"], [f"{name}_rows"]),
+              onnx.helper.make_node("Cast", [f"{name}_rows"], [name], to=onnx.TensorProto.FLOAT)]
+    return name

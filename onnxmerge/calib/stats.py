@@ -85,15 +85,23 @@ class SpaceStats:
         self._check_batch(features)
         dtype = np.float64 if precise else np.float32
         batch = np.concatenate([np.asarray(f, dtype=dtype) for f in features], axis=1)
-        batch_sum = batch.sum(axis=0, dtype=np.float64)
-        if not np.isfinite(batch_sum).all():
-            bad = np.flatnonzero(~np.isfinite(batch_sum))
+        # numpy uses a symmetric rank-k product for X^T X
+        self.add_moments(batch.shape[0], batch.sum(axis=0, dtype=np.float64), batch.T @ batch)
+
+    def add_moments(self, count: int, total: np.ndarray, outer: np.ndarray) -> None:
+        """Add a batch's moments computed elsewhere (count, sum of x, sum of x x^T).
+
+        Raises:
+            CalibrationError: a model produced NaN/Inf features.
+        """
+        if not np.isfinite(total).all():
+            bad = np.flatnonzero(~np.isfinite(total))
             model = int(np.searchsorted(np.cumsum(self.widths), bad[0], side="right"))
             raise CalibrationError(f"model {model + 1} produced NaN or Inf features ({len(bad)} channels); "
                                    "check the model on the calibration data with onnxruntime")
-        self.count += batch.shape[0]
-        self.sum += batch_sum
-        self.outer += batch.T @ batch  # numpy uses a symmetric rank-k product for X^T X
+        self.count += int(count)
+        self.sum += total
+        self.outer += outer
 
     def _check_batch(self, features: list[np.ndarray]) -> None:
         if len(features) != len(self.widths):
