@@ -152,3 +152,17 @@ def test_provider_choice_is_reported_and_cuda_is_checked(zoo_files, tmp_path):
         assert result.report["provider"] == "cpu"
         with pytest.raises(OnnxMergeError, match="CUDA provider is not usable"):
             api.merge([path, path], calibration=str(tmp_path / "calib.npy"), options=api.MergeOptions(provider="cuda"))
+
+
+def test_models_of_different_opsets_use_separate_sessions(zoo_files, tmp_path):
+    """One fused statistics graph needs one opset; otherwise each model runs on its own."""
+    path, x, calib, (copy,) = permuted_copies(zoo_files, tmp_path, "mlp", "legacy_folded")
+    newer = load_model(copy)
+    for opset in newer.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            opset.version = 18  # Gemm and Relu mean the same in 17 and 18
+    save_model(newer, tmp_path / "newer.onnx")
+    result = api.merge([path, str(tmp_path / "newer.onnx")], calibration=calib,
+                       options=api.MergeOptions(method="permute", repair="none"))
+    expected = run_all(load_model(path), x)
+    outputs_close(expected + expected, run_all(result.model, x))

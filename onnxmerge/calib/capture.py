@@ -138,6 +138,8 @@ def collect_statistics(models: list[onnx.ModelProto], units: list[list[CaptureUn
         that ran.
     """
     stats = [SpaceStats.empty(tuple(w)) for w in widths]
+    if not stats:  # nothing is merged (--zip-layers 0)
+        return stats, "none"
     fused = moments_model(models, units, widths)
     if fused is not None:
         session, ran = open_session(fused, provider)
