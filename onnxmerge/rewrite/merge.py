@@ -128,7 +128,7 @@ class _HeadBuilder:
                     node.input[slot] = name + suffix
                 else:
                     trunk = back_tensors[name]
-                    node.input[slot] = trunk if fold else self._unmerge(index, trunk, name)
+                    node.input[slot] = trunk if fold else self.unmerged(index, trunk, name)
             for slot, name in enumerate(node.output):
                 if name:
                     node.output[slot] = name + suffix
@@ -153,7 +153,7 @@ class _HeadBuilder:
 
         return transformed_arrays(member.model, member.graph, transform_for, list(node.input))
 
-    def _unmerge(self, index: int, trunk: str, name: str) -> str:
+    def unmerged(self, index: int, trunk: str, name: str) -> str:
         """Model ``index``'s features of trunk tensor ``trunk`` (explicit MatMul per tracked axis)."""
         key = (index, trunk)
         if key in self._unmerged:
@@ -209,7 +209,7 @@ def assemble(members: list[Member], split: TrunkSplit, matchings: dict[int, Matc
                 info = onnx.ValueInfoProto()
                 info.CopyFrom(output)
                 info.name = f"{output.name}_m{index}"
-                source = renames.get(output.name) or builder._unmerge(index, back_tensors[output.name], output.name)
+                source = renames.get(output.name) or builder.unmerged(index, back_tensors[output.name], output.name)
                 if source != info.name:
                     builder.nodes.append(helper.make_node("Identity", [source], [info.name], name=info.name))
                 outputs.append(info)
