@@ -246,9 +246,9 @@ def _match(members: list[Member], split, units: list[CaptureUnit], stats: list, 
         for space in sorted(split.zipped):
             widths = [m.graph.table.widths[m.space_of(space)] for m in members]
             matchings[space] = method.function(None, widths, params, space=reference.graph.space(space).name)
-    tensors = {}
+    tensors, blocks = {}, reference.graph.block_spaces()
     for unit, unit_stats in zip(units, stats):
-        for space, matching in _match_unit(reference, unit, unit_stats, run, matchings, len(members)).items():
+        for space, matching in _match_unit(reference, unit, unit_stats, run, matchings, blocks).items():
             matchings.setdefault(space, matching)
             tensors.setdefault(space, unit.tensor)
     for space in sorted(set(split.zipped) - set(matchings)):
@@ -271,7 +271,7 @@ def _space_matcher(method, params, width: float | str | None):
     return run
 
 
-def _match_unit(reference: Member, unit: CaptureUnit, unit_stats, run, known: dict, models: int) -> dict:
+def _match_unit(reference: Member, unit: CaptureUnit, unit_stats, run, known: dict, blocks: set[int]) -> dict:
     """Matchings of the spaces of one capture unit. Block spaces (heads, groups) keep their
     count: they are assigned one to one whatever the method."""
     corr = unit_stats.correlation()
@@ -283,7 +283,7 @@ def _match_unit(reference: Member, unit: CaptureUnit, unit_stats, run, known: di
         block, within = match_grid(corr, blocks, [w // blocks for w in widths], run, assignments)
         return {outer: block, inner: within}
     (space,) = unit.spaces
-    if space in reference.graph.block_spaces():
+    if space in blocks:
         return {space: permute_features(corr, widths, space=reference.graph.space(space).name)}
     return {space: run(corr, widths)}
 

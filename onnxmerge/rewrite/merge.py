@@ -115,7 +115,7 @@ class _HeadBuilder:
         for k in sorted(self.split.head_nodes):
             node = onnx.NodeProto()
             node.CopyFrom(model.graph.node[k])
-            fold = self._foldable(member, node, produced)
+            fold = self._foldable(node, params, produced)
             arrays = self._folded_params(member, index, node) if fold else {}
             for slot, name in enumerate(node.input):
                 if not name:
@@ -136,10 +136,11 @@ class _HeadBuilder:
             self.nodes.append(node)
         return {name: name + suffix for name in produced}
 
-    def _foldable(self, member: Member, node: onnx.NodeProto, produced: set[str]) -> bool:
+    @staticmethod
+    def _foldable(node: onnx.NodeProto, params: dict, produced: set[str]) -> bool:
         """A weight layer reading one trunk tensor directly can absorb U_i into its weights."""
         rule = RULES.get(node.op_type)
-        dynamic = [n for n in node.input if n and n not in {i.name for i in member.model.graph.initializer}]
+        dynamic = [n for n in node.input if n and n not in params]
         return rule is not None and rule.kind == "new-space" and len(dynamic) == 1 and dynamic[0] not in produced
 
     def _folded_params(self, member: Member, index: int, node: onnx.NodeProto) -> dict[str, np.ndarray]:
