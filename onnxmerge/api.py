@@ -198,7 +198,7 @@ def _statistics(members: list[Member], split, calib, stats_files, options: Merge
     if calib is not None:
         computed, provider = collect_statistics([m.model for m in members], per_model,
                                                 _batches(calib, len(members), options.batch_size), widths, options.provider)
-        shards.append(({_unit_key(u): s for u, s in zip(units, computed)}, {"fingerprint": fingerprint}))
+        shards.append(({_stats_key(u): s for u, s in zip(units, computed)}, {"fingerprint": fingerprint}))
     shards.extend(load_stats(path) for path in stats_files or [])
     if not shards:
         return units, [], provider
@@ -207,7 +207,7 @@ def _statistics(members: list[Member], split, calib, stats_files, options: Merge
             raise CalibrationError(f"{path}: statistics of other models or options; recompute them with "
                                    "onnxmerge calibrate on the same models and --bn/--heads/--zip-layers")
     combined = combine_stats(shards)
-    return units, [combined[_unit_key(u)] for u in units], provider
+    return units, [combined[_stats_key(u)] for u in units], provider
 
 
 def calibrate(paths: list[str], calibration: str, options: MergeOptions = MergeOptions()) -> tuple[dict, dict]:
@@ -217,10 +217,10 @@ def calibrate(paths: list[str], calibration: str, options: MergeOptions = MergeO
     calib = _calibration(calibration, members, options)
     units, stats, provider = _statistics(members, split, calib, None, options)
     meta = {"fingerprint": _fingerprint(members, units), "provider": provider, "samples": str(calib.num_samples)}
-    return {_unit_key(u): s for u, s in zip(units, stats)}, meta
+    return {_stats_key(u): s for u, s in zip(units, stats)}, meta
 
 
-def _unit_key(unit: CaptureUnit) -> str:
+def _stats_key(unit: CaptureUnit) -> str:
     return f"{unit.tensor}:{unit.axis}"
 
 
@@ -230,7 +230,7 @@ def _fingerprint(members: list[Member], units: list[CaptureUnit]) -> str:
     for member in members:
         for init in member.model.graph.initializer:
             digest.update(init.raw_data[:4096])
-    digest.update(";".join(_unit_key(u) for u in units).encode())
+    digest.update(";".join(_stats_key(u) for u in units).encode())
     return digest.hexdigest()[:16]
 
 

@@ -9,7 +9,6 @@ import pytest
 from onnxmerge import api
 from onnxmerge.errors import OnnxMergeError
 from onnxmerge.io import load_model, save_model
-from tests import zoo
 from tests.test_rules import run_all
 from tests.test_zoo_oracles import ALL, IDS, outputs_close
 

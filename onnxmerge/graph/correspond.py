@@ -8,6 +8,7 @@ node k of every model must have the same op, attributes and parameter shapes, an
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import onnx
 
@@ -18,11 +19,21 @@ from .spaces import SpaceGraph
 
 @dataclass(frozen=True)
 class Correspondence:
-    """Maps from model 0's names and space ids to model i's."""
+    """Maps from model 0's names and space ids to model i's, and back."""
 
     tensors: dict[str, str]
     params: dict[str, str]
     spaces: dict[int, int]
+
+    @cached_property
+    def reference_spaces(self) -> dict[int, int]:
+        """Model i's space id -> model 0's."""
+        return {mine: ref for ref, mine in self.spaces.items()}
+
+    @cached_property
+    def reference_tensors(self) -> dict[str, str]:
+        """Model i's tensor name -> model 0's."""
+        return {mine: ref for ref, mine in self.tensors.items()}
 
 
 def _attributes(node: onnx.NodeProto, depthwise: bool = False) -> list[tuple]:

@@ -23,7 +23,7 @@ from typing import Callable, Protocol
 import numpy as np
 import onnx
 
-from .layout import Concat, Grid, Layout, LayoutConflict, StackBody, Stacked, Interleave, grid_factors, make_grid
+from .layout import Concat, Interleave, Layout, LayoutConflict, StackBody, Stacked, grid_factors, make_grid
 
 
 class Context(Protocol):

@@ -61,7 +61,7 @@ def match_weights(members, spaces: list[int], params: WeightParams = WeightParam
 def _best_order(members, arrays, i: int, space: int, uses, orders: dict[int, np.ndarray]) -> np.ndarray:
     """Model i's feature order for ``space`` that best aligns its parameters with model 0's."""
     reference, member = members[0], members[i]
-    back = {mine: ref for ref, mine in member.correspondence.spaces.items()}
+    back = member.correspondence.reference_spaces
     mine = {(u.name, u.axis): u for u in member.graph.params}
     width = reference.graph.table.widths[space]
     similarity = np.zeros((width, width))

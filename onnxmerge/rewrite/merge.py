@@ -46,7 +46,7 @@ def merged_trunk_parameters(members: list[Member], split: TrunkSplit,
     count = len(members)
     merged: dict[str, np.ndarray] = {}
     for i, member in enumerate(members):
-        back = {mine: ref for ref, mine in member.correspondence.spaces.items()}
+        back = member.correspondence.reference_spaces
 
         def transform_for(space: int, role: str, i=i, back=back):
             matching = matchings.get(back[space])
@@ -69,7 +69,7 @@ def merged_trunk_parameters(members: list[Member], split: TrunkSplit,
 
 def merged_width(member: Member, layout: Layout | int, matchings: dict[int, Matching]) -> int:
     """Width of an axis of ``member`` once its matched spaces have their merged widths."""
-    back = {mine: ref for ref, mine in member.correspondence.spaces.items()}
+    back = member.correspondence.reference_spaces
 
     def leaf_width(space: int) -> int:
         matching = matchings.get(back[space])
@@ -80,7 +80,7 @@ def merged_width(member: Member, layout: Layout | int, matchings: dict[int, Matc
 
 def unmerge_matrix(member: Member, index: int, layout: Layout, matchings: dict[int, Matching]) -> np.ndarray | None:
     """The (d x r) matrix giving model ``index``'s features on an axis from the merged ones."""
-    back = {mine: ref for ref, mine in member.correspondence.spaces.items()}
+    back = member.correspondence.reference_spaces
     if not any(back[s] in matchings for s in leaves(layout)):
         return None
 
@@ -108,7 +108,7 @@ class _HeadBuilder:
         """Append model ``index``'s head; return its tensor renames (model i name -> merged)."""
         member = self.members[index]
         model = member.model
-        back_tensors = {mine: ref for ref, mine in member.correspondence.tensors.items()}
+        back_tensors = member.correspondence.reference_tensors
         produced = {name for k in self.split.head_nodes for name in model.graph.node[k].output}
         suffix = f"_m{index}"
         params = {init.name: init for init in model.graph.initializer}
@@ -144,7 +144,7 @@ class _HeadBuilder:
         return rule is not None and rule.kind == "new-space" and len(dynamic) == 1 and dynamic[0] not in produced
 
     def _folded_params(self, member: Member, index: int, node: onnx.NodeProto) -> dict[str, np.ndarray]:
-        back = {mine: ref for ref, mine in member.correspondence.spaces.items()}
+        back = member.correspondence.reference_spaces
 
         def transform_for(space: int, role: str):
             matching = self.matchings.get(back[space])
@@ -205,7 +205,7 @@ def assemble(members: list[Member], split: TrunkSplit, matchings: dict[int, Matc
         outputs = []
         for index, member in enumerate(members):
             renames = builder.build(index)
-            back_tensors = {mine: ref for ref, mine in member.correspondence.tensors.items()}
+            back_tensors = member.correspondence.reference_tensors
             for output in member.model.graph.output:
                 info = onnx.ValueInfoProto()
                 info.CopyFrom(output)
