@@ -16,8 +16,9 @@ from . import __version__, inspection
 from .calib.capture import CaptureUnit, collect_statistics, plan_captures
 from .calib.data import CalibrationSet, input_specs, load_calibration
 from .calib.stats import combine_stats, load_stats
-from .errors import CalibrationError, InvalidModelError, RecipeError
+from .errors import CalibrationError, InvalidModelError, RecipeError, UnsupportedGraphError
 from .evaluate import load_test_data, parse_tasks, run_heads, score
+from .graph.blocks import find_blocks
 from .graph.canonical import canonicalize, fold_batch_norms, infer_shapes
 from .graph.correspond import correspond
 from .graph.spaces import SpaceGraph, find_spaces
@@ -28,6 +29,7 @@ from .match.grid import assignments_of, match_grid
 from .match.matching import Matching
 from .rewrite.apply import transform_parameters
 from .rewrite.heads import split_trunk
+from .rewrite.lift import insert_identities
 from .rewrite.merge import Member, assemble, merged_trunk_parameters, reference_widths, resize_constants
 from .rewrite.repair import REPAIRS, insert_repair, reset_batch_norm
 from .rewrite.transform import Permutation
@@ -359,3 +361,21 @@ def evaluate(paths: list[str], data: str, *, labels: str = "y", tasks: str | Non
         return [dict(model="ensemble(" + ", ".join(os.path.basename(str(p)) for p in paths) + ")",
                      **score(joined, truth, task_lists))]
     return [dict(model=str(path), **score(model_heads, truth, task_lists)) for path, model_heads in zip(paths, heads)]
+
+
+def deepen(model: onnx.ModelProto, *, blocks: int, seed: int = 0, bn: str = "keep") -> onnx.ModelProto:
+    """A function-preserving copy of ``model`` with ``blocks`` identity units inserted at random
+    positions of its stages (each a copy of the stage's repeated unit with identity parameters)."""
+    if blocks < 1:
+        raise RecipeError(f"--blocks {blocks}: insert at least one block")
+    canonical = canonicalize(model, bn=bn)
+    structure = find_blocks(canonical)
+    candidates = [(s, k) for s, (start, stop) in enumerate(structure.stage_ranges()) if stop - start > 1
+                  for k in range(stop - start)]
+    if not candidates:
+        raise UnsupportedGraphError("the model has no stage of repeated blocks to deepen (see onnxmerge inspect)")
+    rng = np.random.default_rng(seed)
+    positions = [candidates[i] for i in rng.integers(len(candidates), size=blocks)]
+    deeper = infer_shapes(insert_identities(canonical, structure, positions, "deepen"))
+    check(deeper, "deepened model")
+    return deeper

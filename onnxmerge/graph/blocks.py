@@ -1,0 +1,249 @@
+"""Blocks and stages of a canonical graph (method.md §5.1).
+
+A *cut* is a tensor every input-to-output path passes through (a dominator of the outputs).
+Consecutive cuts bound *segments*; a segment with a weight layer is a *block*, and parameter-free
+segments join a neighbour (activations the block before, pooling and reshapes the block after,
+so a downsampling step opens the next stage). A *unit* is the repeating element of a stage:
+usually one block, two for a transformer layer (attention block, MLP block). A *stage* is an
+opening unit followed by a run of units of one signature; stages are what layer alignment maps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import onnx
+
+_WEIGHT_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum"}
+# parameter-free segments of these ops finish the block before them (activations, the norms that
+# follow a conv); anything else (pooling, reshapes, a final LayerNorm) opens the block after
+_TRAILING_OPS = {"Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Gelu",
+                 "Elu", "Selu", "Celu", "Softplus", "Mish", "Dropout", "Identity", "BatchNormalization",
+                 "InstanceNormalization", "GroupNormalization", "Reshape", "Mul", "Add"}
+_MAX_PERIOD = 3
+
+
+@dataclass(frozen=True)
+class Block:
+    """Nodes (indices into the graph's node list, in order) between the cut ``input`` and ``output``."""
+
+    nodes: tuple[int, ...]
+    input: str
+    output: str
+    signature: tuple
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One alignable position: consecutive blocks repeated together."""
+
+    blocks: tuple[Block, ...]
+
+    @property
+    def input(self) -> str:
+        return self.blocks[0].input
+
+    @property
+    def output(self) -> str:
+        return self.blocks[-1].output
+
+    @property
+    def nodes(self) -> tuple[int, ...]:
+        return tuple(n for b in self.blocks for n in b.nodes)
+
+    @property
+    def signature(self) -> tuple:
+        return tuple(b.signature for b in self.blocks)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """An opening unit and the run of same-signature units after it."""
+
+    units: tuple[Unit, ...]
+
+    @property
+    def body_signature(self) -> tuple | None:
+        return self.units[1].signature if len(self.units) > 1 else None
+
+
+@dataclass
+class BlockStructure:
+    cuts: list[str]
+    blocks: list[Block]
+    stages: list[Stage]
+    units: list[Unit] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.units = [u for s in self.stages for u in s.units]
+
+    def stage_ranges(self) -> list[tuple[int, int]]:
+        """Each stage as a [start, stop) range of unit indices."""
+        ranges, start = [], 0
+        for stage in self.stages:
+            ranges.append((start, start + len(stage.units)))
+            start += len(stage.units)
+        return ranges
+
+
+def find_blocks(model: onnx.ModelProto) -> BlockStructure:
+    """Cuts, blocks, units and stages of a canonical, topologically sorted model."""
+    graph = model.graph
+    constants = {i.name for i in graph.initializer}
+    dynamic = _dynamic_tensors(graph, constants)
+    cuts = _cuts(graph, dynamic)
+    segments = _segments(graph, dynamic, cuts)
+    blocks = [_block(graph, nodes, start, end) for nodes, start, end in _group(graph, segments, constants)]
+    return BlockStructure(cuts, blocks, _stages(blocks))
+
+
+def _dynamic_tensors(graph: onnx.GraphProto, constants: set[str]) -> set[str]:
+    """Tensors that depend on a graph input."""
+    dynamic = {i.name for i in graph.input if i.name not in constants}
+    for node in graph.node:
+        if any(x in dynamic for x in node.input):
+            dynamic.update(o for o in node.output if o)
+    return dynamic
+
+
+def _cuts(graph: onnx.GraphProto, dynamic: set[str]) -> list[str]:
+    """The dominators of the outputs, from the inputs on: immediate dominators over tensors,
+    computed in topological order as the nearest common dominator of a tensor's sources."""
+    source, sink = "", None
+    idom: dict[str, str] = {}
+    depth = {source: 0}
+
+    def common(a: str, b: str) -> str:
+        while a != b:
+            if depth[a] < depth[b]:
+                a, b = b, a
+            a = idom[a]
+        return a
+
+    def settle(tensor, preds: list[str]) -> None:
+        dom = preds[0]
+        for p in preds[1:]:
+            dom = common(dom, p)
+        idom[tensor], depth[tensor] = dom, depth[dom] + 1
+
+    for inp in graph.input:
+        if inp.name in dynamic:
+            settle(inp.name, [source])
+    for node in graph.node:
+        preds = [x for x in node.input if x in dynamic and x in idom]
+        for out in node.output:
+            if out and out in dynamic and preds:
+                settle(out, preds)
+    settle(sink, [o.name for o in graph.output if o.name in idom])
+    chain, tensor = [], idom[sink]
+    while tensor != source:
+        chain.append(tensor)
+        tensor = idom[tensor]
+    return chain[::-1]
+
+
+def _segments(graph: onnx.GraphProto, dynamic: set[str], cuts: list[str]) -> list[tuple[list[int], str, str]]:
+    """Node indices between consecutive cuts, with the cuts bounding them."""
+    position = {c: i for i, c in enumerate(cuts)}
+    after: dict[str, int] = dict(position)
+    members: list[list[int]] = [[] for _ in cuts]
+    for index, node in enumerate(graph.node):
+        sources = [after[x] for x in node.input if x in dynamic and x in after]
+        if not sources:
+            continue
+        segment = max(sources)
+        members[segment].append(index)
+        for out in node.output:
+            if out in dynamic:
+                after[out] = position.get(out, segment)
+    ends = cuts[1:] + [graph.output[0].name]
+    return [(nodes, cuts[i], ends[i]) for i, nodes in enumerate(members) if nodes]
+
+
+def _has_weight(graph: onnx.GraphProto, nodes: list[int], constants: set[str]) -> bool:
+    return any(graph.node[i].op_type in _WEIGHT_OPS and any(x in constants for x in graph.node[i].input)
+               for i in nodes)
+
+
+def _group(graph, segments, constants) -> list[tuple[list[int], str, str]]:
+    """Join each run of parameter-free segments to its neighbours: the leading segments of only
+    trailing ops to the weighted block before, the rest to the weighted block after."""
+    groups: list[list] = []  # [nodes, input cut, output cut]
+    run: list[tuple] = []
+    for segment in segments:
+        if not _has_weight(graph, segment[0], constants):
+            run.append(segment)
+            continue
+        while groups and run and all(graph.node[i].op_type in _TRAILING_OPS for i in run[0][0]):
+            groups[-1][0] += run[0][0]
+            groups[-1][2] = run.pop(0)[2]
+        start = run[0][1] if run else segment[1]
+        groups.append([[i for s in run for i in s[0]] + list(segment[0]), start, segment[2]])
+        run = []
+    if run and groups:
+        groups[-1][0] += [i for s in run for i in s[0]]
+        groups[-1][2] = run[-1][2]
+    elif run:
+        groups.append([[i for s in run for i in s[0]], run[0][1], run[-1][2]])
+    return [(sorted(g[0]), g[1], g[2]) for g in groups]
+
+
+def _block(graph: onnx.GraphProto, nodes: list[int], start: str, end: str) -> Block:
+    return Block(tuple(nodes), start, end, _signature(graph, nodes, start))
+
+
+def _signature(graph: onnx.GraphProto, nodes: list[int], start: str) -> tuple:
+    """Ops, attributes and wiring of a block, with widths abstracted (parameters by rank only)."""
+    local: dict[str, tuple] = {start: ("in",)}
+    shapes = {i.name: len(i.dims) for i in graph.initializer}
+    parts = []
+    for position, index in enumerate(nodes):
+        node = graph.node[index]
+        refs = tuple(local.get(x, ("param", shapes[x]) if x in shapes else ("outer",)) for x in node.input)
+        attrs = tuple(sorted((a.name, repr(onnx.helper.get_attribute_value(a))) for a in node.attribute
+                             if a.name != "group"))
+        parts.append((node.op_type, attrs, refs))
+        for k, out in enumerate(node.output):
+            local[out] = ("node", position, k)
+    return tuple(parts)
+
+
+def _stages(blocks: list[Block]) -> list[Stage]:
+    """Units by the shortest repeating period, then stages: an opening unit and its run."""
+    runs: list[list[Unit]] = []
+    i = 0
+    while i < len(blocks):
+        period, reps = _period(blocks, i)
+        units = [Unit(tuple(blocks[i + r * period:i + (r + 1) * period])) for r in range(reps)]
+        runs.append(units)
+        i += period * reps
+    stages: list[Stage] = []
+    bodies: set[tuple] = set()
+    k = 0
+    while k < len(runs):
+        run = runs[k]
+        follows = runs[k + 1] if k + 1 < len(runs) else None
+        # a lone unit opens the next run when that run repeats, or is a kind of unit seen repeating
+        if len(run) == 1 and follows and (len(follows) > 1 or follows[0].signature in bodies):
+            run = run + follows
+            k += 1
+        stages.append(Stage(tuple(run)))
+        if len(run) > 1:
+            bodies.add(run[1].signature)
+        k += 1
+    return stages
+
+
+def _period(blocks: list[Block], start: int) -> tuple[int, int]:
+    """(period, repetitions) covering the most blocks from ``start``; 1 block when nothing repeats."""
+    best = (1, 1)
+    for period in range(1, _MAX_PERIOD + 1):
+        pattern = [b.signature for b in blocks[start:start + period]]
+        if len(pattern) < period:
+            break
+        reps = 1
+        while [b.signature for b in blocks[start + reps * period:start + (reps + 1) * period]] == pattern:
+            reps += 1
+        if reps >= 2 and reps * period > best[0] * best[1]:
+            best = (period, reps)
+    return best
