@@ -16,6 +16,8 @@ from . import __version__, inspection
 from .calib.capture import CaptureUnit, collect_statistics, plan_captures
 from .calib.data import CalibrationSet, input_specs, load_calibration
 from .calib.stats import combine_stats, load_stats
+from .depth import DepthAlignment, align_depths, lift_models, needs_alignment
+from .depth import describe as describe_alignment
 from .errors import CalibrationError, InvalidModelError, RecipeError, UnsupportedGraphError
 from .evaluate import load_test_data, parse_tasks, run_heads, score
 from .graph.blocks import find_blocks
@@ -105,6 +107,7 @@ class MergeOptions:
     max_samples: int | None = None
     provider: str = "auto"
     seed: int = 0
+    align: str = "auto"  # depth alignment: auto (sma when depths differ), sma, lma, uniform, head-tail, none
 
 
 @dataclass
@@ -132,11 +135,16 @@ def merge(paths: list[str], *, calibration: str | None = None, stats: list[str] 
     method = get_method(options.method)
     if len(paths) < 2:
         raise RecipeError("merge needs at least two models")
-    members = _members(paths, options.bn)
+    named = _canonical(paths, options.bn)
+    calib = _calibration(calibration, [m for _, m in named], options) if calibration else None
+    depth = None
+    if needs_alignment([m for _, m in named], options.align):
+        depth = _align(named, calib, options)
+        named = list(zip([n for n, _ in named], lift_models(named, depth)))
+    members = _members(named)
     split = split_trunk(members[0].model, members[0].graph, heads=options.heads, zip_layers=options.zip_layers)
     timings["analyse_s"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    calib = _calibration(calibration, members, options) if calibration else None
     if method.needs_calibration and calib is None and not stats:
         raise RecipeError(f"--method {options.method} needs calibration data: pass --calib DATA or --stats FILES")
     units, unit_stats, provider = ([], [], "none")
@@ -158,20 +166,37 @@ def merge(paths: list[str], *, calibration: str | None = None, stats: list[str] 
               "options": asdict(options), "provider": provider, "repair": repair,
               "layers": f"{split.zipped_layers} of {split.total_layers} layers zipped",
               "spaces": summary, "timings": timings}
+    if depth is not None:
+        report["alignment"] = describe_alignment(depth)
     return MergeResult(merged, report)
 
 
-def _members(paths: list[str], bn: str) -> list[Member]:
-    analysed = []
-    for path in paths:
-        canonical, graph = analyse(load_model(path), bn=bn)
-        analysed.append((str(path), canonical, graph))
+def _canonical(paths: list[str], bn: str) -> list[tuple[str, onnx.ModelProto]]:
+    return [(str(path), canonicalize(load_model(path), bn=bn)) for path in paths]
+
+
+def _members(named: list[tuple[str, onnx.ModelProto]]) -> list[Member]:
+    analysed = [(name, model, find_spaces(model)) for name, model in named]
     return [Member(model, graph, correspond(analysed[0], (path, model, graph))) for path, model, graph in analysed]
 
 
-def _calibration(path: str, members: list[Member], options: MergeOptions) -> CalibrationSet:
-    specs = [input_specs(member.model) for member in members]
+def _calibration(path: str, models: list[onnx.ModelProto], options: MergeOptions) -> CalibrationSet:
+    specs = [input_specs(model) for model in models]
     return load_calibration(path, specs, max_samples=options.max_samples)
+
+
+def _align(named: list[tuple[str, onnx.ModelProto]], calib: CalibrationSet | None, options: MergeOptions) -> DepthAlignment:
+    batches = _batches(calib, len(named), options.batch_size) if calib is not None else None
+    return align_depths(named, options.align, batches, options.provider)
+
+
+def align(paths: list[str], calibration: str | None = None, options: MergeOptions = MergeOptions()) -> DepthAlignment:
+    """Block structure, CKA and the depth alignment of models onto the deepest (``onnxmerge align``)."""
+    if len(paths) < 2:
+        raise RecipeError("align needs at least two models")
+    named = _canonical(paths, options.bn)
+    calib = _calibration(calibration, [m for _, m in named], options) if calibration else None
+    return _align(named, calib, replace(options, align="sma" if options.align in ("auto", "none") else options.align))
 
 
 def _batches(calib: CalibrationSet, count: int, batch_size: int):
@@ -214,9 +239,9 @@ def _statistics(members: list[Member], split, calib, stats_files, options: Merge
 
 def calibrate(paths: list[str], calibration: str, options: MergeOptions = MergeOptions()) -> tuple[dict, dict]:
     """Statistics a merge of these models needs, as (stats by unit, meta) for ``save_stats``."""
-    members = _members(paths, options.bn)
+    members = _members(_canonical(paths, options.bn))
     split = split_trunk(members[0].model, members[0].graph, heads=options.heads, zip_layers=options.zip_layers)
-    calib = _calibration(calibration, members, options)
+    calib = _calibration(calibration, [m.model for m in members], options)
     units, stats, provider = _statistics(members, split, calib, None, options)
     meta = {"fingerprint": _fingerprint(members, units), "provider": provider, "samples": str(calib.num_samples)}
     return {_stats_key(u): s for u, s in zip(units, stats)}, meta

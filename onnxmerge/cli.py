@@ -18,7 +18,9 @@ from .calib.capture import PROVIDERS
 from .calib.stats import save_stats
 from .io import load_model, save_model
 from .match import METHODS
-from .report import write_json
+from .depth import ALIGNMENTS
+from .depth import describe as describe_alignment
+from .report import plot_alignment, render_alignment, write_json
 from .rewrite.heads import HEADS
 from .rewrite.repair import REPAIRS
 
@@ -92,6 +94,29 @@ def cmd_widen(args: argparse.Namespace) -> int:
     wider = api.widen(load_model(args.model), factor=args.factor, seed=args.seed, bn=args.bn)
     save_model(wider, args.output)
     print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_deepen(args: argparse.Namespace) -> int:
+    """Insert identity blocks at random positions of the model's stages; the outputs stay the same."""
+    deeper = api.deepen(load_model(args.model), blocks=args.blocks, seed=args.seed, bn=args.bn)
+    save_model(deeper, args.output)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_align(args: argparse.Namespace) -> int:
+    """Align the blocks of models of different depths onto the deepest, stage by stage (CKA)."""
+    alignment = api.align(args.models, args.calib, _options(args))
+    report = describe_alignment(alignment)
+    if args.plot:
+        plot_alignment(alignment, args.plot)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(render_alignment(report))
+    if args.plot:
+        print(f"wrote {args.plot}")
     return 0
 
 
@@ -175,9 +200,30 @@ def build_parser() -> argparse.ArgumentParser:
                             "(capped at the sum of the widths; default 1x), or min: the narrowest model's")
     merge.add_argument("--repair", choices=REPAIRS, default="auto",
                        help="auto: BN reset when the graph has BatchNormalization, REPAIR otherwise")
+    merge.add_argument("--align", choices=ALIGNMENTS, default="auto",
+                       help="depth alignment of models with different numbers of blocks: auto (sma when depths "
+                            "differ), sma, lma, uniform, head-tail, none (default auto)")
     merge.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     merge.add_argument("--report", metavar="JSON", help="write the matching summary, timings and provider")
     merge.set_defaults(run=cmd_merge)
+
+    deepen = commands.add_parser("deepen", parents=[graph], help=cmd_deepen.__doc__, description=cmd_deepen.__doc__)
+    deepen.add_argument("model", help="ONNX file")
+    deepen.add_argument("-o", "--output", required=True, help="where to write the deepened model")
+    deepen.add_argument("--blocks", type=int, required=True, help="how many identity blocks to insert")
+    deepen.add_argument("--seed", type=int, default=0, help="random seed choosing the positions (default 0)")
+    deepen.set_defaults(run=cmd_deepen)
+
+    align = commands.add_parser("align", parents=[graph, calibration], help=cmd_align.__doc__,
+                                description=cmd_align.__doc__)
+    align.add_argument("models", nargs="+", help="ONNX files of one design at different depths")
+    align.add_argument("--method", dest="align", choices=[a for a in ALIGNMENTS if a not in ("auto", "none")],
+                       default="sma", help="sma: segment-wise, lma: layer-wise (CKA, need --calib); "
+                                           "uniform, head-tail: data-free baselines (default sma)")
+    align.add_argument("--json", action="store_true", help="print the alignment report as JSON")
+    align.add_argument("--plot", metavar="PNG", help="write CKA heatmaps (self, cross before/after alignment); "
+                                                     "needs matplotlib (pip install 'onnxmerge[plot]')")
+    align.set_defaults(run=cmd_align)
 
     calibrate = commands.add_parser("calibrate", parents=[graph, calibration, plan], help=cmd_calibrate.__doc__,
                                     description=cmd_calibrate.__doc__)

@@ -10,6 +10,7 @@ from collections import Counter
 
 import onnx
 
+from .graph.blocks import find_blocks
 from .graph.layout import leaves
 from .graph.spaces import ParamUse, SpaceGraph
 
@@ -50,6 +51,7 @@ def describe(path: str, model: onnx.ModelProto, graph: SpaceGraph) -> dict:
         "ops": dict(sorted(Counter(n.op_type for n in model.graph.node).items())),
         "spaces": spaces,
         "barriers": [{"node": b.node, "op": b.op, "reason": b.reason} for b in graph.barriers],
+        "stages": _stages(model),
         "summary": {
             "nodes": len(model.graph.node),
             "parameters": sum(int(_numel(i)) for i in model.graph.initializer),
@@ -59,6 +61,16 @@ def describe(path: str, model: onnx.ModelProto, graph: SpaceGraph) -> dict:
             "barriers": len(graph.barriers),
         },
     }
+
+
+def _stages(model: onnx.ModelProto) -> list[dict]:
+    """Each stage's units: their blocks' ops, input and output cuts."""
+    structure = find_blocks(model)
+    nodes = model.graph.node
+    return [{"units": [{"input": unit.input, "output": unit.output,
+                        "blocks": [[nodes[i].op_type for i in block.nodes] for block in unit.blocks]}
+                       for unit in stage.units]}
+            for stage in structure.stages]
 
 
 def _numel(init: onnx.TensorProto) -> int:
@@ -71,6 +83,12 @@ def _numel(init: onnx.TensorProto) -> int:
 def _structured(graph: SpaceGraph, space_id: int) -> bool:
     """True when the space is a factor of a head/group grid or a part of a concat."""
     return any(len(leaves(p.layout)) > 1 and space_id in leaves(p.layout) for p in graph.params)
+
+
+def _ops_text(ops: list[str]) -> str:
+    """A block's weight ops, e.g. Conv,Conv,Gemm, or its first op when it has none."""
+    weights = [op for op in ops if op in ("Conv", "ConvTranspose", "Gemm", "MatMul")]
+    return ",".join(weights or ops[:1])
 
 
 def render(report: dict) -> str:
@@ -89,6 +107,9 @@ def render(report: dict) -> str:
         more_c = "" if len(space["consumers"]) <= 3 else f" +{len(space['consumers']) - 3}"
         reason = f"  ({space['fixed_reasons'][0]})" if space["fixed_reasons"] else ""
         lines.append(f"{space['id']:6} {space['width']:>5}  {state:5}  {producers}{more} -> {consumers}{more_c}{reason}")
+    for index, stage in enumerate(report["stages"]):
+        units = " | ".join("+".join(_ops_text(ops) for ops in unit["blocks"]) for unit in stage["units"])
+        lines.append(f"stage {index} ({len(stage['units'])} blocks): {units}")
     for barrier in report["barriers"]:
         lines.append(f"barrier: node {barrier['node']!r} ({barrier['op']}): {barrier['reason']}")
     s = report["summary"]

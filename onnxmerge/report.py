@@ -6,6 +6,8 @@ import json
 import os
 import tempfile
 
+from .errors import OnnxMergeError
+
 
 def write_json(data: dict, path: str | os.PathLike) -> None:
     """Write ``data`` as indented JSON; the file appears complete or not at all."""
@@ -19,3 +21,64 @@ def write_json(data: dict, path: str | os.PathLike) -> None:
         if os.path.exists(temporary):
             os.unlink(temporary)
         raise
+
+
+def render_alignment(report: dict) -> str:
+    """The text form of ``onnxmerge align``: per model and stage, the deep block each position takes."""
+    lines = [f"method {report['method']}; deepest model {report['deep']} "
+             f"({report['units'][report['deep']]} blocks, stages {report['stages'][report['deep']]})"]
+    for name, stages in report["maps"].items():
+        total = sum(s["objective"] or 0 for s in stages)
+        lines.append(f"{name}: {report['units'][name]} blocks, stages {report['stages'][name]}, objective {total:.4f}")
+        for stage in stages:
+            placed = " ".join(f"{l}<-{'id' if k is None else k}" for l, k in zip(stage["deep_units"], stage["map"]))
+            objective = "" if stage["objective"] is None else f"  objective {stage['objective']:.4f}"
+            lines.append(f"  stage {stage['stage']}: {placed}{objective}")
+        if name in report.get("cka", {}):
+            lines.append(f"  CKA (rows: {report['deep']} blocks, columns: {name} blocks)")
+            lines.extend("    " + " ".join(f"{v:5.2f}" for v in row) for row in report["cka"][name])
+    return "\n".join(lines)
+
+
+def plot_alignment(alignment, path: str | os.PathLike) -> None:
+    """Heatmaps like Xu et al.'s Figure 3: each model's self-CKA, and the cross-CKA with the
+    deepest model before and after alignment (after: each deep position against what the lifted
+    model computes there, the aligned block or the identity's input). Written atomically."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise OnnxMergeError("--plot needs matplotlib: pip install 'onnxmerge[plot]'") from None
+    if alignment.cka is None:
+        raise OnnxMergeError("--plot needs CKA: use --method sma or lma with --calib DATA")
+    deep, others = alignment.deep, [i for i in range(len(alignment.names)) if i != alignment.deep]
+    panels = [(f"self-CKA {alignment.names[i]}", alignment.cross(i, i)) for i in range(len(alignment.names))]
+    for i in others:
+        cross = alignment.cross(deep, i)
+        panels.append((f"cross before: {alignment.names[i]}", cross))
+        panels.append((f"cross after: {alignment.names[i]}", cross[:, _effective_sources(alignment.maps[i])]))
+    figure, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), squeeze=False)
+    for axis, (title, matrix) in zip(axes[0], panels):
+        image = axis.imshow(matrix, vmin=0, vmax=1, cmap="magma", origin="lower")
+        axis.set_title(os.path.basename(title), fontsize=8)
+    figure.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
+    folder = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".onnxmerge-", suffix=".png")
+    os.close(handle)
+    try:
+        figure.savefig(temporary, dpi=110, bbox_inches="tight")
+        os.replace(temporary, path)
+    finally:
+        plt.close(figure)
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def _effective_sources(mapping: list[int | None]) -> list[int]:
+    """For each deep position, the model's unit whose output the lifted model has there."""
+    sources, last = [], 0
+    for unit in mapping:
+        last = last if unit is None else unit
+        sources.append(last)
+    return sources

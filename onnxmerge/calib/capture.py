@@ -13,7 +13,7 @@ import onnxruntime
 
 from ..graph.layout import Atom, Grid, leaves
 from ..graph.spaces import SpaceGraph, tensor_shapes
-from .stats import SpaceStats, to_samples
+from .stats import CKAStats, SpaceStats, to_samples
 
 from ..errors import CalibrationError
 
@@ -226,3 +226,20 @@ def _rows(nodes: list, inits: list, tensor: str, axis: int, rank: int, width: in
     nodes += [onnx.helper.make_node("Reshape", [current, f"{name}_shape"], [f"{name}_rows"]),
               onnx.helper.make_node("Cast", [f"{name}_rows"], [name], to=onnx.TensorProto.FLOAT)]
     return name
+
+
+def collect_cka(models: list[onnx.ModelProto], tensors: list[list[str]],
+                batches: Iterable[list[dict[str, np.ndarray]]], provider: str = "auto") -> tuple[CKAStats, str]:
+    """CKA between every listed tensor of every model (model 0's tensors first, then model 1's ...)."""
+    sessions, used = [], set()
+    for model, names in zip(models, tensors):
+        session, ran = open_session(expose(model, names), provider)
+        sessions.append(session)
+        used.add(ran)
+    stats = CKAStats(sum(len(names) for names in tensors))
+    for feeds in batches:
+        features = []
+        for session, names, feed in zip(sessions, tensors, feeds):
+            features.extend(session.run(names, feed))
+        stats.update(features)
+    return stats, "+".join(sorted(used))

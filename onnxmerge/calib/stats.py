@@ -264,3 +264,47 @@ def _sum_of(parts: list[SpaceStats]) -> SpaceStats:
     for part in parts:
         total = combine(total, part)
     return total
+
+
+class CKAStats:
+    """Streaming unbiased minibatch linear CKA between any two of a set of tensors (method.md §5.2).
+
+    Per batch of n samples each tensor's linear Gram matrix K = X X^T (X flattened per sample) is
+    formed once; the unbiased HSIC (Song et al. 2012) of every pair of tensors is summed in float64.
+    CKA = mean HSIC(K, L) / sqrt(mean HSIC(K, K) mean HSIC(L, L)).
+    """
+
+    def __init__(self, count: int):
+        self.hsic = np.zeros((count, count))
+        self.batches = 0
+
+    def update(self, features: list[np.ndarray]) -> None:
+        """One batch: one array (batch first) per tensor. Batches under 4 samples are skipped."""
+        n = features[0].shape[0]
+        if n < 4:
+            return
+        grams = np.stack([_zero_diagonal(x.reshape(n, -1).astype(np.float64)) for x in features])
+        flat = grams.reshape(len(features), -1)
+        rows = grams.sum(axis=2)
+        totals = rows.sum(axis=1)
+        hsic = (flat @ flat.T + np.outer(totals, totals) / ((n - 1) * (n - 2))
+                - 2.0 / (n - 2) * rows @ rows.T) / (n * (n - 3))
+        self.hsic += hsic
+        self.batches += 1
+
+    def cka(self) -> np.ndarray:
+        """The CKA matrix; 0 where a tensor has no variation."""
+        if not self.batches:
+            raise CalibrationError("CKA needs at least one batch of 4 or more samples; pass more calibration data")
+        scale = np.sqrt(np.clip(np.diag(self.hsic), 0, None))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            result = self.hsic / np.outer(scale, scale)
+        # rounded so that blocks with identical outputs tie exactly (the products sum identical
+        # rows in different orders) and alignment's earliest-block rule decides, not rounding noise
+        return np.round(np.nan_to_num(result, nan=0.0, posinf=0.0, neginf=0.0), 9)
+
+
+def _zero_diagonal(x: np.ndarray) -> np.ndarray:
+    gram = x @ x.T
+    np.fill_diagonal(gram, 0.0)
+    return gram

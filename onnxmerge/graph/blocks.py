@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import onnx
 
+from ..errors import UnsupportedGraphError
+
 _WEIGHT_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum"}
 # parameter-free segments of these ops finish the block before them (activations, the norms that
 # follow a conv); anything else (pooling, reshapes, a final LayerNorm) opens the block after
@@ -247,3 +249,21 @@ def _period(blocks: list[Block], start: int) -> tuple[int, int]:
         if reps >= 2 and reps * period > best[0] * best[1]:
             best = (period, reps)
     return best
+
+
+def check_stages(deep: BlockStructure, shallow: BlockStructure, deep_name: str, shallow_name: str) -> None:
+    """Raise unless the stages correspond one to one and ``shallow`` is nowhere deeper."""
+    def differ(what: str) -> UnsupportedGraphError:
+        return UnsupportedGraphError(f"{shallow_name}: {what} (compared with {deep_name}); depth alignment maps "
+                                     "stage to stage: see the stages with onnxmerge inspect")
+
+    if len(deep.stages) != len(shallow.stages):
+        raise differ(f"{len(shallow.stages)} stages instead of {len(deep.stages)}")
+    for index, (a, b) in enumerate(zip(deep.stages, shallow.stages)):
+        if a.units[0].signature != b.units[0].signature:
+            raise differ(f"stage {index} opens with a different block")
+        if b.body_signature is not None and b.body_signature != a.body_signature:
+            raise differ(f"stage {index} repeats a different block")
+        if len(b.units) > len(a.units):
+            raise differ(f"stage {index} has {len(b.units)} blocks, more than {len(a.units)}; "
+                         "give the deepest model first or use --align none")

@@ -304,8 +304,8 @@ def lift(shallow: onnx.ModelProto, shallow_blocks: BlockStructure, deep: onnx.Mo
             unit = deep_blocks.units[l]
             for index in unit.nodes:
                 for x in deep.graph.node[index].input:
-                    if x in mine:
-                        mine[x] = np.zeros(_lifted_shape(mine[x], uses.get(x, []), widths), mine[x].dtype)
+                    if x in uses:  # parameters take the lifted widths; other constants stay
+                        mine[x] = np.zeros(_lifted_shape(mine[x], uses[x], widths), mine[x].dtype)
             unit_identity(lifted, unit, mine, f"{name}: identity at unit {l} of {len(mapping)}")
     _store(lifted, mine)
     from .merge import resize_constants  # merge imports this module's users; avoid a cycle
@@ -354,7 +354,7 @@ def insert_identities(model: onnx.ModelProto, blocks: BlockStructure, positions:
     ranges = blocks.stage_ranges()
     outputs = {o.name for o in model.graph.output}
     tails: dict[str, str] = {}  # a unit's output -> the output of the identities inserted after it
-    for copy, (stage, after) in enumerate(sorted(positions)):
+    for stage, after in sorted(positions):
         start, stop = ranges[stage]
         if stop - start < 2:
             raise UnsupportedGraphError(f"{name}: stage {stage} has no repeated block to copy as an identity")
@@ -364,7 +364,7 @@ def insert_identities(model: onnx.ModelProto, blocks: BlockStructure, positions:
             raise UnsupportedGraphError(f"{name}: stage {stage} ends at a graph output; cannot deepen there")
         probe = _model_with(model, nodes, arrays)
         copies, unit, new_arrays = _copy_unit(model, blocks.units[start + 1], tail, arrays,
-                                              f"deepen{copy}", offset=len(nodes))
+                                              _fresh_tag(nodes, arrays), offset=len(nodes))
         probe.graph.node.extend(copies)
         unit_identity(probe, unit, new_arrays, f"{name}: stage {stage}", _shape(model, anchor))
         arrays.update(new_arrays)
@@ -374,6 +374,15 @@ def insert_identities(model: onnx.ModelProto, blocks: BlockStructure, positions:
         nodes[at:at] = copies
         tails[anchor] = unit.output
     return _model_with(model, nodes, arrays)
+
+
+def _fresh_tag(nodes: list[onnx.NodeProto], arrays: Arrays) -> str:
+    """A suffix no tensor name carries yet (a deepened model can be deepened again)."""
+    names = set(arrays) | {x for n in nodes for x in n.output}
+    count = 0
+    while any(name.endswith(f"_deepen{count}") for name in names):
+        count += 1
+    return f"deepen{count}"
 
 
 def _copy(node: onnx.NodeProto) -> onnx.NodeProto:

@@ -5,6 +5,9 @@ one on classes 0-4 and one on classes 5-9, and exported with torch's legacy expo
 BatchNormalization. Writes into samples/digits/:
   resnet_a.onnx, resnet_b.onnx  same architecture (stem 32, stages 32 and 64), tasks 0-4 / 5-9
   resnet_b_wide.onnx            twice as wide (stem 64, stages 64 and 128), task 5-9
+  resnet_a_deep.onnx            3 blocks per stage instead of 2, task 0-4
+  vgg_a.onnx, vgg_b.onnx        plain VGG-style CNNs (conv-BN-ReLU, 2 per stage), tasks 0-4 / 5-9
+  vgg_a_deep.onnx               3 conv layers per stage, task 0-4
   calib.npz                     500 training images of all classes, array "input"
   test.npz                      the held-out images ("input") and labels ("y")
 Needs torch and scikit-learn: pip install -e .[cpu,torch,dev]
@@ -58,6 +61,37 @@ class ResNet(nn.Module):
         return self.net(x)
 
 
+class VGG(nn.Module):
+    """`layers` conv-BN-ReLU per stage at `width`, max-pool, `layers` at 2*width -> pool -> linear."""
+
+    def __init__(self, width: int = 32, layers: int = 2, classes: int = 5):
+        super().__init__()
+        modules: list[nn.Module] = []
+        c_in = 1
+        for stage, c_out in enumerate((width, 2 * width)):
+            if stage:
+                modules.append(nn.MaxPool2d(2))
+            for _ in range(layers):
+                modules += [nn.Conv2d(c_in, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+                c_in = c_out
+        modules += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, classes)]
+        self.net = nn.Sequential(*modules)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+MODELS = {  # file stem -> (task, builder, seed)
+    "resnet_a": ("a", lambda: ResNet(32), 1),
+    "resnet_b": ("b", lambda: ResNet(32), 2),
+    "resnet_b_wide": ("b", lambda: ResNet(64), 2),
+    "resnet_a_deep": ("a", lambda: ResNet(32, blocks=3), 3),
+    "vgg_a": ("a", lambda: VGG(32), 4),
+    "vgg_b": ("b", lambda: VGG(32), 5),
+    "vgg_a_deep": ("a", lambda: VGG(32, layers=3), 6),
+}
+
+
 def data(seed: int = 0):
     digits = load_digits()
     x = (digits.images / 16.0).astype(np.float32)[:, None]
@@ -100,11 +134,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE)
     args = parser.parse_args()
     x_train, x_test, y_train, y_test = data()
-    for name, task, width, seed in (("a", "a", 32, 1), ("b", "b", 32, 2), ("b_wide", "b", 64, 2)):
+    for name, (task, build, seed) in MODELS.items():
         torch.manual_seed(seed)
-        model = train(ResNet(width), x_train, y_train, TASKS[task], seed)
-        export(model, args.out / f"resnet_{name}.onnx")
-        print(f"resnet_{name}: task accuracy {accuracy(model, x_test, y_test, TASKS[task]):.3f}")
+        model = train(build(), x_train, y_train, TASKS[task], seed)
+        export(model, args.out / f"{name}.onnx")
+        print(f"{name}: task accuracy {accuracy(model, x_test, y_test, TASKS[task]):.3f}")
     pick = np.random.default_rng(0).choice(len(x_train), 500, replace=False)
     np.savez_compressed(args.out / "calib.npz", input=x_train[pick])
     np.savez_compressed(args.out / "test.npz", input=x_test, y=y_test)

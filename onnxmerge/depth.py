@@ -1,0 +1,131 @@
+"""Depth alignment of models with different numbers of blocks (method.md §5): block structure,
+CKA between block outputs, per-stage alignment onto the deepest model, and lifting."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from .calib.capture import collect_cka
+from .errors import RecipeError
+from .graph.canonical import infer_shapes
+from .graph.blocks import BlockStructure, check_stages, find_blocks
+from .graph.spaces import find_spaces
+from .match.align import align_stages
+from .rewrite.lift import lift
+
+ALIGNMENTS = ("auto", "sma", "lma", "uniform", "head-tail", "none")
+_NEEDS_DATA = {"sma", "lma"}
+
+
+@dataclass
+class DepthAlignment:
+    """Where each model's units sit in the deepest model's topology."""
+
+    method: str
+    names: list[str]
+    structures: list[BlockStructure]
+    deep: int  # index of the deepest model
+    maps: dict[int, list[int | None]] = field(default_factory=dict)  # model -> per deep unit: its unit
+    objectives: dict[int, list[float]] = field(default_factory=dict)  # model -> per stage
+    cka: np.ndarray | None = None  # over all models' units, model 0's first
+    provider: str = "none"
+
+    def offsets(self) -> list[int]:
+        sizes = [len(s.units) for s in self.structures]
+        return [int(sum(sizes[:i])) for i in range(len(sizes))]
+
+    def cross(self, i: int, j: int) -> np.ndarray | None:
+        """CKA between model i's units (rows) and model j's (columns)."""
+        if self.cka is None:
+            return None
+        offsets, sizes = self.offsets(), [len(s.units) for s in self.structures]
+        return self.cka[offsets[i]:offsets[i] + sizes[i], offsets[j]:offsets[j] + sizes[j]]
+
+
+def needs_alignment(models: list[onnx.ModelProto], method: str) -> bool:
+    """Whether ``method`` asks for lifting: any method but none, auto only when depths differ."""
+    if method not in ALIGNMENTS:
+        raise RecipeError(f"--align {method!r} is not one of {', '.join(ALIGNMENTS)}")
+    if method == "none":
+        return False
+    if method != "auto":
+        return True
+    return len({len(find_blocks(m).units) for m in models}) > 1
+
+
+def align_depths(named: list[tuple[str, onnx.ModelProto]], method: str, batches=None,
+                 provider: str = "auto") -> DepthAlignment:
+    """Align every model onto the deepest (the first of the deepest on ties).
+
+    Args:
+        named: (file name, canonical model) pairs.
+        method: one of ALIGNMENTS; auto is sma.
+        batches: calibration batches (one feed per model per step); needed for sma and lma.
+    """
+    method = "sma" if method == "auto" else method
+    structures = [find_blocks(model) for _, model in named]
+    sizes = [len(s.units) for s in structures]
+    deep = int(np.argmax(sizes))
+    names = [name for name, _ in named]
+    for i, structure in enumerate(structures):
+        if i != deep:
+            check_stages(structures[deep], structure, names[deep], names[i])
+    result = DepthAlignment(method, names, structures, deep)
+    if method in _NEEDS_DATA:
+        if batches is None:
+            raise RecipeError(f"--align {method} compares block outputs and needs --calib DATA; "
+                              "without data use --align uniform or --align head-tail")
+        tensors = [[u.output for u in s.units] for s in structures]
+        stats, result.provider = collect_cka([m for _, m in named], tensors, batches, provider)
+        result.cka = stats.cka()
+    for i, structure in enumerate(structures):
+        if i == deep:
+            result.maps[i] = list(range(sizes[deep]))
+            continue
+        similarity = result.cross(deep, i) if result.cka is not None else np.zeros((sizes[deep], sizes[i]))
+        placed, result.objectives[i] = align_stages(similarity, structures[deep].stage_ranges(),
+                                                    structure.stage_ranges(), method)
+        mapping: list[int | None] = [None] * sizes[deep]
+        for k, l in enumerate(placed):
+            mapping[l] = k
+        result.maps[i] = mapping
+    return result
+
+
+def lift_models(named: list[tuple[str, onnx.ModelProto]], alignment: DepthAlignment) -> list[onnx.ModelProto]:
+    """Every model rewritten into the deepest model's topology (the deepest as it is)."""
+    deep_name, deep_model = named[alignment.deep]
+    deep_graph = find_spaces(deep_model)
+    lifted = []
+    for i, (name, model) in enumerate(named):
+        if i == alignment.deep:
+            lifted.append(model)
+            continue
+        lifted.append(infer_shapes(lift(model, alignment.structures[i], deep_model,
+                                        alignment.structures[alignment.deep], deep_graph, alignment.maps[i], name)))
+    return lifted
+
+
+def describe(alignment: DepthAlignment) -> dict:
+    """The JSON-ready alignment report: per model and stage, which deep unit each unit maps to."""
+    deep = alignment.structures[alignment.deep]
+    report = {"method": alignment.method, "deep": alignment.names[alignment.deep],
+              "units": {n: len(s.units) for n, s in zip(alignment.names, alignment.structures)},
+              "stages": {n: [len(st.units) for st in s.stages] for n, s in zip(alignment.names, alignment.structures)},
+              "maps": {}, "provider": alignment.provider}
+    for i, mapping in alignment.maps.items():
+        if i == alignment.deep:
+            continue
+        stages = []
+        for s, (start, stop) in enumerate(deep.stage_ranges()):
+            stages.append({"stage": s, "deep_units": list(range(start, stop)),
+                           "map": [mapping[l] for l in range(start, stop)],
+                           "objective": alignment.objectives.get(i, [None] * len(deep.stages))[s]})
+        report["maps"][alignment.names[i]] = stages
+    if alignment.cka is not None:
+        report["cka"] = {alignment.names[i]: np.round(alignment.cross(alignment.deep, i), 4).tolist()
+                         for i in range(len(alignment.names)) if i != alignment.deep}
+    return report

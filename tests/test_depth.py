@@ -1,0 +1,201 @@
+"""Depth heterogeneity (method.md §5): blocks and stages, identity blocks (deepen), lifting and
+merges of models of different depths. Oracles: deepen preserves outputs, and merging a model with
+deepened (and permuted or widened) copies of itself gives the model back."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from onnxmerge import api
+from onnxmerge.errors import RecipeError, UnsupportedGraphError
+from onnxmerge.graph.blocks import find_blocks
+from onnxmerge.io import load_model, save_model
+from tests import zoo
+from tests.test_rules import run_all
+from tests.test_zoo_oracles import outputs_close
+
+DEEPEN = [("mlp", "legacy_folded"), ("mlp", "dynamo"), ("vgg_bn", "legacy_bn"), ("vgg_bn", "dynamo"),
+          ("resnet_basic", "legacy_bn"), ("resnet_basic", "dynamo"), ("resnet_bottleneck", "legacy_bn"),
+          ("resnet_bottleneck", "legacy_folded"), ("transformer", "dynamo"), ("transformer", "legacy_bn"),
+          ("transformer_tanh_gelu", "legacy_folded")]
+IDS = [f"{m}-{e}" for m, e in DEEPEN]
+
+
+def _units_per_stage(model) -> list[int]:
+    return [len(stage.units) for stage in find_blocks(api.canonicalize(model)).stages]
+
+
+@pytest.mark.parametrize("name,exporter,expected", [
+    ("resnet_basic", "legacy_bn", [3, 2, 1]), ("resnet_basic", "dynamo", [3, 2, 1]),
+    ("vgg_bn", "legacy_bn", [2, 2, 1, 1]), ("mlp", "dynamo", [2, 1]), ("transformer", "dynamo", [3, 1])])
+def test_stages(zoo_files, name, exporter, expected):
+    path, _ = zoo_files.get(name, exporter)
+    assert _units_per_stage(load_model(path)) == expected
+
+
+def test_transformer_units_are_layers(zoo_files):
+    path, _ = zoo_files.get("transformer", "dynamo")
+    model = api.canonicalize(load_model(path))
+    stage = find_blocks(model).stages[0]
+    # embedding, then two layers of (attention block, MLP block)
+    assert [len(u.blocks) for u in stage.units] == [1, 2, 2]
+    attention, mlp = stage.units[1].blocks
+    ops = [model.graph.node[i].op_type for i in attention.nodes]
+    assert "Softmax" in ops and "Softmax" not in [model.graph.node[i].op_type for i in mlp.nodes]
+
+
+def test_cuts_are_dominators(zoo_files):
+    """Removing a cut's producer disconnects the output: every input-to-output path goes through it."""
+    path, _ = zoo_files.get("resnet_basic", "dynamo")
+    model = api.canonicalize(load_model(path))
+    structure = find_blocks(model)
+    producers = {o: n for n in model.graph.node for o in n.output}
+    for cut in structure.cuts[1:]:
+        reached = {model.graph.input[0].name}
+        for node in model.graph.node:
+            if cut not in node.output and any(x in reached for x in node.input):
+                reached.update(node.output)
+        assert model.graph.output[0].name not in reached, cut
+        assert cut in producers
+
+
+@pytest.mark.parametrize("name,exporter", DEEPEN, ids=IDS)
+def test_deepen_preserves_outputs(zoo_files, name, exporter):
+    path, x = zoo_files.get(name, exporter)
+    model = load_model(path)
+    deeper = api.deepen(model, blocks=3, seed=2)
+    assert sum(_units_per_stage(deeper)) == sum(_units_per_stage(model)) + 3
+    outputs_close(run_all(model, x), run_all(deeper, x))
+
+
+def test_deepen_refuses_models_without_repeated_blocks(tmp_path):
+    path = tmp_path / "m.onnx"
+    zoo.export("mobilenetv2", "dynamo", str(path))
+    with pytest.raises(UnsupportedGraphError, match="no stage of repeated blocks"):
+        api.deepen(load_model(path), blocks=1)
+    with pytest.raises(RecipeError, match="at least one block"):
+        api.deepen(load_model(path), blocks=0)
+
+
+def _calibration(tmp_path, name: str) -> str:
+    np.save(tmp_path / "calib.npy", zoo.sample_input(name, batch=64, seed=7))
+    return str(tmp_path / "calib.npy")
+
+
+MERGE_DEPTH = [("resnet_basic", "legacy_bn"), ("vgg_bn", "dynamo"), ("mlp", "legacy_folded"),
+               ("transformer", "dynamo"), ("resnet_bottleneck", "dynamo")]
+
+
+@pytest.mark.parametrize("name,exporter", MERGE_DEPTH, ids=[f"{m}-{e}" for m, e in MERGE_DEPTH])
+@pytest.mark.parametrize("permuted", [False, True], ids=["plain", "permuted"])
+def test_merge_with_deepened_copy_gives_self(zoo_files, tmp_path, name, exporter, permuted):
+    path, x = zoo_files.get(name, exporter)
+    model = load_model(path)
+    deep = tmp_path / "deep.onnx"
+    save_model(api.deepen(model, blocks=2, seed=4), deep)
+    first = str(path)
+    if permuted:
+        first = str(tmp_path / "permuted.onnx")
+        save_model(api.permute(model, seed=9), first)
+    result = api.merge([first, str(deep)], calibration=_calibration(tmp_path, name),
+                       options=api.MergeOptions(repair="none"))
+    assert result.report["alignment"]["method"] == "sma"
+    expected = run_all(model, x)
+    outputs_close(expected + expected, run_all(result.model, x))
+
+
+def test_three_depths_merge_gives_self(zoo_files, tmp_path):
+    """A, A with one identity block, and that model with two more: the deeper models hold the
+    shallower ones' blocks in order, so the alignment can place every block on its copy."""
+    path, x = zoo_files.get("resnet_basic", "legacy_bn")
+    model = load_model(path)
+    middle = api.deepen(model, blocks=1, seed=1)
+    paths = [str(path)]
+    for k, deeper in enumerate([middle, api.deepen(middle, blocks=2, seed=2)]):
+        paths.append(str(tmp_path / f"d{k}.onnx"))
+        save_model(api.permute(deeper, seed=k), paths[-1])
+    result = api.merge(paths, calibration=_calibration(tmp_path, "resnet_basic"),
+                       options=api.MergeOptions(repair="none", alpha=1.0))
+    expected = run_all(model, x)
+    outputs_close(expected * 3, run_all(result.model, x))
+
+
+def test_depth_and_width_together_give_self(zoo_files, tmp_path):
+    # alpha 1, as for width alone (tests/test_widen.py): duplicated features must rejoin their copies
+    path, x = zoo_files.get("resnet_basic", "legacy_bn")
+    model = load_model(path)
+    other = tmp_path / "deep_wide.onnx"
+    save_model(api.permute(api.deepen(api.widen(model, factor=2.0, seed=1), blocks=2, seed=3), seed=5), other)
+    result = api.merge([str(path), str(other)], calibration=_calibration(tmp_path, "resnet_basic"),
+                       options=api.MergeOptions(repair="none", alpha=1.0, width="min"))
+    expected = run_all(model, x)
+    outputs_close(expected + expected, run_all(result.model, x))
+
+
+@pytest.mark.parametrize("method", ["uniform", "head-tail", "lma"])
+def test_other_alignments_merge_and_run(zoo_files, tmp_path, method):
+    path, x = zoo_files.get("resnet_basic", "legacy_bn")
+    deep = tmp_path / "deep.onnx"
+    save_model(api.deepen(api.permute(load_model(path), seed=1), blocks=2, seed=4), deep)
+    result = api.merge([str(path), str(deep)], calibration=_calibration(tmp_path, "resnet_basic"),
+                       options=api.MergeOptions(align=method))
+    assert result.report["alignment"]["method"] == method
+    assert all(np.isfinite(o).all() for o in run_all(result.model, x))
+
+
+def test_sma_needs_calibration(zoo_files, tmp_path):
+    path, _ = zoo_files.get("resnet_basic", "legacy_bn")
+    deep = tmp_path / "deep.onnx"
+    save_model(api.deepen(load_model(path), blocks=1), deep)
+    with pytest.raises(RecipeError, match="needs --calib"):
+        api.merge([str(path), str(deep)], options=api.MergeOptions(align="sma"))
+
+
+def test_unmatched_stages_are_named(zoo_files):
+    a, _ = zoo_files.get("resnet_basic", "legacy_bn")
+    b, _ = zoo_files.get("vgg_bn", "legacy_bn")
+    with pytest.raises(UnsupportedGraphError, match="stage"):
+        api.merge([a, b], options=api.MergeOptions(align="uniform"))
+
+
+def test_without_alignment_different_depths_are_refused(zoo_files, tmp_path):
+    path, _ = zoo_files.get("resnet_basic", "legacy_bn")
+    deep = tmp_path / "deep.onnx"
+    save_model(api.deepen(load_model(path), blocks=1), deep)
+    with pytest.raises(UnsupportedGraphError, match="architecture"):
+        api.merge([str(path), str(deep)], options=api.MergeOptions(align="none"))
+
+
+def test_deepen_and_align_commands(zoo_files, tmp_path, capsys):
+    from onnxmerge.cli import main
+    path, x = zoo_files.get("resnet_basic", "legacy_bn")
+    deep = tmp_path / "deep.onnx"
+    assert main(["deepen", path, "-o", str(deep), "--blocks", "2", "--seed", "1"]) == 0
+    outputs_close(run_all(load_model(path), x), run_all(load_model(str(deep)), x))
+    calib = _calibration(tmp_path, "resnet_basic")
+    plot = tmp_path / "cka.png"
+    assert main(["align", path, str(deep), "--calib", calib, "--plot", str(plot)]) == 0
+    text = capsys.readouterr().out
+    assert "stage 1:" in text and "<-id" in text and "CKA" in text
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["align", path, str(deep), "--calib", calib, "--method", "lma", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    maps = report["maps"][path]
+    assert report["method"] == "lma" and sum(m is None for s in maps for m in s["map"]) == 2
+    assert len(report["cka"][path]) == report["units"][str(deep)]
+
+
+def test_align_errors_are_one_line(zoo_files, tmp_path, capsys):
+    from onnxmerge.cli import main
+    path, _ = zoo_files.get("resnet_basic", "legacy_bn")
+    deep = tmp_path / "deep.onnx"
+    save_model(api.deepen(load_model(path), blocks=1), deep)
+    assert main(["align", path, str(deep)]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("onnxmerge: error: --align sma") and error.count("\n") == 1
+    out = tmp_path / "merged.onnx"
+    assert main(["merge", path, str(deep), "-o", str(out), "--align", "sma"]) == 1
+    assert not out.exists()
