@@ -140,7 +140,7 @@ def merge(paths: list[str], *, calibration: str | None = None, stats: list[str] 
     depth = None
     if needs_alignment([m for _, m in named], options.align):
         depth = _align(named, calib, options)
-        named = list(zip([n for n, _ in named], lift_models(named, depth)))
+        named = list(zip([name for name, _ in named], lift_models(named, depth)))
     members = _members(named)
     split = split_trunk(members[0].model, members[0].graph, heads=options.heads, zip_layers=options.zip_layers)
     timings["analyse_s"] = time.perf_counter() - clock
@@ -299,15 +299,28 @@ def _space_matcher(method, params, width: float | str | None):
 
 
 def _match_unit(reference: Member, unit: CaptureUnit, unit_stats, run, known: dict, blocks: set[int]) -> dict:
-    """Matchings of the spaces of one capture unit. Block spaces (heads, groups) keep their
-    count: they are assigned one to one whatever the method."""
+    """Matchings of the spaces of one capture unit. Models with no features there (all channels
+    constant, as inside a lifted identity block) are matched among the others only (method.md §5.5)."""
     corr = unit_stats.correlation()
     widths = list(unit_stats.widths)
+    bounds = np.cumsum([0, *widths])
+    live = [i for i in range(len(widths)) if np.diag(corr)[bounds[i]:bounds[i + 1]].any()]
+    if not live or len(live) == len(widths):
+        return _match_features(reference, unit, corr, widths, run, known, blocks)
+    keep = np.concatenate([np.arange(bounds[i], bounds[i + 1]) for i in live])
+    matched = _match_features(reference, unit, corr[np.ix_(keep, keep)], [widths[i] for i in live], run,
+                              {}, blocks)
+    return {space: matching.spread(widths, live) for space, matching in matched.items()}
+
+
+def _match_features(reference: Member, unit: CaptureUnit, corr: np.ndarray, widths: list[int], run, known: dict,
+                    blocks: set[int]) -> dict:
+    """Block spaces (heads, groups) keep their count: they are assigned one to one whatever the method."""
     if len(unit.spaces) == 2:
         outer, inner = unit.spaces
-        blocks = reference.graph.table.widths[outer]
+        count = reference.graph.table.widths[outer]
         assignments = assignments_of(known[outer]) if outer in known else None
-        block, within = match_grid(corr, blocks, [w // blocks for w in widths], run, assignments)
+        block, within = match_grid(corr, count, [w // count for w in widths], run, assignments)
         return {outer: block, inner: within}
     (space,) = unit.spaces
     if space in blocks:

@@ -199,3 +199,29 @@ def test_align_errors_are_one_line(zoo_files, tmp_path, capsys):
     out = tmp_path / "merged.onnx"
     assert main(["merge", path, str(deep), "-o", str(out), "--align", "sma"]) == 1
     assert not out.exists()
+
+
+def test_featureless_spaces_are_matched_among_the_other_models(zoo_files, tmp_path):
+    """A merged with D = A plus one real extra block. At that position the lifted A has a zeroed
+    residual branch, with no features: its spaces are matched within D only, so D's channels keep
+    their order and, averaged with A's zeros, the merged first conv there is exactly half D's."""
+    from onnx import numpy_helper
+    path, x = zoo_files.get("resnet_basic", "legacy_bn")
+    deeper = api.deepen(load_model(path), blocks=1, seed=0)
+    rng = np.random.default_rng(0)
+    for init in deeper.graph.initializer:
+        if init.name.endswith("_deepen0"):
+            value = numpy_helper.to_array(init)
+            fresh = np.abs(rng.normal(1, 0.1, value.shape)) if "var" in init.name else rng.normal(0, 0.1, value.shape)
+            init.CopyFrom(numpy_helper.from_array(fresh.astype(value.dtype), init.name))
+    deep = tmp_path / "deep.onnx"
+    save_model(deeper, deep)
+    result = api.merge([str(path), str(deep)], calibration=_calibration(tmp_path, "resnet_basic"),
+                       options=api.MergeOptions(repair="none"))
+    extra = [n for n in deeper.graph.node if n.op_type == "Conv" and n.name.endswith("_deepen0")][0]
+    merged = {i.name: numpy_helper.to_array(i) for i in result.model.graph.initializer}
+    source = {i.name: numpy_helper.to_array(i) for i in deeper.graph.initializer}
+    inner = [row for row in result.report["spaces"] if row["tensor"] == extra.output[0]]
+    assert inner and inner[0]["within_model_merges"] == [0, 0]
+    # the stream space feeding the block is A's = D's, so its input channels are in order too
+    np.testing.assert_allclose(merged[extra.input[1]], source[extra.input[1]] / 2, rtol=1e-5, atol=1e-7)

@@ -74,6 +74,32 @@ class Matching:
         within = [int(k) for k in within_model_merges] if within_model_merges is not None else [0] * len(widths)
         return cls(merges, unmerges, clusters, float(mean_correlation), within)
 
+    def spread(self, widths: Sequence[int], present: Sequence[int]) -> "Matching":
+        """This matching of the models ``present`` (indices into ``widths``), extended to all: an
+        absent model (one with no features here) has its features join clusters round-robin with
+        zero merge weight, and the present models' weights scale by len(present) / len(widths), so
+        merged parameters stay the mean over all models, the absent ones counting as zeros."""
+        r = self.width
+        scale = len(present) / len(widths)
+        merges, unmerges, clusters, within = [], [], [], []
+        mine = dict(zip(present, range(len(present))))
+        for i, d in enumerate(widths):
+            if i in mine:
+                k = mine[i]
+                merges.append(self.merge[k] * scale)
+                unmerges.append(self.unmerge[k])
+                start = sum(int(self.merge[j].shape[1]) for j in range(k))
+                clusters.append(self.clusters[start:start + d])
+                within.append(self.within_model_merges[k] if self.within_model_merges else 0)
+                continue
+            unmerge = np.zeros((d, r))
+            unmerge[np.arange(d), np.arange(d) % r] = 1.0
+            merges.append(np.zeros((r, d)))
+            unmerges.append(unmerge)
+            clusters.append(np.arange(d) % r)
+            within.append(0)
+        return Matching(merges, unmerges, np.concatenate(clusters), self.mean_correlation, within)
+
     @classmethod
     def identity(cls, widths: Sequence[int]) -> "Matching":
         """Feature j of every model is cluster j (plain averaging; width max d_i)."""
