@@ -53,15 +53,19 @@ def plot_alignment(alignment, path: str | os.PathLike) -> None:
     if alignment.cka is None:
         raise OnnxMergeError("--plot needs CKA: use --method sma or lma with --calib DATA")
     deep, others = alignment.deep, [i for i in range(len(alignment.names)) if i != alignment.deep]
-    panels = [(f"self-CKA {alignment.names[i]}", alignment.cross(i, i)) for i in range(len(alignment.names))]
+    names = [os.path.basename(n) for n in alignment.names]
+    panels = [(f"self-CKA {names[i]}", alignment.cross(i, i), names[i], names[i]) for i in range(len(names))]
     for i in others:
         cross = alignment.cross(deep, i)
-        panels.append((f"cross before: {alignment.names[i]}", cross))
-        panels.append((f"cross after: {alignment.names[i]}", cross[:, _effective_sources(alignment.maps[i])]))
-    figure, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), squeeze=False)
-    for axis, (title, matrix) in zip(axes[0], panels):
+        panels.append(("cross-CKA before alignment", cross, names[deep], names[i]))
+        panels.append(("cross-CKA after alignment", cross[:, _effective_sources(alignment.maps[i])],
+                       names[deep], f"{names[i]} lifted"))
+    figure, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.3), squeeze=False)
+    for axis, (title, matrix, rows, columns) in zip(axes[0], panels):
         image = axis.imshow(matrix, vmin=0, vmax=1, cmap="magma", origin="lower")
-        axis.set_title(os.path.basename(title), fontsize=8)
+        axis.set_title(title, fontsize=8)
+        axis.set_ylabel(f"{rows} block", fontsize=7)
+        axis.set_xlabel(f"{columns} block", fontsize=7)
     figure.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
     folder = os.path.dirname(os.path.abspath(path))
     handle, temporary = tempfile.mkstemp(dir=folder, prefix=".onnxmerge-", suffix=".png")

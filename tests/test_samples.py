@@ -19,4 +19,7 @@ def test_digits_main_job(tmp_path):
     # the shape the literature reports: aligned merging beats plain averaging, the ensemble bounds all
     assert rows["average"] < rows["zip (full)"] <= rows["ensemble A+B"]
     assert rows["average"] < rows["zip, A + 2x wide B (full)"] <= rows["ensemble A+wide B"]
-    assert len(list(tmp_path.glob("*.onnx"))) == 8
+    # depth: every alignment merges into a working model far above averaging
+    depth = [name for name in rows if name.startswith(("depth", "VGG depth"))]
+    assert len(depth) == 9 and all(rows[name] > rows["average"] for name in depth)
+    assert len(list(tmp_path.glob("*.onnx"))) == 18
