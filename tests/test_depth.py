@@ -225,3 +225,26 @@ def test_featureless_spaces_are_matched_among_the_other_models(zoo_files, tmp_pa
     assert inner and inner[0]["within_model_merges"] == [0, 0]
     # the stream space feeding the block is A's = D's, so its input channels are in order too
     np.testing.assert_allclose(merged[extra.input[1]], source[extra.input[1]] / 2, rtol=1e-5, atol=1e-7)
+
+
+def _tanh_mlp():
+    """x -> (Gemm, Tanh) x2 -> Gemm: a repeated block whose Tanh has no identity."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    nodes, inits, source = [], [], "x"
+    for k in range(2):
+        nodes += [helper.make_node("Gemm", [source, f"w{k}", f"b{k}"], [f"g{k}"], transB=1, name=f"fc{k}"),
+                  helper.make_node("Tanh", [f"g{k}"], [f"t{k}"], name=f"tanh{k}")]
+        inits += [numpy_helper.from_array(rng.normal(size=(8, 8)).astype(np.float32), f"w{k}"),
+                  numpy_helper.from_array(rng.normal(size=8).astype(np.float32), f"b{k}")]
+        source = f"t{k}"
+    nodes.append(helper.make_node("Gemm", [source, "w9"], ["out"], transB=1, name="head"))
+    inits.append(numpy_helper.from_array(rng.normal(size=(3, 8)).astype(np.float32), "w9"))
+    graph = helper.make_graph(nodes, "tanh_mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 3])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_block_without_exact_identity_is_named():
+    with pytest.raises(UnsupportedGraphError, match=r"no exact identity for this block at Tanh 'tanh1_deepen0'"):
+        api.deepen(_tanh_mlp(), blocks=1)
