@@ -49,12 +49,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_permute(args: argparse.Namespace) -> int:
-    """Randomly permute every free feature space; the outputs stay the same."""
-    permuted = api.permute(load_model(args.model), seed=args.seed, bn=args.bn)
-    save_model(permuted, args.output)
+def _write(args: argparse.Namespace, model) -> int:
+    save_model(model, args.output)
     print(f"wrote {args.output}")
     return 0
+
+
+def cmd_permute(args: argparse.Namespace) -> int:
+    """Randomly permute every free feature space; the outputs stay the same."""
+    return _write(args, api.permute(load_model(args.model), seed=args.seed, bn=args.bn))
 
 
 def _calibration_options() -> argparse.ArgumentParser:
@@ -91,18 +94,12 @@ def _multiple(text: str) -> float | str:
 
 def cmd_widen(args: argparse.Namespace) -> int:
     """Widen every free space by duplicating channels (Net2Net); the outputs stay the same."""
-    wider = api.widen(load_model(args.model), factor=args.factor, seed=args.seed, bn=args.bn)
-    save_model(wider, args.output)
-    print(f"wrote {args.output}")
-    return 0
+    return _write(args, api.widen(load_model(args.model), factor=args.factor, seed=args.seed, bn=args.bn))
 
 
 def cmd_deepen(args: argparse.Namespace) -> int:
     """Insert identity blocks at random positions of the model's stages; the outputs stay the same."""
-    deeper = api.deepen(load_model(args.model), blocks=args.blocks, seed=args.seed, bn=args.bn)
-    save_model(deeper, args.output)
-    print(f"wrote {args.output}")
-    return 0
+    return _write(args, api.deepen(load_model(args.model), blocks=args.blocks, seed=args.seed, bn=args.bn))
 
 
 def cmd_align(args: argparse.Namespace) -> int:
@@ -126,7 +123,7 @@ def _options(args: argparse.Namespace) -> api.MergeOptions:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    """Merge two or more models of one architecture into one ONNX model."""
+    """Merge two or more models of one design (widths and depths may differ) into one ONNX model."""
     result = api.merge(args.models, calibration=args.calib, stats=args.stats, options=_options(args))
     save_model(result.model, args.output)
     if args.report:
@@ -159,6 +156,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rewrite_command(commands, graph: argparse.ArgumentParser, run, written: str, seed_help: str):
+    """A command that rewrites one model into a function-preserving copy."""
+    name = run.__name__.removeprefix("cmd_")
+    parser = commands.add_parser(name, parents=[graph], help=run.__doc__, description=run.__doc__)
+    parser.add_argument("model", help="ONNX file")
+    parser.add_argument("-o", "--output", required=True, help=f"where to write the {written} model")
+    parser.add_argument("--seed", type=int, default=0, help=seed_help)
+    parser.set_defaults(run=run)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onnxmerge", description="Merge neural networks at the ONNX graph level.")
     parser.add_argument("--version", action="version", version=f"onnxmerge {__version__}")
@@ -171,18 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--strict", action="store_true", help="exit 1 when the graph has a barrier")
     inspect.set_defaults(run=cmd_inspect)
 
-    permute = commands.add_parser("permute", parents=[graph], help=cmd_permute.__doc__, description=cmd_permute.__doc__)
-    permute.add_argument("model", help="ONNX file")
-    permute.add_argument("-o", "--output", required=True, help="where to write the permuted model")
-    permute.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    permute.set_defaults(run=cmd_permute)
-
-    widen = commands.add_parser("widen", parents=[graph], help=cmd_widen.__doc__, description=cmd_widen.__doc__)
-    widen.add_argument("model", help="ONNX file")
-    widen.add_argument("-o", "--output", required=True, help="where to write the widened model")
+    _rewrite_command(commands, graph, cmd_permute, "permuted", "random seed (default 0)")
+    widen = _rewrite_command(commands, graph, cmd_widen, "widened", "random seed choosing the copied channels (default 0)")
     widen.add_argument("--factor", type=float, required=True, help="new width / old width of each widened space")
-    widen.add_argument("--seed", type=int, default=0, help="random seed choosing the copied channels (default 0)")
-    widen.set_defaults(run=cmd_widen)
+    deepen = _rewrite_command(commands, graph, cmd_deepen, "deepened", "random seed choosing the positions (default 0)")
+    deepen.add_argument("--blocks", type=int, required=True, help="how many identity blocks to insert")
 
     calibration, plan = _calibration_options(), _plan_options()
     merge = commands.add_parser("merge", parents=[graph, calibration, plan], help=cmd_merge.__doc__,
@@ -206,13 +207,6 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     merge.add_argument("--report", metavar="JSON", help="write the matching summary, timings and provider")
     merge.set_defaults(run=cmd_merge)
-
-    deepen = commands.add_parser("deepen", parents=[graph], help=cmd_deepen.__doc__, description=cmd_deepen.__doc__)
-    deepen.add_argument("model", help="ONNX file")
-    deepen.add_argument("-o", "--output", required=True, help="where to write the deepened model")
-    deepen.add_argument("--blocks", type=int, required=True, help="how many identity blocks to insert")
-    deepen.add_argument("--seed", type=int, default=0, help="random seed choosing the positions (default 0)")
-    deepen.set_defaults(run=cmd_deepen)
 
     align = commands.add_parser("align", parents=[graph, calibration], help=cmd_align.__doc__,
                                 description=cmd_align.__doc__)

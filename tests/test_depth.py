@@ -146,12 +146,17 @@ def test_other_alignments_merge_and_run(zoo_files, tmp_path, method):
     assert all(np.isfinite(o).all() for o in run_all(result.model, x))
 
 
-def test_sma_needs_calibration(zoo_files, tmp_path):
+def _resnet_and_deeper(zoo_files, tmp_path) -> tuple[str, str]:
     path, _ = zoo_files.get("resnet_basic", "legacy_bn")
     deep = tmp_path / "deep.onnx"
     save_model(api.deepen(load_model(path), blocks=1), deep)
+    return path, str(deep)
+
+
+def test_sma_needs_calibration(zoo_files, tmp_path):
+    path, deep = _resnet_and_deeper(zoo_files, tmp_path)
     with pytest.raises(RecipeError, match="needs --calib"):
-        api.merge([str(path), str(deep)], options=api.MergeOptions(align="sma"))
+        api.merge([path, deep], options=api.MergeOptions(align="sma"))
 
 
 def test_unmatched_stages_are_named(zoo_files):
@@ -162,11 +167,9 @@ def test_unmatched_stages_are_named(zoo_files):
 
 
 def test_without_alignment_different_depths_are_refused(zoo_files, tmp_path):
-    path, _ = zoo_files.get("resnet_basic", "legacy_bn")
-    deep = tmp_path / "deep.onnx"
-    save_model(api.deepen(load_model(path), blocks=1), deep)
+    path, deep = _resnet_and_deeper(zoo_files, tmp_path)
     with pytest.raises(UnsupportedGraphError, match="architecture"):
-        api.merge([str(path), str(deep)], options=api.MergeOptions(align="none"))
+        api.merge([path, deep], options=api.MergeOptions(align="none"))
 
 
 def test_deepen_and_align_commands(zoo_files, tmp_path, capsys):
@@ -190,9 +193,7 @@ def test_deepen_and_align_commands(zoo_files, tmp_path, capsys):
 
 def test_align_errors_are_one_line(zoo_files, tmp_path, capsys):
     from onnxmerge.cli import main
-    path, _ = zoo_files.get("resnet_basic", "legacy_bn")
-    deep = tmp_path / "deep.onnx"
-    save_model(api.deepen(load_model(path), blocks=1), deep)
+    path, deep = _resnet_and_deeper(zoo_files, tmp_path)
     assert main(["align", path, str(deep)]) == 1
     error = capsys.readouterr().err
     assert error.startswith("onnxmerge: error: --align sma") and error.count("\n") == 1
