@@ -135,13 +135,7 @@ def merge(paths: list[str], *, calibration: str | None = None, stats: list[str] 
     method = get_method(options.method)
     if len(paths) < 2:
         raise RecipeError("merge needs at least two models")
-    named = _canonical(paths, options.bn)
-    calib = _calibration(calibration, [m for _, m in named], options) if calibration else None
-    depth = None
-    if needs_alignment([m for _, m in named], options.align):
-        depth = _align(named, calib, options)
-        named = list(zip([name for name, _ in named], lift_models(named, depth)))
-    members = _members(named)
+    members, calib, depth = _prepare(paths, calibration, options)
     split = split_trunk(members[0].model, members[0].graph, heads=options.heads, zip_layers=options.zip_layers)
     timings["analyse_s"] = time.perf_counter() - clock
     clock = time.perf_counter()
@@ -169,6 +163,19 @@ def merge(paths: list[str], *, calibration: str | None = None, stats: list[str] 
     if depth is not None:
         report["alignment"] = describe_alignment(depth)
     return MergeResult(merged, report)
+
+
+def _prepare(paths: list[str], calibration: str | None,
+             options: MergeOptions) -> tuple[list[Member], CalibrationSet | None, DepthAlignment | None]:
+    """Canonical members of a merge, models of different depths lifted into the deepest's
+    topology (method.md §5), with the calibration set and the depth alignment if any."""
+    named = _canonical(paths, options.bn)
+    calib = _calibration(calibration, [m for _, m in named], options) if calibration else None
+    depth = None
+    if needs_alignment([m for _, m in named], options.align):
+        depth = _align(named, calib, options)
+        named = list(zip([name for name, _ in named], lift_models(named, depth)))
+    return _members(named), calib, depth
 
 
 def _canonical(paths: list[str], bn: str) -> list[tuple[str, onnx.ModelProto]]:
@@ -239,9 +246,8 @@ def _statistics(members: list[Member], split, calib, stats_files, options: Merge
 
 def calibrate(paths: list[str], calibration: str, options: MergeOptions = MergeOptions()) -> tuple[dict, dict]:
     """Statistics a merge of these models needs, as (stats by unit, meta) for ``save_stats``."""
-    members = _members(_canonical(paths, options.bn))
+    members, calib, _ = _prepare(paths, calibration, options)
     split = split_trunk(members[0].model, members[0].graph, heads=options.heads, zip_layers=options.zip_layers)
-    calib = _calibration(calibration, [m.model for m in members], options)
     units, stats, provider = _statistics(members, split, calib, None, options)
     meta = {"fingerprint": _fingerprint(members, units), "provider": provider, "samples": str(calib.num_samples)}
     return {_stats_key(u): s for u, s in zip(units, stats)}, meta

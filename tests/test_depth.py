@@ -249,3 +249,17 @@ def _tanh_mlp():
 def test_a_block_without_exact_identity_is_named():
     with pytest.raises(UnsupportedGraphError, match=r"no exact identity for this block at Tanh 'tanh1_deepen0'"):
         api.deepen(_tanh_mlp(), blocks=1)
+
+
+def test_calibrate_shards_serve_a_depth_merge(zoo_files, tmp_path):
+    """calibrate lifts like merge does, so its statistics fit the lifted pair."""
+    from onnxmerge.calib.stats import save_stats
+    path, deep = _resnet_and_deeper(zoo_files, tmp_path)
+    calib = _calibration(tmp_path, "resnet_basic")
+    options = api.MergeOptions(align="uniform", repair="none")
+    stats, meta = api.calibrate([path, deep], calib, options)
+    save_stats(tmp_path / "stats.npz", stats, meta)
+    from_stats = api.merge([path, deep], stats=[str(tmp_path / "stats.npz")], options=options)
+    direct = api.merge([path, deep], calibration=calib, options=options)
+    x = zoo.sample_input("resnet_basic")
+    outputs_close(run_all(direct.model, x), run_all(from_stats.model, x))
