@@ -52,6 +52,29 @@ def rename_io(model: onnx.ModelProto, inputs: list[str], outputs: list[str]) -> 
         node.output[:] = [mapping.get(name, name) for name in node.output]
 
 
+def name_batch_axis(model: onnx.ModelProto, name: str = "batch") -> None:
+    """Call the first axis of every graph input and output ``name`` (in place).
+
+    Exporters leave it unnamed or write generated names (``unk__39``); one shared name tells
+    readers and shape inference that inputs and outputs share the batch size.
+    """
+    for value in [*model.graph.input, *model.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        if dims and not dims[0].HasField("dim_value"):
+            dims[0].dim_param = name
+
+
+def refresh_value_info(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with its intermediate shapes recomputed by onnx shape inference.
+
+    Exporters that rewrite layouts after recording shapes (jax2onnx's NCHW pass) leave stale
+    ``value_info`` (NHWC shapes on NCHW tensors); onnxruntime then warns and other tools trust
+    the wrong shape.
+    """
+    del model.graph.value_info[:]
+    return onnx.shape_inference.infer_shapes(model, strict_mode=True)
+
+
 def lift_constants(model: onnx.ModelProto) -> int:
     """Move float ``Constant`` nodes of more than one element into initializers (in place).
 
