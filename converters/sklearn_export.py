@@ -94,6 +94,7 @@ def export_sklearn(estimator, path: str | Path, *, opset: int | None = None,
     except RuntimeError as error:  # skl2onnx's "Unable to find a shape calculator ..."
         raise ConverterError(f"skl2onnx cannot convert {type(estimator).__name__} ({error}), "
                              "in MODEL; use an MLPClassifier or MLPRegressor") from None
+    model.graph.name = type(estimator).__name__  # skl2onnx writes a random uuid: not reproducible
     references = sklearn_outputs(estimator, check_input)
     diffs = verify(model, check_input, references, tolerance, f"skl2onnx export of "
                    f"{type(estimator).__name__}")
