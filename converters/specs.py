@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -130,7 +131,13 @@ def base_parser(doc: str | None) -> argparse.ArgumentParser:
 
 
 def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
-    """Run a converter's ``main``; a ``ConverterError`` becomes one stderr line and exit code 1."""
+    """Run a converter's ``main``; a ``ConverterError`` becomes one stderr line and exit code 1.
+
+    The current folder joins ``sys.path``, as with ``python -m``: a script's own folder
+    (converters/) is there instead, and specs and pickles name the user's modules.
+    """
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         return main(argv)
     except ConverterError as error:

@@ -54,7 +54,12 @@ EXPORT_BATCH = 2  # not 1: a batch of 1 lets exporters specialise the batch axis
 def load_model(source: str) -> tuple[torch.nn.Module, torch.Tensor | None]:
     """The module named by a spec or saved by ``torch.save``, and its example input if given."""
     if Path(source).is_file() and not source.endswith(".py"):
-        loaded = torch.load(source, map_location="cpu", weights_only=False)
+        try:
+            loaded = torch.load(source, map_location="cpu", weights_only=False)
+        except (ModuleNotFoundError, AttributeError) as error:  # the pickle names a class
+            raise ConverterError(
+                f"cannot unpickle {source} ({error}), in MODEL; run from the folder that "
+                "defines the model's classes or put it on PYTHONPATH") from None
     else:
         loaded = call_spec(source)
     example = None
