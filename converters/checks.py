@@ -75,40 +75,6 @@ def refresh_value_info(model: onnx.ModelProto) -> onnx.ModelProto:
     return onnx.shape_inference.infer_shapes(model, strict_mode=True)
 
 
-def lift_constants(model: onnx.ModelProto) -> int:
-    """Move float ``Constant`` nodes of more than one element into initializers (in place).
-
-    Some exporters write weights as Constant nodes; onnxmerge and other tools look for
-    parameters among the initializers. Returns how many were moved.
-    """
-    graph = model.graph
-    kept, lifted = [], 0
-    for node in graph.node:
-        tensor = _constant_tensor(node)
-        if tensor is None:
-            kept.append(node)
-            continue
-        tensor.name = node.output[0]
-        graph.initializer.append(tensor)
-        lifted += 1
-    if lifted:
-        del graph.node[:]
-        graph.node.extend(kept)
-    return lifted
-
-
-def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
-    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
-        return None
-    for attribute in node.attribute:
-        if attribute.name == "value" and attribute.t.data_type in _FLOAT_TYPES:
-            if int(np.prod(attribute.t.dims)) > 1:
-                tensor = onnx.TensorProto()
-                tensor.CopyFrom(attribute.t)
-                return tensor
-    return None
-
-
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
                 onnx.TensorProto.BFLOAT16}
 

@@ -14,7 +14,8 @@ MODEL is a fitted ``MLPClassifier`` or ``MLPRegressor`` saved with ``joblib.dump
 Settings, chosen so onnxmerge can read the parameters back: skl2onnx with ``zipmap=False``, so
 a classifier's ``probabilities`` is a float tensor [N, classes] rather than a sequence of maps;
 the ``label`` output (int64 [N], ArgMax over the probabilities mapped to the classes) is kept.
-Opset 17 for the default domain and 1 for ``ai.onnx.ml``; input ``input`` of shape [N, features].
+Opset 17 at most for the default domain (skl2onnx may pick a lower one, 16 for an MLP) and 1
+for ``ai.onnx.ml``; input ``input`` of shape [batch, features].
 The layers come out as MatMul + Add + Relu (weights ``coefficient``, ``intercepts``, ...), then
 Softmax (or Sigmoid for two classes) and the ArgMax/Cast/label-lookup tail.
 """
@@ -30,12 +31,12 @@ import onnx
 
 if __package__:  # imported as converters.sklearn_export
     from . import designs
-    from .checks import Tolerance, format_diffs, save_model, verify
+    from .checks import Tolerance, format_diffs, name_batch_axis, save_model, verify
     from .specs import (ConverterError, base_parser, call_spec, load_inputs, run_main,
                         sample_input, save_sample)
 else:  # run as a script: converters/ is on sys.path
     import designs
-    from checks import Tolerance, format_diffs, save_model, verify
+    from checks import Tolerance, format_diffs, name_batch_axis, save_model, verify
     from specs import (ConverterError, base_parser, call_spec, load_inputs, run_main,
                        sample_input, save_sample)
 
@@ -95,6 +96,7 @@ def export_sklearn(estimator, path: str | Path, *, opset: int | None = None,
         raise ConverterError(f"skl2onnx cannot convert {type(estimator).__name__} ({error}), "
                              "in MODEL; use an MLPClassifier or MLPRegressor") from None
     model.graph.name = type(estimator).__name__  # skl2onnx writes a random uuid: not reproducible
+    name_batch_axis(model)
     references = sklearn_outputs(estimator, check_input)
     diffs = verify(model, check_input, references, tolerance, f"skl2onnx export of "
                    f"{type(estimator).__name__}")
