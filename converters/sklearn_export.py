@@ -27,7 +27,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import onnx
 
 if __package__:  # imported as converters.sklearn_export
     from . import designs
