@@ -316,7 +316,11 @@ def _match_unit(reference: Member, unit: CaptureUnit, unit_stats, run, known: di
     keep = np.concatenate([np.arange(bounds[i], bounds[i + 1]) for i in live])
     matched = _match_features(reference, unit, corr[np.ix_(keep, keep)], [widths[i] for i in live], run,
                               {}, blocks)
-    return {space: matching.spread(widths, live) for space, matching in matched.items()}
+    per_space = {unit.spaces[0]: widths}
+    if len(unit.spaces) == 2:  # a grid: block counts agree, blocks are w / count wide
+        count = reference.graph.table.widths[unit.spaces[0]]
+        per_space = {unit.spaces[0]: [count] * len(widths), unit.spaces[1]: [w // count for w in widths]}
+    return {space: matching.spread(per_space[space], live) for space, matching in matched.items()}
 
 
 def _match_features(reference: Member, unit: CaptureUnit, corr: np.ndarray, widths: list[int], run, known: dict,

@@ -263,3 +263,22 @@ def test_calibrate_shards_serve_a_depth_merge(zoo_files, tmp_path):
     direct = api.merge([path, deep], calibration=calib, options=options)
     x = zoo.sample_input("resnet_basic")
     outputs_close(run_all(direct.model, x), run_all(from_stats.model, x))
+
+
+def test_transformers_of_different_depths_merge(tmp_path):
+    """A 4-layer and a 2-layer encoder: attention heads of the deep model's extra layers, where the
+    lifted model has no features, are matched within the deep model (a grid of heads)."""
+    import torch
+    paths = []
+    for layers, seed in ((4, 0), (2, 1)):
+        torch.manual_seed(seed)
+        paths.append(str(tmp_path / f"t{layers}.onnx"))
+        zoo.EXPORTERS["dynamo"](zoo.Transformer(layers=layers).eval(), torch.randn(2, 8, 16), paths[-1])
+    x = zoo.sample_input("transformer", batch=64, seed=3)
+    np.save(tmp_path / "calib.npy", x)
+    for method in ("sma", "lma"):
+        result = api.merge(paths, calibration=str(tmp_path / "calib.npy"), options=api.MergeOptions(align=method))
+        maps = result.report["alignment"]["maps"][paths[1]]
+        assert [m for stage in maps for m in stage["map"]].count(None) == 2
+        outputs = run_all(result.model, x[:4])
+        assert len(outputs) == 2 and all(o.shape == (4, 10) and np.isfinite(o).all() for o in outputs)
