@@ -20,6 +20,8 @@ from .errors import CalibrationError, InvalidModelError, RecipeError
 from .evaluate import load_test_data, parse_tasks, run_heads, score
 from .graph.canonical import canonicalize, fold_batch_norms, infer_shapes
 from .graph.correspond import correspond
+from .graph.interface import channels_first_input, check_same_inputs
+from .graph.postprocess import PostProcessing, attach_postprocessing, split_postprocessing
 from .graph.spaces import SpaceGraph, find_spaces
 from .io import load_model, model_sha256
 from .match import get_method
@@ -99,6 +101,7 @@ class MergeOptions:
     zip_layers: int | None = None
     repair: str = "auto"
     bn: str = "keep"
+    input_layout: tuple[tuple[str, str], ...] = ()  # (model path or file name, layout such as NHWC)
     batch_size: int = 64
     max_samples: int | None = None
     provider: str = "auto"
@@ -130,7 +133,7 @@ def merge(paths: list[str], *, calibration: str | None = None, stats: list[str] 
     method = get_method(options.method)
     if len(paths) < 2:
         raise RecipeError("merge needs at least two models")
-    members = _members(paths, options.bn)
+    members, post, bn = _members(paths, options)
     split = split_trunk(members[0].model, members[0].graph, heads=options.heads, zip_layers=options.zip_layers)
     timings["analyse_s"] = time.perf_counter() - clock
     clock = time.perf_counter()
@@ -148,23 +151,72 @@ def merge(paths: list[str], *, calibration: str | None = None, stats: list[str] 
     merged = assemble(members, split, matchings, merged_trunk_parameters(members, split, matchings), heads=options.heads)
     resize_constants(merged, members[0].graph, reference_widths(members[0], matchings))
     merged, repair = _repair(merged, calib, options, _repair_targets(merged, units, unit_stats, matchings))
+    _attach_postprocessing(merged, members, post, options.heads)
     merged = infer_shapes(merged)
     _record(merged, paths, options)
     check(merged, "merged model")
     timings["rewrite_s"] = time.perf_counter() - clock
     report = {"format": "onnxmerge.merge/1", "models": [str(p) for p in paths], "method": options.method,
-              "options": asdict(options), "provider": provider, "repair": repair,
+              "options": asdict(options), "bn": bn, "provider": provider, "repair": repair,
               "layers": f"{split.zipped_layers} of {split.total_layers} layers zipped",
               "spaces": summary, "timings": timings}
     return MergeResult(merged, report)
 
 
-def _members(paths: list[str], bn: str) -> list[Member]:
-    analysed = []
-    for path in paths:
-        canonical, graph = analyse(load_model(path), bn=bn)
-        analysed.append((str(path), canonical, graph))
-    return [Member(model, graph, correspond(analysed[0], (path, model, graph))) for path, model, graph in analysed]
+def _members(paths: list[str], options: MergeOptions) -> tuple[list[Member], list[PostProcessing], str]:
+    """The models' canonical cores lined up with model 0's, their post-processing, and the
+    BatchNormalization mode used: ``keep`` turns into ``fold`` when some models have BN
+    nodes and others have it folded (exporters differ), so that they line up."""
+    _check_layout_names(paths, options.input_layout)
+    models = [_with_input_layout(path, load_model(path), options.input_layout) for path in paths]
+    analysed, bn = _analyse_all(paths, models, options.bn), options.bn
+    if bn == "keep" and len({sum(n.op_type == "BatchNormalization" for n in m.graph.node) for _, m, _, _ in analysed}) > 1:
+        log.warning("some models have BatchNormalization nodes and others have it folded: folding it in all")
+        analysed, bn = _analyse_all(paths, models, "fold"), "fold"
+    check_same_inputs([(path, model) for path, model, _, _ in analysed])
+    reference = analysed[0][:3]
+    members = [Member(model, graph, correspond(reference, (path, model, graph))) for path, model, graph, _ in analysed]
+    return members, [post for *_, post in analysed], bn
+
+
+def _analyse_all(paths: list[str], models: list[onnx.ModelProto], bn: str):
+    """(path, canonical core, its spaces, its post-processing) of each model."""
+    result = []
+    for path, model in zip(paths, models):
+        core, post = split_postprocessing(canonicalize(model, bn=bn))
+        result.append((str(path), core, find_spaces(core), post))
+    return result
+
+
+def _with_input_layout(path: str, model: onnx.ModelProto, layouts: tuple[tuple[str, str], ...]) -> onnx.ModelProto:
+    """The model with a channels-first input when ``--input-layout`` names it."""
+    layout = next((lay for name, lay in layouts if name in (str(path), os.path.basename(str(path)))), None)
+    return model if layout is None else channels_first_input(model, layout, str(path))
+
+
+def _check_layout_names(paths: list[str], layouts: tuple[tuple[str, str], ...]) -> None:
+    names = {str(p) for p in paths} | {os.path.basename(str(p)) for p in paths}
+    for name, layout in layouts:
+        if name not in names:
+            raise RecipeError(f"--input-layout {name}={layout}: {name} is none of the models "
+                              f"({', '.join(str(p) for p in paths)}); name a model as given or by its file name")
+
+
+def _attach_postprocessing(merged: onnx.ModelProto, members: list[Member], post: list[PostProcessing],
+                           heads: str) -> None:
+    """Each model's post-processing (skl2onnx labels, ZipMap) reads that model's own scores
+    (model 0's alone with shared heads); each model's outputs keep their order."""
+    order = []
+    for index, (member, tail) in enumerate(zip(members[:1] if heads == "shared" else members, post)):
+        def rename(name: str, index=index) -> str:
+            return name if heads == "shared" else f"{name}_m{index}"
+
+        attach_postprocessing(merged, tail, rename)
+        order += [rename(name) for name in tail.output_names(member.model)]
+    outputs = {o.name: o for o in merged.graph.output}
+    reordered = [outputs[name] for name in order]
+    del merged.graph.output[:]
+    merged.graph.output.extend(reordered)
 
 
 def _calibration(path: str, members: list[Member], options: MergeOptions) -> CalibrationSet:
@@ -212,7 +264,7 @@ def _statistics(members: list[Member], split, calib, stats_files, options: Merge
 
 def calibrate(paths: list[str], calibration: str, options: MergeOptions = MergeOptions()) -> tuple[dict, dict]:
     """Statistics a merge of these models needs, as (stats by unit, meta) for ``save_stats``."""
-    members = _members(paths, options.bn)
+    members, _, _ = _members(paths, options)
     split = split_trunk(members[0].model, members[0].graph, heads=options.heads, zip_layers=options.zip_layers)
     calib = _calibration(calibration, members, options)
     units, stats, provider = _statistics(members, split, calib, None, options)
