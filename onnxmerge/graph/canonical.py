@@ -20,7 +20,7 @@ from onnx_graphsurgeon.logger import G_LOGGER
 from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
 from ..errors import UnsupportedGraphError
-from .layers import (explicit_attributes, explicit_conv_biases, flatten_reshapes, fold_affine, global_pools,
+from .layers import (canonical_attributes, explicit_conv_biases, flatten_reshapes, fold_affine, global_pools,
                      matmul_to_gemm, normalize_gemm)
 from .surgery import bypass, constant
 from .transposes import (compose_transposes, is_noop_reshape, layout_transposes_as_reshapes, merge_reshapes,
@@ -135,7 +135,7 @@ PASSES: tuple[Callable[[gs.Graph], int], ...] = (
     drop_aliases, fold_constants, constant_reshape_targets,
     compose_transposes, push_transposes, layout_transposes_as_reshapes, merge_reshapes,
     global_pools, flatten_reshapes, matmul_to_gemm, normalize_gemm, explicit_conv_biases, fold_affine,
-    explicit_attributes,
+    canonical_attributes,
 )
 
 

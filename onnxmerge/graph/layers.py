@@ -10,7 +10,8 @@ different exporters line up node by node (``correspond.py``):
   (BatchNormalization written as Mul + Add, conv bias as a separate Add);
 - a mean or max over every spatial axis is a global pool, and a reshape of ``[N, C, 1, ...]``
   to ``[N, C]`` is ``Flatten(axis=1)``;
-- attributes with defaults are written out, axes are non-negative.
+- attributes with defaults are written out, those inference ignores dropped, axes are
+  non-negative.
 """
 
 from __future__ import annotations
@@ -210,13 +211,17 @@ def flatten_reshapes(graph: gs.Graph) -> int:
     return count
 
 
-def explicit_attributes(graph: gs.Graph) -> int:
-    """Write out default attributes and make axes non-negative, so equal layers compare equal."""
+def canonical_attributes(graph: gs.Graph) -> int:
+    """Write out default attributes, drop those inference ignores (BatchNormalization's
+    momentum) and make axes non-negative, so equal layers compare equal."""
     count = 0
     for node in graph.nodes:
         before = dict(node.attrs)
         if node.op == "Conv" and constant(node.inputs[1]) is not None:
             _conv_attributes(node)
+        elif node.op == "BatchNormalization" and not node.attrs.get("training_mode", 0):
+            node.attrs.pop("momentum", None)
+            node.attrs.pop("training_mode", None)
         elif node.op in ("Softmax", "LogSoftmax", "Hardmax", "Flatten") and _rank(node.inputs[0]) is not None:
             default = -1 if node.op != "Flatten" and graph.opset >= 13 else 1
             axis = int(node.attrs.get("axis", default))
