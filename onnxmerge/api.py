@@ -170,13 +170,17 @@ def _members(paths: list[str], options: MergeOptions) -> tuple[list[Member], lis
     _check_layout_names(paths, options.input_layout)
     models = [_with_input_layout(path, load_model(path), options.input_layout) for path in paths]
     analysed, bn = _analyse_all(paths, models, options.bn), options.bn
-    if bn == "keep" and len({sum(n.op_type == "BatchNormalization" for n in m.graph.node) for _, m, _, _ in analysed}) > 1:
+    if bn == "keep" and len({_batch_norms(model) for _, model, _, _ in analysed}) > 1:
         log.warning("some models have BatchNormalization nodes and others have it folded: folding it in all")
         analysed, bn = _analyse_all(paths, models, "fold"), "fold"
     check_same_inputs([(path, model) for path, model, _, _ in analysed])
     reference = analysed[0][:3]
     members = [Member(model, graph, correspond(reference, (path, model, graph))) for path, model, graph, _ in analysed]
     return members, [post for *_, post in analysed], bn
+
+
+def _batch_norms(model: onnx.ModelProto) -> int:
+    return sum(node.op_type == "BatchNormalization" for node in model.graph.node)
 
 
 def _analyse_all(paths: list[str], models: list[onnx.ModelProto], bn: str):

@@ -206,3 +206,36 @@ def test_mixed_sample_runs(tmp_path):
     for name in merged:  # one merged model is far better than either expert alone (about 50 %)
         assert rows[name] > 60.0, name
     assert len(list(tmp_path.glob("*.onnx"))) == 5  # four merged models, one channels-first copy
+
+
+def test_zipmap_classifier_keeps_labels_and_maps_per_model(tmp_path):
+    """skl2onnx with zipmap=True: no float output at all, labels and a sequence of maps. The
+    merged model exposes each model's probabilities (the ZipMap's input) and computes each
+    model's label and map from them; merged with a permuted copy, all equal the original's."""
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import FloatTensorType
+
+    from tests import zoo
+
+    clf = zoo.sklearn_mlp_classifier()
+    path = tmp_path / "zipmap.onnx"
+    path.write_bytes(convert_sklearn(clf, initial_types=[("input", FloatTensorType([None, 64]))],
+                                     options={id(clf): {"zipmap": True}}).SerializeToString())
+    x = zoo._digits()[0][:64]
+    calib = tmp_path / "calib.npy"
+    np.save(calib, x)
+    result = api.merge([str(path), permuted(str(path), tmp_path)], calibration=str(calib),
+                       options=api.MergeOptions(method="zip", repair="none"))
+    expected = outputs(load_model(str(path)), x)
+    got = outputs(result.model, x)
+    exposed = [name for name in got if name not in {f"{k}_m{i}" for k in expected for i in range(2)}]
+    assert len(exposed) == 2 and list(got) == [exposed[0], *(f"{k}_m0" for k in expected),
+                                               exposed[1], *(f"{k}_m1" for k in expected)]
+    for index in range(2):
+        close(got[exposed[index]], clf.predict_proba(x).astype(np.float32))
+        close(got[f"output_label_m{index}"], expected["output_label"])
+        close(maps_as_array(got[f"output_probability_m{index}"]), maps_as_array(expected["output_probability"]))
+
+
+def maps_as_array(maps: list[dict]) -> np.ndarray:
+    return np.array([[entry[key] for key in sorted(entry)] for entry in maps], dtype=np.float32)

@@ -30,8 +30,9 @@ def channels_first_input(model: onnx.ModelProto, layout: str, path: str) -> onnx
     dims = source.type.tensor_type.shape.dim
     layout = layout.upper()
     if sorted(layout) != sorted(set(layout)) or not {"N", "C"} <= set(layout) or len(layout) != len(dims):
+        example = CHANNELS_LAST.get(len(dims), "NHWC")
         raise RecipeError(f"{path}: --input-layout {layout} does not describe input {source.name!r} of rank "
-                          f"{len(dims)}; give one letter per axis, with N and C, e.g. {CHANNELS_LAST.get(len(dims), 'NHWC')}")
+                          f"{len(dims)}; give one letter per axis, with N and C, e.g. {example}")
     target = channels_first(layout)
     result = onnx.ModelProto()
     result.CopyFrom(model)
@@ -41,7 +42,8 @@ def channels_first_input(model: onnx.ModelProto, layout: str, path: str) -> onnx
     for node in result.graph.node:
         node.input[:] = [inner if name == source.name else name for name in node.input]
     perm = [target.index(axis) for axis in layout]
-    result.graph.node.insert(0, helper.make_node("Transpose", [source.name], [inner], name=f"{inner}_layout", perm=perm))
+    transpose = helper.make_node("Transpose", [source.name], [inner], name=f"{inner}_layout", perm=perm)
+    result.graph.node.insert(0, transpose)
     graph_input = next(i for i in result.graph.input if i.name == source.name)
     reordered = [dims[layout.index(axis)] for axis in target]
     del graph_input.type.tensor_type.shape.dim[:]

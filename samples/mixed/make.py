@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import subprocess
-import sys
 import tempfile
 import warnings
 from pathlib import Path
