@@ -23,6 +23,8 @@ from .evaluate import load_test_data, parse_tasks, run_heads, score
 from .graph.blocks import find_blocks
 from .graph.canonical import canonicalize, fold_batch_norms, infer_shapes
 from .graph.correspond import correspond
+from .graph.interface import channels_first_input, check_same_inputs
+from .graph.postprocess import PostProcessing, attach_postprocessing, split_postprocessing
 from .graph.spaces import SpaceGraph, find_spaces
 from .io import load_model, model_sha256
 from .match import get_method
@@ -103,6 +105,7 @@ class MergeOptions:
     zip_layers: int | None = None
     repair: str = "auto"
     bn: str = "keep"
+    input_layout: tuple[tuple[str, str], ...] = ()  # (model path or file name, layout such as NHWC)
     batch_size: int = 64
     max_samples: int | None = None
     provider: str = "auto"
@@ -135,7 +138,7 @@ def merge(paths: list[str], *, calibration: str | None = None, stats: list[str] 
     method = get_method(options.method)
     if len(paths) < 2:
         raise RecipeError("merge needs at least two models")
-    members, calib, depth = _prepare(paths, calibration, options)
+    members, post, bn, calib, depth = _prepare(paths, calibration, options)
     split = split_trunk(members[0].model, members[0].graph, heads=options.heads, zip_layers=options.zip_layers)
     timings["analyse_s"] = time.perf_counter() - clock
     clock = time.perf_counter()
@@ -152,12 +155,13 @@ def merge(paths: list[str], *, calibration: str | None = None, stats: list[str] 
     merged = assemble(members, split, matchings, merged_trunk_parameters(members, split, matchings), heads=options.heads)
     resize_constants(merged, members[0].graph, reference_widths(members[0], matchings))
     merged, repair = _repair(merged, calib, options, _repair_targets(merged, units, unit_stats, matchings))
+    _attach_postprocessing(merged, members, post, options.heads)
     merged = infer_shapes(merged)
     _record(merged, paths, options)
     check(merged, "merged model")
     timings["rewrite_s"] = time.perf_counter() - clock
     report = {"format": "onnxmerge.merge/1", "models": [str(p) for p in paths], "method": options.method,
-              "options": asdict(options), "provider": provider, "repair": repair,
+              "options": asdict(options), "bn": bn, "provider": provider, "repair": repair,
               "layers": f"{split.zipped_layers} of {split.total_layers} layers zipped",
               "spaces": summary, "timings": timings}
     if depth is not None:
@@ -165,26 +169,78 @@ def merge(paths: list[str], *, calibration: str | None = None, stats: list[str] 
     return MergeResult(merged, report)
 
 
-def _prepare(paths: list[str], calibration: str | None,
-             options: MergeOptions) -> tuple[list[Member], CalibrationSet | None, DepthAlignment | None]:
-    """Canonical members of a merge, models of different depths lifted into the deepest's
-    topology (method.md §5), with the calibration set and the depth alignment if any."""
-    named = _canonical(paths, options.bn)
-    calib = _calibration(calibration, [m for _, m in named], options) if calibration else None
+def _prepare(paths: list[str], calibration: str | None, options: MergeOptions):
+    """Everything a merge starts from: members (canonical cores lined up with model 0's; models
+    of different depths lifted into the deepest's topology, method.md §5), each model's
+    post-processing, the BatchNormalization mode used, the calibration set and the depth
+    alignment (None when depths agree)."""
+    named, post, bn = _cores(paths, options)
+    calib = _calibration(calibration, [core for _, core in named], options) if calibration else None
     depth = None
-    if needs_alignment([m for _, m in named], options.align):
+    if needs_alignment([core for _, core in named], options.align):
         depth = _align(named, calib, options)
         named = list(zip([name for name, _ in named], lift_models(named, depth)))
-    return _members(named), calib, depth
-
-
-def _canonical(paths: list[str], bn: str) -> list[tuple[str, onnx.ModelProto]]:
-    return [(str(path), canonicalize(load_model(path), bn=bn)) for path in paths]
+    return _members(named), post, bn, calib, depth
 
 
 def _members(named: list[tuple[str, onnx.ModelProto]]) -> list[Member]:
     analysed = [(name, model, find_spaces(model)) for name, model in named]
     return [Member(model, graph, correspond(analysed[0], (path, model, graph))) for path, model, graph in analysed]
+
+
+def _cores(paths: list[str], options: MergeOptions) -> tuple[list[tuple[str, onnx.ModelProto]], list[PostProcessing], str]:
+    """Each model's canonical core (post-processing split off) with its file name, the
+    post-processing, and the BatchNormalization mode used: ``keep`` turns into ``fold`` when
+    some models have BN nodes and others have it folded (exporters differ), so that they line up."""
+    _check_layout_names(paths, options.input_layout)
+    models = [_with_input_layout(path, load_model(path), options.input_layout) for path in paths]
+    analysed, bn = _split_all(models, options.bn), options.bn
+    if bn == "keep" and len({_batch_norms(core) > 0 for core, _ in analysed}) > 1:
+        log.warning("some models have BatchNormalization nodes and others have it folded: folding it in all")
+        analysed, bn = _split_all(models, "fold"), "fold"
+    named = [(str(path), core) for path, (core, _) in zip(paths, analysed)]
+    check_same_inputs(named)
+    return named, [post for _, post in analysed], bn
+
+
+def _batch_norms(model: onnx.ModelProto) -> int:
+    return sum(node.op_type == "BatchNormalization" for node in model.graph.node)
+
+
+def _split_all(models: list[onnx.ModelProto], bn: str) -> list[tuple[onnx.ModelProto, PostProcessing]]:
+    """(canonical core, post-processing) of each model."""
+    return [split_postprocessing(canonicalize(model, bn=bn)) for model in models]
+
+
+def _with_input_layout(path: str, model: onnx.ModelProto, layouts: tuple[tuple[str, str], ...]) -> onnx.ModelProto:
+    """The model with a channels-first input when ``--input-layout`` names it."""
+    layout = next((lay for name, lay in layouts if name in (str(path), os.path.basename(str(path)))), None)
+    return model if layout is None else channels_first_input(model, layout, str(path))
+
+
+def _check_layout_names(paths: list[str], layouts: tuple[tuple[str, str], ...]) -> None:
+    names = {str(p) for p in paths} | {os.path.basename(str(p)) for p in paths}
+    for name, layout in layouts:
+        if name not in names:
+            raise RecipeError(f"--input-layout {name}={layout}: {name} is none of the models "
+                              f"({', '.join(str(p) for p in paths)}); name a model as given or by its file name")
+
+
+def _attach_postprocessing(merged: onnx.ModelProto, members: list[Member], post: list[PostProcessing],
+                           heads: str) -> None:
+    """Each model's post-processing (skl2onnx labels, ZipMap) reads that model's own scores
+    (model 0's alone with shared heads); each model's outputs keep their order."""
+    order = []
+    for index, (member, tail) in enumerate(zip(members[:1] if heads == "shared" else members, post)):
+        def rename(name: str, index=index) -> str:
+            return name if heads == "shared" else f"{name}_m{index}"
+
+        attach_postprocessing(merged, tail, rename)
+        order += [rename(name) for name in tail.output_names(member.model)]
+    outputs = {o.name: o for o in merged.graph.output}
+    reordered = [outputs[name] for name in order]
+    del merged.graph.output[:]
+    merged.graph.output.extend(reordered)
 
 
 def _calibration(path: str, models: list[onnx.ModelProto], options: MergeOptions) -> CalibrationSet:
@@ -201,7 +257,7 @@ def align(paths: list[str], calibration: str | None = None, options: MergeOption
     """Block structure, CKA and the depth alignment of models onto the deepest (``onnxmerge align``)."""
     if len(paths) < 2:
         raise RecipeError("align needs at least two models")
-    named = _canonical(paths, options.bn)
+    named, _, _ = _cores(paths, options)
     calib = _calibration(calibration, [m for _, m in named], options) if calibration else None
     return _align(named, calib, replace(options, align="sma" if options.align in ("auto", "none") else options.align))
 
@@ -246,7 +302,7 @@ def _statistics(members: list[Member], split, calib, stats_files, options: Merge
 
 def calibrate(paths: list[str], calibration: str, options: MergeOptions = MergeOptions()) -> tuple[dict, dict]:
     """Statistics a merge of these models needs, as (stats by unit, meta) for ``save_stats``."""
-    members, calib, _ = _prepare(paths, calibration, options)
+    members, _, _, calib, _ = _prepare(paths, calibration, options)
     split = split_trunk(members[0].model, members[0].graph, heads=options.heads, zip_layers=options.zip_layers)
     units, stats, provider = _statistics(members, split, calib, None, options)
     meta = {"fingerprint": _fingerprint(members, units), "provider": provider, "samples": str(calib.num_samples)}

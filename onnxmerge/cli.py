@@ -77,7 +77,18 @@ def _plan_options() -> argparse.ArgumentParser:
     group.add_argument("--heads", choices=HEADS, default="separate",
                        help="separate: one head per model, outputs suffixed _m<i>; shared: heads averaged (default separate)")
     group.add_argument("--zip-layers", type=int, metavar="N", help="merge only the spaces of the first N weight layers")
+    group.add_argument("--input-layout", action="append", type=_layout_spec, metavar="MODEL=LAYOUT",
+                       help="MODEL (its path as given or file name) takes a channels-last input, e.g. NHWC: "
+                            "a transpose is inserted so it reads the channels-first input (NCHW) of the others; "
+                            "the merged model and the calibration data are channels-first (repeatable)")
     return parent
+
+
+def _layout_spec(text: str) -> tuple[str, str]:
+    model, _, layout = text.rpartition("=")
+    if not model or not layout.isalpha():
+        raise argparse.ArgumentTypeError(f"{text!r} is not MODEL=LAYOUT, e.g. keras_cnn.onnx=NHWC")
+    return model, layout.upper()
 
 
 def _multiple(text: str) -> float | str:
@@ -119,7 +130,9 @@ def cmd_align(args: argparse.Namespace) -> int:
 
 def _options(args: argparse.Namespace) -> api.MergeOptions:
     fields = api.MergeOptions.__dataclass_fields__
-    return api.MergeOptions(**{name: getattr(args, name) for name in fields if hasattr(args, name)})
+    values = {name: getattr(args, name) for name in fields if hasattr(args, name)}
+    values["input_layout"] = tuple(values.get("input_layout") or ())
+    return api.MergeOptions(**values)
 
 
 def cmd_merge(args: argparse.Namespace) -> int:

@@ -1,6 +1,7 @@
 """Accuracy of single and multi-head models on class-split tasks (method.md §8).
 
-A model's graph outputs are its heads, in order; head i predicts the classes of task i.
+A model's floating-point graph outputs are its heads, in order; head i predicts the classes of
+task i (integer label outputs and ZipMap's maps are left out).
 Joint accuracy: argmax over all heads' outputs concatenated, mapped to global classes.
 Per-task accuracy: on the samples of task i, argmax within head i. Average: mean over tasks.
 """
@@ -52,9 +53,14 @@ def load_test_data(path: str, labels_key: str = "y") -> tuple[dict[str, np.ndarr
 
 def run_heads(model: onnx.ModelProto, inputs: dict[str, np.ndarray], provider: str = "auto",
               batch_size: int = 256) -> list[np.ndarray]:
-    """All graph outputs of a model (its heads) over the inputs, batch by batch. A single
-    array feeds a single-input model whatever its input is called."""
+    """The floating-point outputs of a model (its heads) over the inputs, batch by batch;
+    label outputs (skl2onnx's) and maps are not scores. A single array feeds a single-input
+    model whatever its input is called."""
     session, _ = open_session(model, provider)
+    heads = [o.name for o in session.get_outputs() if o.type in _NUMPY]
+    if not heads:
+        raise CalibrationError("the model has no floating-point output to score; "
+                               f"its outputs are {[f'{o.name}: {o.type}' for o in session.get_outputs()]}")
     names = [i.name for i in session.get_inputs()]
     if len(inputs) == 1 and len(names) == 1:
         inputs = {names[0]: next(iter(inputs.values()))}
@@ -68,7 +74,7 @@ def run_heads(model: onnx.ModelProto, inputs: dict[str, np.ndarray], provider: s
     outputs: list[list[np.ndarray]] = []
     for start in range(0, count, batch_size):
         feed = {name: inputs[name][start:start + batch_size] for name in names}
-        outputs.append(session.run(None, feed))
+        outputs.append(session.run(heads, feed))
     return [np.concatenate([batch[k] for batch in outputs]) for k in range(len(outputs[0]))]
 
 

@@ -49,3 +49,145 @@ def test_batch_norm_fold_matches_kept(zoo_files):
     assert any(n.op_type == "BatchNormalization" for n in kept.graph.node)
     assert not any(n.op_type == "BatchNormalization" for n in folded.graph.node)
     np.testing.assert_allclose(run_all(folded, x)[0], run_all(kept, x)[0], atol=1e-4)
+
+
+# --- exporter idioms: one hand-built graph per pass, outputs unchanged, idiom gone --------------
+
+N = helper.make_node
+RNG = np.random.default_rng(5)
+
+
+def graph_model(nodes, inits: dict[str, np.ndarray], in_shape, out_shape, *, opset=17):
+    """x -> nodes -> out (float32), with the given constants."""
+    graph = helper.make_graph(
+        nodes, "idiom", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(in_shape))],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, list(out_shape))],
+        [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def canonical_ops(m: onnx.ModelProto, x: np.ndarray) -> list[str]:
+    """The canonical model's ops, after checking it computes what ``m`` does."""
+    canonical = canonicalize(m)
+    for expected, got in zip(run_all(m, x), run_all(canonical, x)):
+        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+    assert [o.name for o in canonical.graph.output] == [o.name for o in m.graph.output]
+    return [n.op_type for n in canonical.graph.node]
+
+
+def w(*shape) -> np.ndarray:
+    return RNG.standard_normal(shape).astype(np.float32) * 0.5
+
+
+def image(channels=3, batch=2) -> np.ndarray:
+    return RNG.standard_normal((batch, 8, 8, channels)).astype(np.float32)
+
+
+def test_aliases_are_dropped():
+    """skl2onnx's float -> float Cast, an Identity writing the output, inference Dropout, an
+    identity Transpose and a reshape to the same shape: all return their input."""
+    nodes = [N("Cast", ["x"], ["c"], to=TensorProto.FLOAT), N("Gemm", ["c", "w", "b"], ["g"], transB=1),
+             N("Dropout", ["g"], ["d"]), N("Transpose", ["d"], ["t"], perm=[0, 1]),
+             N("Reshape", ["t", "shape"], ["r"]), N("Identity", ["r"], ["out"])]
+    m = graph_model(nodes, {"w": w(8, 64), "b": w(8), "shape": np.array([-1, 8])}, ["N", 64], ["N", 8])
+    assert canonical_ops(m, w(3, 64)) == ["Gemm"]
+
+
+def test_nhwc_conv_chain_becomes_nchw():
+    """tf2onnx without its optimiser: transposes around every conv, BatchNormalization as a
+    per-channel Mul and Add in NHWC, global pooling as ReduceMean over H, W and a Dense as
+    MatMul + Add. Only the input transpose remains and the chain reads like a channels-first
+    export (Conv with bias, Relu, GlobalAveragePool, Flatten, Gemm)."""
+    nodes = [N("Transpose", ["x"], ["t0"], perm=[0, 3, 1, 2]), N("Conv", ["t0", "w1"], ["c1"], kernel_shape=[3, 3], pads=[1] * 4),
+             N("Transpose", ["c1"], ["t1"], perm=[0, 2, 3, 1]), N("Mul", ["t1", "scale"], ["m1"]),
+             N("Add", ["m1", "shift"], ["a1"]), N("Relu", ["a1"], ["r1"]),
+             N("Transpose", ["r1"], ["t2"], perm=[0, 3, 1, 2]), N("Conv", ["t2", "w2", "b2"], ["c2"], kernel_shape=[1, 1]),
+             N("Transpose", ["c2"], ["t3"], perm=[0, 2, 3, 1]), N("Relu", ["t3"], ["r2"]),
+             N("ReduceMean", ["r2"], ["p"], axes=[1, 2], keepdims=0),
+             N("MatMul", ["p", "dense"], ["mm"]), N("Add", ["mm", "bias"], ["out"])]
+    inits = {"w1": w(16, 3, 3, 3), "scale": w(16) + 1, "shift": w(16), "w2": w(32, 16, 1, 1), "b2": w(32),
+             "dense": w(32, 10), "bias": w(10)}
+    m = graph_model(nodes, inits, ["N", 8, 8, 3], ["N", 10])
+    assert canonical_ops(m, image()) == ["Transpose", "Conv", "Relu", "Conv", "Relu", "GlobalAveragePool",
+                                         "Flatten", "Gemm"]
+
+
+def test_transposes_pushed_through_a_residual_add_cancel():
+    """Add of two NHWC branches: one transpose after the Add, which meets its inverse."""
+    nodes = [N("Conv", ["x", "w1"], ["c1"], kernel_shape=[1, 1]), N("Conv", ["x", "w2"], ["c2"], kernel_shape=[1, 1]),
+             N("Transpose", ["c1"], ["t1"], perm=[0, 2, 3, 1]), N("Transpose", ["c2"], ["t2"], perm=[0, 2, 3, 1]),
+             N("Add", ["t1", "t2"], ["s"]), N("Sigmoid", ["s"], ["g"]), N("Transpose", ["g"], ["out"], perm=[0, 3, 1, 2])]
+    m = graph_model(nodes, {"w1": w(16, 4, 1, 1), "w2": w(16, 4, 1, 1)}, ["N", 4, 8, 8], ["N", 16, 8, 8])
+    assert canonical_ops(m, w(2, 4, 8, 8)) == ["Conv", "Conv", "Add", "Sigmoid"]
+
+
+def test_one_channel_layout_transpose_is_a_reshape_and_cancels():
+    """With one channel tf2onnx writes NHWC -> NCHW as a Reshape; onnxmerge's --input-layout
+    puts the inverse Transpose in front: the pair becomes two reshapes, one, then nothing."""
+    nodes = [N("Transpose", ["x"], ["nhwc"], perm=[0, 2, 3, 1]), N("Reshape", ["nhwc", "shape"], ["nchw"]),
+             N("Conv", ["nchw", "w1", "b1"], ["out"], kernel_shape=[3, 3])]
+    m = graph_model(nodes, {"shape": np.array([-1, 1, 8, 8]), "w1": w(16, 1, 3, 3), "b1": w(16)},
+                    ["N", 1, 8, 8], ["N", 16, 6, 6])
+    assert canonical_ops(m, w(2, 1, 8, 8)) == ["Conv"]
+
+
+def test_sum_divided_by_size_is_a_global_pool():
+    """jax2onnx's mean: ReduceSum over H, W then Div by H * W; torch dynamo's: ReduceMean
+    with keepdims and a Reshape to [N, C] computed from the input's shape (paddle2onnx)."""
+    nodes = [N("Conv", ["x", "w1"], ["c"], kernel_shape=[1, 1]), N("ReduceSum", ["c", "axes"], ["s"], keepdims=0),
+             N("Div", ["s", "size"], ["out"])]
+    m = graph_model(nodes, {"w1": w(16, 4, 1, 1), "axes": np.array([2, 3]), "size": np.float32(64)},
+                    ["N", 4, 8, 8], ["N", 16], opset=18)
+    assert canonical_ops(m, w(2, 4, 8, 8)) == ["Conv", "GlobalAveragePool", "Flatten"]
+    nodes = [N("Conv", ["x", "w1"], ["c"], kernel_shape=[1, 1]), N("ReduceMean", ["c", "axes"], ["p"], keepdims=1),
+             N("Shape", ["p"], ["sh"]), N("Slice", ["sh", "zero", "one"], ["n"]), N("Concat", ["n", "minus"], ["target"], axis=0),
+             N("Reshape", ["p", "target"], ["out"])]
+    inits = {"w1": w(16, 4, 1, 1), "axes": np.array([-1, -2]), "zero": np.array([0]), "one": np.array([1]),
+             "minus": np.array([-1])}
+    m = graph_model(nodes, inits, ["N", 4, 8, 8], ["N", 16], opset=18)
+    assert canonical_ops(m, w(2, 4, 8, 8)) == ["Conv", "GlobalAveragePool", "Flatten"]
+
+
+def test_affine_after_weight_layers_is_folded():
+    """Conv bias as a separate Add (paddle2onnx), BatchNormalization as Mul/Sub/Div by
+    per-channel constants, a MatMul with a pre-transposed weight and its bias Add; a Mul that
+    varies along the width and an Add to a Conv output that another node reads stay."""
+    nodes = [N("Conv", ["x", "w1"], ["c1"], kernel_shape=[1, 1]), N("Add", ["bias", "c1"], ["a1"]),
+             N("Mul", ["a1", "scale"], ["m1"]), N("Sub", ["m1", "shift"], ["s1"]), N("Div", ["s1", "norm"], ["d1"]),
+             N("Mul", ["d1", "along_w"], ["m2"]), N("Conv", ["m2", "w2"], ["c2"], kernel_shape=[1, 1]),
+             N("Add", ["c2", "b2"], ["a2"]), N("Relu", ["c2"], ["r2"]), N("Add", ["a2", "r2"], ["o"]),
+             N("GlobalAveragePool", ["o"], ["p"]), N("Flatten", ["p"], ["f"]), N("MatMul", ["f", "dense"], ["mm"]),
+             N("Add", ["mm", "dense_bias"], ["out"])]
+    inits = {"w1": w(16, 4, 1, 1), "bias": w(1, 16, 1, 1), "scale": w(16, 1, 1), "shift": w(16, 1, 1),
+             "norm": np.abs(w(16, 1, 1)) + 1, "along_w": w(8), "w2": w(16, 16, 1, 1), "b2": w(16, 1, 1),
+             "dense": w(16, 10), "dense_bias": w(1, 10)}
+    m = graph_model(nodes, inits, ["N", 4, 8, 8], ["N", 10])
+    assert canonical_ops(m, w(2, 4, 8, 8)) == ["Conv", "Mul", "Conv", "Add", "Relu", "Add", "GlobalAveragePool",
+                                               "Flatten", "Gemm"]
+    canonical = canonicalize(m)
+    assert all(len(n.input) == 3 for n in canonical.graph.node if n.op_type in ("Conv", "Gemm"))
+
+
+def test_exporters_writing_one_layer_differently_agree():
+    """Defaults left out or written, auto_pad or explicit pads, Gemm with transB = 0,
+    alpha/beta and no bias vs MatMul, Softmax axis -1 vs 1: one canonical graph."""
+    weight, dense = w(8, 3, 3, 3), w(8, 5)
+    first = graph_model([N("Conv", ["x", "w1"], ["c"], auto_pad="SAME_UPPER"), N("GlobalAveragePool", ["c"], ["p"]),
+                         N("Flatten", ["p"], ["f"]), N("Gemm", ["f", "dense"], ["g"], alpha=2.0),
+                         N("Softmax", ["g"], ["out"])], {"w1": weight, "dense": dense / 2}, ["N", 3, 8, 8], ["N", 5])
+    second = graph_model([N("Conv", ["x", "w1", "b1"], ["c"], kernel_shape=[3, 3], pads=[1] * 4, strides=[1, 1],
+                            dilations=[1, 1], group=1),
+                          N("GlobalAveragePool", ["c"], ["p"]), N("Flatten", ["p"], ["f"], axis=1),
+                          N("MatMul", ["f", "dense"], ["g"]), N("Softmax", ["g"], ["out"], axis=1)],
+                         {"w1": weight, "b1": np.zeros(8, np.float32), "dense": dense}, ["N", 3, 8, 8], ["N", 5])
+    x = w(2, 3, 8, 8)
+    assert canonical_ops(first, x) == canonical_ops(second, x)
+
+    def layers(m):
+        return [(n.op_type, sorted((a.name, str(helper.get_attribute_value(a))) for a in n.attribute))
+                for n in canonicalize(m).graph.node]
+
+    assert layers(first) == layers(second)

@@ -143,15 +143,14 @@ def special_cases() -> dict[str, onnx.ModelProto]:
         "Slice": model([n("Slice", ["y", "st", "en", "ax"], ["z"])],
                        [const("st", np.array([4], np.int64)), const("en", np.array([12], np.int64)),
                         const("ax", np.array([1], np.int64))], out_shape=(None, 8)),
-        "Transpose": model([n("Transpose", ["y"], ["t"], perm=[0, 2, 3, 1]), n("Relu", ["t"], ["r"]),
+        "Transpose": model([n("Transpose", ["y"], ["t"], perm=[0, 2, 3, 1]), n("Softmax", ["t"], ["r"], axis=3),
                             n("Transpose", ["r"], ["z"], perm=[0, 3, 1, 2])], []),
         "Reshape": model([n("Reshape", ["y", "sh"], ["r"]), n("Softmax", ["r"], ["s"], axis=2),
                           n("Reshape", ["s", "back"], ["z"])],
                          [const("sh", np.array([0, 4, 4, 16], np.int64)), const("back", np.array([0, C, 4, 4], np.int64))]),
         "Flatten": model([n("Flatten", ["y"], ["z"])], [], head="fc", out_shape=(None, C * 16)),
-        "Squeeze": model([n("ReduceMean", ["y", "axes"], ["r"], keepdims=1), n("Squeeze", ["r", "sq"], ["z"])],
-                         [const("axes", np.array([2, 3], np.int64)), const("sq", np.array([2, 3], np.int64))],
-                         head="fc", out_shape=(None, C)),
+        "Squeeze": model([n("ReduceMean", ["y", "axes"], ["r"], keepdims=1), n("Squeeze", ["r", "axes"], ["s"]),
+                          n("Unsqueeze", ["s", "axes"], ["z"])], [const("axes", np.array([3], np.int64))]),
         "Unsqueeze": model([n("Unsqueeze", ["y", "ax"], ["u"]), n("Relu", ["u"], ["r"]), n("Squeeze", ["r", "ax"], ["z"])],
                            [const("ax", np.array([2], np.int64))]),
         "Pad": model([n("Pad", ["y", "pads"], ["z"], mode="reflect")],
@@ -182,7 +181,25 @@ def special_cases() -> dict[str, onnx.ModelProto]:
                "ReduceLogSumExp", "ReduceSumSquare"):
         cases[op] = model([n("Sigmoid", ["y"], ["ys"]), n(op, ["ys", "axes"], ["z"], keepdims=1)],
                           [const("axes", np.array([3], np.int64))])
+    for op, extra in (("ZipMap", {"classlabels_int64s": list(range(5))}), ("ArrayFeatureExtractor", {})):
+        cases[f"ai.onnx.ml.{op}"] = with_ml_output(model([n("Relu", ["y"], ["z"])], []), op, **extra)
     return cases
+
+
+def with_ml_output(m: onnx.ModelProto, op: str, **attrs) -> onnx.ModelProto:
+    """``m`` with a second output made by an ai.onnx.ml op reading its first, as skl2onnx's
+    ZipMap (probabilities keyed by class) and ArrayFeatureExtractor (picking columns)."""
+    inputs = ["out"] if op == "ZipMap" else ["out", "picked"]
+    if op == "ArrayFeatureExtractor":
+        m.graph.initializer.append(const("picked", np.array([0, 3], np.int64)))
+    m.graph.node.append(helper.make_node(op, inputs, ["ml_out"], domain="ai.onnx.ml", **attrs))
+    if op == "ZipMap":
+        entry = helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, []))
+        m.graph.output.append(helper.make_value_info("ml_out", helper.make_sequence_type_proto(entry)))
+    else:
+        m.graph.output.append(helper.make_tensor_value_info("ml_out", TensorProto.FLOAT, ["N", 2]))
+    m.opset_import.append(helper.make_opsetid("ai.onnx.ml", 1))
+    return m
 
 
 def all_cases() -> dict[str, onnx.ModelProto]:

@@ -1,7 +1,9 @@
 """Canonicalisation: rewrite exporter idioms into one form the rule table understands.
 
 Each pass takes an onnx-graphsurgeon graph and returns the number of rewrites it made. The
-pipeline runs to a fixpoint under ``MAX_ROUNDS``. The canonical model computes the same
+pipeline runs to a fixpoint under ``MAX_ROUNDS``. Passes for layout transposes are in
+``transposes.py``, for weight layers, pooling and flattening in ``layers.py``: together they
+make one architecture written by different exporters into one graph, node by node. The canonical model computes the same
 outputs as the input model; the caller's ModelProto is never modified.
 """
 
@@ -14,9 +16,15 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime
+from onnx_graphsurgeon.logger import G_LOGGER
 from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
 from ..errors import UnsupportedGraphError
+from .layers import (canonical_attributes, explicit_conv_biases, flatten_reshapes, fold_affine, global_pools,
+                     matmul_to_gemm, normalize_gemm)
+from .surgery import bypass, constant
+from .transposes import (compose_transposes, is_noop_reshape, layout_transposes_as_reshapes, merge_reshapes,
+                         push_transposes)
 
 log = logging.getLogger(__name__)
 
@@ -24,21 +32,26 @@ MAX_ROUNDS = 8
 BN_MODES = ("keep", "fold")
 
 
-def drop_identities(graph: gs.Graph) -> int:
-    """Identity nodes alias their input: consumers read the input directly."""
-    count = 0
-    outputs = set(id(t) for t in graph.outputs)
-    for node in list(graph.nodes):
-        if node.op != "Identity" or id(node.outputs[0]) in outputs:
-            continue
-        source, alias = node.inputs[0], node.outputs[0]
-        for consumer in list(alias.outputs):
-            for index, tensor in enumerate(consumer.inputs):
-                if tensor is alias:
-                    consumer.inputs[index] = source
-        node.outputs.clear()
-        count += 1
-    return count
+def drop_aliases(graph: gs.Graph) -> int:
+    """Nodes that return their input unchanged are removed: consumers read the input."""
+    return sum(bypass(graph, node, node.inputs[0]) for node in list(graph.nodes) if _is_alias(node))
+
+
+def _is_alias(node: gs.Node) -> bool:
+    """Identity, a Cast to the input's own type (skl2onnx's float -> float), Dropout at
+    inference, Transpose by the identity permutation, a reshape to the input's shape."""
+    if len(node.outputs) != 1 or not node.inputs:
+        return False
+    if node.op == "Cast":
+        source = node.inputs[0].dtype
+        return source is not None and np.dtype(onnx.helper.tensor_dtype_to_np_dtype(node.attrs["to"])) == source
+    if node.op == "Dropout":  # at inference unless a training_mode input says otherwise
+        training = constant(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else np.zeros(1)
+        return training is not None and not training.any()
+    if node.op == "Transpose":
+        perm = node.attrs.get("perm")
+        return perm is not None and list(perm) == list(range(len(perm)))
+    return node.op == "Identity" or is_noop_reshape(node)
 
 
 def fold_constants(graph: gs.Graph) -> int:
@@ -64,24 +77,6 @@ def constant_reshape_targets(graph: gs.Graph) -> int:
         target = np.array([-1 if k in unknown else d for k, d in enumerate(shape)], dtype=np.int64)
         node.inputs[1] = gs.Constant(f"{node.outputs[0].name}_target", target)
         count += 1
-    return count
-
-
-def normalize_gemm(graph: gs.Graph) -> int:
-    """Gemm with alpha/beta != 1: scale the constant operands so alpha = beta = 1."""
-    count = 0
-    for node in graph.nodes:
-        if node.op != "Gemm":
-            continue
-        alpha, beta = node.attrs.get("alpha", 1.0), node.attrs.get("beta", 1.0)
-        if alpha != 1.0 and isinstance(node.inputs[1], gs.Constant):
-            node.inputs[1] = gs.Constant(node.inputs[1].name + "_scaled", node.inputs[1].values * np.float32(alpha))
-            node.attrs["alpha"] = 1.0
-            count += 1
-        if len(node.inputs) > 2 and beta != 1.0 and isinstance(node.inputs[2], gs.Constant):
-            node.inputs[2] = gs.Constant(node.inputs[2].name + "_scaled", node.inputs[2].values * np.float32(beta))
-            node.attrs["beta"] = 1.0
-            count += 1
     return count
 
 
@@ -136,8 +131,12 @@ def untie_initializers(graph: gs.Graph) -> int:
     return count
 
 
-PASSES: tuple[Callable[[gs.Graph], int], ...] = (drop_identities, fold_constants, constant_reshape_targets,
-                                                  normalize_gemm)
+PASSES: tuple[Callable[[gs.Graph], int], ...] = (
+    drop_aliases, fold_constants, constant_reshape_targets,
+    compose_transposes, push_transposes, layout_transposes_as_reshapes, merge_reshapes,
+    global_pools, flatten_reshapes, matmul_to_gemm, normalize_gemm, explicit_conv_biases, fold_affine,
+    canonical_attributes,
+)
 
 
 def canonicalize(model: onnx.ModelProto, *, bn: str = "keep") -> onnx.ModelProto:
@@ -160,19 +159,21 @@ def canonicalize(model: onnx.ModelProto, *, bn: str = "keep") -> onnx.ModelProto
     del proto.graph.input[:]
     proto.graph.input.extend(kept)
     passes = PASSES + ((fold_batch_norm,) if bn == "fold" else ())
-    for _ in range(MAX_ROUNDS):
-        # passes read inferred shapes (gs folds Shape ops only where they are known), and a
-        # round's rewrites can make more shapes known: infer again between rounds
-        graph = gs.import_onnx(infer_shapes(proto))
-        changed = sum(p(graph) for p in passes)
+    # graphsurgeon warns about every non-tensor value (skl2onnx's ZipMap maps); they are fine
+    with G_LOGGER.suppress(G_LOGGER.ERROR):
+        for _ in range(MAX_ROUNDS):
+            # passes read inferred shapes (gs folds Shape ops only where they are known), and a
+            # round's rewrites can make more shapes known: infer again between rounds
+            graph = gs.import_onnx(infer_shapes(proto))
+            changed = sum(p(graph) for p in passes)
+            graph.cleanup().toposort()
+            proto = _export(graph, model)
+            if not changed:
+                break
+        graph = gs.import_onnx(proto)
+        untie_initializers(graph)
         graph.cleanup().toposort()
-        proto = _export(graph, model)
-        if not changed:
-            break
-    graph = gs.import_onnx(proto)
-    untie_initializers(graph)
-    graph.cleanup().toposort()
-    return infer_shapes(_export(graph, model))
+        return infer_shapes(_export(graph, model))
 
 
 def _export(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:

@@ -510,6 +510,16 @@ def arg_reduce(node: onnx.NodeProto, ctx: Context) -> None:
     ctx.set_output(node.output[0], {(k if keep or k < axis else k - 1): v for k, v in layouts.items() if k != axis})
 
 
+def keyed_by_position(node: onnx.NodeProto, ctx: Context) -> None:
+    """ZipMap, ArrayFeatureExtractor (skl2onnx's label and probability maps) key or pick their
+    outputs by positions along the input's axes, which must keep their order."""
+    for name in node.input:
+        for layout in ctx.layouts(name).values():
+            ctx.fix(layout, f"{node.op_type} keys its output by position")
+    for name in node.output:
+        ctx.set_output(name, {})
+
+
 def softmax(node: onnx.NodeProto, ctx: Context) -> None:
     """Softmax-like ops mix the positions of their axis; the order does not matter."""
     x = node.input[0]
@@ -594,6 +604,8 @@ def _build() -> dict[str, Rule]:
         register(op, "reduce", reduce)
     for op in ("ArgMax", "ArgMin"):
         register(op, "reduce", arg_reduce)
+    for op in ("ai.onnx.ml.ZipMap", "ai.onnx.ml.ArrayFeatureExtractor"):
+        register(op, "reduce", keyed_by_position)
     for op in ("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"):
         register(op, "same-space", pool)
     for op in ("Pad", "Resize", "Upsample"):
