@@ -71,6 +71,13 @@ def row(name: str, result: dict) -> str:
     return f"| {name:36} | " + " | ".join(cells) + " |"
 
 
+def print_table(rows: list[str]) -> None:
+    print()
+    print(f"| {'model':36} |   joint | task {TASKS[0]} | task {TASKS[1]} | average |")
+    print(f"|{'-' * 38}|---------|----------|----------|---------|")
+    print("\n".join(rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="keep the merged models here")
@@ -84,10 +91,7 @@ def main() -> None:
         run("merge", first, second, "--calib", CALIB, *options, "-o", target, "--report", target.with_suffix(".json"))
         run("eval", target, "--data", TEST, "--tasks", ",".join(TASKS))
         rows.append(row(name, api.evaluate([str(target)], str(TEST), tasks=",".join(TASKS))[0]))
-    print()
-    print(f"| {'model':36} |   joint | task {TASKS[0]} | task {TASKS[1]} | average |")
-    print(f"|{'-' * 38}|---------|----------|----------|---------|")
-    print("\n".join(rows))
+    print_table(rows)
     print(f"\nmerged models and reports in {out}")
 
 

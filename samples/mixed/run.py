@@ -72,10 +72,7 @@ def main() -> None:
                        "--report", target.with_suffix(".json"))
             digits.run("eval", target, "--data", test, "--tasks", both)
             rows.append(digits.row(f"{merge}: {pair}", api.evaluate([str(target)], str(test), tasks=both)[0]))
-    print()
-    print(f"| {'model':34} |   joint | task {TASKS[0]} | task {TASKS[1]} | average |")
-    print(f"|{'-' * 36}|---------|----------|----------|---------|")
-    print("\n".join(rows))
+    digits.print_table(rows)
     print(f"\nmerged models and reports in {out}")
 
 
