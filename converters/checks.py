@@ -15,9 +15,9 @@ import numpy as np
 import onnx
 
 if __package__:  # imported as converters.checks
-    from .specs import ConverterError
+    from .specs import ConverterError, save_sample
 else:  # a converter run as a script (python converters/x.py) has converters/ on sys.path
-    from specs import ConverterError
+    from specs import ConverterError, save_sample
 
 # onnxruntime 1.18 and later run default-domain opset 21 (1.32, measured here, runs up to 26);
 # the project allows onnxruntime>=1.17, which stops at 20: converters default to 17 (18 for
@@ -167,3 +167,23 @@ def verify(model: onnx.ModelProto, x: np.ndarray, references: dict[str, np.ndarr
 
 def format_diffs(diffs: dict[str, float]) -> str:
     return ", ".join(f"max abs diff {name}: {value:.3g}" for name, value in diffs.items())
+
+
+def output_names(count: int) -> list[str]:
+    """The converters' output names: output, output_1, output_2, ..."""
+    return ["output"] + [f"output_{i}" for i in range(1, count)]
+
+
+def finish(args, onnx_input: np.ndarray, diffs: dict[str, float], framework_outputs, *,
+           main: str | None = "output", note: str = "") -> int:
+    """End of a converter's command: with --save-sample, store the input and the framework's
+    outputs (``framework_outputs()``: a list named output, output_1, ..., or a dict whose last
+    entry is the main output when ``main`` is None), then report the differences measured
+    against the framework."""
+    if args.save_sample:
+        outputs = framework_outputs()
+        if not isinstance(outputs, dict):
+            outputs = dict(zip(output_names(len(outputs)), outputs))
+        save_sample(args.save_sample, onnx_input, outputs, main or list(outputs)[-1])
+    print(f"wrote {args.output}{note}: {format_diffs(diffs)}")
+    return 0

@@ -34,13 +34,13 @@ import numpy as np
 
 if __package__:  # imported as converters.jax_export
     from . import designs
-    from .checks import (Tolerance, format_diffs, name_batch_axis, refresh_value_info, rename_io,
+    from .checks import (Tolerance, finish, output_names, name_batch_axis, refresh_value_info, rename_io,
                          save_model, verify)
     from .specs import (ConverterError, base_parser, call_spec, load_inputs, run_main,
                         sample_input, save_sample)
 else:  # run as a script: converters/ is on sys.path
     import designs
-    from checks import (Tolerance, format_diffs, name_batch_axis, refresh_value_info, rename_io,
+    from checks import (Tolerance, finish, output_names, name_batch_axis, refresh_value_info, rename_io,
                         save_model, verify)
     from specs import (ConverterError, base_parser, call_spec, load_inputs, run_main,
                        sample_input, save_sample)
@@ -64,9 +64,6 @@ def jax_outputs(apply_fn: ApplyFn, params: Any, x: np.ndarray) -> list[np.ndarra
     results = result if isinstance(result, (tuple, list)) else [result]
     return [np.asarray(r, dtype=np.float32) for r in results]
 
-
-def output_names(count: int) -> list[str]:
-    return ["output"] + [f"output_{i}" for i in range(1, count)]
 
 
 def to_nchw(x: np.ndarray) -> np.ndarray:
@@ -205,12 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     diffs = export_jax(apply_fn, params, sample_shape, args.output, nchw=args.nchw,
                        opset=args.opset, check_input=check_input,
                        tolerance=Tolerance(args.rtol, args.atol))
-    if args.save_sample:
-        onnx_input = to_nchw(check_input) if args.nchw else check_input
-        outputs = dict(zip(output_names(len(diffs)), jax_outputs(apply_fn, params, check_input)))
-        save_sample(args.save_sample, onnx_input, outputs, "output")
-    print(f"wrote {args.output}: {format_diffs(diffs)}")
-    return 0
+    onnx_input = to_nchw(check_input) if args.nchw else check_input
+    return finish(args, onnx_input, diffs, lambda: jax_outputs(apply_fn, params, check_input))
 
 
 if __name__ == "__main__":

@@ -37,12 +37,12 @@ import onnx  # noqa: E402
 
 if __package__:  # imported as converters.keras_export
     from . import designs
-    from .checks import Tolerance, format_diffs, name_batch_axis, rename_io, save_model, verify
+    from .checks import Tolerance, finish, output_names, name_batch_axis, rename_io, save_model, verify
     from .specs import (ConverterError, base_parser, call_spec, load_inputs, run_main,
                         sample_input, save_sample)
 else:  # run as a script: converters/ is on sys.path
     import designs
-    from checks import Tolerance, format_diffs, name_batch_axis, rename_io, save_model, verify
+    from checks import Tolerance, finish, output_names, name_batch_axis, rename_io, save_model, verify
     from specs import (ConverterError, base_parser, call_spec, load_inputs, run_main,
                        sample_input, save_sample)
 
@@ -71,9 +71,6 @@ def keras_outputs(model: keras.Model, x: np.ndarray) -> list[np.ndarray]:
     results = result if isinstance(result, (list, tuple)) else [result]
     return [np.asarray(keras.ops.convert_to_numpy(r)) for r in results]
 
-
-def output_names(count: int) -> list[str]:
-    return ["output"] + [f"output_{i}" for i in range(1, count)]
 
 
 def export_keras(model: keras.Model, path: str | Path, *, opset: int | None = None,
@@ -165,11 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                    sample_input(sample_shape, batch=args.batch, seed=args.seed))
     diffs = export_keras(model, args.output, opset=args.opset, check_input=check_input,
                          tolerance=Tolerance(args.rtol, args.atol))
-    if args.save_sample:
-        outputs = dict(zip(output_names(len(diffs)), keras_outputs(model, check_input)))
-        save_sample(args.save_sample, check_input, outputs, "output")
-    print(f"wrote {args.output}: {format_diffs(diffs)}")
-    return 0
+    return finish(args, check_input, diffs, lambda: keras_outputs(model, check_input))
 
 
 if __name__ == "__main__":

@@ -39,12 +39,12 @@ import paddle  # noqa: E402
 
 if __package__:  # imported as converters.paddle_export
     from . import designs
-    from .checks import Tolerance, format_diffs, name_batch_axis, rename_io, save_model, verify
+    from .checks import Tolerance, finish, output_names, name_batch_axis, rename_io, save_model, verify
     from .specs import (ConverterError, base_parser, call_spec, load_inputs, parse_shape,
                         run_main, sample_input, save_sample)
 else:  # run as a script: converters/ is on sys.path
     import designs
-    from checks import Tolerance, format_diffs, name_batch_axis, rename_io, save_model, verify
+    from checks import Tolerance, finish, output_names, name_batch_axis, rename_io, save_model, verify
     from specs import (ConverterError, base_parser, call_spec, load_inputs, parse_shape,
                        run_main, sample_input, save_sample)
 
@@ -82,9 +82,6 @@ def paddle_outputs(layer: paddle.nn.Layer, x: np.ndarray) -> list[np.ndarray]:
     results = result if isinstance(result, (tuple, list)) else [result]
     return [r.numpy() for r in results]
 
-
-def output_names(count: int) -> list[str]:
-    return ["output"] + [f"output_{i}" for i in range(1, count)]
 
 
 def _convert_saved(program: Path, parameters: Path, target: Path, opset: int) -> onnx.ModelProto:
@@ -225,11 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     diffs = export_paddle(layer, sample_shape, args.output, opset=args.opset,
                           saved_prefix=args.model if saved_files(args.model) else None,
                           check_input=check_input, tolerance=Tolerance(args.rtol, args.atol))
-    if args.save_sample:
-        outputs = dict(zip(output_names(len(diffs)), paddle_outputs(layer, check_input)))
-        save_sample(args.save_sample, check_input, outputs, "output")
-    print(f"wrote {args.output}: {format_diffs(diffs)}")
-    return 0
+    return finish(args, check_input, diffs, lambda: paddle_outputs(layer, check_input))
 
 
 if __name__ == "__main__":

@@ -30,12 +30,12 @@ import numpy as np
 
 if __package__:  # imported as converters.sklearn_export
     from . import designs
-    from .checks import Tolerance, format_diffs, name_batch_axis, save_model, verify
+    from .checks import Tolerance, finish, name_batch_axis, save_model, verify
     from .specs import (ConverterError, base_parser, call_spec, load_inputs, run_main,
                         sample_input, save_sample)
 else:  # run as a script: converters/ is on sys.path
     import designs
-    from checks import Tolerance, format_diffs, name_batch_axis, save_model, verify
+    from checks import Tolerance, finish, name_batch_axis, save_model, verify
     from specs import (ConverterError, base_parser, call_spec, load_inputs, run_main,
                        sample_input, save_sample)
 
@@ -146,11 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                    sample_input((features,), batch=args.batch, seed=args.seed))
     diffs = export_sklearn(estimator, args.output, opset=args.opset, check_input=check_input,
                            tolerance=Tolerance(args.rtol, args.atol))
-    if args.save_sample:
-        outputs = sklearn_outputs(estimator, check_input)
-        save_sample(args.save_sample, check_input, outputs, list(outputs)[-1])
-    print(f"wrote {args.output}: {format_diffs(diffs)}")
-    return 0
+    return finish(args, check_input, diffs, lambda: sklearn_outputs(estimator, check_input), main=None)
 
 
 if __name__ == "__main__":

@@ -37,12 +37,12 @@ import torch
 
 if __package__:  # imported as converters.torch_export
     from . import designs
-    from .checks import Tolerance, format_diffs, save_model, verify
+    from .checks import Tolerance, finish, output_names, save_model, verify
     from .specs import (ConverterError, base_parser, call_spec, load_inputs, parse_shape,
                         run_main, sample_input, save_sample)
 else:  # run as a script: converters/ is on sys.path
     import designs
-    from checks import Tolerance, format_diffs, save_model, verify
+    from checks import Tolerance, finish, output_names, save_model, verify
     from specs import (ConverterError, base_parser, call_spec, load_inputs, parse_shape,
                        run_main, sample_input, save_sample)
 
@@ -78,9 +78,6 @@ def torch_outputs(model: torch.nn.Module, x: np.ndarray) -> list[np.ndarray]:
     results = result if isinstance(result, (tuple, list)) else [result]
     return [r.detach().cpu().numpy() for r in results]
 
-
-def output_names(count: int) -> list[str]:
-    return ["output"] + [f"output_{i}" for i in range(1, count)]
 
 
 def _export_legacy(model, example, path: str, names: list[str], opset: int) -> None:
@@ -219,11 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                    sample_input(tuple(example.shape[1:]), batch=args.batch, seed=args.seed))
     diffs = export_torch(model, example, args.output, exporter=args.exporter, opset=args.opset,
                          check_input=check_input, tolerance=Tolerance(args.rtol, args.atol))
-    if args.save_sample:
-        outputs = dict(zip(output_names(len(diffs)), torch_outputs(model, check_input)))
-        save_sample(args.save_sample, check_input, outputs, "output")
-    print(f"wrote {args.output} ({args.exporter}): {format_diffs(diffs)}")
-    return 0
+    return finish(args, check_input, diffs, lambda: torch_outputs(model, check_input), note=f" ({args.exporter})")
 
 
 def _example(example: torch.Tensor | None, args: argparse.Namespace) -> torch.Tensor:

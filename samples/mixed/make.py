@@ -20,7 +20,6 @@ with tensorflow-cpu, tf2onnx, onnx and onnxruntime; without it the committed ker
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import subprocess
 import tempfile
 import warnings
@@ -34,17 +33,13 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.neural_network import MLPClassifier
 from torch import nn
 
+import digits_sample  # samples/mixed is on sys.path when this runs as a script
+
 HERE = Path(__file__).resolve().parent
 
 
-def _load(path: Path):
-    spec = importlib.util.spec_from_file_location(f"digits_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
-
-digits = _load(HERE.parent / "digits" / "make.py")  # data split, training loop, export, accuracy
+digits = digits_sample.load("make")  # data split, training loop, export, accuracy
 
 
 def sklearn_mlp(x: np.ndarray, y: np.ndarray, path: Path) -> MLPClassifier:

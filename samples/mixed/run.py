@@ -10,7 +10,6 @@ Run from the repo root: python samples/mixed/run.py
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import tempfile
 from pathlib import Path
 
@@ -18,17 +17,13 @@ from onnxmerge import api
 from onnxmerge.graph.interface import channels_first_input
 from onnxmerge.io import load_model, save_model
 
+import digits_sample  # samples/mixed is on sys.path when this runs as a script
+
 HERE = Path(__file__).resolve().parent
 
 
-def _load(path: Path):
-    spec = importlib.util.spec_from_file_location(f"digits_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
-
-digits = _load(HERE.parent / "digits" / "run.py")  # run() prints and runs a command, row() formats
+digits = digits_sample.load("run")  # run() prints and runs a command, row() formats
 REL = HERE.relative_to(Path.cwd()) if HERE.is_relative_to(Path.cwd()) else HERE
 TASKS = digits.TASKS
 LAYOUTS = {"keras_cnn_a.onnx": "NHWC"}  # Keras keeps its channels-last input
