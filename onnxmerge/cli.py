@@ -16,7 +16,7 @@ from .errors import OnnxMergeError
 from .graph.canonical import BN_MODES
 from .calib.capture import PROVIDERS
 from .calib.stats import save_stats
-from .io import load_model, save_model
+from .io import check_writable, load_model, save_model
 from .match import METHODS
 from .depth import ALIGNMENTS
 from .depth import describe as describe_alignment
@@ -49,15 +49,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write(args: argparse.Namespace, model) -> int:
-    save_model(model, args.output)
+def _rewritten(args: argparse.Namespace, rewrite) -> int:
+    """Write ``rewrite()``'s model to ``--output`` (checked writable before the work)."""
+    check_writable(args.output, "model")
+    save_model(rewrite(), args.output)
     print(f"wrote {args.output}")
     return 0
 
 
 def cmd_permute(args: argparse.Namespace) -> int:
     """Randomly permute every free feature space; the outputs stay the same."""
-    return _write(args, api.permute(load_model(args.model), seed=args.seed, bn=args.bn))
+    return _rewritten(args, lambda: api.permute(load_model(args.model), seed=args.seed, bn=args.bn))
 
 
 def _calibration_options() -> argparse.ArgumentParser:
@@ -105,16 +107,18 @@ def _multiple(text: str) -> float | str:
 
 def cmd_widen(args: argparse.Namespace) -> int:
     """Widen every free space by duplicating channels (Net2Net); the outputs stay the same."""
-    return _write(args, api.widen(load_model(args.model), factor=args.factor, seed=args.seed, bn=args.bn))
+    return _rewritten(args, lambda: api.widen(load_model(args.model), factor=args.factor, seed=args.seed, bn=args.bn))
 
 
 def cmd_deepen(args: argparse.Namespace) -> int:
     """Insert identity blocks at random positions of the model's stages; the outputs stay the same."""
-    return _write(args, api.deepen(load_model(args.model), blocks=args.blocks, seed=args.seed, bn=args.bn))
+    return _rewritten(args, lambda: api.deepen(load_model(args.model), blocks=args.blocks, seed=args.seed, bn=args.bn))
 
 
 def cmd_align(args: argparse.Namespace) -> int:
     """Align the blocks of models of different depths onto the deepest, stage by stage (CKA)."""
+    if args.plot:
+        check_writable(args.plot, "plot")
     alignment = api.align(args.models, args.calib, _options(args))
     report = describe_alignment(alignment)
     if args.plot:
@@ -137,6 +141,9 @@ def _options(args: argparse.Namespace) -> api.MergeOptions:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     """Merge two or more models of one design (widths and depths may differ) into one ONNX model."""
+    check_writable(args.output, "merged model")
+    if args.report:
+        check_writable(args.report, "report")
     result = api.merge(args.models, calibration=args.calib, stats=args.stats, options=_options(args))
     save_model(result.model, args.output)
     if args.report:
@@ -150,6 +157,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     """Compute the statistics a merge needs and save them (combine shards with merge --stats)."""
     if not args.calib:
         raise OnnxMergeError("calibrate needs --calib DATA")
+    check_writable(args.output, "statistics")
     stats, meta = api.calibrate(args.models, args.calib, _options(args))
     save_stats(args.output, stats, meta)
     print(f"wrote {args.output}: {len(stats)} statistics over {meta['samples']} samples, provider {meta['provider']}")

@@ -399,3 +399,30 @@ def _remove_quietly(path: str) -> None:
         os.remove(path)
     except OSError:
         pass
+
+
+def check_writable(path: str | os.PathLike, what: str) -> None:
+    """Raise unless ``path``'s folder exists and is writable: checked before a command works,
+    so that it fails at once and never leaves some of its outputs written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise OnnxMergeError(f"{path}: cannot write the {what}: the folder {folder} does not exist or is not "
+                             "writable; create it or choose another path")
+
+
+def write_atomically(path: str | os.PathLike, suffix: str, write: Callable[[str], object], what: str) -> None:
+    """Call ``write`` on a temporary file beside ``path``, then move it into place: the file
+    appears complete or not at all."""
+    folder = os.path.dirname(os.path.abspath(path))
+    temporary = None
+    try:
+        handle, temporary = tempfile.mkstemp(dir=folder, prefix=".onnxmerge-", suffix=suffix)
+        os.close(handle)
+        write(temporary)
+        os.replace(temporary, path)
+    except OSError as error:
+        raise OnnxMergeError(f"{path}: cannot write the {what} ({_detail(error)}); check the folder exists, "
+                             "is writable and has free space") from error
+    finally:
+        if temporary is not None and os.path.exists(temporary):
+            os.unlink(temporary)

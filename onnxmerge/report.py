@@ -4,23 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-
 from .errors import OnnxMergeError
+from .io import write_atomically
 
 
 def write_json(data: dict, path: str | os.PathLike) -> None:
     """Write ``data`` as indented JSON; the file appears complete or not at all."""
-    folder = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".onnxmerge-", suffix=".json")
-    try:
-        with os.fdopen(handle, "w") as stream:
+    def dump(temporary: str) -> None:
+        with open(temporary, "w") as stream:
             json.dump(data, stream, indent=2, default=float)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+
+    write_atomically(path, ".json", dump, "report")
 
 
 def render_alignment(report: dict) -> str:
@@ -67,16 +61,11 @@ def plot_alignment(alignment, path: str | os.PathLike) -> None:
         axis.set_ylabel(f"{rows} block", fontsize=7)
         axis.set_xlabel(f"{columns} block", fontsize=7)
     figure.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
-    folder = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".onnxmerge-", suffix=".png")
-    os.close(handle)
     try:
-        figure.savefig(temporary, dpi=110, bbox_inches="tight")
-        os.replace(temporary, path)
+        write_atomically(path, ".png", lambda temporary: figure.savefig(temporary, format="png", dpi=110,
+                                                                         bbox_inches="tight"), "plot")
     finally:
         plt.close(figure)
-        if os.path.exists(temporary):
-            os.unlink(temporary)
 
 
 def _effective_sources(mapping: list[int | None]) -> list[int]:

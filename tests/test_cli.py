@@ -77,3 +77,25 @@ def test_help_for_every_command():
     for command in ("inspect", "permute", "merge", "calibrate", "eval"):
         result = onnxmerge(command, "--help")
         assert result.returncode == 0 and "usage: onnxmerge" in result.stdout
+
+
+@pytest.mark.parametrize("command", [
+    ["merge", "A", "B", "--calib", "CALIB", "-o", "OUT/m.onnx", "--report", "MISSING/r.json"],
+    ["merge", "A", "B", "--calib", "CALIB", "-o", "MISSING/m.onnx"],
+    ["calibrate", "A", "B", "--calib", "CALIB", "-o", "MISSING/s.npz"],
+    ["align", "A", "B", "--calib", "CALIB", "--plot", "MISSING/p.png"],
+    ["permute", "A", "-o", "MISSING/p.onnx"],
+    ["deepen", "A", "-o", "MISSING/d.onnx", "--blocks", "1"],
+], ids=["report", "merge", "calibrate", "plot", "permute", "deepen"])
+def test_unwritable_outputs_fail_first_in_one_line(zoo_files, tmp_path, capsys, command):
+    """An output in a missing folder is refused before any work, so nothing is half written."""
+    import numpy as np
+    path, x = zoo_files.get("resnet_basic", "legacy_bn")
+    np.save(tmp_path / "calib.npy", x)
+    names = {"A": path, "B": path, "CALIB": str(tmp_path / "calib.npy")}
+    args = [names.get(a, a.replace("MISSING", str(tmp_path / "missing")).replace("OUT", str(tmp_path)))
+            for a in command]
+    assert main(args) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("onnxmerge: error: ") and error.count("\n") == 1 and "does not exist" in error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.npy"]
