@@ -148,9 +148,16 @@ def cmd_merge(args: argparse.Namespace) -> int:
     save_model(result.model, args.output)
     if args.report:
         write_json(result.report, args.report)
+    alignment = result.report.get("alignment")
+    lifted = "" if alignment is None else (
+        f", depths aligned by {alignment['method']} ({_identities(alignment)} identity blocks inserted)")
     print(f"wrote {args.output}: {result.report['layers']}, method {result.report['method']}, "
-          f"repair {result.report['repair']}, provider {result.report['provider']}")
+          f"repair {result.report['repair']}, provider {result.report['provider']}{lifted}")
     return 0
+
+
+def _identities(alignment: dict) -> int:
+    return sum(unit is None for stages in alignment["maps"].values() for stage in stages for unit in stage["map"])
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:

@@ -189,6 +189,8 @@ def test_deepen_and_align_commands(zoo_files, tmp_path, capsys):
     maps = report["maps"][path]
     assert report["method"] == "lma" and sum(m is None for s in maps for m in s["map"]) == 2
     assert len(report["cka"][path]) == report["units"][str(deep)]
+    assert main(["merge", path, str(deep), "--calib", calib, "-o", str(tmp_path / "merged.onnx")]) == 0
+    assert "depths aligned by sma (2 identity blocks inserted)" in capsys.readouterr().out
 
 
 def test_align_errors_are_one_line(zoo_files, tmp_path, capsys):
