@@ -13,11 +13,11 @@ from .errors import RecipeError
 from .graph.canonical import infer_shapes
 from .graph.blocks import BlockStructure, check_stages, find_blocks
 from .graph.spaces import find_spaces
-from .match.align import align_stages
+from .match.align import ALIGNERS, align_stages
 from .rewrite.lift import lift
 
-ALIGNMENTS = ("auto", "sma", "lma", "uniform", "head-tail", "none")
-_NEEDS_DATA = {"sma", "lma"}
+ALIGNMENTS = ("auto", *ALIGNERS, "none")
+_NEEDS_DATA = {"sma", "lma"}  # the aligners that read the CKA matrix
 
 
 @dataclass
