@@ -1,7 +1,7 @@
 """The two small designs every framework builds for the test fixtures, with shared weights.
 
-* ``cnn``: Conv(1->16, 3x3, pad 1) + BN + ReLU -> Conv(16->32, 3x3, pad 1) + BN + ReLU
-  -> global average pool -> flatten -> Dense(32->10); one sample is 1x8x8 (NCHW).
+* ``cnn``: Conv(3->16, 3x3, pad 1) + BN + ReLU -> Conv(16->32, 3x3, pad 1) + BN + ReLU
+  -> global average pool -> flatten -> Dense(32->10); one sample is 3x8x8 (NCHW).
 * ``mlp``: Dense 64->32 + ReLU -> 32->16 + ReLU -> 16->10.
 
 The weights are drawn once here with numpy, in PyTorch's layouts (Conv ``OIHW``, Dense
@@ -16,8 +16,8 @@ from __future__ import annotations
 import numpy as np
 
 SEED = 0
-CNN_SAMPLE_SHAPE = (1, 8, 8)      # (channels, height, width)
-CNN_CHANNELS = (1, 16, 32)
+CNN_SAMPLE_SHAPE = (3, 8, 8)      # (channels, height, width): three, so NHWC exporters transpose
+CNN_CHANNELS = (3, 16, 32)
 MLP_SIZES = (64, 32, 16, 10)
 CLASSES = 10
 BN_EPSILON = 1e-5                 # PyTorch's default; Keras (1e-3) must be told

@@ -174,7 +174,7 @@ def test_channels_last_model_without_input_layout_is_a_clear_error(tmp_path, cap
     assert main(["merge", torch_cnn, keras_cnn, "--calib", calib, "-o", str(target)]) == 1
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and error.startswith("onnxmerge: error: ")
-    assert keras_cnn in error and torch_cnn in error and "8, 8, 1]" in error and "1, 8, 8]" in error
+    assert keras_cnn in error and torch_cnn in error and "8, 8, 3]" in error and "3, 8, 8]" in error
     assert f"--input-layout {keras_cnn}=NHWC" in error
     assert not target.exists()
     assert main(["merge", torch_cnn, keras_cnn, "--calib", calib, "-o", str(target),
