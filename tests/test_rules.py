@@ -252,3 +252,18 @@ def test_unknown_op_is_a_barrier():
     assert [(b.op, b.reason) for b in graph.barriers] == [("Einsum", "no rule for op Einsum")]
     conv_space = next(s for s in graph.spaces if any(p.name == "w1" and p.axis == 0 for p in s.producers))
     assert conv_space.fixed
+
+
+def test_channels_last_flatten_into_a_linear_layer():
+    """Keras's Flatten of an NHWC map (tf2onnx: Transpose(0,2,3,1) -> Flatten -> Gemm): the
+    channels are the fastest-varying axis of the flattened features, and permuting them must
+    permute the Gemm's columns within every position."""
+    n = helper.make_node
+    m = model([n("Transpose", ["y"], ["yt"], perm=[0, 2, 3, 1]), n("Flatten", ["yt"], ["z"])], [],
+              head="fc", out_shape=(None, C * 16))
+    x = RNG.standard_normal((2, 8, 4, 4)).astype(np.float32)
+    _, graph = api.analyse(m)
+    assert graph.barriers == [] and graph.free_spaces
+    expected = run(m, x)
+    np.testing.assert_allclose(run(api.permute(m, seed=5), x), expected,
+                               atol=1e-4 * max(1.0, np.abs(expected).max()), rtol=0)
