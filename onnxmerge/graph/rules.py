@@ -567,6 +567,8 @@ UNARY = (
     "Tan Tanh ThresholdedRelu"
 ).split()
 BINARY = "Add And BitwiseAnd Div Equal Greater GreaterOrEqual Less LessOrEqual Max Mean Min Mul Or Pow PRelu Sub Sum Where Xor".split()
+REDUCTIONS = ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+              "ReduceLogSumExp", "ReduceSumSquare")
 
 
 def _build() -> dict[str, Rule]:
@@ -599,8 +601,7 @@ def _build() -> dict[str, Rule]:
     register("Transpose", "transpose", transpose)
     for op in ("Reshape", "Flatten", "Squeeze", "Unsqueeze"):
         register(op, "reshape", reshape)
-    for op in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1",
-               "ReduceL2", "ReduceLogSumExp", "ReduceSumSquare"):
+    for op in REDUCTIONS:
         register(op, "reduce", reduce)
     for op in ("ArgMax", "ArgMin"):
         register(op, "reduce", arg_reduce)

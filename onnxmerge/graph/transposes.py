@@ -13,11 +13,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .rules import BINARY, UNARY
+from .rules import BINARY, REDUCTIONS, UNARY
 from .surgery import constant, fresh_variable, producer, replace_input, same_shape, shape_target, sole_consumer
-
-REDUCTIONS = ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
-              "ReduceLogSumExp", "ReduceSumSquare")
 
 
 def is_layout_perm(perm: list[int]) -> bool:
