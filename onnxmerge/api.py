@@ -20,7 +20,7 @@ from .depth import DepthAlignment, align_depths, lift_models, needs_alignment
 from .depth import describe as describe_alignment
 from .errors import CalibrationError, InvalidModelError, RecipeError, UnsupportedGraphError
 from .evaluate import load_test_data, parse_tasks, run_heads, score
-from .graph.blocks import find_blocks
+from .graph.blocks import BlockStructure, find_blocks
 from .graph.canonical import canonicalize, fold_batch_norms, infer_shapes
 from .graph.correspond import correspond
 from .graph.interface import channels_first_input, check_same_inputs
@@ -177,8 +177,9 @@ def _prepare(paths: list[str], calibration: str | None, options: MergeOptions):
     named, post, bn = _cores(paths, options)
     calib = _calibration(calibration, [core for _, core in named], options) if calibration else None
     depth = None
-    if needs_alignment([core for _, core in named], options.align):
-        depth = _align(named, calib, options)
+    structures = [] if options.align == "none" else _structures(named)
+    if needs_alignment(structures, options.align):
+        depth = _align(named, structures, calib, options)
         named = list(zip([name for name, _ in named], lift_models(named, depth)))
     return _members(named), post, bn, calib, depth
 
@@ -248,9 +249,14 @@ def _calibration(path: str, models: list[onnx.ModelProto], options: MergeOptions
     return load_calibration(path, specs, max_samples=options.max_samples)
 
 
-def _align(named: list[tuple[str, onnx.ModelProto]], calib: CalibrationSet | None, options: MergeOptions) -> DepthAlignment:
+def _structures(named: list[tuple[str, onnx.ModelProto]]) -> list[BlockStructure]:
+    return [find_blocks(model) for _, model in named]
+
+
+def _align(named: list[tuple[str, onnx.ModelProto]], structures: list[BlockStructure], calib: CalibrationSet | None,
+           options: MergeOptions) -> DepthAlignment:
     batches = _batches(calib, len(named), options.batch_size) if calib is not None else None
-    return align_depths(named, options.align, batches, options.provider)
+    return align_depths(named, structures, options.align, batches, options.provider)
 
 
 def align(paths: list[str], calibration: str | None = None, options: MergeOptions = MergeOptions()) -> DepthAlignment:
@@ -259,7 +265,8 @@ def align(paths: list[str], calibration: str | None = None, options: MergeOption
         raise RecipeError("align needs at least two models")
     named, _, _ = _cores(paths, options)
     calib = _calibration(calibration, [m for _, m in named], options) if calibration else None
-    return _align(named, calib, replace(options, align="sma" if options.align in ("auto", "none") else options.align))
+    return _align(named, _structures(named), calib,
+                  replace(options, align="sma" if options.align in ("auto", "none") else options.align))
 
 
 def _batches(calib: CalibrationSet, count: int, batch_size: int):
@@ -366,7 +373,8 @@ def _match_unit(reference: Member, unit: CaptureUnit, unit_stats, run, known: di
     corr = unit_stats.correlation()
     widths = list(unit_stats.widths)
     bounds = np.cumsum([0, *widths])
-    live = [i for i in range(len(widths)) if np.diag(corr)[bounds[i]:bounds[i + 1]].any()]
+    diagonal = np.diag(corr)  # 1 for live channels, 0 for dead ones
+    live = [i for i in range(len(widths)) if diagonal[bounds[i]:bounds[i + 1]].any()]
     if not live or len(live) == len(widths):
         return _match_features(reference, unit, corr, widths, run, known, blocks)
     keep = np.concatenate([np.arange(bounds[i], bounds[i + 1]) for i in live])

@@ -11,7 +11,7 @@ import onnx
 from .calib.capture import collect_cka
 from .errors import RecipeError
 from .graph.canonical import infer_shapes
-from .graph.blocks import BlockStructure, check_stages, find_blocks
+from .graph.blocks import BlockStructure, check_stages
 from .graph.spaces import find_spaces
 from .match.align import ALIGNERS, align_stages
 from .rewrite.lift import lift
@@ -45,28 +45,29 @@ class DepthAlignment:
         return self.cka[offsets[i]:offsets[i] + sizes[i], offsets[j]:offsets[j] + sizes[j]]
 
 
-def needs_alignment(models: list[onnx.ModelProto], method: str) -> bool:
-    """Whether ``method`` asks for lifting: any method but none, auto only when depths differ."""
+def needs_alignment(structures: list[BlockStructure], method: str) -> bool:
+    """Whether ``method`` asks for lifting: any method but none, auto only when the models'
+    block structures have different depths."""
     if method not in ALIGNMENTS:
         raise RecipeError(f"--align {method!r} is not one of {', '.join(ALIGNMENTS)}")
     if method == "none":
         return False
     if method != "auto":
         return True
-    return len({len(find_blocks(m).units) for m in models}) > 1
+    return len({len(s.units) for s in structures}) > 1
 
 
-def align_depths(named: list[tuple[str, onnx.ModelProto]], method: str, batches=None,
-                 provider: str = "auto") -> DepthAlignment:
+def align_depths(named: list[tuple[str, onnx.ModelProto]], structures: list[BlockStructure], method: str,
+                 batches=None, provider: str = "auto") -> DepthAlignment:
     """Align every model onto the deepest (the first of the deepest on ties).
 
     Args:
         named: (file name, canonical model) pairs.
+        structures: each model's ``find_blocks``.
         method: one of ALIGNMENTS; auto is sma.
         batches: calibration batches (one feed per model per step); needed for sma and lma.
     """
     method = "sma" if method == "auto" else method
-    structures = [find_blocks(model) for _, model in named]
     sizes = [len(s.units) for s in structures]
     deep = int(np.argmax(sizes))
     names = [name for name, _ in named]

@@ -91,11 +91,12 @@ class BlockStructure:
 def find_blocks(model: onnx.ModelProto) -> BlockStructure:
     """Cuts, blocks, units and stages of a canonical, topologically sorted model."""
     graph = model.graph
-    constants = {i.name for i in graph.initializer}
-    dynamic = _dynamic_tensors(graph, constants)
+    ranks = {i.name: len(i.dims) for i in graph.initializer}  # the constants, with their ranks
+    dynamic = _dynamic_tensors(graph, set(ranks))
     cuts = _cuts(graph, dynamic)
     segments = _segments(graph, dynamic, cuts)
-    blocks = [_block(graph, nodes, start, end) for nodes, start, end in _group(graph, segments, constants)]
+    blocks = [Block(tuple(nodes), start, end, _signature(graph, nodes, start, ranks))
+              for nodes, start, end in _group(graph, segments, set(ranks))]
     return BlockStructure(cuts, blocks, _stages(blocks))
 
 
@@ -190,18 +191,13 @@ def _group(graph, segments, constants) -> list[tuple[list[int], str, str]]:
     return [(sorted(g[0]), g[1], g[2]) for g in groups]
 
 
-def _block(graph: onnx.GraphProto, nodes: list[int], start: str, end: str) -> Block:
-    return Block(tuple(nodes), start, end, _signature(graph, nodes, start))
-
-
-def _signature(graph: onnx.GraphProto, nodes: list[int], start: str) -> tuple:
+def _signature(graph: onnx.GraphProto, nodes: list[int], start: str, ranks: dict[str, int]) -> tuple:
     """Ops, attributes and wiring of a block, with widths abstracted (parameters by rank only)."""
     local: dict[str, tuple] = {start: ("in",)}
-    shapes = {i.name: len(i.dims) for i in graph.initializer}
     parts = []
     for position, index in enumerate(nodes):
         node = graph.node[index]
-        refs = tuple(local.get(x, ("param", shapes[x]) if x in shapes else ("outer",)) for x in node.input)
+        refs = tuple(local.get(x, ("param", ranks[x]) if x in ranks else ("outer",)) for x in node.input)
         attrs = tuple(sorted((a.name, repr(onnx.helper.get_attribute_value(a))) for a in node.attribute
                              if a.name != "group"))
         parts.append((node.op_type, attrs, refs))

@@ -21,6 +21,7 @@ from ..errors import UnsupportedGraphError
 from ..graph.blocks import Block, BlockStructure, Unit
 from ..graph.layout import Atom
 from ..graph.spaces import SpaceGraph
+from .merge import resize_constants
 
 Arrays = dict[str, np.ndarray]
 
@@ -48,6 +49,7 @@ def _attr(node: onnx.NodeProto, name: str, default=None):
 def non_negative(model: onnx.ModelProto, tensor: str) -> bool:
     """Whether ``tensor`` is non-negative for every input, from the ops that produce it."""
     producers = {o: n for n in model.graph.node for o in n.output}
+    inputs = {i.name for i in model.graph.input}
     seen: set[str] = set()
 
     def check(name: str) -> bool:
@@ -61,7 +63,7 @@ def non_negative(model: onnx.ModelProto, tensor: str) -> bool:
             low = _constant(model, node.input[1]) if len(node.input) > 1 and node.input[1] else _attr(node, "min")
             return low is not None and float(np.min(low)) >= 0
         if node.op_type in _KEEPS_SIGN:
-            dynamic = [x for x in node.input if x in producers or x in {i.name for i in model.graph.input}]
+            dynamic = [x for x in node.input if x in producers or x in inputs]
             return bool(dynamic) and all(check(x) for x in (dynamic if node.op_type == "Concat" else dynamic[:1]))
         return False
 
@@ -308,7 +310,6 @@ def lift(shallow: onnx.ModelProto, shallow_blocks: BlockStructure, deep: onnx.Mo
                         mine[x] = np.zeros(_lifted_shape(mine[x], uses[x], widths), mine[x].dtype)
             unit_identity(lifted, unit, mine, f"{name}: identity at unit {l} of {len(mapping)}")
     _store(lifted, mine)
-    from .merge import resize_constants  # merge imports this module's users; avoid a cycle
     resize_constants(lifted, deep_graph, lambda s: widths.get(s, deep_graph.table.widths[s]))
     _rename_io(lifted, shallow)
     return lifted
