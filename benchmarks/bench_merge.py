@@ -3,9 +3,10 @@ channels, 32x32 inputs), measured against the cheapest thing a merge must do any
 
 Prints, for N calibration samples:
 - baseline: onnxruntime time to run both models over the N samples (batch 64),
-- merge wall time (zip, BN reset) and the ratio merge / baseline (target <= 2.0),
+- merge wall time (zip, BN reset on all samples, then on --repair-samples of them) and the ratio
+  merge / baseline (target <= 2.0),
 - peak resident memory of a whole merge process with N and 10 N samples (target: < 10 % growth).
-Run: python benchmarks/bench_merge.py [--samples 1000] [--width 1] [--provider cpu]
+Run: python benchmarks/bench_merge.py [--samples 1000] [--width 1] [--provider cpu] [--repair-samples 256 ...]
 """
 
 from __future__ import annotations
@@ -67,18 +68,19 @@ def inference_time(paths: list[str], data: np.ndarray, provider: str) -> float:
     return time.perf_counter() - start
 
 
-def merge_in_subprocess(paths: list[str], calib: str, out: str, provider: str) -> dict:
+def merge_in_subprocess(paths: list[str], calib: str, out: str, provider: str, repair_samples: int | None) -> dict:
     """Wall time and peak RSS (MiB) of one merge, in its own process. Peak RSS is VmHWM: a
     child's ru_maxrss keeps the parent's size at fork, VmHWM starts afresh at exec."""
     code = ("import json, resource, sys, time\n"
             "from onnxmerge import api\nfrom onnxmerge.io import save_model\n"
             "start = time.perf_counter()\n"
-            f"result = api.merge({paths!r}, calibration={calib!r}, options=api.MergeOptions(provider={provider!r}))\n"
+            f"result = api.merge({paths!r}, calibration={calib!r}, options=api.MergeOptions(provider={provider!r}, repair_samples={repair_samples!r}))\n"
             f"save_model(result.model, {out!r})\n"
             "wall = time.perf_counter() - start\n"
             "hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM'))\n"
             "print(json.dumps({'wall': wall, 'rss': int(hwm.split()[1]) / 1024,"
-            " 'timings': result.report['timings'], 'provider': result.report['provider']}))\n")
+            " 'timings': result.report['timings'], 'provider': result.report['provider'],"
+            " 'repair': result.report['repair']}))\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -88,6 +90,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--width", type=int, default=1, help="channel multiplier (ZipIt! uses 4 and more)")
     parser.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "auto"])
+    parser.add_argument("--repair-samples", type=int, nargs="*", default=[256],
+                        help="extra rows: merges whose BN reset uses this many samples (default 256)")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -99,16 +103,19 @@ def main() -> None:
             calib = folder / f"calib{factor}.npy"
             np.save(calib, data)
             baseline = inference_time(paths, data, args.provider)
-            merged = merge_in_subprocess(paths, str(calib), str(folder / "merged.onnx"), args.provider)
-            rows.append((len(data), baseline, merged))
-    print(f"ResNet-20 x{args.width} pair, provider {rows[0][2]['provider']}")
-    print(f"{'samples':>7} {'2x inference s':>14} {'merge s':>8} {'ratio':>6} {'peak RSS MiB':>12}  stages")
-    for samples, baseline, merged in rows:
+            for repair_samples in [None, *args.repair_samples]:
+                merged = merge_in_subprocess(paths, str(calib), str(folder / "merged.onnx"), args.provider,
+                                             repair_samples)
+                rows.append((len(data), repair_samples, baseline, merged))
+    print(f"ResNet-20 x{args.width} pair, provider {rows[0][3]['provider']}")
+    print(f"{'samples':>7} {'reset on':>8} {'2x inference s':>14} {'merge s':>8} {'ratio':>6} {'peak RSS MiB':>12}  stages")
+    for samples, repair_samples, baseline, merged in rows:
         stages = " ".join(f"{k[:-2]} {v:.2f}" for k, v in merged["timings"].items())
-        print(f"{samples:7d} {baseline:14.2f} {merged['wall']:8.2f} {merged['wall'] / baseline:6.2f} "
-              f"{merged['rss']:12.0f}  {stages}")
-    growth = rows[1][2]["rss"] / rows[0][2]["rss"] - 1
-    print(f"peak memory growth from {rows[0][0]} to {rows[1][0]} samples: {growth:+.1%} (target < 10%)")
+        print(f"{samples:7d} {repair_samples or samples:8d} {baseline:14.2f} {merged['wall']:8.2f} "
+              f"{merged['wall'] / baseline:6.2f} {merged['rss']:12.0f}  {stages}")
+    small, large = (next(r[3] for r in rows if r[0] == n and r[1] is None) for n in (args.samples, 10 * args.samples))
+    print(f"peak memory growth from {args.samples} to {10 * args.samples} samples: "
+          f"{large['rss'] / small['rss'] - 1:+.1%} (target < 10%)")
 
 
 if __name__ == "__main__":

@@ -108,6 +108,7 @@ class MergeOptions:
     input_layout: tuple[tuple[str, str], ...] = ()  # (model path or file name, layout such as NHWC)
     batch_size: int = 64
     max_samples: int | None = None
+    repair_samples: int | None = None  # BN reset / REPAIR measures on this many samples (default all)
     provider: str = "auto"
     seed: int = 0
     align: str = "auto"  # depth alignment: auto (sma when depths differ), sma, lma, uniform, head-tail, none
@@ -138,6 +139,8 @@ def merge(paths: list[str], *, calibration: str | None = None, stats: list[str] 
     method = get_method(options.method)
     if len(paths) < 2:
         raise RecipeError("merge needs at least two models")
+    if options.repair_samples is not None and options.repair_samples < 1:
+        raise RecipeError(f"--repair-samples {options.repair_samples}: use at least 1 sample")
     members, post, bn, calib, depth = _prepare(paths, calibration, options)
     split = split_trunk(members[0].model, members[0].graph, heads=options.heads, zip_layers=options.zip_layers)
     timings["analyse_s"] = time.perf_counter() - clock
@@ -439,11 +442,14 @@ def _repair(merged: onnx.ModelProto, calib, options: MergeOptions, targets: dict
         if not targets:
             return merged, "none (no merged layer with channels on axis 1 to repair)"
         merged = insert_repair(merged, targets)
-    repaired, passes, ran = reset_batch_norm(merged, lambda: calib.batches(0, options.batch_size), options.provider)
+    # in random order: a file sorted by class would otherwise give single-class batches
+    samples = calib.shuffled(options.repair_samples, options.seed)
+    repaired, passes, ran = reset_batch_norm(merged, lambda: calib.batches(0, options.batch_size, samples),
+                                             options.provider)
+    measured = f"{passes} pass{'es' if passes != 1 else ''} on {ran}, {len(samples)} of {calib.num_samples} samples"
     if mode == "repair":
-        repaired = fold_batch_norms(repaired)
-        return repaired, f"REPAIR of {len(targets)} tensors ({passes} passes on {ran})"
-    return repaired, f"reset ({passes} passes on {ran})"
+        return fold_batch_norms(repaired), f"REPAIR of {len(targets)} tensors ({measured})"
+    return repaired, f"reset ({measured})"
 
 
 def _record(model: onnx.ModelProto, paths: list[str], options: MergeOptions) -> None:

@@ -229,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "(capped at the sum of the widths; default 1x), or min: the narrowest model's")
     merge.add_argument("--repair", choices=REPAIRS, default="auto",
                        help="auto: BN reset when the graph has BatchNormalization, REPAIR otherwise")
+    merge.add_argument("--repair-samples", type=int, metavar="N",
+                       help="measure the repair on N calibration samples drawn at random with --seed "
+                            "(default: all); the statistics for matching always use all")
     merge.add_argument("--align", choices=ALIGNMENTS, default="auto",
                        help="depth alignment of models with different numbers of blocks: auto (sma when depths "
                             "differ), sma, lma, uniform, head-tail, none (default auto)")

@@ -96,6 +96,41 @@ def test_max_samples_truncates(tmp_path):
     np.testing.assert_array_equal(np.concatenate([f["x"] for f in calib.batches(0, 3)]), _data(4))
 
 
+def test_batches_feed_the_given_samples_in_order(tmp_path):
+    path = tmp_path / "calib.npy"
+    np.save(path, _data(10))
+    calib = load_calibration(path, _specs(_image_model()))
+    picked = np.array([7, 2, 9, 0, 5])
+    fed = np.concatenate([f["x"] for f in calib.batches(0, 2, picked)])
+    np.testing.assert_array_equal(fed, _data(10)[picked])
+
+
+def test_shuffled_draws_distinct_samples_reproducibly(tmp_path):
+    path = tmp_path / "calib.npy"
+    np.save(path, _data(10))
+    calib = load_calibration(path, _specs(_image_model()))
+    every = calib.shuffled(None, seed=3)
+    assert sorted(every) == list(range(10)) and list(every) != list(range(10))
+    some = calib.shuffled(4, seed=3)
+    assert len(set(some)) == 4 and list(some) == list(calib.shuffled(4, seed=3))
+    assert len(calib.shuffled(50, seed=3)) == 10
+
+
+def test_shuffled_keeps_whole_fixed_batches(tmp_path):
+    path = tmp_path / "calib.npy"
+    np.save(path, _data(10))
+    calib = load_calibration(path, _specs(_image_model("x", batch=3)))
+    assert len(calib.shuffled(4, seed=0)) == 6
+    assert [f["x"].shape[0] for f in calib.batches(0, 8, calib.shuffled(4, seed=0))] == [3, 3]
+
+
+def test_shuffled_refuses_no_samples(tmp_path):
+    path = tmp_path / "calib.npy"
+    np.save(path, _data(10))
+    with pytest.raises(CalibrationError, match="at least 1"):
+        load_calibration(path, _specs(_image_model())).shuffled(0, seed=0)
+
+
 def test_float64_data_is_cast_to_float32(tmp_path):
     path = tmp_path / "calib.npy"
     np.save(path, _data(4, np.float64))

@@ -99,3 +99,15 @@ def test_unwritable_outputs_fail_first_in_one_line(zoo_files, tmp_path, capsys, 
     error = capsys.readouterr().err
     assert error.startswith("onnxmerge: error: ") and error.count("\n") == 1 and "does not exist" in error
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.npy"]
+
+
+def test_repair_samples_below_one_is_refused_before_any_output(zoo_files, tmp_path, capsys):
+    import numpy as np
+    path, x = zoo_files.get("resnet_basic", "legacy_bn")
+    np.save(tmp_path / "calib.npy", x)
+    out = tmp_path / "m.onnx"
+    assert main(["merge", path, path, "--calib", str(tmp_path / "calib.npy"), "-o", str(out),
+                 "--repair-samples", "0"]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("onnxmerge: error: --repair-samples 0") and error.count("\n") == 1
+    assert not out.exists()

@@ -84,6 +84,26 @@ def test_bn_reset_on_merge_of_identical_models_keeps_a_valid_model(zoo_files, tm
     np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-5)
 
 
+def test_bn_reset_on_a_subset_measures_exactly_the_drawn_samples(zoo_files, tmp_path):
+    from onnxmerge.calib.data import input_specs, load_calibration
+    from onnxmerge.rewrite.repair import reset_batch_norm
+    path, x = zoo_files.get("resnet_basic", "legacy_bn")
+    calib = tmp_path / "calib.npy"
+    np.save(calib, x)
+    subset = api.merge([path, path], calibration=str(calib), options=api.MergeOptions(repair_samples=40, seed=5))
+    assert subset.report["repair"].endswith(f"40 of {len(x)} samples)")
+    drawn = load_calibration(calib, [input_specs(load_model(path))]).shuffled(40, seed=5)
+    plain = api.merge([path, path], calibration=str(calib), options=api.MergeOptions(repair="none", seed=5))
+    expected, _, _ = reset_batch_norm(plain.model, lambda: [{"input": x[drawn]}], "cpu")
+    values = {i.name: onnx.numpy_helper.to_array(i) for i in subset.model.graph.initializer}
+    bns = [n for n in expected.graph.node if n.op_type == "BatchNormalization"]
+    assert bns
+    wanted = {i.name: onnx.numpy_helper.to_array(i) for i in expected.graph.initializer}
+    for node in bns:
+        for name in node.input[3:5]:
+            np.testing.assert_allclose(values[name], wanted[name], rtol=1e-5, atol=1e-6)
+
+
 def test_statistics_shards_add_up_to_one_run(zoo_files, tmp_path):
     from onnxmerge.calib.stats import save_stats
     path, x, calib, (copy,) = permuted_copies(zoo_files, tmp_path, "resnet_basic", "legacy_bn")

@@ -143,12 +143,13 @@ def collect_statistics(models: list[onnx.ModelProto], units: list[list[CaptureUn
     fused = moments_model(models, units, widths)
     if fused is not None:
         session, ran = open_session(fused, provider)
+        names = [o.name for o in fused.graph.output]
         for feeds in batches:
             feed = {f"m{i}_{name}": value for i, model_feed in enumerate(feeds) for name, value in model_feed.items()}
-            values = session.run(None, feed)
+            values = dict(zip(names, session.run(names, feed)))
             for k, unit_stats in enumerate(stats):
-                size, total, outer = values[3 * k:3 * k + 3]
-                unit_stats.add_moments(int(size) // unit_stats.width, total.astype(np.float64), outer.astype(np.float64))
+                count, total, outer = _assemble_moments(values, k, len(models))
+                unit_stats.add_moments(count // widths[k][0], total, outer)
         return stats, ran
     sessions, used = [], set()
     for model, model_units in zip(models, units):
@@ -170,9 +171,12 @@ def collect_statistics(models: list[onnx.ModelProto], units: list[list[CaptureUn
 def moments_model(models: list[onnx.ModelProto], units: list[list[CaptureUnit]],
                   widths: list[list[int]]) -> onnx.ModelProto | None:
     """One graph running every model side by side (names prefixed ``m<i>_``) that also
-    computes each unit's batch moments (count, sum, X^T X of the concatenated features), so
-    onnxruntime does the products and only small matrices leave it. None when the models'
-    opsets differ or predate 13 (ReduceSum's axes input): then features are copied out."""
+    computes each unit's batch moments, so onnxruntime does the products and only small
+    matrices leave it: per unit k, ``moments<k>_size`` (elements of model 0's features),
+    ``moments<k>_sum<i>`` and the blocks ``moments<k>_outer<i>_<j>`` (i <= j) of X^T X of the
+    concatenated features; blocks below the diagonal are transposes and are not computed.
+    None when the models' opsets differ or predate 13 (ReduceSum's axes input): then features
+    are copied out."""
     opsets = {tuple(sorted((o.domain or "ai.onnx", o.version) for o in m.opset_import)) for m in models}
     default = next((o.version for o in models[0].opset_import if o.domain in ("", "ai.onnx")), 0)
     if len(opsets) != 1 or default < 13:
@@ -191,25 +195,38 @@ def moments_model(models: list[onnx.ModelProto], units: list[list[CaptureUnit]],
             batched = unit.axis == 1 and rank > 2
             features.append(_rows(nodes, inits, f"m{i}_{unit.tensor}", unit.axis, rank, widths[k][i],
                                   f"moments{k}_m{i}"))
-        x = f"moments{k}_x"
         # [N, C, L] (channels first: no transpose of the activations) or [rows, C]
         perm, sum_axes = ([0, 2, 1], "moments_axes2") if batched else ([1, 0], "moments_axes1")
-        nodes += [onnx.helper.make_node("Concat", features, [x], axis=1),
-                  onnx.helper.make_node("Transpose", [x], [f"{x}_t"], perm=perm)]
-        if batched:
-            nodes += [onnx.helper.make_node("MatMul", [x, f"{x}_t"], [f"{x}_outer"]),
-                      onnx.helper.make_node("ReduceSum", [f"{x}_outer", "moments_axes1"], [f"moments{k}_outer"],
-                                            keepdims=0)]
-        else:
-            nodes.append(onnx.helper.make_node("MatMul", [f"{x}_t", x], [f"moments{k}_outer"]))
-        nodes += [onnx.helper.make_node("ReduceSum", [x, sum_axes], [f"moments{k}_sum"], keepdims=0),
-                  onnx.helper.make_node("Size", [x], [f"moments{k}_size"])]
-        outputs += [f"moments{k}_{name}" for name in ("size", "sum", "outer")]
+        for i, x in enumerate(features):
+            nodes += [onnx.helper.make_node("ReduceSum", [x, sum_axes], [f"moments{k}_sum{i}"], keepdims=0),
+                      onnx.helper.make_node("Transpose", [x], [f"{x}_t"], perm=perm)]
+            outputs.append(f"moments{k}_sum{i}")
+        for i, j in ((i, j) for i in range(len(features)) for j in range(i, len(features))):
+            block = f"moments{k}_outer{i}_{j}"
+            if batched:  # per sample [C_i, L] x [L, C_j], summed over the batch
+                nodes += [onnx.helper.make_node("MatMul", [features[i], f"{features[j]}_t"], [f"{block}_n"]),
+                          onnx.helper.make_node("ReduceSum", [f"{block}_n", "moments_axes1"], [block], keepdims=0)]
+            else:
+                nodes.append(onnx.helper.make_node("MatMul", [f"{features[i]}_t", features[j]], [block]))
+            outputs.append(block)
+        nodes.append(onnx.helper.make_node("Size", [features[0]], [f"moments{k}_size"]))
+        outputs.append(f"moments{k}_size")
     graph = onnx.helper.make_graph(nodes, "moments", [i for p in parts for i in p.graph.input],
                                    [onnx.helper.make_empty_tensor_value_info(n) for n in outputs], inits)
     fused = onnx.helper.make_model(graph, opset_imports=list(models[0].opset_import))
     fused.ir_version = models[0].ir_version
     return fused
+
+
+def _assemble_moments(values: dict[str, np.ndarray], k: int, count: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """Unit k's (elements of model 0's features, sum, X^T X) in float64 from ``moments_model``'s outputs."""
+    total = np.concatenate([values[f"moments{k}_sum{i}"] for i in range(count)]).astype(np.float64)
+    blocks = [[None] * count for _ in range(count)]
+    for i in range(count):
+        for j in range(i, count):
+            blocks[i][j] = values[f"moments{k}_outer{i}_{j}"].astype(np.float64)
+            blocks[j][i] = blocks[i][j].T
+    return int(values[f"moments{k}_size"]), total, np.block(blocks)
 
 
 def _rows(nodes: list, inits: list, tensor: str, axis: int, rank: int, width: int, name: str) -> str:

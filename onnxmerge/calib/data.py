@@ -273,8 +273,9 @@ class CalibrationSet:
             raise CalibrationError(f"{self.path}: batch size {requested}; use a batch size of at least 1")
         return self.fixed_batch or requested
 
-    def batches(self, model_index: int, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-        """Feeds for one model, keyed by its input names, in sample order.
+    def batches(self, model_index: int, batch_size: int,
+                samples: np.ndarray | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """Feeds for one model, keyed by its input names.
 
         Every model gets the same samples at the same step, so the iterators of several models
         can be zipped. Each feed is a fresh C-contiguous array in the model's dtype.
@@ -282,16 +283,31 @@ class CalibrationSet:
         Args:
             model_index: position of the model in ``specs_per_model`` of ``load_calibration``.
             batch_size: samples per feed; replaced by ``fixed_batch`` when a model fixes it.
+            samples: indices of the samples to feed, in this order (default: all, in file order).
         """
         size = self.batch_size(batch_size)
+        order = np.arange(self.num_samples) if samples is None else np.asarray(samples)
+        stop = len(order) - len(order) % size if self.fixed_batch else len(order)
         bindings = self._bindings[model_index]
-        stop = self.num_samples - self.num_samples % size if self.fixed_batch else self.num_samples
         for start in range(0, stop, size):
-            feed = {spec.name: np.array(self._arrays.get(key)[start:start + size], dtype=spec.dtype, order="C")
+            chunk = order[start:start + size]
+            if samples is None:
+                chunk = slice(int(chunk[0]), int(chunk[-1]) + 1)
+            feed = {spec.name: np.array(self._arrays.get(key)[chunk], dtype=spec.dtype, order="C")
                     for spec, key in bindings}
             for _, key in bindings:
                 _release(self._arrays.get(key))
             yield feed
+
+    def shuffled(self, count: int | None, seed: int) -> np.ndarray:
+        """Indices of ``count`` samples (default all) in a random order fixed by ``seed``, so
+        that a batch mixes the whole set even when the file is sorted (by class, say); with a
+        fixed batch size, rounded up to whole batches."""
+        if count is not None and count < 1:
+            raise CalibrationError(f"{self.path}: {count} samples asked for; use at least 1")
+        if count is not None and self.fixed_batch:
+            count = -(-count // self.fixed_batch) * self.fixed_batch
+        return np.random.default_rng(seed).permutation(self.num_samples)[:count]
 
 
 def load_calibration(path: str | Path, specs_per_model: list[list[InputSpec]], *,
