@@ -444,9 +444,8 @@ def _repair(merged: onnx.ModelProto, calib, options: MergeOptions, targets: dict
         merged = insert_repair(merged, targets)
     # in random order: a file sorted by class would otherwise give single-class batches
     samples = calib.shuffled(options.repair_samples, options.seed)
-    repaired, passes, ran = reset_batch_norm(merged, lambda: calib.batches(0, options.batch_size, samples),
-                                             options.provider)
-    measured = f"{passes} pass{'es' if passes != 1 else ''} on {ran}, {len(samples)} of {calib.num_samples} samples"
+    repaired, ran = reset_batch_norm(merged, lambda: calib.batches(0, options.batch_size, samples), options.provider)
+    measured = f"on {ran}, {len(samples)} of {calib.num_samples} samples"
     if mode == "repair":
         return fold_batch_norms(repaired), f"REPAIR of {len(targets)} tensors ({measured})"
     return repaired, f"reset ({measured})"

@@ -23,8 +23,9 @@ def _cuda_usable() -> bool:
     graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "probe",
                                    [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
                                    [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    probe = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
     try:
-        open_session(onnx.helper.make_model(graph), "cuda")
+        open_session(probe, "cuda")
     except CalibrationError:
         return False
     return True

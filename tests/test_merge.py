@@ -94,7 +94,7 @@ def test_bn_reset_on_a_subset_measures_exactly_the_drawn_samples(zoo_files, tmp_
     assert subset.report["repair"].endswith(f"40 of {len(x)} samples)")
     drawn = load_calibration(calib, [input_specs(load_model(path))]).shuffled(40, seed=5)
     plain = api.merge([path, path], calibration=str(calib), options=api.MergeOptions(repair="none", seed=5))
-    expected, _, _ = reset_batch_norm(plain.model, lambda: [{"input": x[drawn]}], "cpu")
+    expected, _ = reset_batch_norm(plain.model, lambda: [{"input": x[drawn]}], "cpu")
     values = {i.name: onnx.numpy_helper.to_array(i) for i in subset.model.graph.initializer}
     bns = [n for n in expected.graph.node if n.op_type == "BatchNormalization"]
     assert bns
@@ -171,6 +171,17 @@ def test_provider_choice_is_reported_and_cuda_is_checked(zoo_files, tmp_path):
         assert result.report["provider"] == "cpu"
         with pytest.raises(OnnxMergeError, match="CUDA provider is not usable"):
             api.merge([path, path], calibration=str(tmp_path / "calib.npy"), options=api.MergeOptions(provider="cuda"))
+
+
+def test_a_model_onnxruntime_refuses_is_one_error_not_a_traceback():
+    from onnx import TensorProto, helper
+    from onnxmerge.calib.capture import open_session
+    graph = helper.make_graph([helper.make_node("NoSuchOp", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    with pytest.raises(OnnxMergeError, match=r"^onnxruntime cannot run the model \(.*NoSuchOp"):
+        open_session(model, "cpu")
 
 
 def test_models_of_different_opsets_use_separate_sessions(zoo_files, tmp_path):

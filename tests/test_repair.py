@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+import pytest
+from onnx import helper, numpy_helper
 
 from onnxmerge.calib.capture import expose, open_session
 from onnxmerge.graph.canonical import canonicalize
 from onnxmerge.io import load_model
-from onnxmerge.rewrite.repair import _reset_layer_by_layer, reset_batch_norm
+from onnxmerge.rewrite.repair import reset_batch_norm, train_mode
 
 
 def bn_input_stats(model: onnx.ModelProto, x: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
@@ -21,21 +22,63 @@ def bn_input_stats(model: onnx.ModelProto, x: np.ndarray) -> list[tuple[np.ndarr
     return [(v.mean((0, 2, 3)), v.var((0, 2, 3)), inits[n.input[3]], inits[n.input[4]]) for n, v in zip(bns, values)]
 
 
-def test_layer_by_layer_reset_matches_every_bn_input(zoo_files):
+def ort_train_mode(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """The independent reference: onnxruntime's own BatchNormalization with training_mode=1
+    (opset >= 14; CPU only), and its running-mean/var outputs (momentum 0: the batch statistics)."""
+    train = onnx.ModelProto()
+    train.CopyFrom(model)
+    names = []
+    for node in train.graph.node:
+        if node.op_type == "BatchNormalization":
+            node.output.extend([node.output[0] + "_mean", node.output[0] + "_var"])
+            node.attribute.extend([helper.make_attribute("training_mode", 1), helper.make_attribute("momentum", 0.0)])
+            names += node.output[1:]
+    train.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names)
+    return train, names
+
+
+def with_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
+    """The model labelled with another default opset: the zoo ResNet's ops (eval-mode BN, Conv,
+    Relu, Add, pooling, Gemm) mean the same from 13 to 18, while ReduceMean, which the reset
+    pass writes, takes its axes as an input from 18 and BN has no training_mode before 14."""
+    relabelled = onnx.ModelProto()
+    relabelled.CopyFrom(model)
+    for opset in relabelled.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            opset.version = version
+    return relabelled
+
+
+@pytest.mark.parametrize("opset", [17, 18])
+def test_plain_op_train_mode_equals_onnxruntime_train_mode(zoo_files, opset):
     path, x = zoo_files.get("resnet_basic", "legacy_bn")
-    model = canonicalize(load_model(path))
-    reset, passes, _ = _reset_layer_by_layer(model, lambda: [{"input": x[:64]}, {"input": x[64:]}], "cpu")
-    assert passes > 1
-    for data_mean, data_var, mean, var in bn_input_stats(reset, x):
-        np.testing.assert_allclose(mean, data_mean, rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(var, data_var, rtol=1e-3, atol=1e-5)
+    model = with_opset(canonicalize(load_model(path)), opset)
+    ours, measured = train_mode(model)
+    reference, names = ort_train_mode(model)
+    mine, _ = open_session(ours, "cpu")
+    theirs, _ = open_session(reference, "cpu")
+    outputs = [o.name for o in model.graph.output]
+    got = mine.run(outputs + [n for pair in measured.values() for n in pair], {"input": x[:64]})
+    want = theirs.run(outputs + names, {"input": x[:64]})
+    assert len(got) == len(want) > len(outputs)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a.reshape(-1), b.reshape(-1), rtol=1e-4, atol=1e-4)
+
+
+def test_reset_of_an_opset_13_model(zoo_files):
+    """Opsets before 14 have no train-mode BN attribute; the plain-op pass needs none."""
+    path, x = zoo_files.get("resnet_basic", "legacy_bn")
+    reset, _ = reset_batch_norm(with_opset(canonicalize(load_model(path)), 13), lambda: [{"input": x}], "cpu")
+    first = bn_input_stats(reset, x)[0]
+    np.testing.assert_allclose(first[2], first[0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(first[3], first[1], rtol=1e-3, atol=1e-5)
 
 
 def test_train_mode_reset_is_exact_for_the_first_bn_and_one_pass(zoo_files):
     path, x = zoo_files.get("resnet_basic", "legacy_bn")
     model = canonicalize(load_model(path))
-    reset, passes, ran = reset_batch_norm(model, lambda: [{"input": x[:64]}, {"input": x[64:]}], "cpu")
-    assert passes == 1 and ran == "cpu"
+    reset, ran = reset_batch_norm(model, lambda: [{"input": x[:64]}, {"input": x[64:]}], "cpu")
+    assert ran == "cpu"
     first = bn_input_stats(reset, x)[0]
     np.testing.assert_allclose(first[2], first[0], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(first[3], first[1], rtol=1e-3, atol=1e-5)

@@ -57,13 +57,28 @@ def open_session(model: onnx.ModelProto, provider: str = "auto") -> tuple[onnxru
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     data = model.SerializeToString()
     if provider in ("auto", "cuda") and _CUDA in onnxruntime.get_available_providers():
-        session = onnxruntime.InferenceSession(data, options, providers=[_CUDA, _CPU])
-        if session.get_providers()[0] == _CUDA:
-            return session, "cuda"
+        try:
+            session = onnxruntime.InferenceSession(data, options, providers=[_CUDA, _CPU])
+        except Exception as error:  # onnxruntime's error classes share no base but Exception
+            if provider == "cuda":
+                raise CalibrationError(f"onnxruntime cannot run the model on CUDA ({_first_line(error)}); "
+                                       "use --provider cpu or auto") from error
+            log.warning("onnxruntime cannot run the model on CUDA (%s); running on CPU", _first_line(error))
+        else:
+            if session.get_providers()[0] == _CUDA:
+                return session, "cuda"
     if provider == "cuda":
         raise CalibrationError("the CUDA provider is not usable here (onnxruntime-gpu and a GPU are needed); "
                                "use --provider cpu or auto")
-    return onnxruntime.InferenceSession(data, options, providers=[_CPU]), "cpu"
+    try:
+        return onnxruntime.InferenceSession(data, options, providers=[_CPU]), "cpu"
+    except Exception as error:
+        raise CalibrationError(f"onnxruntime cannot run the model ({_first_line(error)}); "
+                               "check it with onnx.checker and onnxruntime") from error
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 @dataclass(frozen=True)

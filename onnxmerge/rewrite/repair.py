@@ -1,8 +1,9 @@
 """Repair after merging (method.md §7).
 
-BN reset recomputes every BatchNormalization's mean and variance on the merged model,
-layer by layer: a BN is measured only once every BN upstream of it has been reset, so each
-sees corrected inputs. REPAIR rescales merged channels of BN-free models.
+BN reset recomputes every BatchNormalization's mean and variance on the merged model in one
+pass in train mode, as the source frameworks reset BN: every BN normalises with its batch
+statistics, so later layers see corrected inputs, and the batch statistics are pooled over
+the batches. REPAIR rescales merged channels of BN-free models.
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..calib.capture import expose, open_session
-from ..calib.stats import to_samples
+from ..calib.capture import open_session
 
 log = logging.getLogger(__name__)
 
@@ -23,37 +23,88 @@ REPAIRS = ("auto", "none", "reset", "repair")
 Batches = Callable[[], Iterable[dict[str, np.ndarray]]]
 
 
-def _bn_ancestors(model: onnx.ModelProto) -> dict[int, set[int]]:
-    """For each BatchNormalization node, the BatchNormalization nodes upstream of it."""
-    producer = {name: k for k, node in enumerate(model.graph.node) for name in node.output}
-    upstream: dict[int, set[int]] = {}
-    for k, node in enumerate(model.graph.node):
-        found: set[int] = set()
-        for name in node.input:
-            if name in producer:
-                parent = producer[name]
-                found |= upstream[parent]
-                if model.graph.node[parent].op_type == "BatchNormalization":
-                    found.add(parent)
-        upstream[k] = found
-    return {k: upstream[k] for k, n in enumerate(model.graph.node) if n.op_type == "BatchNormalization"}
-
-
-def reset_batch_norm(model: onnx.ModelProto, batches: Batches,
-                     provider: str = "auto") -> tuple[onnx.ModelProto, int, str]:
+def reset_batch_norm(model: onnx.ModelProto, batches: Batches, provider: str = "auto") -> tuple[onnx.ModelProto, str]:
     """A copy of ``model`` with BatchNormalization statistics measured on the batches.
 
-    From opset 14 in one pass, in train mode as the source frameworks reset BN: every BN
-    normalises with its batch statistics, so later layers see corrected inputs, and the
-    batch statistics are pooled over the batches. Older opsets have no train-mode BN
-    attribute: there each BN is measured in eval mode once every BN upstream is reset.
-
-    Returns the model, the number of passes over the data and the provider that ran them.
+    Returns the model and the provider that ran the pass.
     """
+    train, measured = train_mode(model)
+    session, ran = open_session(train, provider)
+    names = [name for pair in measured.values() for name in pair]
+    count, moments = 0, {k: [0.0, 0.0] for k in measured}
+    for feed in batches():
+        size = len(next(iter(feed.values())))
+        values = dict(zip(names, session.run(names, feed)))
+        for k, (mean_name, var_name) in measured.items():
+            mean, var = (values[n].astype(np.float64).reshape(-1) for n in (mean_name, var_name))
+            moments[k][0] = moments[k][0] + size * mean
+            moments[k][1] = moments[k][1] + size * (var + mean ** 2)
+        count += size
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    for k, (total, squares) in moments.items():
+        mean = total / count
+        _set_statistics(result, result.graph.node[k], mean, np.maximum(squares / count - mean ** 2, 0.0))
+    return result, ran
+
+
+def train_mode(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[int, tuple[str, str]]]:
+    """A copy of ``model`` whose BatchNormalization nodes normalise with their batch statistics,
+    written with plain ops, and for each BN node (by index) the outputs holding its batch mean
+    and (biased) variance.
+
+    BatchNormalization's own ``training_mode`` would do, but onnxruntime's CUDA provider refuses
+    it from opset 14 and opsets before 14 lack it; plain ops run on every provider and opset.
+    """
+    train = onnx.ModelProto()
+    train.CopyFrom(model)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if opset >= 14:
-        return _reset_in_train_mode(model, batches, provider)
-    return _reset_layer_by_layer(model, batches, provider)
+    dtypes = {init.name: init.data_type for init in model.graph.initializer}
+    nodes, measured = [], {}
+    shapes = [("flat", [0, 0, -1]), ("channels", [1, -1, 1])]
+    train.graph.initializer.extend(numpy_helper.from_array(np.array(v, np.int64), f"bn_reset_{n}") for n, v in shapes)
+    if opset >= 18:  # ReduceMean's axes became an input
+        train.graph.initializer.append(numpy_helper.from_array(np.array([0, 2], np.int64), "bn_reset_axes"))
+    for k, node in enumerate(train.graph.node):
+        if node.op_type != "BatchNormalization":
+            nodes.append(node)
+            continue
+        nodes += _batch_statistics_nodes(train, node, f"{node.output[0]}__reset", opset, dtypes.get(node.input[1], onnx.TensorProto.FLOAT))
+        measured[k] = (f"{node.output[0]}__reset_mean", f"{node.output[0]}__reset_var")
+    train.graph.output.extend(helper.make_empty_tensor_value_info(n) for pair in measured.values() for n in pair)
+    del train.graph.node[:]
+    train.graph.node.extend(nodes)
+    return train, measured
+
+
+def _batch_statistics_nodes(model: onnx.ModelProto, node: onnx.NodeProto, name: str, opset: int,
+                            dtype: int) -> list[onnx.NodeProto]:
+    """Nodes computing ``node``'s output with batch statistics: the input viewed as [N, C, L],
+    its mean and variance over N and L ([1, C, 1]: outputs ``<name>_mean``, ``<name>_var``)."""
+    x, scale, bias = node.input[:3]
+    epsilon = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+    model.graph.initializer.append(numpy_helper.from_array(
+        np.array(epsilon, helper.tensor_dtype_to_np_dtype(dtype)), f"{name}_epsilon"))
+
+    def mean(source: str, target: str) -> onnx.NodeProto:
+        if opset >= 18:
+            return helper.make_node("ReduceMean", [source, "bn_reset_axes"], [target], keepdims=1)
+        return helper.make_node("ReduceMean", [source], [target], axes=[0, 2], keepdims=1)
+
+    return [helper.make_node("Reshape", [x, "bn_reset_flat"], [f"{name}_x"]),
+            mean(f"{name}_x", f"{name}_mean"),
+            helper.make_node("Sub", [f"{name}_x", f"{name}_mean"], [f"{name}_centred"]),
+            helper.make_node("Mul", [f"{name}_centred", f"{name}_centred"], [f"{name}_squares"]),
+            mean(f"{name}_squares", f"{name}_var"),
+            helper.make_node("Add", [f"{name}_var", f"{name}_epsilon"], [f"{name}_var_eps"]),
+            helper.make_node("Sqrt", [f"{name}_var_eps"], [f"{name}_std"]),
+            helper.make_node("Reshape", [scale, "bn_reset_channels"], [f"{name}_scale"]),
+            helper.make_node("Div", [f"{name}_scale", f"{name}_std"], [f"{name}_factor"]),
+            helper.make_node("Mul", [f"{name}_centred", f"{name}_factor"], [f"{name}_scaled"]),
+            helper.make_node("Reshape", [bias, "bn_reset_channels"], [f"{name}_bias"]),
+            helper.make_node("Add", [f"{name}_scaled", f"{name}_bias"], [f"{name}_y"]),
+            helper.make_node("Shape", [x], [f"{name}_shape"]),
+            helper.make_node("Reshape", [f"{name}_y", f"{name}_shape"], [node.output[0]])]
 
 
 def _set_statistics(model: onnx.ModelProto, node: onnx.NodeProto, mean: np.ndarray, var: np.ndarray) -> None:
@@ -62,67 +113,6 @@ def _set_statistics(model: onnx.ModelProto, node: onnx.NodeProto, mean: np.ndarr
         init = inits[node.input[slot]]
         dtype = numpy_helper.to_array(init).dtype
         init.CopyFrom(numpy_helper.from_array(value.astype(dtype), init.name))
-
-
-def _reset_in_train_mode(model: onnx.ModelProto, batches: Batches, provider: str):
-    train = onnx.ModelProto()
-    train.CopyFrom(model)
-    outputs = []
-    for k, node in enumerate(train.graph.node):
-        if node.op_type != "BatchNormalization":
-            continue
-        names = [f"{node.output[0]}__reset_mean", f"{node.output[0]}__reset_var"]
-        del node.output[1:]
-        node.output.extend(names)
-        kept = [a for a in node.attribute if a.name not in ("training_mode", "momentum")]
-        del node.attribute[:]
-        node.attribute.extend(kept + [helper.make_attribute("training_mode", 1), helper.make_attribute("momentum", 0.0)])
-        outputs.append((k, names))
-        train.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names)
-    session, ran = open_session(train, provider)
-    wanted = [n for _, names in outputs for n in names]
-    count, moments = 0, [[0.0, 0.0] for _ in outputs]
-    for feed in batches():
-        size = len(next(iter(feed.values())))
-        values = session.run(wanted, feed)
-        for j, acc in enumerate(moments):
-            mean, var = (v.astype(np.float64) for v in values[2 * j:2 * j + 2])
-            acc[0] = acc[0] + size * mean
-            acc[1] = acc[1] + size * (var + mean ** 2)
-        count += size
-    result = onnx.ModelProto()
-    result.CopyFrom(model)
-    for (k, _), (total, squares) in zip(outputs, moments):
-        mean = total / count
-        _set_statistics(result, result.graph.node[k], mean, np.maximum(squares / count - mean ** 2, 0.0))
-    return result, 1, ran
-
-
-def _reset_layer_by_layer(model: onnx.ModelProto, batches: Batches, provider: str):
-    result = onnx.ModelProto()
-    result.CopyFrom(model)
-    pending = _bn_ancestors(result)
-    passes, ran = 0, "none"
-    while pending:
-        ready = [k for k, ups in pending.items() if not ups & pending.keys()]
-        inputs = [result.graph.node[k].input[0] for k in ready]
-        session, ran = open_session(expose(result, inputs), provider)
-        sums: dict[str, list] = {}
-        for feed in batches():
-            for name, value in zip(inputs, session.run(inputs, feed)):
-                samples = to_samples(value, 1).astype(np.float64)
-                acc = sums.setdefault(name, [0, 0.0, 0.0])
-                acc[0] += samples.shape[0]
-                acc[1] = acc[1] + samples.sum(0)
-                acc[2] = acc[2] + (samples ** 2).sum(0)
-        for k, name in zip(ready, inputs):
-            count, total, squares = sums[name]
-            mean = total / count
-            _set_statistics(result, result.graph.node[k], mean, np.maximum(squares / count - mean ** 2, 0.0))
-            del pending[k]
-        passes += 1
-    log.info("BN reset: %d passes", passes)
-    return result, passes, ran
 
 
 def insert_repair(model: onnx.ModelProto, targets: dict[str, tuple[np.ndarray, np.ndarray]]) -> onnx.ModelProto:
