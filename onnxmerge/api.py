@@ -23,7 +23,7 @@ from .evaluate import load_test_data, parse_tasks, run_heads, score
 from .graph.blocks import BlockStructure, find_blocks
 from .graph.canonical import canonicalize, fold_batch_norms, infer_shapes
 from .graph.correspond import correspond
-from .graph.interface import channels_first_input, check_same_inputs
+from .graph.interface import channels_first_input, check_same_inputs, common_opset
 from .graph.postprocess import PostProcessing, attach_postprocessing, split_postprocessing
 from .graph.spaces import SpaceGraph, find_spaces
 from .io import load_model, model_sha256
@@ -197,7 +197,8 @@ def _cores(paths: list[str], options: MergeOptions) -> tuple[list[tuple[str, onn
     post-processing, and the BatchNormalization mode used: ``keep`` turns into ``fold`` when
     some models have BN nodes and others have it folded (exporters differ), so that they line up."""
     _check_layout_names(paths, options.input_layout)
-    models = [_with_input_layout(path, load_model(path), options.input_layout) for path in paths]
+    models = common_opset([(str(path), load_model(path)) for path in paths])
+    models = [_with_input_layout(path, model, options.input_layout) for path, model in zip(paths, models)]
     analysed, bn = _split_all(models, options.bn), options.bn
     if bn == "keep" and len({_batch_norms(core) > 0 for core, _ in analysed}) > 1:
         log.warning("some models have BatchNormalization nodes and others have it folded: folding it in all")

@@ -210,6 +210,11 @@ def _check_model(name: str, model: onnx.ModelProto) -> None:
                                 "check the file is a complete, valid .onnx export") from error
 
 
+def default_opset(model: onnx.ModelProto) -> int:
+    """The model's default-domain (ai.onnx) opset version; 1 when it imports none."""
+    return next((o.version for o in model.opset_import if o.domain in _DEFAULT_DOMAINS), 1)
+
+
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     """Load an untrusted ONNX file into a self-contained, checked ``ModelProto``.
 

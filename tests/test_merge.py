@@ -173,6 +173,64 @@ def test_provider_choice_is_reported_and_cuda_is_checked(zoo_files, tmp_path):
             api.merge([path, path], calibration=str(tmp_path / "calib.npy"), options=api.MergeOptions(provider="cuda"))
 
 
+def opset_model(opset: int, head: str) -> onnx.ModelProto:
+    """x [N, 4] -> Gemm 8 -> Relu -> Gemm 6 -> head, written as the opset writes it.
+
+    ``unsqueeze``: Unsqueeze to [N, 1, 6] (axes an attribute before opset 13, an input from 13),
+    then Softmax over the last axis. ``softmax``: Reshape to [N, 2, 3], Softmax(axis=1), which
+    normalises over the 6 values flattened from axis 1 on before opset 13, over axis 1 from 13.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+             for name, shape in (("w1", (8, 4)), ("b1", (8,)), ("w2", (6, 8)), ("b2", (6,)))]
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], transB=1), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Gemm", ["r", "w2", "b2"], ["z"], transB=1)]
+    if head == "unsqueeze":
+        shape = ["N", 1, 6]
+        if opset >= 13:
+            inits.append(numpy_helper.from_array(np.array([1], np.int64), "axes"))
+            nodes.append(helper.make_node("Unsqueeze", ["z", "axes"], ["z3"]))
+        else:
+            nodes.append(helper.make_node("Unsqueeze", ["z"], ["z3"], axes=[1]))
+        nodes.append(helper.make_node("Softmax", ["z3"], ["p"], axis=-1))
+    else:
+        shape = ["N", 2, 3]
+        inits.append(numpy_helper.from_array(np.array([0, 2, 3], np.int64), "shape"))
+        nodes += [helper.make_node("Reshape", ["z", "shape"], ["z3"]), helper.make_node("Softmax", ["z3"], ["p"], axis=1)]
+    graph = helper.make_graph(nodes, head, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("p", TensorProto.FLOAT, shape)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=7)
+
+
+def opset_pair(tmp_path, head: str) -> tuple[list[str], str, np.ndarray]:
+    x = np.random.default_rng(1).standard_normal((64, 4)).astype(np.float32)
+    np.save(tmp_path / "calib.npy", x)
+    paths = []
+    for opset in (17, 11):
+        save_model(opset_model(opset, head), tmp_path / f"opset{opset}.onnx")
+        paths.append(str(tmp_path / f"opset{opset}.onnx"))
+    return paths, str(tmp_path / "calib.npy"), x
+
+
+def test_models_of_different_opsets_merge_at_the_newest(tmp_path):
+    """The opset-11 model's Unsqueeze takes its axes as an attribute, which opset 17 does not
+    know: copied as it is, its head would make the merged graph invalid."""
+    paths, calib, x = opset_pair(tmp_path, "unsqueeze")
+    result = api.merge(paths, calibration=calib, options=NO_REPAIR)
+    assert [o.version for o in result.model.opset_import if o.domain in ("", "ai.onnx")] == [17]
+    outputs_close([run_all(load_model(p), x)[0] for p in paths], run_all(result.model, x))
+
+
+def test_an_op_whose_meaning_changed_between_opsets_is_not_merged_silently(tmp_path):
+    """Softmax(axis=1) on [N, 2, 3] means two things at opsets 11 and 17; the converter writes
+    the old meaning with extra nodes, so the models no longer line up and the merge stops."""
+    paths, calib, x = opset_pair(tmp_path, "softmax")
+    assert not np.allclose(*[run_all(load_model(p), x)[0] for p in paths])
+    with pytest.raises(OnnxMergeError, match="opset11.onnx"):
+        api.merge(paths, calibration=calib, options=NO_REPAIR)
+
+
 def test_a_model_onnxruntime_refuses_is_one_error_not_a_traceback():
     from onnx import TensorProto, helper
     from onnxmerge.calib.capture import open_session
@@ -184,15 +242,20 @@ def test_a_model_onnxruntime_refuses_is_one_error_not_a_traceback():
         open_session(model, "cpu")
 
 
-def test_models_of_different_opsets_use_separate_sessions(zoo_files, tmp_path):
-    """One fused statistics graph needs one opset; otherwise each model runs on its own."""
+def test_models_before_opset_13_run_in_separate_sessions(zoo_files, tmp_path):
+    """The fused statistics graph needs ReduceSum's axes input (opset 13); older models run
+    each in its own session with their features copied out."""
     path, x, calib, (copy,) = permuted_copies(zoo_files, tmp_path, "mlp", "legacy_folded")
-    newer = load_model(copy)
-    for opset in newer.opset_import:
-        if opset.domain in ("", "ai.onnx"):
-            opset.version = 18  # Gemm and Relu mean the same in 17 and 18
-    save_model(newer, tmp_path / "newer.onnx")
-    result = api.merge([path, str(tmp_path / "newer.onnx")], calibration=calib,
-                       options=api.MergeOptions(method="permute", repair="none"))
+    paths = []
+    for name, source in (("older", path), ("older_copy", copy)):
+        older = load_model(source)
+        for opset in older.opset_import:
+            if opset.domain in ("", "ai.onnx"):
+                opset.version = 12  # this MLP's Gemm, Relu and Flatten mean the same in 12 and 17
+        save_model(older, tmp_path / f"{name}.onnx")
+        paths.append(str(tmp_path / f"{name}.onnx"))
+    from onnxmerge.calib import capture
+    assert capture.moments_model([load_model(p) for p in paths], [[], []], []) is None
+    result = api.merge(paths, calibration=calib, options=api.MergeOptions(method="permute", repair="none"))
     expected = run_all(load_model(path), x)
     outputs_close(expected + expected, run_all(result.model, x))

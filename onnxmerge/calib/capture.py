@@ -16,6 +16,7 @@ from ..graph.spaces import SpaceGraph, tensor_shapes
 from .stats import CKAStats, SpaceStats, to_samples
 
 from ..errors import CalibrationError
+from ..io import default_opset
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +194,7 @@ def moments_model(models: list[onnx.ModelProto], units: list[list[CaptureUnit]],
     None when the models' opsets differ or predate 13 (ReduceSum's axes input): then features
     are copied out."""
     opsets = {tuple(sorted((o.domain or "ai.onnx", o.version) for o in m.opset_import)) for m in models}
-    default = next((o.version for o in models[0].opset_import if o.domain in ("", "ai.onnx")), 0)
+    default = default_opset(models[0])
     if len(opsets) != 1 or default < 13:
         return None
     parts = [onnx.compose.add_prefix(m, f"m{i}_") for i, m in enumerate(models)]

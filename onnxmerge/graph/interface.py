@@ -1,4 +1,4 @@
-"""The task interface of models merged together: one input they all read.
+"""The task interface of models merged together: one input they all read, one opset.
 
 Exporters of channels-last frameworks (Keras/TF) keep the NHWC input and transpose it to NCHW
 inside the graph. ``channels_first_input`` gives such a model the channels-first input of the
@@ -7,10 +7,16 @@ others by inserting the inverse transpose in front; canonicalisation then cancel
 
 from __future__ import annotations
 
+import logging
+
 import onnx
+import onnx.version_converter
 from onnx import helper
 
 from ..errors import RecipeError, UnsupportedGraphError
+from ..io import default_opset
+
+log = logging.getLogger(__name__)
 
 CHANNELS_LAST = {3: "NWC", 4: "NHWC", 5: "NDHWC"}
 
@@ -61,6 +67,29 @@ def describe_input(info: onnx.ValueInfoProto) -> str:
     dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor.shape.dim]
     dtype = helper.tensor_dtype_to_np_dtype(tensor.elem_type).name if tensor.elem_type else "?"
     return f"{dtype} [{', '.join(str(d) for d in dims)}]"
+
+
+def common_opset(models: list[tuple[str, onnx.ModelProto]]) -> list[onnx.ModelProto]:
+    """The models at one default-domain opset, the newest among them: the merged graph holds
+    nodes of every model under one opset, and ops such as Softmax, Squeeze or ReduceSum mean
+    something else (or take other inputs) across opsets. Older models go through onnx's
+    version converter; models already at that opset are returned as they are."""
+    target = max(default_opset(model) for _, model in models)
+    converted = []
+    for path, model in models:
+        if default_opset(model) == target:
+            converted.append(model)
+            continue
+        try:
+            newer = onnx.version_converter.convert_version(model, target)
+        except Exception as error:  # the converter raises bare RuntimeErrors and assertion failures
+            detail = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+            raise UnsupportedGraphError(
+                f"{path}: opset {default_opset(model)} while another model uses {target}, and onnx's "
+                f"version converter cannot convert it ({detail}); export the models with the same opset") from error
+        log.warning("%s: opset %d converted to %d, the newest of the models", path, default_opset(model), target)
+        converted.append(newer)
+    return converted
 
 
 def check_same_inputs(models: list[tuple[str, onnx.ModelProto]]) -> None:

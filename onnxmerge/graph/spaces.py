@@ -10,6 +10,7 @@ import onnx
 from onnx import numpy_helper
 
 from .layout import Atom, Grid, Layout, LayoutConflict, SpaceTable, leaves
+from ..io import default_opset
 from .rules import RULES
 
 Dim = int | str | None
@@ -116,7 +117,7 @@ class _Walk:
         self.layouts: dict[str, dict[int, Layout]] = {}
         self.params: list[ParamUse] = []
         self.barriers: list[Barrier] = []
-        self._opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+        self._opset = default_opset(model)
         self.node = ""
         self.touched: list[Layout] = []
         self.uniform: set[str] = set()

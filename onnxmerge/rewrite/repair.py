@@ -16,6 +16,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..calib.capture import open_session
+from ..io import default_opset
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def train_mode(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[int, tuple
     """
     train = onnx.ModelProto()
     train.CopyFrom(model)
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    opset = default_opset(model)
     dtypes = {init.name: init.data_type for init in model.graph.initializer}
     nodes, measured = [], {}
     shapes = [("flat", [0, 0, -1]), ("channels", [1, -1, 1])]
