@@ -51,61 +51,49 @@ def reset_batch_norm(model: onnx.ModelProto, batches: Batches, provider: str = "
 
 def train_mode(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[int, tuple[str, str]]]:
     """A copy of ``model`` whose BatchNormalization nodes normalise with their batch statistics,
-    written with plain ops, and for each BN node (by index) the outputs holding its batch mean
-    and (biased) variance.
+    and for each BN node (by index) the outputs holding its batch mean and (biased) variance.
 
-    BatchNormalization's own ``training_mode`` would do, but onnxruntime's CUDA provider refuses
-    it from opset 14 and opsets before 14 lack it; plain ops run on every provider and opset.
+    Each BN stays an inference-mode BN fed with the mean and variance of its input, computed
+    with plain ops. BatchNormalization's own ``training_mode`` would do, but onnxruntime's CUDA
+    provider refuses it from opset 14 and opsets before 14 lack it.
     """
     train = onnx.ModelProto()
     train.CopyFrom(model)
     opset = default_opset(model)
-    dtypes = {init.name: init.data_type for init in model.graph.initializer}
-    nodes, measured = [], {}
-    shapes = [("flat", [0, 0, -1]), ("channels", [1, -1, 1])]
+    shapes = [("flat", [0, 0, -1]), ("vector", [-1])]
     train.graph.initializer.extend(numpy_helper.from_array(np.array(v, np.int64), f"bn_reset_{n}") for n, v in shapes)
     if opset >= 18:  # ReduceMean's axes became an input
         train.graph.initializer.append(numpy_helper.from_array(np.array([0, 2], np.int64), "bn_reset_axes"))
+    nodes, measured = [], {}
     for k, node in enumerate(train.graph.node):
-        if node.op_type != "BatchNormalization":
-            nodes.append(node)
-            continue
-        nodes += _batch_statistics_nodes(train, node, f"{node.output[0]}__reset", opset, dtypes.get(node.input[1], onnx.TensorProto.FLOAT))
-        measured[k] = (f"{node.output[0]}__reset_mean", f"{node.output[0]}__reset_var")
+        if node.op_type == "BatchNormalization":
+            name = f"{node.output[0]}__reset"
+            nodes += _batch_statistics_nodes(node.input[0], name, opset)
+            node.input[3], node.input[4] = f"{name}_mean", f"{name}_var"
+            del node.output[1:]
+            measured[k] = (f"{name}_mean", f"{name}_var")
+        nodes.append(node)
     train.graph.output.extend(helper.make_empty_tensor_value_info(n) for pair in measured.values() for n in pair)
     del train.graph.node[:]
     train.graph.node.extend(nodes)
     return train, measured
 
 
-def _batch_statistics_nodes(model: onnx.ModelProto, node: onnx.NodeProto, name: str, opset: int,
-                            dtype: int) -> list[onnx.NodeProto]:
-    """Nodes computing ``node``'s output with batch statistics: the input viewed as [N, C, L],
-    its mean and variance over N and L ([1, C, 1]: outputs ``<name>_mean``, ``<name>_var``)."""
-    x, scale, bias = node.input[:3]
-    epsilon = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
-    model.graph.initializer.append(numpy_helper.from_array(
-        np.array(epsilon, helper.tensor_dtype_to_np_dtype(dtype)), f"{name}_epsilon"))
-
-    def mean(source: str, target: str) -> onnx.NodeProto:
+def _batch_statistics_nodes(x: str, name: str, opset: int) -> list[onnx.NodeProto]:
+    """Nodes giving the per-channel mean and biased variance of ``x`` (channels on axis 1, any
+    rank), as ``<name>_mean`` and ``<name>_var`` of shape [C]: ``x`` viewed as [N, C, L] and
+    reduced over N and L."""
+    def mean(source: str, target: str, keep: int) -> onnx.NodeProto:
         if opset >= 18:
-            return helper.make_node("ReduceMean", [source, "bn_reset_axes"], [target], keepdims=1)
-        return helper.make_node("ReduceMean", [source], [target], axes=[0, 2], keepdims=1)
+            return helper.make_node("ReduceMean", [source, "bn_reset_axes"], [target], keepdims=keep)
+        return helper.make_node("ReduceMean", [source], [target], axes=[0, 2], keepdims=keep)
 
     return [helper.make_node("Reshape", [x, "bn_reset_flat"], [f"{name}_x"]),
-            mean(f"{name}_x", f"{name}_mean"),
-            helper.make_node("Sub", [f"{name}_x", f"{name}_mean"], [f"{name}_centred"]),
+            mean(f"{name}_x", f"{name}_mean_kept", 1),
+            helper.make_node("Sub", [f"{name}_x", f"{name}_mean_kept"], [f"{name}_centred"]),
             helper.make_node("Mul", [f"{name}_centred", f"{name}_centred"], [f"{name}_squares"]),
-            mean(f"{name}_squares", f"{name}_var"),
-            helper.make_node("Add", [f"{name}_var", f"{name}_epsilon"], [f"{name}_var_eps"]),
-            helper.make_node("Sqrt", [f"{name}_var_eps"], [f"{name}_std"]),
-            helper.make_node("Reshape", [scale, "bn_reset_channels"], [f"{name}_scale"]),
-            helper.make_node("Div", [f"{name}_scale", f"{name}_std"], [f"{name}_factor"]),
-            helper.make_node("Mul", [f"{name}_centred", f"{name}_factor"], [f"{name}_scaled"]),
-            helper.make_node("Reshape", [bias, "bn_reset_channels"], [f"{name}_bias"]),
-            helper.make_node("Add", [f"{name}_scaled", f"{name}_bias"], [f"{name}_y"]),
-            helper.make_node("Shape", [x], [f"{name}_shape"]),
-            helper.make_node("Reshape", [f"{name}_y", f"{name}_shape"], [node.output[0]])]
+            mean(f"{name}_squares", f"{name}_var", 0),
+            helper.make_node("Reshape", [f"{name}_mean_kept", "bn_reset_vector"], [f"{name}_mean"])]
 
 
 def _set_statistics(model: onnx.ModelProto, node: onnx.NodeProto, mean: np.ndarray, var: np.ndarray) -> None:
