@@ -191,3 +191,54 @@ def test_exporters_writing_one_layer_differently_agree():
                 for n in canonicalize(m).graph.node]
 
     assert layers(first) == layers(second)
+
+
+def transposed_decoder(encoder: bool = False) -> onnx.ModelProto:
+    """Two ConvTranspose layers (the first grouped, biasless, followed by a per-channel Mul and
+    bias Add as tf2onnx writes them), each followed by BatchNormalization; with ``encoder`` a
+    Conv reads the input first, so the grouped layer's input channels are a free space."""
+    bn = {f"{p}{k}": v for k in (1, 2) for p, v in zip(("g", "b", "m", "v"), (w(6), w(6), w(6), np.abs(w(6)) + 0.5))}
+    first = "e" if encoder else "x"
+    nodes = [N("Conv", ["x", "we", "be"], ["e"], kernel_shape=[1, 1])] if encoder else []
+    nodes += [N("ConvTranspose", [first, "t1"], ["u1"], kernel_shape=[2, 2], strides=[2, 2], group=2),
+              N("Mul", ["u1", "scale"], ["s1"]), N("Add", ["s1", "shift"], ["a1"]),
+              N("BatchNormalization", ["a1", "g1", "b1", "m1", "v1"], ["n1"]), N("Relu", ["n1"], ["r1"]),
+              N("ConvTranspose", ["r1", "t2", "tb2"], ["u2"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+              N("BatchNormalization", ["u2", "g2", "b2", "m2", "v2"], ["out"])]
+    inits = {"t1": w(4, 3, 2, 2), "scale": w(1, 6, 1, 1), "shift": w(6, 1, 1), "t2": w(6, 6, 3, 3), "tb2": w(6),
+             "we": w(4, 4, 1, 1), "be": w(4), **bn}
+    if not encoder:
+        del inits["we"], inits["be"]
+    return graph_model(nodes, inits, ["N", 4, 4, 4], ["N", 6, 8, 8])
+
+
+def test_transposed_convolutions_fold_affine_and_batch_norm():
+    m = transposed_decoder()
+    x = w(2, 4, 4, 4)
+    assert canonical_ops(m, x) == ["ConvTranspose", "BatchNormalization", "Relu", "ConvTranspose",
+                                   "BatchNormalization"]
+    folded = canonicalize(m, bn="fold")
+    assert [n.op_type for n in folded.graph.node] == ["ConvTranspose", "Relu", "ConvTranspose"]
+    np.testing.assert_allclose(run_all(folded, x)[0], run_all(m, x)[0], atol=1e-4, rtol=1e-4)
+
+
+def test_grouped_layer_reading_a_fixed_input_permutes_exactly():
+    """Its output channels are (fixed group) x (free channel within the group)."""
+    m = transposed_decoder()
+    x = w(8, 4, 4, 4)
+    for bn in ("keep", "fold"):
+        np.testing.assert_allclose(run_all(api.permute(m, seed=3, bn=bn), x)[0], run_all(m, x)[0], atol=1e-5)
+
+
+def test_transposed_decoder_merged_with_its_permuted_copy_gives_it_back(tmp_path):
+    from onnxmerge.io import load_model, save_model
+    from tests.test_zoo_oracles import outputs_close
+    decoder = transposed_decoder(encoder=True)
+    save_model(decoder, tmp_path / "a.onnx")
+    save_model(api.permute(load_model(tmp_path / "a.onnx"), seed=3, bn="fold"), tmp_path / "b.onnx")
+    x = w(64, 4, 4, 4)
+    np.save(tmp_path / "calib.npy", x)
+    result = api.merge([str(tmp_path / "a.onnx"), str(tmp_path / "b.onnx")], calibration=str(tmp_path / "calib.npy"),
+                       options=api.MergeOptions(method="permute", repair="none", bn="fold"))
+    expected = run_all(decoder, x)
+    outputs_close(expected + expected, run_all(result.model, x))

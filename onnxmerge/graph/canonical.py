@@ -20,8 +20,8 @@ from onnx_graphsurgeon.logger import G_LOGGER
 from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
 from ..errors import UnsupportedGraphError
-from .layers import (canonical_attributes, explicit_conv_biases, flatten_reshapes, fold_affine, global_pools,
-                     matmul_to_gemm, normalize_gemm)
+from .layers import (CONVOLUTIONS, canonical_attributes, explicit_conv_biases, flatten_reshapes, fold_affine,
+                     global_pools, matmul_to_gemm, normalize_gemm, output_channels, scale_output_channels)
 from .surgery import bypass, constant
 from .transposes import (compose_transposes, is_noop_reshape, layout_transposes_as_reshapes, merge_reshapes,
                          push_transposes)
@@ -81,21 +81,22 @@ def constant_reshape_targets(graph: gs.Graph) -> int:
 
 
 def fold_batch_norm(graph: gs.Graph) -> int:
-    """Fold BatchNormalization into the Conv that alone feeds it (as exporters do by default)."""
+    """Fold BatchNormalization into the Conv or ConvTranspose that alone feeds it (as exporters
+    do by default)."""
     count = 0
     for bn in list(graph.nodes):
         if bn.op != "BatchNormalization" or len(bn.outputs) != 1 or not bn.inputs[0].inputs:
             continue
         conv = bn.inputs[0].inputs[0]
-        if conv.op != "Conv" or len(conv.outputs[0].outputs) != 1 or not all(
+        if conv.op not in CONVOLUTIONS or len(conv.outputs[0].outputs) != 1 or not all(
             isinstance(t, gs.Constant) for t in list(conv.inputs[1:]) + list(bn.inputs[1:])
         ):
             continue
         scale, bias, mean, var = (t.values.astype(np.float64) for t in bn.inputs[1:])
         factor = scale / np.sqrt(var + bn.attrs.get("epsilon", 1e-5))
         weight = conv.inputs[1].values
-        old_bias = conv.inputs[2].values if len(conv.inputs) > 2 else np.zeros(weight.shape[0])
-        new_weight = (weight * factor.reshape(-1, *[1] * (weight.ndim - 1))).astype(weight.dtype)
+        old_bias = conv.inputs[2].values if len(conv.inputs) > 2 else np.zeros(output_channels(conv, weight))
+        new_weight = scale_output_channels(conv, weight, factor)
         new_bias = ((old_bias - mean) * factor + bias).astype(weight.dtype)
         name = conv.inputs[1].name
         conv.inputs = [conv.inputs[0], gs.Constant(name + "_bn", new_weight), gs.Constant(name + "_bnbias", new_bias)]

@@ -5,9 +5,9 @@ different exporters line up node by node (``correspond.py``):
 
 - a linear layer on a matrix is ``Gemm(x, W[out, in], b[out])`` with alpha = beta = 1,
   transA = 0, transB = 1 (skl2onnx and tf2onnx write MatMul + Add, tf2onnx drops zero biases);
-- every Conv and Gemm has a bias (exporters drop zero ones);
-- a constant per-channel Mul/Div/Add/Sub right after a Conv or Gemm is folded into it
-  (BatchNormalization written as Mul + Add, conv bias as a separate Add);
+- every Conv, ConvTranspose and Gemm has a bias (exporters drop zero ones);
+- a constant per-channel Mul/Div/Add/Sub right after a Conv, ConvTranspose or Gemm is folded
+  into it (BatchNormalization written as Mul + Add, conv bias as a separate Add);
 - a mean or max over every spatial axis is a global pool, and a reshape of ``[N, C, 1, ...]``
   to ``[N, C]`` is ``Flatten(axis=1)``;
 - attributes with defaults are written out, those inference ignores dropped, axes are
@@ -83,14 +83,33 @@ def _gemm_bias(node: gs.Node, width: int) -> np.ndarray | None:
     return bias if bias.shape == (width,) else np.broadcast_to(bias.reshape(-1), (width,))
 
 
+CONVOLUTIONS = ("Conv", "ConvTranspose")
+
+
+def output_channels(node: gs.Node, weight: np.ndarray) -> int:
+    """Output channels of a Conv, ConvTranspose or canonical Gemm with this weight: Conv and
+    Gemm weights are [out, ...], ConvTranspose weights [in, out / group, ...]."""
+    return weight.shape[1] * node.attrs.get("group", 1) if node.op == "ConvTranspose" else weight.shape[0]
+
+
+def scale_output_channels(node: gs.Node, weight: np.ndarray, factor: np.ndarray) -> np.ndarray:
+    """``weight`` with output channel c multiplied by ``factor[c]`` (see ``output_channels``)."""
+    if node.op != "ConvTranspose":
+        return (weight * factor.reshape(-1, *[1] * (weight.ndim - 1))).astype(weight.dtype)
+    groups = node.attrs.get("group", 1)
+    per_group = weight.reshape(groups, weight.shape[0] // groups, *weight.shape[1:])
+    factor = factor.reshape(groups, 1, weight.shape[1], *[1] * (weight.ndim - 2))
+    return (per_group * factor).reshape(weight.shape).astype(weight.dtype)
+
+
 def explicit_conv_biases(graph: gs.Graph) -> int:
-    """A Conv without a bias gets a zero one."""
+    """A Conv or ConvTranspose without a bias gets a zero one."""
     count = 0
     for node in graph.nodes:
-        weight = constant(node.inputs[1]) if node.op == "Conv" else None
+        weight = constant(node.inputs[1]) if node.op in CONVOLUTIONS else None
         if weight is None or _has_input(node, 2):
             continue
-        zeros = np.zeros(weight.shape[0], weight.dtype)
+        zeros = np.zeros(output_channels(node, weight), weight.dtype)
         node.inputs = [node.inputs[0], node.inputs[1], gs.Constant(f"{node.outputs[0].name}_bias", zeros)]
         count += 1
     return count
@@ -98,10 +117,11 @@ def explicit_conv_biases(graph: gs.Graph) -> int:
 
 def fold_affine(graph: gs.Graph) -> int:
     """A Mul/Div/Add/Sub by a constant that varies only along the output channels, applied
-    to the output of a Conv or Gemm and nothing else, is folded into its weights and bias."""
+    to the output of a Conv, ConvTranspose or Gemm and nothing else, is folded into its weights
+    and bias."""
     count = 0
     for node in graph.nodes:
-        canonical = node.op == "Conv" or (node.op == "Gemm" and node.attrs == CANONICAL_GEMM)
+        canonical = node.op in CONVOLUTIONS or (node.op == "Gemm" and node.attrs == CANONICAL_GEMM)
         if not canonical or not _has_input(node, 2):
             continue
         weight, bias = constant(node.inputs[1]), constant(node.inputs[2])
@@ -110,13 +130,13 @@ def fold_affine(graph: gs.Graph) -> int:
             continue
         position = 0 if op.inputs[0] is node.outputs[0] else 1  # of the layer's output
         value = constant(op.inputs[1 - position])
-        rank = weight.ndim if node.op == "Conv" else 2
-        channels = _per_channel(value, rank, weight.shape[0]) if value is not None else None
+        rank = weight.ndim if node.op in CONVOLUTIONS else 2
+        channels = _per_channel(value, rank, output_channels(node, weight)) if value is not None else None
         if channels is None or (position == 1 and op.op in ("Div", "Sub")):
             continue
         if op.op in ("Mul", "Div"):
             scale = channels if op.op == "Mul" else 1.0 / channels
-            weight = weight * scale.reshape(-1, *[1] * (weight.ndim - 1)).astype(weight.dtype)
+            weight = scale_output_channels(node, weight, scale.astype(weight.dtype))
             bias = bias * scale.astype(bias.dtype)
         else:
             bias = bias + (channels if op.op == "Add" else -channels).astype(bias.dtype)

@@ -212,12 +212,14 @@ def _conv_like(node: onnx.NodeProto, ctx: Context, out_axis: int, in_axis: int) 
     else:
         group_space, in_layout = ctx.split(channel, c_in, groups)
     fresh = ctx.new_space(per_group_out) if per_group_out > 1 else None
-    out_layout = make_grid([group_space, fresh]) if groups > 1 else fresh
+    # an untracked group axis (a fixed input, say) still takes its size in the grid
+    group_factor = group_space if group_space is not None else groups
+    out_layout = make_grid([group_factor, fresh]) if groups > 1 else fresh
     if out_axis == 0:
         ctx.param(w, 0, out_layout, "producer")
         ctx.param(w, 1, in_layout, "consumer")
     else:
-        ctx.param(w, 0, make_grid([group_space, in_layout]) if groups > 1 else in_layout, "consumer")
+        ctx.param(w, 0, make_grid([group_factor, in_layout]) if groups > 1 else in_layout, "consumer")
         ctx.param(w, 1, fresh, "producer")
     if len(node.input) > 2 and node.input[2]:
         ctx.param(node.input[2], 0, out_layout, "producer")
