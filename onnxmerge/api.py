@@ -20,7 +20,7 @@ from .depth import DepthAlignment, align_depths, lift_models, needs_alignment
 from .depth import describe as describe_alignment
 from .errors import CalibrationError, InvalidModelError, RecipeError, UnsupportedGraphError
 from .evaluate import load_test_data, parse_tasks, run_heads, score
-from .graph.blocks import BlockStructure, find_blocks
+from .graph.blocks import BlockStructure, find_blocks, lines_up, regroup_like
 from .graph.canonical import canonicalize, fold_batch_norms, infer_shapes
 from .graph.correspond import correspond
 from .graph.interface import channels_first_input, check_same_inputs, common_opset
@@ -254,7 +254,11 @@ def _calibration(path: str, models: list[onnx.ModelProto], options: MergeOptions
 
 
 def _structures(named: list[tuple[str, onnx.ModelProto]]) -> list[BlockStructure]:
-    return [find_blocks(model) for _, model in named]
+    """Each model's blocks and stages; a model whose stages do not line up with those of the
+    model with the most blocks is read in that model's stage pattern where its blocks fit."""
+    structures = [find_blocks(model) for _, model in named]
+    deepest = structures[int(np.argmax([len(s.blocks) for s in structures]))]
+    return [s if lines_up(deepest, s) else (regroup_like(deepest, s) or s) for s in structures]
 
 
 def _align(named: list[tuple[str, onnx.ModelProto]], structures: list[BlockStructure], calib: CalibrationSet | None,

@@ -284,3 +284,49 @@ def test_transformers_of_different_depths_merge(tmp_path):
         assert [m for stage in maps for m in stage["map"]].count(None) == 2
         outputs = run_all(result.model, x[:4])
         assert len(outputs) == 2 and all(o.shape == (4, 10) and np.isfinite(o).all() for o in outputs)
+
+
+def one_and_three_layer_transformers(tmp_path) -> tuple[str, str, np.ndarray]:
+    import torch
+    paths = []
+    for layers, seed in ((3, 0), (1, 1)):
+        torch.manual_seed(seed)
+        paths.append(str(tmp_path / f"t{layers}.onnx"))
+        zoo.EXPORTERS["dynamo"](zoo.Transformer(layers=layers).eval(), torch.randn(2, 8, 16), paths[-1])
+    x = zoo.sample_input("transformer", batch=64, seed=3)
+    np.save(tmp_path / "calib.npy", x)
+    return paths[0], paths[1], x
+
+
+def test_a_lone_transformer_layer_is_read_as_the_deeper_model_s_layer(tmp_path):
+    """Alone, the 1-layer model's attention and MLP blocks repeat nothing and come out as
+    separate stages; read in the 3-layer model's pattern they are one layer of its stage."""
+    from onnxmerge.graph.blocks import lines_up, regroup_like
+    from onnxmerge.graph.canonical import canonicalize
+    deep_path, lone_path, _ = one_and_three_layer_transformers(tmp_path)
+    deep, lone = (find_blocks(canonicalize(load_model(p))) for p in (deep_path, lone_path))
+    assert [len(s.units) for s in deep.stages] == [4, 1] and len(lone.stages) == 4 and not lines_up(deep, lone)
+    regrouped = regroup_like(deep, lone)
+    assert [len(s.units) for s in regrouped.stages] == [2, 1] and lines_up(deep, regrouped)
+    assert regrouped.stages[0].units[1].signature == deep.stages[0].body_signature
+    zoo.export("mlp", "dynamo", str(tmp_path / "mlp.onnx"))  # no transformer layer fits an MLP
+    assert regroup_like(deep, find_blocks(canonicalize(load_model(tmp_path / "mlp.onnx")))) is None
+
+
+def test_a_lone_transformer_layer_merged_with_itself_lifted_gives_it_back(tmp_path):
+    """The 1-layer model lifted into the 3-layer topology (identity layers after its own) is
+    the same function; merged with the 1-layer model, the alignment finds its layer and the
+    merge gives the model back."""
+    from onnxmerge.depth import lift_models
+    deep_path, lone_path, x = one_and_three_layer_transformers(tmp_path)
+    calib = str(tmp_path / "calib.npy")
+    named, _, _ = api._cores([deep_path, lone_path], api.MergeOptions())
+    alignment = api._align(named, api._structures(named), None, api.MergeOptions(align="head-tail"))
+    lifted = tmp_path / "lone_lifted.onnx"
+    save_model(lift_models(named, alignment)[1], lifted)
+    expected = run_all(load_model(lone_path), x)
+    outputs_close(expected, run_all(load_model(lifted), x))
+    for method in ("sma", "lma"):
+        result = api.merge([str(lifted), lone_path], calibration=calib,
+                           options=api.MergeOptions(align=method, method="permute", repair="none"))
+        outputs_close(expected + expected, run_all(result.model, x))

@@ -247,6 +247,48 @@ def _period(blocks: list[Block], start: int) -> tuple[int, int]:
     return best
 
 
+def regroup_like(reference: BlockStructure, other: BlockStructure) -> BlockStructure | None:
+    """``other``'s blocks cut into ``reference``'s stage pattern (each stage: its opening unit,
+    then any number of its repeated unit), or None when they do not fit.
+
+    A model with one unit of a kind shows no repetition of its own: a one-layer transformer's
+    attention and MLP blocks come out as separate stages, while the deeper model groups them
+    into a repeated layer. The deeper model's pattern says how to read the shallower one.
+    """
+    signatures = [b.signature for b in other.blocks]
+
+    def fit(stage: int, start: int) -> list[Stage] | None:
+        if stage == len(reference.stages):
+            return [] if start == len(signatures) else None
+        opening, body = reference.stages[stage].units[0].signature, reference.stages[stage].body_signature
+        if tuple(signatures[start:start + len(opening)]) != opening:
+            return None
+        units = [Unit(tuple(other.blocks[start:start + len(opening)]))]
+        position = start + len(opening)
+        candidates = [(list(units), position)]
+        while body is not None and tuple(signatures[position:position + len(body)]) == body:
+            units.append(Unit(tuple(other.blocks[position:position + len(body)])))
+            position += len(body)
+            candidates.append((list(units), position))
+        for units, position in reversed(candidates):  # longest run first
+            rest = fit(stage + 1, position)
+            if rest is not None:
+                return [Stage(tuple(units))] + rest
+        return None
+
+    stages = fit(0, 0)
+    return None if stages is None else BlockStructure(other.cuts, other.blocks, stages)
+
+
+def lines_up(deep: BlockStructure, shallow: BlockStructure) -> bool:
+    """Whether ``shallow``'s stages correspond to ``deep``'s (``check_stages`` passes)."""
+    try:
+        check_stages(deep, shallow, "", "")
+    except UnsupportedGraphError:
+        return False
+    return True
+
+
 def check_stages(deep: BlockStructure, shallow: BlockStructure, deep_name: str, shallow_name: str) -> None:
     """Raise unless the stages correspond one to one and ``shallow`` is nowhere deeper."""
     def differ(what: str) -> UnsupportedGraphError:
