@@ -267,29 +267,11 @@ def test_calibrate_shards_serve_a_depth_merge(zoo_files, tmp_path):
     outputs_close(run_all(direct.model, x), run_all(from_stats.model, x))
 
 
-def test_transformers_of_different_depths_merge(tmp_path):
-    """A 4-layer and a 2-layer encoder: attention heads of the deep model's extra layers, where the
-    lifted model has no features, are matched within the deep model (a grid of heads)."""
+def transformers(tmp_path, deep_layers: int, shallow_layers: int) -> tuple[str, str, np.ndarray]:
+    """Two encoders of these depths (dynamo export), and calibration inputs saved as calib.npy."""
     import torch
     paths = []
-    for layers, seed in ((4, 0), (2, 1)):
-        torch.manual_seed(seed)
-        paths.append(str(tmp_path / f"t{layers}.onnx"))
-        zoo.EXPORTERS["dynamo"](zoo.Transformer(layers=layers).eval(), torch.randn(2, 8, 16), paths[-1])
-    x = zoo.sample_input("transformer", batch=64, seed=3)
-    np.save(tmp_path / "calib.npy", x)
-    for method in ("sma", "lma"):
-        result = api.merge(paths, calibration=str(tmp_path / "calib.npy"), options=api.MergeOptions(align=method))
-        maps = result.report["alignment"]["maps"][paths[1]]
-        assert [m for stage in maps for m in stage["map"]].count(None) == 2
-        outputs = run_all(result.model, x[:4])
-        assert len(outputs) == 2 and all(o.shape == (4, 10) and np.isfinite(o).all() for o in outputs)
-
-
-def one_and_three_layer_transformers(tmp_path) -> tuple[str, str, np.ndarray]:
-    import torch
-    paths = []
-    for layers, seed in ((3, 0), (1, 1)):
+    for layers, seed in ((deep_layers, 0), (shallow_layers, 1)):
         torch.manual_seed(seed)
         paths.append(str(tmp_path / f"t{layers}.onnx"))
         zoo.EXPORTERS["dynamo"](zoo.Transformer(layers=layers).eval(), torch.randn(2, 8, 16), paths[-1])
@@ -298,12 +280,24 @@ def one_and_three_layer_transformers(tmp_path) -> tuple[str, str, np.ndarray]:
     return paths[0], paths[1], x
 
 
+def test_transformers_of_different_depths_merge(tmp_path):
+    """A 4-layer and a 2-layer encoder: attention heads of the deep model's extra layers, where the
+    lifted model has no features, are matched within the deep model (a grid of heads)."""
+    *paths, x = transformers(tmp_path, 4, 2)
+    for method in ("sma", "lma"):
+        result = api.merge(paths, calibration=str(tmp_path / "calib.npy"), options=api.MergeOptions(align=method))
+        maps = result.report["alignment"]["maps"][paths[1]]
+        assert [m for stage in maps for m in stage["map"]].count(None) == 2
+        outputs = run_all(result.model, x[:4])
+        assert len(outputs) == 2 and all(o.shape == (4, 10) and np.isfinite(o).all() for o in outputs)
+
+
 def test_a_lone_transformer_layer_is_read_as_the_deeper_model_s_layer(tmp_path):
     """Alone, the 1-layer model's attention and MLP blocks repeat nothing and come out as
     separate stages; read in the 3-layer model's pattern they are one layer of its stage."""
     from onnxmerge.graph.blocks import lines_up, regroup_like
     from onnxmerge.graph.canonical import canonicalize
-    deep_path, lone_path, _ = one_and_three_layer_transformers(tmp_path)
+    deep_path, lone_path, _ = transformers(tmp_path, 3, 1)
     deep, lone = (find_blocks(canonicalize(load_model(p))) for p in (deep_path, lone_path))
     assert [len(s.units) for s in deep.stages] == [4, 1] and len(lone.stages) == 4 and not lines_up(deep, lone)
     regrouped = regroup_like(deep, lone)
@@ -318,7 +312,7 @@ def test_a_lone_transformer_layer_merged_with_itself_lifted_gives_it_back(tmp_pa
     the same function; merged with the 1-layer model, the alignment finds its layer and the
     merge gives the model back."""
     from onnxmerge.depth import lift_models
-    deep_path, lone_path, x = one_and_three_layer_transformers(tmp_path)
+    deep_path, lone_path, x = transformers(tmp_path, 3, 1)
     calib = str(tmp_path / "calib.npy")
     named, _, _ = api._cores([deep_path, lone_path], api.MergeOptions())
     alignment = api._align(named, api._structures(named), None, api.MergeOptions(align="head-tail"))
