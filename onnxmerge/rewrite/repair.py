@@ -8,7 +8,6 @@ the batches. REPAIR rescales merged channels of BN-free models.
 
 from __future__ import annotations
 
-import logging
 from typing import Callable, Iterable
 
 import numpy as np
@@ -17,8 +16,6 @@ from onnx import helper, numpy_helper
 
 from ..calib.capture import open_session
 from ..io import default_opset
-
-log = logging.getLogger(__name__)
 
 REPAIRS = ("auto", "none", "reset", "repair")
 Batches = Callable[[], Iterable[dict[str, np.ndarray]]]
