@@ -288,7 +288,7 @@ def _plan(members: list[Member], split):
     for space in sorted(missing):
         log.warning("space %s appears in no capturable tensor; it is matched as identity",
                     reference.graph.space(space).name)
-    per_model = [[CaptureUnit(tuple(m.space_of(s) for s in u.spaces), m.correspondence.tensors[u.tensor], u.axis)
+    per_model = [[replace(u, spaces=tuple(m.space_of(s) for s in u.spaces), tensor=m.correspondence.tensors[u.tensor])
                   for u in units] for m in members]
     widths = [[int(np.prod([m.graph.table.widths[s] for s in mine.spaces])) for m, mine in zip(members, column)]
               for column in zip(*per_model)]
@@ -417,7 +417,8 @@ def _repair_targets(merged: onnx.ModelProto, units: list[CaptureUnit], stats: li
     outputs = {o.name for o in merged.graph.output}
     targets = {}
     for unit, unit_stats in zip(units, stats):
-        if len(unit.spaces) != 1 or unit.axis != 1 or unit.tensor not in produced or unit.tensor in outputs:
+        if len(unit.spaces) != 1 or unit.axis != 1 or unit.fold != (1, 1) or unit.tensor not in produced \
+                or unit.tensor in outputs:
             continue
         matching = matchings.get(unit.spaces[0])
         if matching is None:

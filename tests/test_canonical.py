@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxmerge import api
@@ -242,3 +243,51 @@ def test_transposed_decoder_merged_with_its_permuted_copy_gives_it_back(tmp_path
                        options=api.MergeOptions(method="permute", repair="none", bn="fold"))
     expected = run_all(decoder, x)
     outputs_close(expected + expected, run_all(result.model, x))
+
+
+def with_default_opset(m: onnx.ModelProto, version: int) -> onnx.ModelProto:
+    """The decoder's ops (ConvTranspose, Conv, BN, Relu, Mul, Add) mean the same from 12 to 17."""
+    relabelled = onnx.ModelProto()
+    relabelled.CopyFrom(m)
+    relabelled.opset_import[0].version = version
+    return relabelled
+
+
+@pytest.mark.parametrize("opset", [17, 12], ids=["fused statistics graph", "features copied out"])
+@pytest.mark.parametrize("method", ["permute", "zip"])
+def test_grouped_layer_on_a_fixed_input_merges_with_its_permuted_copy(tmp_path, method, opset):
+    """Its free channels within each fixed group are matched on statistics read with the groups
+    as more samples (not as identity, which would average misaligned channels)."""
+    from onnxmerge.io import save_model
+    from tests.test_zoo_oracles import outputs_close
+    decoder = with_default_opset(transposed_decoder(), opset)
+    save_model(decoder, tmp_path / "a.onnx")
+    save_model(api.permute(decoder, seed=3), tmp_path / "b.onnx")
+    x = w(64, 4, 4, 4)
+    np.save(tmp_path / "calib.npy", x)
+    result = api.merge([str(tmp_path / "a.onnx"), str(tmp_path / "b.onnx")], calibration=str(tmp_path / "calib.npy"),
+                       options=api.MergeOptions(method=method, repair="none"))
+    expected = run_all(decoder, x)
+    outputs_close(expected + expected, run_all(result.model, x))
+
+
+def test_folded_statistics_in_the_graph_equal_numpy(tmp_path):
+    """The fused graph's reading of a (group, channel) axis against ``to_samples`` in numpy."""
+    from onnxmerge.calib.capture import collect_statistics
+    from onnxmerge.io import save_model
+    x = w(32, 4, 4, 4)
+    np.save(tmp_path / "calib.npy", x)
+    decoder, stats = transposed_decoder(), []
+    for opset in (17, 12):
+        save_model(with_default_opset(decoder, opset), tmp_path / f"d{opset}.onnx")
+        members, _, _, calib, _ = api._prepare([str(tmp_path / f"d{opset}.onnx")] * 2, str(tmp_path / "calib.npy"),
+                                               api.MergeOptions())
+        split = api.split_trunk(members[0].model, members[0].graph, heads="separate", zip_layers=None)
+        units, per_model, widths = api._plan(members, split)
+        assert any(u.fold == (2, 1) for u in units)
+        stats.append(collect_statistics([m.model for m in members], per_model, api._batches(calib, 2, 16), widths,
+                                        "cpu")[0])
+    for fused, copied in zip(*stats):
+        assert fused.count == copied.count
+        np.testing.assert_allclose(fused.outer, copied.outer, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(fused.sum, copied.sum, rtol=1e-5, atol=1e-4)

@@ -85,11 +85,16 @@ def _first_line(error: Exception) -> str:
 @dataclass(frozen=True)
 class CaptureUnit:
     """Spaces whose statistics come from one tensor axis: one space, or a 2-factor grid
-    (heads x within-head, groups x within-group) captured jointly."""
+    (heads x within-head, groups x within-group) captured jointly.
+
+    ``fold`` is the size of untracked factors of the axis before and after the one space (the
+    fixed groups of a grouped layer that reads an untracked tensor): each of their positions
+    is another sample of the space's features."""
 
     spaces: tuple[int, ...]
     tensor: str
     axis: int
+    fold: tuple[int, int] = (1, 1)
 
 
 def plan_captures(model: onnx.ModelProto, graph: SpaceGraph, wanted: set[int]) -> tuple[list[CaptureUnit], set[int]]:
@@ -103,38 +108,47 @@ def plan_captures(model: onnx.ModelProto, graph: SpaceGraph, wanted: set[int]) -
     order = {name: k for k, node in enumerate(model.graph.node) for name in node.output}
     shapes = tensor_shapes(model)
 
-    def score(tensor: str, axis: int) -> tuple[int, int]:
+    def score(tensor: str, axis: int, fold: tuple[int, int]) -> tuple[int, int]:
         dims = [d for k, d in enumerate(shapes.get(tensor, ())) if k not in (0, axis)]
-        return int(np.prod([d if isinstance(d, int) else 1 for d in dims])), -order.get(tensor, -1)
+        positions = int(np.prod([d if isinstance(d, int) else 1 for d in dims])) * fold[0] * fold[1]
+        return positions, -order.get(tensor, -1)
 
-    best: dict[tuple[int, ...], tuple[tuple[int, int], str, int]] = {}
+    best: dict[tuple[int, ...], tuple[tuple[int, int], CaptureUnit]] = {}
     free = {s.id for s in graph.free_spaces}
     for tensor, axes in graph.layouts.items():
         for axis, layout in axes.items():
-            key = _unit_key(layout)
-            if key is None or not set(key) & wanted:
+            found = _unit_key(layout)
+            if found is None or not set(found[0]) & wanted:
                 continue
             # other tracked axes of the tensor would be read as aligned replicas: they are not
             if any(set(leaves(other)) & free for k, other in axes.items() if k != axis):
                 continue
-            candidate = (score(tensor, axis), tensor, axis)
+            key, fold = found
+            candidate = (score(tensor, axis, fold), CaptureUnit(key, tensor, axis, fold))
             if key not in best or candidate[0] > best[key][0]:
                 best[key] = candidate
     units, covered = [], set()
     for key in sorted(best, key=len):  # single spaces first, then grids for what is left
         if len(key) > 1 and set(key) <= covered:
             continue
-        units.append(CaptureUnit(key, best[key][1], best[key][2]))
+        units.append(best[key][1])
         covered.update(key)
     return units, wanted - covered
 
 
-def _unit_key(layout) -> tuple[int, ...] | None:
+def _unit_key(layout) -> tuple[tuple[int, ...], tuple[int, int]] | None:
+    """The spaces a layout shows and the untracked factors (before, after) around a lone space."""
     if isinstance(layout, Atom):
-        return (layout.space,)
-    if isinstance(layout, Grid) and len(layout.factors) == 2 and all(isinstance(f, Atom) for f in layout.factors):
-        return tuple(f.space for f in layout.factors)
-    return None
+        return (layout.space,), (1, 1)
+    if not isinstance(layout, Grid) or not all(isinstance(f, (Atom, int)) for f in layout.factors):
+        return None
+    atoms = [k for k, f in enumerate(layout.factors) if isinstance(f, Atom)]
+    if len(atoms) == 2 and len(layout.factors) == 2:
+        return tuple(f.space for f in layout.factors), (1, 1)
+    if len(atoms) != 1:
+        return None
+    before, after = layout.factors[:atoms[0]], layout.factors[atoms[0] + 1:]
+    return (layout.factors[atoms[0]].space,), (int(np.prod(before)), int(np.prod(after)))
 
 
 def collect_statistics(models: list[onnx.ModelProto], units: list[list[CaptureUnit]],
@@ -177,7 +191,7 @@ def collect_statistics(models: list[onnx.ModelProto], units: list[list[CaptureUn
         for session, model_units, feed in zip(sessions, units, feeds):
             names = list(dict.fromkeys(u.tensor for u in model_units))
             values = dict(zip(names, session.run(names, feed)))
-            outputs.append([to_samples(values[u.tensor], u.axis) for u in model_units])
+            outputs.append([to_samples(values[u.tensor], u.axis, u.fold) for u in model_units])
         for k, unit_stats in enumerate(stats):
             # float32 products, float64 accumulation: ~1e-7 relative error, twice as fast
             unit_stats.update([per_model[k] for per_model in outputs], precise=False)
@@ -208,8 +222,8 @@ def moments_model(models: list[onnx.ModelProto], units: list[list[CaptureUnit]],
         for i, (model, model_units) in enumerate(zip(models, units)):
             unit = model_units[k]
             rank = len(tensor_shapes(model)[unit.tensor])
-            batched = unit.axis == 1 and rank > 2
-            features.append(_rows(nodes, inits, f"m{i}_{unit.tensor}", unit.axis, rank, widths[k][i],
+            batched = unit.axis == 1 and rank > 2 and unit.fold == (1, 1)
+            features.append(_rows(nodes, inits, f"m{i}_{unit.tensor}", unit, rank, widths[k][i],
                                   f"moments{k}_m{i}"))
         # [N, C, L] (channels first: no transpose of the activations) or [rows, C]
         perm, sum_axes = ([0, 2, 1], "moments_axes2") if batched else ([1, 0], "moments_axes1")
@@ -245,11 +259,18 @@ def _assemble_moments(values: dict[str, np.ndarray], k: int, count: int) -> tupl
     return int(values[f"moments{k}_size"]), total, np.block(blocks)
 
 
-def _rows(nodes: list, inits: list, tensor: str, axis: int, rank: int, width: int, name: str) -> str:
-    """Nodes giving ``tensor``'s features as float32 [N, C, L] when channels are axis 1, else
-    as rows [rows, C] (axis moved last, the rest flattened)."""
-    current, shape = tensor, [-1, width]
-    if axis == 1 and rank > 2:
+def _rows(nodes: list, inits: list, tensor: str, unit: CaptureUnit, rank: int, width: int, name: str) -> str:
+    """Nodes giving ``tensor``'s features as float32 [N, C, L] when channels are axis 1 (not
+    folded), else as rows [rows, C] (the space's axis moved last, the rest flattened)."""
+    current, shape, axis = tensor, [-1, width], unit.axis
+    if unit.fold != (1, 1):  # split the axis into (before, space, after) and move the space last
+        split = [0] * axis + [unit.fold[0], width, unit.fold[1]] + ([-1] if axis < rank - 1 else [])
+        inits.append(onnx.numpy_helper.from_array(np.array(split, np.int64), f"{name}_split"))
+        perm = [k for k in range(len(split)) if k != axis + 1] + [axis + 1]
+        nodes += [onnx.helper.make_node("Reshape", [current, f"{name}_split"], [f"{name}_split_out"]),
+                  onnx.helper.make_node("Transpose", [f"{name}_split_out"], [f"{name}_last"], perm=perm)]
+        current = f"{name}_last"
+    elif axis == 1 and rank > 2:
         shape = [0, width, -1]
     elif axis != rank - 1:
         perm = [k for k in range(rank) if k != axis] + [axis]
