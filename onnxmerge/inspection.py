@@ -10,7 +10,7 @@ from collections import Counter
 
 import onnx
 
-from .graph.blocks import find_blocks
+from .graph.blocks import WEIGHT_LAYERS, find_blocks
 from .graph.layout import leaves
 from .graph.spaces import ParamUse, SpaceGraph
 
@@ -87,7 +87,7 @@ def _structured(graph: SpaceGraph, space_id: int) -> bool:
 
 def _ops_text(ops: list[str]) -> str:
     """A block's weight ops, e.g. Conv,Conv,Gemm, or its first op when it has none."""
-    weights = [op for op in ops if op in ("Conv", "ConvTranspose", "Gemm", "MatMul")]
+    weights = [op for op in ops if op in WEIGHT_LAYERS]
     return ",".join(weights or ops[:1])
 
 

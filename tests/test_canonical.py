@@ -9,7 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxmerge import api
 from onnxmerge.graph.canonical import canonicalize
-from tests.test_rules import model, run_all, weights
+from tests.test_rules import model, run_all, weights, with_opset
 
 
 def test_weights_computed_from_constants_are_folded_and_permutable():
@@ -245,22 +245,15 @@ def test_transposed_decoder_merged_with_its_permuted_copy_gives_it_back(tmp_path
     outputs_close(expected + expected, run_all(result.model, x))
 
 
-def with_default_opset(m: onnx.ModelProto, version: int) -> onnx.ModelProto:
-    """The decoder's ops (ConvTranspose, Conv, BN, Relu, Mul, Add) mean the same from 12 to 17."""
-    relabelled = onnx.ModelProto()
-    relabelled.CopyFrom(m)
-    relabelled.opset_import[0].version = version
-    return relabelled
-
-
 @pytest.mark.parametrize("opset", [17, 12], ids=["fused statistics graph", "features copied out"])
 @pytest.mark.parametrize("method", ["permute", "zip"])
 def test_grouped_layer_on_a_fixed_input_merges_with_its_permuted_copy(tmp_path, method, opset):
     """Its free channels within each fixed group are matched on statistics read with the groups
-    as more samples (not as identity, which would average misaligned channels)."""
+    as more samples (not as identity, which would average misaligned channels). The decoder's
+    ops (ConvTranspose, BN, Relu, Mul, Add) mean the same at opsets 12 and 17."""
     from onnxmerge.io import save_model
     from tests.test_zoo_oracles import outputs_close
-    decoder = with_default_opset(transposed_decoder(), opset)
+    decoder = with_opset(transposed_decoder(), opset)
     save_model(decoder, tmp_path / "a.onnx")
     save_model(api.permute(decoder, seed=3), tmp_path / "b.onnx")
     x = w(64, 4, 4, 4)
@@ -279,7 +272,7 @@ def test_folded_statistics_in_the_graph_equal_numpy(tmp_path):
     np.save(tmp_path / "calib.npy", x)
     decoder, stats = transposed_decoder(), []
     for opset in (17, 12):
-        save_model(with_default_opset(decoder, opset), tmp_path / f"d{opset}.onnx")
+        save_model(with_opset(decoder, opset), tmp_path / f"d{opset}.onnx")
         members, _, _, calib, _ = api._prepare([str(tmp_path / f"d{opset}.onnx")] * 2, str(tmp_path / "calib.npy"),
                                                api.MergeOptions())
         split = api.split_trunk(members[0].model, members[0].graph, heads="separate", zip_layers=None)

@@ -9,7 +9,7 @@ import pytest
 from onnxmerge import api
 from onnxmerge.errors import OnnxMergeError
 from onnxmerge.io import load_model, save_model
-from tests.test_rules import run_all
+from tests.test_rules import run_all, with_opset
 from tests.test_zoo_oracles import ALL, IDS, outputs_close
 
 NO_REPAIR = api.MergeOptions(repair="none", method="permute")
@@ -248,11 +248,8 @@ def test_models_before_opset_13_run_in_separate_sessions(zoo_files, tmp_path):
     path, x, calib, (copy,) = permuted_copies(zoo_files, tmp_path, "mlp", "legacy_folded")
     paths = []
     for name, source in (("older", path), ("older_copy", copy)):
-        older = load_model(source)
-        for opset in older.opset_import:
-            if opset.domain in ("", "ai.onnx"):
-                opset.version = 12  # this MLP's Gemm, Relu and Flatten mean the same in 12 and 17
-        save_model(older, tmp_path / f"{name}.onnx")
+        # this MLP's Gemm, Relu and Flatten mean the same in 12 and 17
+        save_model(with_opset(load_model(source), 12), tmp_path / f"{name}.onnx")
         paths.append(str(tmp_path / f"{name}.onnx"))
     from onnxmerge.calib import capture
     assert capture.moments_model([load_model(p) for p in paths], [[], []], []) is None

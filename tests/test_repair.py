@@ -11,6 +11,7 @@ from onnxmerge.calib.capture import expose, open_session
 from onnxmerge.graph.canonical import canonicalize
 from onnxmerge.io import load_model
 from onnxmerge.rewrite.repair import reset_batch_norm, train_mode
+from tests.test_rules import with_opset
 
 
 def bn_input_stats(model: onnx.ModelProto, x: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
@@ -37,16 +38,9 @@ def ort_train_mode(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     return train, names
 
 
-def with_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
-    """The model labelled with another default opset: the zoo ResNet's ops (eval-mode BN, Conv,
-    Relu, Add, pooling, Gemm) mean the same from 13 to 18, while ReduceMean, which the reset
-    pass writes, takes its axes as an input from 18 and BN has no training_mode before 14."""
-    relabelled = onnx.ModelProto()
-    relabelled.CopyFrom(model)
-    for opset in relabelled.opset_import:
-        if opset.domain in ("", "ai.onnx"):
-            opset.version = version
-    return relabelled
+# with_opset relabels the zoo ResNet: its ops (eval-mode BN, Conv, Relu, Add, pooling, Gemm)
+# mean the same from 13 to 18, while ReduceMean, which the reset pass writes, takes its axes as
+# an input from 18 and BN has no training_mode before 14
 
 
 @pytest.mark.parametrize("opset", [17, 18])

@@ -16,7 +16,9 @@ import onnx
 
 from ..errors import UnsupportedGraphError
 
-_WEIGHT_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum"}
+# layers with constant weights: a block holds one (or an Einsum with a constant operand)
+WEIGHT_LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+_WEIGHT_OPS = {*WEIGHT_LAYERS, "Einsum"}
 # parameter-free segments of these ops finish the block before them (activations, the norms that
 # follow a conv); anything else (pooling, reshapes, a final LayerNorm) opens the block after
 _TRAILING_OPS = {"Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Gelu",

@@ -22,7 +22,7 @@ from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 from ..errors import UnsupportedGraphError
 from .layers import (CONVOLUTIONS, canonical_attributes, explicit_conv_biases, flatten_reshapes, fold_affine,
                      global_pools, matmul_to_gemm, normalize_gemm, output_channels, scale_output_channels)
-from .surgery import bypass, constant
+from .surgery import bypass, constant, shape_target
 from .transposes import (compose_transposes, is_noop_reshape, layout_transposes_as_reshapes, merge_reshapes,
                          push_transposes)
 
@@ -68,14 +68,12 @@ def constant_reshape_targets(graph: gs.Graph) -> int:
     dimension but at most one: that one is written -1. Merging can then resize them."""
     count = 0
     for node in graph.nodes:
-        if node.op != "Reshape" or isinstance(node.inputs[1], gs.Constant) or node.outputs[0].shape is None:
+        if node.op != "Reshape" or isinstance(node.inputs[1], gs.Constant):
             continue
-        shape = node.outputs[0].shape
-        unknown = [k for k, d in enumerate(shape) if not isinstance(d, int)]
-        if len(unknown) > 1:
+        target = shape_target(node.outputs[0], f"{node.outputs[0].name}_target")
+        if target is None:
             continue
-        target = np.array([-1 if k in unknown else d for k, d in enumerate(shape)], dtype=np.int64)
-        node.inputs[1] = gs.Constant(f"{node.outputs[0].name}_target", target)
+        node.inputs[1] = target
         count += 1
     return count
 

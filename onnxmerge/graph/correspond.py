@@ -14,6 +14,7 @@ import onnx
 
 from ..errors import UnsupportedGraphError
 from .layout import Atom, Concat, Grid, Interleave, Layout
+from .rules import attr
 from .spaces import SpaceGraph
 
 
@@ -43,7 +44,7 @@ def _attributes(node: onnx.NodeProto, depthwise: bool = False) -> list[tuple]:
 
 
 def _depthwise(node: onnx.NodeProto, shapes: dict[str, tuple]) -> bool:
-    group = next((a.i for a in node.attribute if a.name == "group"), 1)
+    group = attr(node, "group", 1)
     weight = shapes.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
     return group > 1 and weight is not None and weight[1] == 1
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from .rules import SOFTMAXES
 from .surgery import constant, fresh_variable, replacement, sole_consumer
 
 GLOBAL_POOLS = {"ReduceMean": "GlobalAveragePool", "ReduceMax": "GlobalMaxPool"}
@@ -242,7 +243,7 @@ def canonical_attributes(graph: gs.Graph) -> int:
         elif node.op == "BatchNormalization" and not node.attrs.get("training_mode", 0):
             node.attrs.pop("momentum", None)
             node.attrs.pop("training_mode", None)
-        elif node.op in ("Softmax", "LogSoftmax", "Hardmax", "Flatten") and _rank(node.inputs[0]) is not None:
+        elif node.op in (*SOFTMAXES, "Flatten") and _rank(node.inputs[0]) is not None:
             default = -1 if node.op != "Flatten" and graph.opset >= 13 else 1
             axis = int(node.attrs.get("axis", default))
             node.attrs["axis"] = axis + _rank(node.inputs[0]) if axis < 0 else axis

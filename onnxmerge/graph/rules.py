@@ -569,6 +569,7 @@ UNARY = (
     "Tan Tanh ThresholdedRelu"
 ).split()
 BINARY = "Add And BitwiseAnd Div Equal Greater GreaterOrEqual Less LessOrEqual Max Mean Min Mul Or Pow PRelu Sub Sum Where Xor".split()
+SOFTMAXES = ("Softmax", "LogSoftmax", "Hardmax")
 REDUCTIONS = ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
               "ReduceLogSumExp", "ReduceSumSquare")
 
@@ -586,7 +587,7 @@ def _build() -> dict[str, Rule]:
     for op in BINARY:
         register(op, "broadcast", elementwise)
     register("Expand", "broadcast", first_input_broadcast)
-    for op in ("Softmax", "LogSoftmax", "Hardmax"):
+    for op in SOFTMAXES:
         register(op, "same-space", softmax)
     register("BatchNormalization", "same-space", batch_norm)
     register("InstanceNormalization", "same-space", instance_norm)

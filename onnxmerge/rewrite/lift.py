@@ -18,8 +18,9 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import UnsupportedGraphError
-from ..graph.blocks import Block, BlockStructure, Unit
+from ..graph.blocks import WEIGHT_LAYERS, Block, BlockStructure, Unit
 from ..graph.layout import Atom
+from ..graph.rules import attr
 from ..graph.spaces import SpaceGraph
 from .merge import resize_constants
 
@@ -35,15 +36,7 @@ _ZERO_PRESERVING = {"Relu", "LeakyRelu", "PRelu", "Tanh", "Gelu", "Erf", "Elu", 
 _NON_NEGATIVE = {"Relu", "Sigmoid", "Softmax", "Abs", "Exp", "Softplus", "HardSigmoid", "Sqrt"}
 _KEEPS_SIGN = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Flatten", "Reshape",
                "Transpose", "Identity", "Dropout", "Squeeze", "Unsqueeze", "Concat", "Resize", "ReduceMean"}
-_WEIGHTED = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 _NORMS = {"LayerNormalization", "InstanceNormalization", "GroupNormalization"}
-
-
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
 
 
 def non_negative(model: onnx.ModelProto, tensor: str) -> bool:
@@ -60,7 +53,7 @@ def non_negative(model: onnx.ModelProto, tensor: str) -> bool:
         if node.op_type in _NON_NEGATIVE:
             return True
         if node.op_type == "Clip":
-            low = _constant(model, node.input[1]) if len(node.input) > 1 and node.input[1] else _attr(node, "min")
+            low = _constant(model, node.input[1]) if len(node.input) > 1 and node.input[1] else attr(node, "min")
             return low is not None and float(np.min(low)) >= 0
         if node.op_type in _KEEPS_SIGN:
             dynamic = [x for x in node.input if x in producers or x in inputs]
@@ -120,7 +113,7 @@ class _Identity:
             consts = [x for x in node.input if x in self.arrays]
             dynamic = [x for x in node.input if x and x not in self.arrays]
             op = node.op_type
-            if op in _WEIGHTED and consts:
+            if op in WEIGHT_LAYERS and consts:
                 self._set(consts, 0.0)
                 zero = True
             elif op == "BatchNormalization":
@@ -173,7 +166,7 @@ class _Identity:
                 self._resize(node.input[1:], channels)
                 self._set(node.input[1:], 0.0)
             elif op == "BatchNormalization":
-                epsilon = _attr(node, "epsilon", 1e-5)
+                epsilon = attr(node, "epsilon", 1e-5)
                 self._resize(node.input[1:5], channels)
                 self._set(node.input[1:2], math.sqrt(1.0 + epsilon))
                 self._set(node.input[2:4], 0.0)
@@ -188,7 +181,7 @@ class _Identity:
         return equal
 
     def _clip_keeps(self, node: onnx.NodeProto) -> bool:
-        high = self.arrays.get(node.input[2]) if len(node.input) > 2 and node.input[2] else _attr(node, "max")
+        high = self.arrays.get(node.input[2]) if len(node.input) > 2 and node.input[2] else attr(node, "max")
         return high is None or float(np.max(high)) == float("inf")
 
     def _width(self, axis: int) -> int | None:
@@ -198,16 +191,16 @@ class _Identity:
     def _identity_conv(self, node: onnx.NodeProto) -> None:
         weight = self.arrays[node.input[1]]
         kernel = weight.shape[2:]
-        group = _attr(node, "group", 1)
+        group = attr(node, "group", 1)
         depthwise = group > 1 and weight.shape[1] == 1
         channels = self._width(1) or weight.shape[0]
         if depthwise or group == 1:  # resize to the input's width, keeping the kind of conv
             weight = np.zeros((channels, 1 if depthwise else channels, *kernel), weight.dtype)
             group = channels if depthwise else 1
             _set_attr(node, "group", group)
-        centred = all(k % 2 == 1 for k in kernel) and all(s == 1 for s in _attr(node, "strides", [1] * len(kernel)))
-        pads = _attr(node, "pads", [0] * 2 * len(kernel))
-        same = _attr(node, "auto_pad", b"NOTSET") in (b"SAME_UPPER", b"SAME_LOWER") or \
+        centred = all(k % 2 == 1 for k in kernel) and all(s == 1 for s in attr(node, "strides", [1] * len(kernel)))
+        pads = attr(node, "pads", [0] * 2 * len(kernel))
+        same = attr(node, "auto_pad", b"NOTSET") in (b"SAME_UPPER", b"SAME_LOWER") or \
             list(pads) == [k // 2 for k in kernel] * 2
         if not (centred and same and weight.shape[1] * group == weight.shape[0]):
             raise self.fail(node, f"the kernel {weight.shape} with group {group} cannot map channels to themselves")

@@ -17,7 +17,7 @@ from onnx import helper, numpy_helper
 
 from ..graph.correspond import Correspondence
 from ..graph.layout import Layout, layout_width, leaves
-from ..graph.rules import RULES
+from ..graph.rules import RULES, attr
 from ..graph.spaces import SpaceGraph
 from ..match.matching import Matching
 from .apply import transformed_arrays
@@ -239,7 +239,7 @@ def resize_constants(model: onnx.ModelProto, reference: SpaceGraph, leaf_width: 
                     shape[axis] = new_width(layout)
             inits[node.input[1]].CopyFrom(numpy_helper.from_array(shape, node.input[1]))
         elif node.op_type == "Split" and len(node.input) > 1 and node.input[1] in inits:
-            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            axis = attr(node, "axis", 0)
             sizes = numpy_helper.to_array(inits[node.input[1]]).copy()
             for k, name in enumerate(node.output):
                 layout = next((v for a, v in layouts.get(name, {}).items() if a == axis or a - len(sizes) == axis), None)

@@ -78,12 +78,17 @@ def print_table(rows: list[str]) -> None:
     print("\n".join(rows))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def output_folder(description: str, prefix: str) -> Path:
+    """The folder of ``--out`` (created), or a fresh temporary one named with ``prefix``."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", type=Path, help="keep the merged models here")
-    args = parser.parse_args()
-    out = args.out or Path(tempfile.mkdtemp(prefix="onnxmerge-digits-"))
+    out = parser.parse_args().out or Path(tempfile.mkdtemp(prefix=prefix))
     out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def main() -> None:
+    out = output_folder(__doc__.splitlines()[0], "onnxmerge-digits-")
     rows = [row(name, api.evaluate([str(m) for m in models], str(TEST), tasks=tasks, ensemble=len(models) > 1)[0])
             for name, (models, tasks) in SOURCES.items()]
     for name, (first, second, options) in MERGES.items():

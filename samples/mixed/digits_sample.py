@@ -1,4 +1,4 @@
-"""The digits sample's scripts as modules (its data split, training loop, export, table rows),
+"""The digits sample's scripts as modules (its data split, training loop, export, table rows, output folder),
 so the mixed sample reuses them instead of repeating them."""
 
 from __future__ import annotations

@@ -9,8 +9,6 @@ Run from the repo root: python samples/mixed/run.py
 
 from __future__ import annotations
 
-import argparse
-import tempfile
 from pathlib import Path
 
 from onnxmerge import api
@@ -47,11 +45,7 @@ def channels_first(path: Path, out: Path) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, help="keep the merged models here")
-    args = parser.parse_args()
-    out = args.out or Path(tempfile.mkdtemp(prefix="onnxmerge-mixed-"))
-    out.mkdir(parents=True, exist_ok=True)
+    out = digits.output_folder(__doc__.splitlines()[0], "onnxmerge-mixed-")
     rows = []
     for pair, (a, a_label, b, b_label, calib, test) in PAIRS.items():
         scored_a, both = channels_first(a, out), ",".join(TASKS)
