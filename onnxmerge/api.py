@@ -35,7 +35,7 @@ from .rewrite.apply import transform_parameters
 from .rewrite.heads import split_trunk
 from .rewrite.lift import insert_identities
 from .rewrite.merge import Member, assemble, merged_trunk_parameters, reference_widths, resize_constants
-from .rewrite.repair import REPAIRS, insert_repair, reset_batch_norm
+from .rewrite.repair import REPAIRS, insert_repair, repair_sources, repair_targets, reset_batch_norm, source_moments
 from .rewrite.transform import Permutation
 from .rewrite.widen import widening
 
@@ -157,7 +157,7 @@ def merge(paths: list[str], *, calibration: str | None = None, stats: list[str] 
     clock = time.perf_counter()
     merged = assemble(members, split, matchings, merged_trunk_parameters(members, split, matchings), heads=options.heads)
     resize_constants(merged, members[0].graph, reference_widths(members[0], matchings))
-    merged, repair = _repair(merged, calib, options, _repair_targets(merged, units, unit_stats, matchings))
+    merged, repair, repaired = _repair(merged, members, split, matchings, calib, options)
     _attach_postprocessing(merged, members, post, options.heads)
     merged = infer_shapes(merged)
     _record(merged, paths, options)
@@ -165,6 +165,7 @@ def merge(paths: list[str], *, calibration: str | None = None, stats: list[str] 
     timings["rewrite_s"] = time.perf_counter() - clock
     report = {"format": "onnxmerge.merge/1", "models": [str(p) for p in paths], "method": options.method,
               "options": asdict(options), "bn": bn, "provider": provider, "repair": repair,
+              "repaired_tensors": repaired,
               "layers": f"{split.zipped_layers} of {split.total_layers} layers zipped",
               "spaces": summary, "timings": timings}
     if depth is not None:
@@ -410,51 +411,38 @@ def _match_features(reference: Member, unit: CaptureUnit, corr: np.ndarray, widt
     return {space: run(corr, widths)}
 
 
-def _repair_targets(merged: onnx.ModelProto, units: list[CaptureUnit], stats: list, matchings) -> dict:
-    """REPAIR targets: for each merged trunk tensor with channels on axis 1, the mean and std
-    each merged channel should have (the average over its members in the source models)."""
-    produced = {name for node in merged.graph.node for name in node.output}
-    outputs = {o.name for o in merged.graph.output}
-    targets = {}
-    for unit, unit_stats in zip(units, stats):
-        if len(unit.spaces) != 1 or unit.axis != 1 or unit.fold != (1, 1) or unit.tensor not in produced \
-                or unit.tensor in outputs:
-            continue
-        matching = matchings.get(unit.spaces[0])
-        if matching is None:
-            continue
-        bounds = np.cumsum([0, *unit_stats.widths])
-        mean, std = unit_stats.mean(), np.sqrt(np.maximum(np.diag(unit_stats.covariance()), 0.0))
-        blocks = list(zip(matching.merge, bounds[:-1], bounds[1:]))
-        targets[unit.tensor] = (sum(m @ mean[a:b] for m, a, b in blocks), sum(m @ std[a:b] for m, a, b in blocks))
-    return targets
-
-
-def _repair(merged: onnx.ModelProto, calib, options: MergeOptions, targets: dict) -> tuple[onnx.ModelProto, str]:
-    """BN reset or REPAIR of the merged model, as ``options.repair`` says (method.md §7)."""
+def _repair(merged: onnx.ModelProto, members: list[Member], split, matchings, calib,
+            options: MergeOptions) -> tuple[onnx.ModelProto, str, list[str]]:
+    """BN reset or REPAIR of the merged model, as ``options.repair`` says (method.md §7); the
+    report's line about it and the tensors REPAIR corrected."""
     if options.repair not in REPAIRS:
         raise RecipeError(f"unknown --repair {options.repair!r}; use one of {', '.join(REPAIRS)}")
     has_bn = any(n.op_type == "BatchNormalization" for n in merged.graph.node)
     mode = options.repair if options.repair != "auto" else ("reset" if has_bn else "repair")
     if mode == "none":
-        return merged, "none"
+        return merged, "none", []
     if calib is None:
         if options.repair != "auto":
             raise RecipeError(f"--repair {mode} needs calibration data (--calib)")
-        return merged, "none (no calibration data)"
+        return merged, "none (no calibration data)", []
     if mode == "reset" and not has_bn:
         raise RecipeError("--repair reset needs BatchNormalization nodes; use --repair repair for BN-free models")
-    if mode == "repair":
-        if not targets:
-            return merged, "none (no merged layer with channels on axis 1 to repair)"
-        merged = insert_repair(merged, targets)
     # in random order: a file sorted by class would otherwise give single-class batches
     samples = calib.shuffled(options.repair_samples, options.seed)
-    repaired, ran = reset_batch_norm(merged, lambda: calib.batches(0, options.batch_size, samples), options.provider)
-    measured = f"on {ran}, {len(samples)} of {calib.num_samples} samples"
-    if mode == "repair":
-        return fold_batch_norms(repaired), f"REPAIR of {len(targets)} tensors ({measured})"
-    return repaired, f"reset ({measured})"
+
+    def batches(index: int = 0):
+        return calib.batches(index, options.batch_size, samples)
+
+    if mode == "reset":
+        repaired, ran = reset_batch_norm(merged, batches, options.provider)
+        return repaired, f"reset (on {ran}, {len(samples)} of {calib.num_samples} samples)", []
+    plan = repair_sources(members, split, matchings, {o.name for o in merged.graph.output})
+    if not plan:
+        return merged, "none (no weight layer output with a channel axis to repair)", []
+    targets = repair_targets(plan, source_moments(members, plan, batches, options.provider))
+    repaired, ran = insert_repair(merged, targets, batches, options.provider)
+    tensors = [t.tensor for t in targets]
+    return repaired, f"REPAIR of {len(tensors)} tensors (on {ran}, {len(samples)} of {calib.num_samples} samples)", tensors
 
 
 def _record(model: onnx.ModelProto, paths: list[str], options: MergeOptions) -> None:

@@ -7,11 +7,13 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
+from onnxmerge import api
 from onnxmerge.calib.capture import expose, open_session
 from onnxmerge.graph.canonical import canonicalize
-from onnxmerge.io import load_model
+from onnxmerge.io import load_model, save_model
 from onnxmerge.rewrite.repair import reset_batch_norm, train_mode
-from tests.test_rules import with_opset
+from tests.test_rules import run_all, with_opset
+from tests.test_zoo_oracles import outputs_close
 
 
 def bn_input_stats(model: onnx.ModelProto, x: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
@@ -78,3 +80,70 @@ def test_train_mode_reset_is_exact_for_the_first_bn_and_one_pass(zoo_files):
     np.testing.assert_allclose(first[3], first[1], rtol=1e-3, atol=1e-5)
     original = bn_input_stats(model, x)
     assert not np.allclose(original[0][2], first[2])  # the zoo's random statistics were replaced
+
+
+# REPAIR (BN-free merges): oracles on merges of a model with a permuted copy of itself, where
+# the sources' statistics already are the merged model's, so REPAIR must change nothing
+
+
+def _merge_with_permuted_self(zoo_files, tmp_path, name, exporter, **options):
+    path, x = zoo_files.get(name, exporter)
+    copy = tmp_path / "permuted.onnx"
+    save_model(api.permute(load_model(path), seed=3), copy)
+    np.save(tmp_path / "calib.npy", x)
+    result = api.merge([path, str(copy)], calibration=str(tmp_path / "calib.npy"), options=api.MergeOptions(**options))
+    return path, x, result
+
+
+@pytest.mark.parametrize("batch_size", [16, 128])
+@pytest.mark.parametrize("name", ["mlp", "resnet_basic", "resnet_bottleneck", "transformer"])
+def test_repair_of_a_merge_with_a_permuted_self_changes_nothing(zoo_files, tmp_path, name, batch_size):
+    path, x, result = _merge_with_permuted_self(zoo_files, tmp_path, name, "legacy_folded",
+                                                repair="repair", batch_size=batch_size)
+    assert result.report["repair"].startswith("REPAIR")
+    expected = run_all(load_model(path), x)
+    np.testing.assert_allclose(np.concatenate([o.ravel() for o in run_all(result.model, x)]),
+                               np.concatenate([o.ravel() for o in expected + expected]), rtol=0,
+                               atol=2e-5 * max(float(np.abs(o).max()) for o in expected))
+
+
+@pytest.mark.parametrize("bn,repair", [("keep", "none"), ("fold", "repair")])
+@pytest.mark.parametrize("layers", [1, 3, 5, 7, None])
+def test_partial_merge_with_a_permuted_self_gives_self(zoo_files, tmp_path, layers, bn, repair):
+    path, x, result = _merge_with_permuted_self(zoo_files, tmp_path, "resnet_basic", "legacy_bn",
+                                                bn=bn, repair=repair, zip_layers=layers)
+    expected = run_all(canonicalize(load_model(path), bn=bn), x)
+    outputs_close(expected + expected, run_all(result.model, x))
+
+
+def test_every_merged_conv_output_is_repaired_and_the_corrections_are_folded(zoo_files, tmp_path):
+    path, _, result = _merge_with_permuted_self(zoo_files, tmp_path, "resnet_basic", "legacy_folded", zip_layers=4)
+    outputs = {o.name for o in result.model.graph.output}
+    convs = [n.output[0] for n in result.model.graph.node if n.op_type == "Conv"]
+    assert sorted(result.report["repaired_tensors"]) == sorted(c for c in convs if c not in outputs)
+    assert any(c.endswith("_m1") for c in convs)  # per-model layers after the cut are repaired too
+    original = canonicalize(load_model(path))
+    per_model = sum(1 for n in result.model.graph.node if n.output[0].endswith("_m1"))
+    assert len(result.model.graph.node) == len(original.graph.node) + per_model  # no node added
+
+
+def test_repair_does_not_depend_on_the_batch_size(zoo_files, tmp_path):
+    """Two different models: each layer is measured on inputs repaired upstream, over all the
+    samples pooled exactly, so batches of 8 and one batch of 128 give one model."""
+    path, x = zoo_files.get("resnet_basic", "legacy_folded")
+    other = load_model(path)
+    rng = np.random.default_rng(0)
+    for init in other.graph.initializer:
+        value = numpy_helper.to_array(init)
+        if value.dtype.kind == "f" and value.size > 1:
+            init.CopyFrom(numpy_helper.from_array((value + rng.normal(0, 0.3 * value.std(), value.shape)).astype(value.dtype), init.name))
+    save_model(other, tmp_path / "other.onnx")
+    np.save(tmp_path / "calib.npy", x)
+    results = [api.merge([path, str(tmp_path / "other.onnx")], calibration=str(tmp_path / "calib.npy"),
+                         options=api.MergeOptions(repair="repair", batch_size=size)).model for size in (8, 128)]
+    unrepaired = api.merge([path, str(tmp_path / "other.onnx")], calibration=str(tmp_path / "calib.npy"),
+                           options=api.MergeOptions(repair="none")).model
+    small, large, plain = (run_all(model, x) for model in (*results, unrepaired))
+    for a, b in zip(large, small):
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * float(np.abs(a).max()))
+    assert not all(np.allclose(a, b, atol=1e-3) for a, b in zip(plain, large))  # the repair did something

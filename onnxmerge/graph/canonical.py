@@ -110,7 +110,7 @@ def fold_batch_norms(model: onnx.ModelProto) -> onnx.ModelProto:
     graph = gs.import_onnx(model)
     fold_batch_norm(graph)
     graph.cleanup().toposort()
-    return _export(graph, model)
+    return export_like(graph, model)
 
 
 def untie_initializers(graph: gs.Graph) -> int:
@@ -166,16 +166,16 @@ def canonicalize(model: onnx.ModelProto, *, bn: str = "keep") -> onnx.ModelProto
             graph = gs.import_onnx(infer_shapes(proto))
             changed = sum(p(graph) for p in passes)
             graph.cleanup().toposort()
-            proto = _export(graph, model)
+            proto = export_like(graph, model)
             if not changed:
                 break
         graph = gs.import_onnx(proto)
         untie_initializers(graph)
         graph.cleanup().toposort()
-        return infer_shapes(_export(graph, model))
+        return infer_shapes(export_like(graph, model))
 
 
-def _export(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
+def export_like(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     """Export a gs graph with the IR version, opsets and metadata of the original model."""
     result = gs.export_onnx(graph, do_type_check=False)
     result.ir_version = like.ir_version

@@ -95,6 +95,24 @@ def unmerge_matrix(member: Member, index: int, layout: Layout, matchings: dict[i
     return transform_axis(np.eye(size), 0, layout, transform_for, width_of)
 
 
+def merge_matrix(member: Member, index: int, layout: Layout, matchings: dict[int, Matching],
+                 count: int) -> np.ndarray:
+    """The (r x d) matrix taking model ``index``'s features on an axis to its share of the
+    merged ones, as ``merged_trunk_parameters`` merges producers: ``count * M_i`` on each matched
+    space (a grid's factors each), the identity on the others, all divided by ``count``."""
+    back = member.correspondence.reference_spaces
+    widths = member.graph.table.widths
+
+    def transform_for(space: int):
+        matching = matchings.get(back[space])
+        return None if matching is None else Linear(matching.merge[index] * count)
+
+    def width_of(part) -> int:  # the input of this transform is in model i's widths
+        return layout_width(part, widths.__getitem__)
+
+    return transform_axis(np.eye(width_of(layout)), 0, layout, transform_for, width_of) / count
+
+
 class _HeadBuilder:
     """Copies model i's head nodes, renamed with ``_m<i>``, reading the trunk through U_i."""
 

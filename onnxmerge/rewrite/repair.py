@@ -3,22 +3,41 @@
 BN reset recomputes every BatchNormalization's mean and variance on the merged model in one
 pass in train mode, as the source frameworks reset BN: every BN normalises with its batch
 statistics, so later layers see corrected inputs, and the batch statistics are pooled over
-the batches. REPAIR rescales merged channels of BN-free models.
+the batches.
+
+REPAIR (Jordan et al., "REPAIR: REnormalizing Permuted Activations for Interpolation Repair",
+ICLR 2023) corrects the output of every weight layer of the merged model, per channel, to the
+mean and std its source channels had: for a merged layer the merge matrix's weighting of the
+sources' statistics, for a per-model layer after a partial cut that model's own. Layers are
+measured in dependency order, each on inputs already corrected upstream, with exactly pooled
+statistics, so the result does not depend on the batch size; the corrections then fold into
+the producing Conv/Gemm.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 from onnx import helper, numpy_helper
 
 from ..calib.capture import open_session
+from ..calib.channels import ChannelMoments, measure, moment_constants, moment_nodes, with_moments
+from ..graph.canonical import export_like
+from ..graph.surgery import replace_input
+from ..graph.layers import fold_affine
+from ..graph.spaces import tensor_shapes
 from ..io import default_opset
+from ..match.matching import Matching
+from .heads import TrunkSplit, weight_layers
+from .merge import Member, merge_matrix
 
 REPAIRS = ("auto", "none", "reset", "repair")
 Batches = Callable[[], Iterable[dict[str, np.ndarray]]]
+_REPAIRABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # weight layers whose output has a channel axis
 
 
 def reset_batch_norm(model: onnx.ModelProto, batches: Batches, provider: str = "auto") -> tuple[onnx.ModelProto, str]:
@@ -28,21 +47,11 @@ def reset_batch_norm(model: onnx.ModelProto, batches: Batches, provider: str = "
     """
     train, measured = train_mode(model)
     session, ran = open_session(train, provider)
-    names = [name for pair in measured.values() for name in pair]
-    count, moments = 0, {k: [0.0, 0.0] for k in measured}
-    for feed in batches():
-        size = len(next(iter(feed.values())))
-        values = dict(zip(names, session.run(names, feed)))
-        for k, (mean_name, var_name) in measured.items():
-            mean, var = (values[n].astype(np.float64).reshape(-1) for n in (mean_name, var_name))
-            moments[k][0] = moments[k][0] + size * mean
-            moments[k][1] = moments[k][1] + size * (var + mean ** 2)
-        count += size
+    moments = measure(session, measured, batches())
     result = onnx.ModelProto()
     result.CopyFrom(model)
-    for k, (total, squares) in moments.items():
-        mean = total / count
-        _set_statistics(result, result.graph.node[k], mean, np.maximum(squares / count - mean ** 2, 0.0))
+    for k, pooled in moments.items():
+        _set_statistics(result, result.graph.node[k], pooled.mean, pooled.var)
     return result, ran
 
 
@@ -57,40 +66,20 @@ def train_mode(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[int, tuple
     train = onnx.ModelProto()
     train.CopyFrom(model)
     opset = default_opset(model)
-    shapes = [("flat", [0, 0, -1]), ("vector", [-1])]
-    train.graph.initializer.extend(numpy_helper.from_array(np.array(v, np.int64), f"bn_reset_{n}") for n, v in shapes)
-    if opset >= 18:  # ReduceMean's axes became an input
-        train.graph.initializer.append(numpy_helper.from_array(np.array([0, 2], np.int64), "bn_reset_axes"))
+    train.graph.initializer.extend(moment_constants(opset))
     nodes, measured = [], {}
     for k, node in enumerate(train.graph.node):
         if node.op_type == "BatchNormalization":
-            name = f"{node.output[0]}__reset"
-            nodes += _batch_statistics_nodes(node.input[0], name, opset)
-            node.input[3], node.input[4] = f"{name}_mean", f"{name}_var"
+            statistics, mean, var = moment_nodes(node.input[0], 1, f"{node.output[0]}__reset", opset)
+            nodes += statistics
+            node.input[3], node.input[4] = mean, var
             del node.output[1:]
-            measured[k] = (f"{name}_mean", f"{name}_var")
+            measured[k] = (mean, var)
         nodes.append(node)
     train.graph.output.extend(helper.make_empty_tensor_value_info(n) for pair in measured.values() for n in pair)
     del train.graph.node[:]
     train.graph.node.extend(nodes)
     return train, measured
-
-
-def _batch_statistics_nodes(x: str, name: str, opset: int) -> list[onnx.NodeProto]:
-    """Nodes giving the per-channel mean and biased variance of ``x`` (channels on axis 1, any
-    rank), as ``<name>_mean`` and ``<name>_var`` of shape [C]: ``x`` viewed as [N, C, L] and
-    reduced over N and L."""
-    def mean(source: str, target: str, keep: int) -> onnx.NodeProto:
-        if opset >= 18:
-            return helper.make_node("ReduceMean", [source, "bn_reset_axes"], [target], keepdims=keep)
-        return helper.make_node("ReduceMean", [source], [target], axes=[0, 2], keepdims=keep)
-
-    return [helper.make_node("Reshape", [x, "bn_reset_flat"], [f"{name}_x"]),
-            mean(f"{name}_x", f"{name}_mean_kept", 1),
-            helper.make_node("Sub", [f"{name}_x", f"{name}_mean_kept"], [f"{name}_centred"]),
-            helper.make_node("Mul", [f"{name}_centred", f"{name}_centred"], [f"{name}_squares"]),
-            mean(f"{name}_squares", f"{name}_var", 0),
-            helper.make_node("Reshape", [f"{name}_mean_kept", "bn_reset_vector"], [f"{name}_mean"])]
 
 
 def _set_statistics(model: onnx.ModelProto, node: onnx.NodeProto, mean: np.ndarray, var: np.ndarray) -> None:
@@ -101,34 +90,187 @@ def _set_statistics(model: onnx.ModelProto, node: onnx.NodeProto, mean: np.ndarr
         init.CopyFrom(numpy_helper.from_array(value.astype(dtype), init.name))
 
 
-def insert_repair(model: onnx.ModelProto, targets: dict[str, tuple[np.ndarray, np.ndarray]]) -> onnx.ModelProto:
-    """REPAIR (Jordan et al. 2022): after each tensor named in ``targets`` (channel axis 1),
-    a BatchNormalization whose scale and bias are the target std and mean, i.e. the average
-    of the source models' matched channels. ``reset_batch_norm`` then measures its input, so
-    each merged channel leaves with the source statistics; canonicalisation can fold it into
-    the weight layer before.
+@dataclass(frozen=True)
+class RepairTarget:
+    """A tensor of the merged model to correct: its channel axis and rank, and the per-channel
+    mean and std (float64, shape [C]) it should have."""
+
+    tensor: str
+    axis: int
+    rank: int
+    mean: np.ndarray
+    std: np.ndarray
+
+
+def insert_repair(model: onnx.ModelProto, targets: list[RepairTarget], batches: Batches,
+                  provider: str = "auto") -> tuple[onnx.ModelProto, str]:
+    """REPAIR: a copy of ``model`` whose target tensors have the target per-channel mean and std
+    on the batches, the corrections folded into their producers where these are canonical
+    Conv/ConvTranspose/Gemm layers (else kept as per-channel Mul and Add nodes).
+
+    Targets are measured level by level (a target's level is one more than that of the deepest
+    target upstream of it), each level on inputs corrected upstream. Returns the model and the
+    provider that ran.
     """
-    result = onnx.ModelProto()
-    result.CopyFrom(model)
-    graph = result.graph
-    nodes = []
-    for node in graph.node:
-        for slot, name in enumerate(node.input):
-            if name in targets:
-                node.input[slot] = f"{name}__repaired"
-        nodes.append(node)
+    probe, outputs = _probe(model, targets)
+    session, ran = open_session(probe, provider)
+    scale = {t.tensor: np.ones(len(t.mean)) for t in targets}
+    shift = {t.tensor: np.zeros(len(t.mean)) for t in targets}
+    by_name = {t.tensor: t for t in targets}
+    for level in _levels(model, list(by_name)):
+        feed = {name: value.astype(np.float32).reshape(_broadcast(by_name[tensor]))
+                for tensor in by_name for name, value in ((f"{tensor}__repair_scale", scale[tensor]),
+                                                          (f"{tensor}__repair_shift", shift[tensor]))}
+        moments = measure(session, {tensor: outputs[tensor] for tensor in level}, batches(), feed)
+        for tensor in level:
+            scale[tensor], shift[tensor] = _correction(by_name[tensor], moments[tensor])
+    return _fold(model, targets, scale, shift), ran
+
+
+def _broadcast(target: RepairTarget) -> list[int]:
+    """Shape of a per-channel constant that broadcasts along the target's channel axis."""
+    return [len(target.mean)] + [1] * (target.rank - 1 - target.axis)
+
+
+def _correction(target: RepairTarget, measured: ChannelMoments) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (scale, shift) taking the measured mean and std to the target's; a channel
+    constant in the merged model is only shifted (no scale can give it a spread)."""
+    std = measured.std
+    live = std > 1e-6 * np.maximum(1.0, np.abs(measured.mean))
+    scale = np.where(live, target.std / np.where(live, std, 1.0), 1.0)
+    return scale, target.mean - scale * measured.mean
+
+
+def _affine(graph: gs.Graph, target: RepairTarget, scale: gs.Tensor, shift: gs.Tensor) -> None:
+    """Consumers of the target read ``target * scale + shift`` instead (Mul and Add nodes)."""
+    tensors = graph.tensors()
+    source = tensors[target.tensor]
+    consumers = list(source.outputs)
+    scaled = gs.Variable(f"{target.tensor}__scaled", dtype=np.float32)
+    repaired = gs.Variable(f"{target.tensor}__repaired", dtype=np.float32)
+    for node in consumers:
+        replace_input(node, source, repaired)
+    graph.nodes += [gs.Node("Mul", inputs=[source, scale], outputs=[scaled]),
+                    gs.Node("Add", inputs=[scaled, shift], outputs=[repaired])]
+
+
+def _probe(model: onnx.ModelProto, targets: list[RepairTarget]) -> tuple[onnx.ModelProto, dict[str, tuple[str, str]]]:
+    """The model with each target corrected by per-channel scale and shift graph inputs
+    (``<tensor>__repair_scale`` / ``__repair_shift``), also giving the targets' batch moments
+    before the correction."""
+    graph = gs.import_onnx(model)
+    for target in targets:
+        scale, shift = (gs.Variable(f"{target.tensor}__repair_{part}", dtype=np.float32, shape=_broadcast(target))
+                        for part in ("scale", "shift"))
+        graph.inputs += [scale, shift]
+        _affine(graph, target, scale, shift)
+    graph.toposort()
+    return with_moments(export_like(graph, model), {t.tensor: (t.axis, t.rank) for t in targets})
+
+
+def _fold(model: onnx.ModelProto, targets: list[RepairTarget], scale: dict, shift: dict) -> onnx.ModelProto:
+    """The model with each target's correction applied as per-channel Mul and Add constants,
+    folded into the producing layer where it is a canonical Conv/ConvTranspose/Gemm."""
+    graph = gs.import_onnx(model)
+    for target in targets:
+        dtype = graph.tensors()[target.tensor].dtype or np.float32
+        constants = (gs.Constant(f"{target.tensor}__repair_{part}", values[target.tensor].astype(dtype).reshape(_broadcast(target)))
+                     for part, values in (("scale", scale), ("shift", shift)))
+        _affine(graph, target, *constants)
+    while fold_affine(graph):
+        pass
+    graph.cleanup()
+    tensors = graph.tensors()
+    for target in targets:  # a folded correction leaves the layer's output its own name
+        if target.tensor not in tensors:
+            tensors[f"{target.tensor}__repaired"].name = target.tensor
+    graph.toposort()
+    return export_like(graph, model)
+
+
+def _levels(model: onnx.ModelProto, tensors: list[str]) -> list[list[str]]:
+    """The target tensors grouped by level: a target's level is one more than the highest
+    level among the targets upstream of it (nodes in topological order)."""
+    wanted, depth, levels = set(tensors), {}, {}
+    for node in model.graph.node:
+        level = max((depth.get(name, 0) for name in node.input), default=0)
         for name in node.output:
-            if name not in targets:
-                continue
-            mean, std = targets[name]
-            names = [f"{name}__repair_{part}" for part in ("scale", "bias", "mean", "var")]
-            values = (std, mean, np.zeros_like(mean), np.ones_like(mean))
-            graph.initializer.extend(numpy_helper.from_array(v.astype(np.float32), n) for n, v in zip(names, values))
-            nodes.append(helper.make_node("BatchNormalization", [name, *names], [f"{name}__repaired"],
-                                          name=f"{name}__repair"))
-    for output in graph.output:
-        if output.name in targets:  # a graph output keeps its name: repair it in place of the producer's
-            raise ValueError(f"cannot repair graph output {output.name}")
-    del graph.node[:]
-    graph.node.extend(nodes)
+            if name in wanted:
+                levels[name] = depth[name] = level + 1
+            else:
+                depth[name] = level
+    grouped: dict[int, list[str]] = {}
+    for name in tensors:
+        grouped.setdefault(levels[name], []).append(name)
+    return [grouped[k] for k in sorted(grouped)]
+
+
+@dataclass(frozen=True)
+class RepairSource:
+    """A weight layer output of the merged model and the source tensors its channels come
+    from: (model index, tensor name in that model, r x d merge matrix of its channels)."""
+
+    tensor: str
+    axis: int
+    rank: int
+    sources: tuple[tuple[int, str, np.ndarray], ...]
+
+
+def repair_sources(members: list[Member], split: TrunkSplit, matchings: dict[int, Matching],
+                   outputs: set[str]) -> list[RepairSource]:
+    """Every weight layer output (Conv, ConvTranspose, Gemm, MatMul) of the merged model that
+    is not one of its graph ``outputs``, with its sources: a trunk layer's channels are the
+    merge matrices' weighting of all models' channels (a fixed space the plain average); a
+    layer of model i's head (after a partial cut) is that model's own."""
+    reference = members[0]
+    shapes = [tensor_shapes(m.model) for m in members]
+    plan = []
+    for k in weight_layers(reference.model, reference.graph):
+        node = reference.model.graph.node[k]
+        if node.op_type not in _REPAIRABLE:
+            continue
+        rank = len(shapes[0].get(node.output[0], ()))
+        axis = 1 if node.op_type != "MatMul" else rank - 1
+        if rank < 2 or axis not in reference.graph.layouts.get(node.output[0], {}):
+            continue
+        if k in split.head_nodes:
+            plan += [RepairSource(f"{m.model.graph.node[k].output[0]}_m{i}", axis, rank,
+                                  ((i, m.model.graph.node[k].output[0], None),))
+                     for i, m in enumerate(members)]
+        else:
+            plan.append(RepairSource(node.output[0], axis, rank, tuple(
+                (i, m.model.graph.node[k].output[0], merge_matrix(m, i, m.graph.layouts[m.model.graph.node[k].output[0]][axis],
+                                                                   matchings, len(members)))
+                for i, m in enumerate(members))))
+    return [p for p in plan if p.tensor not in outputs]
+
+
+def source_moments(members: list[Member], plan: list[RepairSource], batches: Callable[[int], Iterable],
+                   provider: str = "auto") -> list[dict[str, ChannelMoments]]:
+    """Per model, the pooled per-channel moments of its tensors the plan reads
+    (``batches(i)`` gives model i's feeds)."""
+    result = []
+    for i, member in enumerate(members):
+        tensors = {name: (p.axis, p.rank) for p in plan for index, name, _ in p.sources if index == i}
+        if not tensors:
+            result.append({})
+            continue
+        model, outputs = with_moments(member.model, tensors)
+        session, _ = open_session(model, provider)
+        result.append(measure(session, outputs, batches(i)))
     return result
+
+
+def repair_targets(plan: list[RepairSource], moments: list[dict[str, ChannelMoments]]) -> list[RepairTarget]:
+    """Each planned tensor's target mean and std: the merge matrices applied to the sources'
+    (an unmerged per-model layer keeps its model's)."""
+    targets = []
+    for item in plan:
+        mean = sum(_apply(m, moments[i][name].mean) for i, name, m in item.sources)
+        std = sum(_apply(m, moments[i][name].std) for i, name, m in item.sources)
+        targets.append(RepairTarget(item.tensor, item.axis, item.rank, mean, std))
+    return targets
+
+
+def _apply(matrix: np.ndarray | None, values: np.ndarray) -> np.ndarray:
+    return values if matrix is None else matrix @ values
