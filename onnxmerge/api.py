@@ -14,7 +14,7 @@ import onnx
 
 from . import __version__, inspection
 from .calib.capture import CaptureUnit, collect_statistics, plan_captures
-from .calib.data import CalibrationSet, input_specs, load_calibration
+from .calib.data import MIN_SAMPLES, CalibrationSet, input_specs, load_calibration
 from .calib.stats import combine_stats, load_stats
 from .depth import DepthAlignment, align_depths, lift_models, needs_alignment
 from .depth import describe as describe_alignment
@@ -112,6 +112,7 @@ class MergeOptions:
     provider: str = "auto"
     seed: int = 0
     align: str = "auto"  # depth alignment: auto (sma when depths differ), sma, lma, uniform, head-tail, none
+    allow_few_samples: bool = False  # accept fewer than MIN_SAMPLES calibration samples
 
 
 @dataclass
@@ -251,7 +252,12 @@ def _attach_postprocessing(merged: onnx.ModelProto, members: list[Member], post:
 
 def _calibration(path: str, models: list[onnx.ModelProto], options: MergeOptions) -> CalibrationSet:
     specs = [input_specs(model) for model in models]
-    return load_calibration(path, specs, max_samples=options.max_samples)
+    calib = load_calibration(path, specs, max_samples=options.max_samples)
+    if calib.num_samples < MIN_SAMPLES and not options.allow_few_samples:
+        raise CalibrationError(f"{path}: {calib.num_samples} calibration samples are too few for correlations and "
+                               f"repair statistics (at least {MIN_SAMPLES}, a few hundred is typical); "
+                               "pass more samples, or --allow-few-samples to go on")
+    return calib
 
 
 def _structures(named: list[tuple[str, onnx.ModelProto]]) -> list[BlockStructure]:
@@ -424,11 +430,17 @@ def _repair(merged: onnx.ModelProto, members: list[Member], split, matchings, ca
     if calib is None:
         if options.repair != "auto":
             raise RecipeError(f"--repair {mode} needs calibration data (--calib)")
+        log.warning("no calibration data, so the merged model is not repaired (%s) and its accuracy may collapse; "
+                    "pass --calib DATA (a few hundred inputs), or --repair none to silence this",
+                    "BN reset" if mode == "reset" else "REPAIR")
         return merged, "none (no calibration data)", []
     if mode == "reset" and not has_bn:
         raise RecipeError("--repair reset needs BatchNormalization nodes; use --repair repair for BN-free models")
     # in random order: a file sorted by class would otherwise give single-class batches
     samples = calib.shuffled(options.repair_samples, options.seed)
+    if len(samples) < MIN_SAMPLES:
+        log.warning("the repair is measured on %d samples: its statistics may be noise and the accuracy may "
+                    "collapse; measure on at least %d (--repair-samples, --calib)", len(samples), MIN_SAMPLES)
 
     def batches(index: int = 0):
         return calib.batches(index, options.batch_size, samples)

@@ -15,6 +15,7 @@ from . import __version__, api, inspection
 from .errors import OnnxMergeError
 from .graph.canonical import BN_MODES
 from .calib.capture import PROVIDERS
+from .calib.data import MIN_SAMPLES
 from .calib.stats import save_stats
 from .io import check_writable, load_model, save_model
 from .match import METHODS
@@ -68,6 +69,9 @@ def _calibration_options() -> argparse.ArgumentParser:
     group.add_argument("--calib", metavar="DATA", help=".npz (one array per input name, or one array) or .npy inputs")
     group.add_argument("--batch-size", type=int, default=64, help="samples per onnxruntime run (default 64)")
     group.add_argument("--max-samples", type=int, help="use at most this many calibration samples")
+    group.add_argument("--allow-few-samples", action="store_true",
+                       help=f"accept fewer than {MIN_SAMPLES} calibration samples (refused by default: "
+                            "correlations and repair statistics from so few are noise)")
     group.add_argument("--provider", choices=PROVIDERS, default="auto",
                        help="onnxruntime provider: auto uses CUDA when a session really runs on it (default auto)")
     return parent

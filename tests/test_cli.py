@@ -111,3 +111,42 @@ def test_repair_samples_below_one_is_refused_before_any_output(zoo_files, tmp_pa
     error = capsys.readouterr().err
     assert error.startswith("onnxmerge: error: --repair-samples 0") and error.count("\n") == 1
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["merge", "calibrate"])
+def test_fewer_than_16_calibration_samples_are_refused_unless_allowed(zoo_files, tmp_path, capsys, command):
+    import numpy as np
+    path, x = zoo_files.get("mlp", "legacy_folded")
+    np.save(tmp_path / "calib.npy", x[:15])
+    out = tmp_path / ("m.onnx" if command == "merge" else "s.npz")
+    args = [command, path, path, "--calib", str(tmp_path / "calib.npy"), "-o", str(out)]
+    assert main(args) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("onnxmerge: error: ") and error.count("\n") == 1
+    assert "15 calibration samples" in error and "--allow-few-samples" in error
+    assert not out.exists()
+    assert main(args + ["--allow-few-samples"]) == 0 and out.exists()
+
+
+@pytest.mark.parametrize("extra,warned", [([], True), (["--repair", "none"], False), (["--calib", "CALIB"], False)])
+def test_a_merge_that_cannot_repair_warns_in_one_line(zoo_files, tmp_path, caplog, extra, warned):
+    import numpy as np
+    path, x = zoo_files.get("resnet_basic", "legacy_folded")
+    np.save(tmp_path / "calib.npy", x)
+    extra = [str(tmp_path / "calib.npy") if a == "CALIB" else a for a in extra]
+    with caplog.at_level("WARNING"):
+        assert main(["merge", path, path, "-o", str(tmp_path / "m.onnx"), *extra]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "not repaired" in r.getMessage()]
+    assert len(warnings) == int(warned)
+    if warned:
+        assert "accuracy may collapse" in warnings[0] and "--calib" in warnings[0] and "\n" not in warnings[0]
+
+
+def test_statistics_shards_without_data_warn_that_nothing_is_repaired(zoo_files, tmp_path, caplog):
+    import numpy as np
+    path, x = zoo_files.get("mlp", "legacy_folded")
+    np.save(tmp_path / "calib.npy", x)
+    assert main(["calibrate", path, path, "--calib", str(tmp_path / "calib.npy"), "-o", str(tmp_path / "s.npz")]) == 0
+    with caplog.at_level("WARNING"):
+        assert main(["merge", path, path, "--stats", str(tmp_path / "s.npz"), "-o", str(tmp_path / "m.onnx")]) == 0
+    assert any("not repaired" in r.getMessage() for r in caplog.records)
