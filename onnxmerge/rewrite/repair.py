@@ -102,29 +102,64 @@ class RepairTarget:
     std: np.ndarray
 
 
+TOLERANCE = 1e-4  # corrections that change less than this in a pass are final
+
+
 def insert_repair(model: onnx.ModelProto, targets: list[RepairTarget], batches: Batches,
                   provider: str = "auto") -> tuple[onnx.ModelProto, str]:
     """REPAIR: a copy of ``model`` whose target tensors have the target per-channel mean and std
     on the batches, the corrections folded into their producers where these are canonical
     Conv/ConvTranspose/Gemm layers (else kept as per-channel Mul and Add nodes).
 
-    Targets are measured level by level (a target's level is one more than that of the deepest
-    target upstream of it), each level on inputs corrected upstream. Returns the model and the
-    provider that ran.
+    Each target must be measured on inputs corrected upstream. A pass measures every target
+    under the corrections of the pass before and corrects all of them: after pass k the targets
+    with at most k targets upstream on a path are exact, so the passes stop at the depth of
+    that chain, or sooner when no correction changes by ``TOLERANCE`` (relative to the target
+    std) any more: one more pass would measure the same. Returns the model and the provider
+    that ran.
     """
+    corrections = _first_guess(model, targets, batches, provider)
     probe, outputs = _probe(model, targets)
     session, ran = open_session(probe, provider)
-    scale = {t.tensor: np.ones(len(t.mean)) for t in targets}
-    shift = {t.tensor: np.zeros(len(t.mean)) for t in targets}
-    by_name = {t.tensor: t for t in targets}
-    for level in _levels(model, list(by_name)):
-        feed = {name: value.astype(np.float32).reshape(_broadcast(by_name[tensor]))
-                for tensor in by_name for name, value in ((f"{tensor}__repair_scale", scale[tensor]),
-                                                          (f"{tensor}__repair_shift", shift[tensor]))}
-        moments = measure(session, {tensor: outputs[tensor] for tensor in level}, batches(), feed)
-        for tensor in level:
-            scale[tensor], shift[tensor] = _correction(by_name[tensor], moments[tensor])
-    return _fold(model, targets, scale, shift), ran
+    for _ in range(_depth(model, set(corrections))):
+        feed = {f"{t.tensor}__repair_{part}": value.astype(np.float32).reshape(_broadcast(t))
+                for t in targets for part, value in zip(("scale", "shift"), corrections[t.tensor])}
+        moments = measure(session, outputs, batches(), feed)
+        updated = {t.tensor: _correction(t, moments[t.tensor]) for t in targets}
+        change = max(_change(t, corrections[t.tensor], updated[t.tensor]) for t in targets)
+        corrections = updated
+        if change < TOLERANCE:
+            break
+    return _fold(model, targets, *(dict(zip(corrections, values)) for values in zip(*corrections.values()))), ran
+
+
+def _first_guess(model: onnx.ModelProto, targets: list[RepairTarget], batches: Batches,
+                 provider: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Corrections from one pass in which each target with channels on axis 1 is normalised by
+    its own batch statistics and given the target mean and std (a BatchNormalization in train
+    mode): close to the exact ones, so that few exact passes follow. Others start at identity."""
+    graph = gs.import_onnx(model)
+    normalised = [t for t in targets if t.axis == 1]
+    for t in normalised:
+        parameters = [gs.Constant(f"{t.tensor}__guess_{part}", value.astype(np.float32)) for part, value in
+                      (("scale", t.std), ("bias", t.mean), ("mean", np.zeros_like(t.mean)), ("var", np.ones_like(t.mean)))]
+        _insert_after(graph, t.tensor, lambda source, result: [gs.Node("BatchNormalization", inputs=[source, *parameters],
+                                                                       outputs=[result], attrs={"epsilon": 0.0})])
+    graph.toposort()
+    guide = export_like(graph, model)
+    train, measured = train_mode(guide)
+    session, _ = open_session(train, provider)
+    moments = measure(session, measured, batches())
+    by_name = {t.tensor: t for t in normalised}
+    guesses = {guide.graph.node[k].input[0]: _correction(by_name[guide.graph.node[k].input[0]], pooled)
+               for k, pooled in moments.items() if guide.graph.node[k].input[0] in by_name}
+    return {t.tensor: guesses.get(t.tensor, (np.ones(len(t.mean)), np.zeros(len(t.mean)))) for t in targets}
+
+
+def _change(target: RepairTarget, old: tuple[np.ndarray, np.ndarray], new: tuple[np.ndarray, np.ndarray]) -> float:
+    """How much a target's correction moved: in scale, and in shift relative to its std."""
+    return float(max(np.abs(new[0] - old[0]).max(initial=0.0),
+                     (np.abs(new[1] - old[1]) / np.maximum(target.std, 1e-6)).max(initial=0.0)))
 
 
 def _broadcast(target: RepairTarget) -> list[int]:
@@ -141,17 +176,24 @@ def _correction(target: RepairTarget, measured: ChannelMoments) -> tuple[np.ndar
     return scale, target.mean - scale * measured.mean
 
 
+def _insert_after(graph: gs.Graph, tensor: str, make: Callable[[gs.Tensor, gs.Tensor], list[gs.Node]]) -> None:
+    """Consumers of ``tensor`` read ``<tensor>__repaired`` instead, computed from it by the
+    nodes ``make(source, result)`` returns."""
+    source = graph.tensors()[tensor]
+    repaired = gs.Variable(f"{tensor}__repaired", dtype=source.dtype)
+    for node in list(source.outputs):
+        replace_input(node, source, repaired)
+    graph.nodes += make(source, repaired)
+
+
 def _affine(graph: gs.Graph, target: RepairTarget, scale: gs.Tensor, shift: gs.Tensor) -> None:
     """Consumers of the target read ``target * scale + shift`` instead (Mul and Add nodes)."""
-    tensors = graph.tensors()
-    source = tensors[target.tensor]
-    consumers = list(source.outputs)
-    scaled = gs.Variable(f"{target.tensor}__scaled", dtype=np.float32)
-    repaired = gs.Variable(f"{target.tensor}__repaired", dtype=np.float32)
-    for node in consumers:
-        replace_input(node, source, repaired)
-    graph.nodes += [gs.Node("Mul", inputs=[source, scale], outputs=[scaled]),
-                    gs.Node("Add", inputs=[scaled, shift], outputs=[repaired])]
+    def nodes(source: gs.Tensor, result: gs.Tensor) -> list[gs.Node]:
+        scaled = gs.Variable(f"{target.tensor}__scaled", dtype=source.dtype)
+        return [gs.Node("Mul", inputs=[source, scale], outputs=[scaled]),
+                gs.Node("Add", inputs=[scaled, shift], outputs=[result])]
+
+    _insert_after(graph, target.tensor, nodes)
 
 
 def _probe(model: onnx.ModelProto, targets: list[RepairTarget]) -> tuple[onnx.ModelProto, dict[str, tuple[str, str]]]:
@@ -188,21 +230,14 @@ def _fold(model: onnx.ModelProto, targets: list[RepairTarget], scale: dict, shif
     return export_like(graph, model)
 
 
-def _levels(model: onnx.ModelProto, tensors: list[str]) -> list[list[str]]:
-    """The target tensors grouped by level: a target's level is one more than the highest
-    level among the targets upstream of it (nodes in topological order)."""
-    wanted, depth, levels = set(tensors), {}, {}
+def _depth(model: onnx.ModelProto, tensors: set[str]) -> int:
+    """The most target tensors on one path through the graph (nodes in topological order)."""
+    depth: dict[str, int] = {}
     for node in model.graph.node:
         level = max((depth.get(name, 0) for name in node.input), default=0)
         for name in node.output:
-            if name in wanted:
-                levels[name] = depth[name] = level + 1
-            else:
-                depth[name] = level
-    grouped: dict[int, list[str]] = {}
-    for name in tensors:
-        grouped.setdefault(levels[name], []).append(name)
-    return [grouped[k] for k in sorted(grouped)]
+            depth[name] = level + (name in tensors)
+    return max(depth.values(), default=0)
 
 
 @dataclass(frozen=True)
