@@ -25,6 +25,7 @@ from .graph.canonical import canonicalize, fold_batch_norms, infer_shapes
 from .graph.correspond import correspond
 from .graph.interface import channels_first_input, check_same_inputs, common_opset
 from .graph.postprocess import PostProcessing, attach_postprocessing, split_postprocessing
+from .graph.quantized import read_as_float
 from .graph.spaces import SpaceGraph, find_spaces
 from .io import load_model, model_sha256
 from .match import get_method
@@ -42,6 +43,14 @@ from .rewrite.widen import widening
 log = logging.getLogger(__name__)
 
 
+def load(path: str | os.PathLike) -> onnx.ModelProto:
+    """A model file as the commands read it: ``io.load_model``, refusing QOperator-quantized
+    models and warning that QDQ-quantized ones are read in float (graph/quantized.py)."""
+    model = load_model(path)
+    read_as_float(str(path), model)
+    return model
+
+
 def analyse(model: onnx.ModelProto, *, bn: str = "keep") -> tuple[onnx.ModelProto, SpaceGraph]:
     """Canonicalise a model and find its feature spaces. The input is not modified."""
     canonical = canonicalize(model, bn=bn)
@@ -50,7 +59,7 @@ def analyse(model: onnx.ModelProto, *, bn: str = "keep") -> tuple[onnx.ModelProt
 
 def inspect(path: str | os.PathLike, *, bn: str = "keep") -> dict:
     """The ``onnxmerge inspect`` report of the model file at ``path`` (see inspection.py)."""
-    canonical, graph = analyse(load_model(path), bn=bn)
+    canonical, graph = analyse(load(path), bn=bn)
     return inspection.describe(str(path), canonical, graph)
 
 
@@ -88,7 +97,7 @@ def check(model: onnx.ModelProto, what: str) -> None:
     unless the input was already invalid, so name both."""
     try:
         onnx.checker.check_model(model, full_check=True)
-    except onnx.checker.ValidationError as error:
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
         raise InvalidModelError(f"{what} fails onnx.checker: {str(error).splitlines()[0]}; "
                                 "check the input with onnx.checker, else report this") from error
 
@@ -197,7 +206,7 @@ def _cores(paths: list[str], options: MergeOptions) -> tuple[list[tuple[str, onn
     post-processing, and the BatchNormalization mode used: ``keep`` turns into ``fold`` when
     some models have BN nodes and others have it folded (exporters differ), so that they line up."""
     _check_layout_names(paths, options.input_layout)
-    models = common_opset([(str(path), load_model(path)) for path in paths])
+    models = common_opset([(str(path), load(path)) for path in paths])
     models = [_with_input_layout(path, model, options.input_layout) for path, model in zip(paths, models)]
     analysed, bn = _split_all(models, options.bn), options.bn
     if bn == "keep" and len({_batch_norms(core) > 0 for core, _ in analysed}) > 1:
