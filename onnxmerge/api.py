@@ -30,6 +30,7 @@ from .graph.spaces import SpaceGraph, find_spaces
 from .io import load_model, model_sha256
 from .match import get_method
 from .match.permute import permute as permute_features
+from .match.permute import require_equal_widths
 from .match.grid import assignments_of, match_grid
 from .match.matching import Matching
 from .rewrite.apply import transform_parameters
@@ -352,6 +353,7 @@ def _match(members: list[Member], split, units: list[CaptureUnit], stats: list, 
     reference = members[0]
     params = method.make_params(alpha=options.alpha, beta=options.beta, seed=options.seed)
     run = _space_matcher(method, params, options.width)
+    _check_widths(members, split.zipped, method)
     matchings: dict[int, Matching] = {}
     if method.graph_level:
         matchings.update(method.function(members, sorted(split.zipped), params))
@@ -371,6 +373,25 @@ def _match(members: list[Member], split, units: list[CaptureUnit], stats: list, 
              "merged_width": matching.width, "mean_correlation": matching.mean_correlation,
              "within_model_merges": list(matching.within_model_merges)} for space, matching in sorted(matchings.items())]
     return matchings, rows
+
+
+def _check_widths(members: list[Member], spaces, method) -> None:
+    """Refuse, before any matching, widths that differ where they must agree: at a block space
+    (conv groups, attention heads: matched one to one whatever the method) and, for methods
+    that keep the width, everywhere."""
+    reference = members[0]
+    blocks = reference.graph.block_layers()
+    for space in sorted(spaces):
+        widths = [m.graph.table.widths[m.space_of(space)] for m in members]
+        name = reference.graph.space(space).name
+        if space in blocks and len(set(widths)) > 1:
+            raise RecipeError(
+                f"space {name}: the models have {widths} groups (or attention heads) at node {blocks[space]!r}; "
+                "groups and heads are matched one to one whatever --method, so their counts must agree; merge "
+                "models of equal widths there (a depthwise conv with a channel multiplier has one group per "
+                "input channel)")
+        if not method.unequal_widths:
+            require_equal_widths(widths, method.name, name)
 
 
 def _space_matcher(method, params, width: float | str | None):
