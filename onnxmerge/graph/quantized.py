@@ -30,6 +30,7 @@ INTEGER_OPS = frozenset({"ConvInteger", "MatMulInteger", "DynamicQuantizeLinear"
                          "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulNBits", "DynamicQuantizeLSTM",
                          "QEmbedLayerNormalization"})
 INTEGER_PREFIXES = ("QLinear", "QOrdered")
+NON_NEGATIVE = frozenset({"Relu", "Sigmoid", "HardSigmoid", "Softmax", "Exp", "Abs"})
 # Ops whose output is non-negative when their data inputs are.
 SIGN_KEEPING = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Flatten", "Reshape",
                           "Squeeze", "Unsqueeze", "Transpose", "Concat"})
@@ -78,10 +79,11 @@ def dequantize(graph: gs.Graph) -> int:
 def _clamped_at_zero(graph: gs.Graph, quantize: gs.Node) -> gs.Tensor:
     """The float tensor a quantize-dequantize pair stands for. A pair whose range starts at
     zero clamps negative values to zero: onnxruntime's quantizer removes a Relu before such a
-    pair, so it becomes a Relu again unless its input is non-negative anyway. (Saturation at
-    the top of the range, a calibrated maximum, is dropped.)"""
+    pair, so it becomes a Relu again unless its input is non-negative anyway or a graph input
+    (whose range is its calibration data's, no removed op). Saturation at the top of the
+    range, a calibrated maximum, is dropped."""
     source = quantize.inputs[0]
-    if not _starts_at_zero(quantize) or _non_negative(source):
+    if not _starts_at_zero(quantize) or producer(source) is None or _non_negative(source):
         return source
     clamped = fresh_variable(graph, source, "relu")
     graph.nodes.append(gs.Node("Relu", name=clamped.name, inputs=[source], outputs=[clamped]))
@@ -97,11 +99,12 @@ def _starts_at_zero(quantize: gs.Node) -> bool:
 
 
 def _non_negative(tensor: gs.Tensor) -> bool:
-    """Whether ``tensor`` is a Relu's output, possibly pooled, reshaped or concatenated."""
+    """Whether ``tensor`` is the output of an op with non-negative values, possibly pooled,
+    reshaped or concatenated."""
     maker = producer(tensor)
     if maker is None:
         return False
-    if maker.op == "Relu":
+    if maker.op in NON_NEGATIVE:
         return True
     reads = maker.inputs if maker.op == "Concat" else maker.inputs[:1]
     return maker.op in SIGN_KEEPING and all(_non_negative(t) for t in reads)
