@@ -25,10 +25,12 @@ from .graph.canonical import canonicalize, fold_batch_norms, infer_shapes
 from .graph.correspond import correspond
 from .graph.interface import channels_first_input, check_same_inputs, common_opset
 from .graph.postprocess import PostProcessing, attach_postprocessing, split_postprocessing
+from .graph.quantized import read_as_float
 from .graph.spaces import SpaceGraph, find_spaces
 from .io import load_model, model_sha256
 from .match import get_method
 from .match.permute import permute as permute_features
+from .match.permute import require_equal_widths
 from .match.grid import assignments_of, match_grid
 from .match.matching import Matching
 from .rewrite.apply import transform_parameters
@@ -42,6 +44,14 @@ from .rewrite.widen import widening
 log = logging.getLogger(__name__)
 
 
+def load(path: str | os.PathLike) -> onnx.ModelProto:
+    """A model file as the commands read it: ``io.load_model``, refusing QOperator-quantized
+    models and warning that QDQ-quantized ones are read in float (graph/quantized.py)."""
+    model = load_model(path)
+    read_as_float(str(path), model)
+    return model
+
+
 def analyse(model: onnx.ModelProto, *, bn: str = "keep") -> tuple[onnx.ModelProto, SpaceGraph]:
     """Canonicalise a model and find its feature spaces. The input is not modified."""
     canonical = canonicalize(model, bn=bn)
@@ -50,7 +60,7 @@ def analyse(model: onnx.ModelProto, *, bn: str = "keep") -> tuple[onnx.ModelProt
 
 def inspect(path: str | os.PathLike, *, bn: str = "keep") -> dict:
     """The ``onnxmerge inspect`` report of the model file at ``path`` (see inspection.py)."""
-    canonical, graph = analyse(load_model(path), bn=bn)
+    canonical, graph = analyse(load(path), bn=bn)
     return inspection.describe(str(path), canonical, graph)
 
 
@@ -88,7 +98,7 @@ def check(model: onnx.ModelProto, what: str) -> None:
     unless the input was already invalid, so name both."""
     try:
         onnx.checker.check_model(model, full_check=True)
-    except onnx.checker.ValidationError as error:
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
         raise InvalidModelError(f"{what} fails onnx.checker: {str(error).splitlines()[0]}; "
                                 "check the input with onnx.checker, else report this") from error
 
@@ -199,7 +209,7 @@ def _cores(paths: list[str], options: MergeOptions) -> tuple[list[tuple[str, onn
     post-processing, and the BatchNormalization mode used: ``keep`` turns into ``fold`` when
     some models have BN nodes and others have it folded (exporters differ), so that they line up."""
     _check_layout_names(paths, options.input_layout)
-    models = common_opset([(str(path), load_model(path)) for path in paths])
+    models = common_opset([(str(path), load(path)) for path in paths])
     models = [_with_input_layout(path, model, options.input_layout) for path, model in zip(paths, models)]
     analysed, bn = _split_all(models, options.bn), options.bn
     if bn == "keep" and len({_batch_norms(core) > 0 for core, _ in analysed}) > 1:
@@ -350,6 +360,7 @@ def _match(members: list[Member], split, units: list[CaptureUnit], stats: list, 
     reference = members[0]
     params = method.make_params(alpha=options.alpha, beta=options.beta, seed=options.seed)
     run = _space_matcher(method, params, options.width)
+    _check_widths(members, split.zipped, method)
     matchings: dict[int, Matching] = {}
     if method.graph_level:
         matchings.update(method.function(members, sorted(split.zipped), params))
@@ -369,6 +380,25 @@ def _match(members: list[Member], split, units: list[CaptureUnit], stats: list, 
              "merged_width": matching.width, "mean_correlation": matching.mean_correlation,
              "within_model_merges": list(matching.within_model_merges)} for space, matching in sorted(matchings.items())]
     return matchings, rows
+
+
+def _check_widths(members: list[Member], spaces, method) -> None:
+    """Refuse, before any matching, widths that differ where they must agree: at a block space
+    (conv groups, attention heads: matched one to one whatever the method) and, for methods
+    that keep the width, everywhere."""
+    reference = members[0]
+    blocks = reference.graph.block_layers()
+    for space in sorted(spaces):
+        widths = [m.graph.table.widths[m.space_of(space)] for m in members]
+        name = reference.graph.space(space).name
+        if space in blocks and len(set(widths)) > 1:
+            raise RecipeError(
+                f"space {name}: the models have {widths} groups (or attention heads) at node {blocks[space]!r}; "
+                "groups and heads are matched one to one whatever --method, so their counts must agree; merge "
+                "models of equal widths there (a depthwise conv with a channel multiplier has one group per "
+                "input channel)")
+        if not method.unequal_widths:
+            require_equal_widths(widths, method.name, name)
 
 
 def _space_matcher(method, params, width: float | str | None):

@@ -17,7 +17,7 @@ from .graph.canonical import BN_MODES
 from .calib.capture import PROVIDERS
 from .calib.data import MIN_SAMPLES
 from .calib.stats import save_stats
-from .io import check_writable, load_model, save_model
+from .io import check_writable, save_model
 from .match import METHODS
 from .depth import ALIGNMENTS
 from .depth import describe as describe_alignment
@@ -60,7 +60,7 @@ def _rewritten(args: argparse.Namespace, rewrite) -> int:
 
 def cmd_permute(args: argparse.Namespace) -> int:
     """Randomly permute every free feature space; the outputs stay the same."""
-    return _rewritten(args, lambda: api.permute(load_model(args.model), seed=args.seed, bn=args.bn))
+    return _rewritten(args, lambda: api.permute(api.load(args.model), seed=args.seed, bn=args.bn))
 
 
 def _calibration_options() -> argparse.ArgumentParser:
@@ -111,12 +111,12 @@ def _multiple(text: str) -> float | str:
 
 def cmd_widen(args: argparse.Namespace) -> int:
     """Widen every free space by duplicating channels (Net2Net); the outputs stay the same."""
-    return _rewritten(args, lambda: api.widen(load_model(args.model), factor=args.factor, seed=args.seed, bn=args.bn))
+    return _rewritten(args, lambda: api.widen(api.load(args.model), factor=args.factor, seed=args.seed, bn=args.bn))
 
 
 def cmd_deepen(args: argparse.Namespace) -> int:
     """Insert identity blocks at random positions of the model's stages; the outputs stay the same."""
-    return _rewritten(args, lambda: api.deepen(load_model(args.model), blocks=args.blocks, seed=args.seed, bn=args.bn))
+    return _rewritten(args, lambda: api.deepen(api.load(args.model), blocks=args.blocks, seed=args.seed, bn=args.bn))
 
 
 def cmd_align(args: argparse.Namespace) -> int:

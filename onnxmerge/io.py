@@ -10,6 +10,7 @@ at or beside the target. Neither function modifies its input (file or ``ModelPro
 from __future__ import annotations
 
 import hashlib
+import heapq
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -210,6 +211,50 @@ def _check_model(name: str, model: onnx.ModelProto) -> None:
                                 "check the file is a complete, valid .onnx export") from error
 
 
+def _sort_nodes(graph: onnx.GraphProto) -> None:
+    """Put the graph's nodes in topological order, keeping the file's order where it is one.
+
+    Some writers append nodes after their consumers (onnxconverter-common's float16 conversion
+    adds its input and output Casts at the end): onnxruntime runs such files, onnx.checker
+    refuses them. A cycle is left as it is, for the checker to report.
+    """
+    nodes = list(graph.node)
+    producers = {name: index for index, node in enumerate(nodes) for name in node.output if name}
+    needs = [{producers[name] for name in _reads(node) if name in producers} - {index}
+             for index, node in enumerate(nodes)]
+    if all(index > need for index, node_needs in enumerate(needs) for need in node_needs):
+        return
+    waiting = [len(node_needs) for node_needs in needs]
+    users: list[list[int]] = [[] for _ in nodes]
+    for index, node_needs in enumerate(needs):
+        for need in node_needs:
+            users[need].append(index)
+    ready = [index for index, count in enumerate(waiting) if not count]
+    order = []
+    while ready:  # Kahn's algorithm, always taking the earliest ready node
+        index = heapq.heappop(ready)
+        order.append(index)
+        for user in users[index]:
+            waiting[user] -= 1
+            if not waiting[user]:
+                heapq.heappush(ready, user)
+    if len(order) == len(nodes):
+        ordered = [onnx.NodeProto() for _ in order]
+        for copy, index in zip(ordered, order):
+            copy.CopyFrom(nodes[index])  # copied before the field they live in is cleared
+        del graph.node[:]
+        graph.node.extend(ordered)
+
+
+def _reads(node: onnx.NodeProto) -> Iterator[str]:
+    """The names a node reads, including those its subgraphs read from the enclosing graph."""
+    yield from node.input
+    for attribute in node.attribute:
+        for subgraph in list(attribute.graphs) + [attribute.g] * attribute.HasField("g"):
+            for inner in subgraph.node:
+                yield from _reads(inner)
+
+
 def default_opset(model: onnx.ModelProto) -> int:
     """The model's default-domain (ai.onnx) opset version; 1 when it imports none."""
     return next((o.version for o in model.opset_import if o.domain in _DEFAULT_DOMAINS), 1)
@@ -238,6 +283,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     model = _read_model_proto(name)
     _check_versions(name, model)
     _load_external(name, model)
+    _sort_nodes(model.graph)
     # Checked only now: the checker resolves external locations against the working directory.
     _check_model(name, model)
     return model

@@ -256,3 +256,58 @@ def test_models_before_opset_13_run_in_separate_sessions(zoo_files, tmp_path):
     result = api.merge(paths, calibration=calib, options=api.MergeOptions(method="permute", repair="none"))
     expected = run_all(load_model(path), x)
     outputs_close(expected + expected, run_all(result.model, x))
+
+
+def depthwise_net(width: int, multiplier: int, seed: int = 0) -> onnx.ModelProto:
+    """Conv(3 -> width) -> Relu -> depthwise Conv(width -> multiplier * width, groups = width)
+    -> Relu -> Conv 1x1 (-> 8) -> global pool -> Flatten -> Gemm."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(seed)
+
+    def w(*shape):
+        return (rng.standard_normal(shape) * 0.5).astype(np.float32)
+
+    n, wide = helper.make_node, multiplier * width
+    nodes = [n("Conv", ["x", "w1", "b1"], ["a"], kernel_shape=[3, 3], pads=[1] * 4), n("Relu", ["a"], ["ar"]),
+             n("Conv", ["ar", "w2", "b2"], ["d"], kernel_shape=[3, 3], pads=[1] * 4, group=width, name="depthwise"),
+             n("Relu", ["d"], ["dr"]), n("Conv", ["dr", "w3", "b3"], ["e"], kernel_shape=[1, 1]),
+             n("GlobalAveragePool", ["e"], ["p"]), n("Flatten", ["p"], ["f"]),
+             n("Gemm", ["f", "w4", "b4"], ["out"], transB=1)]
+    inits = {"w1": w(width, 3, 3, 3), "b1": w(width), "w2": w(wide, 1, 3, 3), "b2": w(wide), "w3": w(8, wide, 1, 1),
+             "b3": w(8), "w4": w(5, 8), "b4": w(5)}
+    graph = helper.make_graph(nodes, "depthwise", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 5])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def depthwise_pair(tmp_path, multiplier: int) -> tuple[list[str], str]:
+    """A depthwise net at widths 8 and 16, and calibration images."""
+    paths = []
+    for width in (8, 16):
+        save_model(depthwise_net(width, multiplier, seed=width), tmp_path / f"w{width}.onnx")
+        paths.append(str(tmp_path / f"w{width}.onnx"))
+    np.save(tmp_path / "calib.npy", np.random.default_rng(3).standard_normal((64, 3, 8, 8)).astype(np.float32))
+    return paths, str(tmp_path / "calib.npy")
+
+
+@pytest.mark.parametrize("method", ["zip", "permute", "weight", "average"])
+def test_group_counts_that_differ_are_named_whatever_the_method(tmp_path, method):
+    """A depthwise conv with channel multiplier 2 has one group per input channel: at two
+    widths the group counts differ, which no method merges; the message says so, and does not
+    send the user to --method zip."""
+    paths, calib = depthwise_pair(tmp_path, multiplier=2)
+    with pytest.raises(OnnxMergeError) as caught:
+        api.merge(paths, calibration=calib, options=api.MergeOptions(method=method, repair="none"))
+    message = str(caught.value)
+    assert "[8, 16] groups" in message and "'depthwise'" in message and "--method zip" not in message, message
+
+
+def test_unequal_widths_with_a_width_keeping_method_are_one_error(tmp_path):
+    """With channel multiplier 1 the depthwise conv keeps its input's space: zip merges the two
+    widths; weight matching (the default without data) refuses them in one line, no traceback."""
+    paths, calib = depthwise_pair(tmp_path, multiplier=1)
+    result = api.merge(paths, calibration=calib, options=api.MergeOptions(method="zip", repair="none"))
+    onnx.checker.check_model(result.model, full_check=True)
+    with pytest.raises(OnnxMergeError, match=r"--method weight needs equal widths .*; use --method zip"):
+        api.merge(paths, options=api.MergeOptions(repair="none"))

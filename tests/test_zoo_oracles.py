@@ -19,11 +19,12 @@ ALL = zoo.PAIRS + [("sklearn_mlp", "sklearn")]
 IDS = [f"{m}-{e}" for m, e in ALL]
 
 
-def outputs_close(expected: list[np.ndarray], got: list[np.ndarray]) -> None:
+def outputs_close(expected: list[np.ndarray], got: list[np.ndarray], tolerance: float = 1e-4) -> None:
+    """Equal outputs, floats up to ``tolerance`` times their largest magnitude (at least 1)."""
     assert len(expected) == len(got)
     for a, b in zip(expected, got):
         if a.dtype.kind == "f":
-            np.testing.assert_allclose(b, a, atol=1e-4 * max(1.0, float(np.abs(a).max())), rtol=0)
+            np.testing.assert_allclose(b, a, atol=tolerance * max(1.0, float(np.abs(a).max())), rtol=0)
         else:
             np.testing.assert_array_equal(b, a)
 

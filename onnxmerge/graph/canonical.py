@@ -9,8 +9,11 @@ outputs as the input model; the caller's ModelProto is never modified.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Callable
+import os
+import tempfile
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import onnx
@@ -22,6 +25,7 @@ from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 from ..errors import UnsupportedGraphError
 from .layers import (CONVOLUTIONS, canonical_attributes, explicit_conv_biases, flatten_reshapes, fold_affine,
                      global_pools, matmul_to_gemm, normalize_gemm, output_channels, scale_output_channels)
+from .quantized import dequantize
 from .surgery import bypass, constant, shape_target
 from .transposes import (compose_transposes, is_noop_reshape, layout_transposes_as_reshapes, merge_reshapes,
                          push_transposes)
@@ -30,6 +34,7 @@ log = logging.getLogger(__name__)
 
 MAX_ROUNDS = 8
 BN_MODES = ("keep", "fold")
+INITIALIZERS_APART_IR = 4  # the first IR version whose initializers need not be graph inputs
 
 
 def drop_aliases(graph: gs.Graph) -> int:
@@ -131,7 +136,7 @@ def untie_initializers(graph: gs.Graph) -> int:
 
 
 PASSES: tuple[Callable[[gs.Graph], int], ...] = (
-    drop_aliases, fold_constants, constant_reshape_targets,
+    dequantize, drop_aliases, fold_constants, constant_reshape_targets,
     compose_transposes, push_transposes, layout_transposes_as_reshapes, merge_reshapes,
     global_pools, flatten_reshapes, matmul_to_gemm, normalize_gemm, explicit_conv_biases, fold_affine,
     canonical_attributes,
@@ -150,13 +155,8 @@ def canonicalize(model: onnx.ModelProto, *, bn: str = "keep") -> onnx.ModelProto
     """
     if bn not in BN_MODES:
         raise UnsupportedGraphError(f"unknown BatchNormalization mode {bn!r}; use one of {BN_MODES}")
-    proto = onnx.ModelProto()
-    proto.CopyFrom(model)
-    initializer_names = {init.name for init in proto.graph.initializer}
-    # Old IR versions list every weight as a graph input too; they are constants here.
-    kept = [i for i in proto.graph.input if i.name not in initializer_names]
-    del proto.graph.input[:]
-    proto.graph.input.extend(kept)
+    source = _constant_initializers(model)
+    proto = source
     passes = PASSES + ((fold_batch_norm,) if bn == "fold" else ())
     # graphsurgeon warns about every non-tensor value (skl2onnx's ZipMap maps); they are fine
     with G_LOGGER.suppress(G_LOGGER.ERROR):
@@ -166,13 +166,27 @@ def canonicalize(model: onnx.ModelProto, *, bn: str = "keep") -> onnx.ModelProto
             graph = gs.import_onnx(infer_shapes(proto))
             changed = sum(p(graph) for p in passes)
             graph.cleanup().toposort()
-            proto = export_like(graph, model)
+            proto = export_like(graph, source)
             if not changed:
                 break
         graph = gs.import_onnx(proto)
         untie_initializers(graph)
         graph.cleanup().toposort()
-        return infer_shapes(export_like(graph, model))
+        return infer_shapes(export_like(graph, source))
+
+
+def _constant_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializers are constants. Old IR versions list every weight as
+    a graph input too (IR 3 requires it); here they are constants, so those inputs go and the IR
+    version becomes at least 4, where initializers need not be inputs (onnx.checker insists)."""
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model)
+    initializer_names = {init.name for init in proto.graph.initializer}
+    kept = [i for i in proto.graph.input if i.name not in initializer_names]
+    del proto.graph.input[:]
+    proto.graph.input.extend(kept)
+    proto.ir_version = max(proto.ir_version, INITIALIZERS_APART_IR)
+    return proto
 
 
 def export_like(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
@@ -221,7 +235,7 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
              if v.type.tensor_type.HasField("shape")}
     if not all(name in known for node in inferred.graph.node for name in node.output if name):
         try:
-            inferred = SymbolicShapeInference.infer_shapes(skeleton, auto_merge=True)
+            inferred = _symbolic_shapes(skeleton)
         except Exception as error:  # best effort: the rules report what stays unknown
             log.info("symbolic shape inference failed: %s", error)
     del model.graph.value_info[:]
@@ -229,3 +243,23 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     del model.graph.output[:]
     model.graph.output.extend(inferred.graph.output)
     return model
+
+
+def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxruntime's symbolic shape inference, run in a private folder: when it cannot infer
+    every shape it saves ``sym_shape_infer_temp.onnx`` and uuid-named data files in the working
+    directory (or through a symlink there), and onnxmerge writes nothing but its outputs."""
+    with tempfile.TemporaryDirectory(prefix="onnxmerge-") as folder, _working_directory(folder):
+        return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+
+
+@contextlib.contextmanager
+def _working_directory(folder: str) -> Iterator[None]:
+    """Run the body in ``folder``, then return to the previous working directory (as Python
+    3.11's contextlib.chdir; onnxmerge supports 3.10)."""
+    previous = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(previous)

@@ -71,11 +71,16 @@ class SpaceGraph:
     def block_spaces(self) -> set[int]:
         """Spaces that index blocks of a grid (attention heads, conv groups): their count is
         part of the architecture, so they are permuted, never widened or zipped."""
-        blocks = set()
+        return set(self.block_layers())
+
+    def block_layers(self) -> dict[int, str]:
+        """Each block space with the name of a node whose parameters group by it."""
+        blocks: dict[int, str] = {}
         for use in self.params:
             if isinstance(use.layout, Grid):
                 atoms = [f for f in use.layout.factors if isinstance(f, Atom)]
-                blocks.update(s for atom in atoms[:-1] for s in leaves(atom))
+                for space in (s for atom in atoms[:-1] for s in leaves(atom)):
+                    blocks.setdefault(space, use.node)
         return blocks
 
     def space(self, space_id: int) -> Space:

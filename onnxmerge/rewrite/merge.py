@@ -179,12 +179,14 @@ class _HeadBuilder:
             return self._unmerged[key]
         member = self.members[index]
         current = trunk
-        rank = len(_shape(member.model, name))
+        tensor = _tensor_type(member.model, name)
+        rank, dtype = len(tensor.shape.dim), helper.tensor_dtype_to_np_dtype(tensor.elem_type)
         for axis, layout in sorted(member.graph.layouts.get(name, {}).items()):
             matrix = unmerge_matrix(member, index, layout, self.matchings)
             if matrix is None:
                 continue
-            current = self._matmul_on_axis(current, axis, rank, matrix.T.astype(np.float32), f"{trunk}_unmerge{axis}_m{index}")
+            # in the tensor's own type: MatMul takes one type (float16 models stay float16)
+            current = self._matmul_on_axis(current, axis, rank, matrix.T.astype(dtype), f"{trunk}_unmerge{axis}_m{index}")
         self._unmerged[key] = current
         return current
 
@@ -203,10 +205,10 @@ class _HeadBuilder:
         return name
 
 
-def _shape(model: onnx.ModelProto, name: str) -> tuple:
+def _tensor_type(model: onnx.ModelProto, name: str) -> onnx.TypeProto.Tensor:
     for info in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
         if info.name == name:
-            return tuple(info.type.tensor_type.shape.dim)
+            return info.type.tensor_type
     raise KeyError(name)
 
 
