@@ -36,8 +36,8 @@ moment E[x^2]: below that the variance is rounding noise of E[x^2] - mean^2 (flo
 AFFINE_BAND = 1e-3
 """Live features correlated at least 1 - ``AFFINE_BAND`` are affine functions of each other up
 to rounding (two constant features are too); ``SpaceStats.similarity`` ranks such pairs by how
-nearly equal they are, inside the band [1 - AFFINE_BAND, 1]. Above the correlation deficit that
-float32 rounding gives two copies of a feature unless it is nearly constant."""
+nearly equal they are, inside the band [1 - AFFINE_BAND, 1]. Wide enough for the rounding
+between two copies of a feature (centred moments), too narrow for features that merely agree."""
 
 _FORMAT = "onnxmerge-stats-1"
 _META_KEY, _SPACES_KEY, _FORMAT_KEY = "__meta__", "__spaces__", "__format__"
