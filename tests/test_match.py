@@ -11,7 +11,8 @@ from onnxmerge.errors import OnnxMergeError, RecipeError
 from onnxmerge.match import METHODS, get_method
 from onnxmerge.match.matching import Matching
 from onnxmerge.match.permute import average, permute
-from onnxmerge.match.zip import ZipParams, interchangeable_dead, zip_clusters, zip_features
+from onnxmerge.calib.stats import SpaceStats
+from onnxmerge.match.zip import ZipParams, zip_clusters
 
 PER_SPACE = [m for m in METHODS if not m.graph_level]
 
@@ -101,8 +102,6 @@ def test_fast_zip_equals_reference_on_random_cases(block):
         corr, widths, params = random_case(seed)
         reference = zip_reference(corr, widths, params.alpha, params.beta, params.width)
         assert_same(zip_clusters(corr, widths, params), reference)
-        assert_same(zip_features(corr, widths, params), zip_reference(
-            interchangeable_dead(corr, widths), widths, params.alpha, params.beta, params.width))
 
 
 @pytest.mark.parametrize("quantum", [None, 0.125], ids=["distinct", "ties"])
@@ -126,7 +125,7 @@ def test_obvious_cross_matching_of_two_by_two():
                      [0.1, 1.0, 0.8, 0.2],
                      [0.2, 0.8, 1.0, 0.1],
                      [0.9, 0.2, 0.1, 1.0]])
-    matching = zip_features(corr, [2, 2])
+    matching = zip_clusters(corr, [2, 2])
     np.testing.assert_array_equal(matching.clusters, [0, 1, 1, 0])
     np.testing.assert_array_equal(matching.merge[0], np.eye(2) / 2)
     np.testing.assert_array_equal(matching.merge[1], [[0.0, 0.5], [0.5, 0.0]])
@@ -142,12 +141,12 @@ def test_within_model_joins_spend_the_budget():
     corr[2, 3] = corr[3, 2] = 0.9
     np.fill_diagonal(corr, 1.0)
     # beta 1: budgets floor(2 * 2/4) = 1 each, so both within-model pairs join
-    spent = zip_features(corr, [2, 2])
+    spent = zip_clusters(corr, [2, 2])
     np.testing.assert_array_equal(spent.clusters, [0, 0, 1, 1])
     assert spent.within_model_merges == [1, 1]
     # beta 0.5: budgets floor(0.5) = 0; the across ties (all 0.2) go to the smallest pair
     # (A0, B0); then {A0,B0} - A1 scores 0.5 * min(0.95, 0.2) = 0.1 < A1 - B1 at 0.2
-    crossed = zip_features(corr, [2, 2], ZipParams(beta=0.5))
+    crossed = zip_clusters(corr, [2, 2], ZipParams(beta=0.5))
     np.testing.assert_array_equal(crossed.clusters, [0, 1, 0, 1])
     assert crossed.within_model_merges == [0, 0]
 
@@ -159,7 +158,7 @@ def test_mixed_cluster_may_take_a_feature_of_a_model_without_budget():
                      [0.8, 1.0, 0.8, 0.3],
                      [0.9, 0.8, 1.0, 0.1],
                      [0.1, 0.3, 0.1, 1.0]])
-    matching = zip_features(corr, [2, 2], ZipParams(beta=0.0, width=2))
+    matching = zip_clusters(corr, [2, 2], ZipParams(beta=0.0, width=2))
     np.testing.assert_array_equal(matching.clusters, [0, 0, 0, 1])
     assert matching.mean_correlation == pytest.approx((0.9 + 0.4) / 2)
 
@@ -170,7 +169,7 @@ def test_unequal_widths_budget(beta, expected, within):
     corr = np.array([[1.0, 0.5, 0.4],
                      [0.5, 1.0, 0.9],
                      [0.4, 0.9, 1.0]])
-    matching = zip_features(corr, [1, 2], ZipParams(beta=beta))
+    matching = zip_clusters(corr, [1, 2], ZipParams(beta=beta))
     assert matching.width == 2
     np.testing.assert_array_equal(matching.clusters, expected)
     assert matching.within_model_merges == within
@@ -183,7 +182,7 @@ def test_joint_cluster_score_is_alpha_times_the_minimum():
                      [0.9, 1.0, 0.1],
                      [0.8, 0.1, 1.0]])
     for alpha in (0.5, 1.0, 0.0):
-        matching = zip_features(corr, [1, 1, 1], ZipParams(alpha=alpha))
+        matching = zip_clusters(corr, [1, 1, 1], ZipParams(alpha=alpha))
         np.testing.assert_array_equal(matching.clusters, [0, 0, 0])
         assert matching.mean_correlation == pytest.approx((0.9 + alpha * 0.1) / 2)
         np.testing.assert_allclose(sum(m.sum() for m in matching.merge), 1.0)
@@ -194,10 +193,10 @@ def test_target_width_range_and_parameters_are_checked():
     for params in [ZipParams(width=0), ZipParams(width=6), ZipParams(alpha=1.5), ZipParams(beta=-1.0),
                    ZipParams(beta=math.inf)]:
         with pytest.raises(RecipeError, match="space s3"):
-            zip_features(corr, [3, 2], params, space="s3")
-    assert zip_features(corr, [3, 2], ZipParams(width=5)).width == 5  # sum: nothing joined
-    assert zip_features(corr, [3, 2], ZipParams(width=2)).width == 2  # below max: compression
-    assert math.isnan(zip_features(corr, [3, 2], ZipParams(width=5)).mean_correlation)
+            zip_clusters(corr, [3, 2], params, space="s3")
+    assert zip_clusters(corr, [3, 2], ZipParams(width=5)).width == 5  # sum: nothing joined
+    assert zip_clusters(corr, [3, 2], ZipParams(width=2)).width == 2  # below max: compression
+    assert math.isnan(zip_clusters(corr, [3, 2], ZipParams(width=5)).mean_correlation)
 
 
 def test_non_finite_correlation_is_a_calibration_error():
@@ -209,13 +208,10 @@ def test_non_finite_correlation_is_a_calibration_error():
                 method.function(corr, [2, 2], method.params(), space="s1")
 
 
-def permuted_copy_correlation(rng, d: int, copies: int, dead=()):
+def permuted_copy_correlation(rng, d: int, copies: int):
     features = rng.normal(size=(500, d)) @ rng.normal(size=(d, d))  # correlated features
-    features[:, list(dead)] = 3.0
     perms = [np.arange(d)] + [rng.permutation(d) for _ in range(copies - 1)]
-    with np.errstate(invalid="ignore"):  # dead columns: NaN from 0/0 -> 0, as the statistics give
-        corr = np.corrcoef(np.hstack([features[:, p] for p in perms]), rowvar=False)
-    return np.nan_to_num(corr), perms
+    return np.corrcoef(np.hstack([features[:, p] for p in perms]), rowvar=False), perms
 
 
 @pytest.mark.parametrize("name", ["permute", "zip"])
@@ -234,13 +230,23 @@ def test_permuted_copies_give_the_model_order(name, copies):
     assert matching.mean_correlation == pytest.approx(1.0)
 
 
-def test_zip_pairs_dead_features_across_models():
-    corr, perms = permuted_copy_correlation(np.random.default_rng(5), 10, 2, dead=(2, 7))
-    matching = zip_features(corr, [10, 10])
-    assert matching.width == 10
-    assert all(np.bincount(matching.clusters[:10], minlength=10) == 1)  # one feature per model per cluster
-    live = [k for k in range(10) if perms[1][k] not in (2, 7)]
-    np.testing.assert_array_equal(matching.clusters[10:][live], perms[1][live])
+@pytest.mark.parametrize("name", ["permute", "zip"])
+def test_permuted_copy_with_constant_and_collinear_features_is_recovered(name):
+    # features nearly constant (float32 products of raw values would drown their variance),
+    # constant (distinct values) or affine functions of one signal: their correlations are 0 or
+    # 1 to many features, and only the similarity names each one's copy
+    rng = np.random.default_rng(8)
+    signal = rng.normal(size=(400, 1))
+    features = np.hstack([rng.normal(size=(400, 6)), 6.0 + 1e-3 * rng.normal(size=(400, 4)) @ rng.normal(size=(4, 6)),
+                          signal * rng.uniform(0.5, 2.0, 6) + rng.normal(size=6), np.ones((400, 6)) * rng.normal(size=6)])
+    features[:, 3] = features[:, 4] = 0.0  # two equal constants: either pairing is exact
+    perm = rng.permutation(24)
+    stats = SpaceStats.empty((24, 24))
+    stats.update([features.astype(np.float32), features[:, perm].astype(np.float32)], precise=False)
+    matching = get_method(name).function(stats.similarity(), [24, 24], get_method(name).params())
+    merged = sum(m @ f.T for m, f in zip(matching.merge, [features, features[:, perm]]))
+    for unmerge, own in zip(matching.unmerge, [features, features[:, perm]]):
+        np.testing.assert_allclose(unmerge @ merged, own.T, atol=1e-6)
 
 
 def test_permute_recovers_a_known_permutation_with_noise():

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from onnxmerge.calib.stats import (SpaceStats, combine_stats, load_stats, save_stats, to_samples)
+from onnxmerge.calib.stats import (AFFINE_BAND, SpaceStats, combine_stats, load_stats, save_stats, to_samples)
 from onnxmerge.errors import CalibrationError
 
 WIDTHS = (6, 10)
@@ -81,6 +81,35 @@ def test_dead_channels_have_zero_correlation():
     np.testing.assert_array_equal(np.diag(corr)[live], 1.0)
     assert np.abs(corr).max() <= 1.0
     np.testing.assert_allclose(corr, corr.T)
+
+
+def test_fast_update_keeps_nearly_constant_channels_apart_from_constant_ones():
+    # mean 6, std 1e-3: the variance is 3e-8 of E[x^2], below float32 rounding of raw products
+    rng = np.random.default_rng(6)
+    near = 6.0 + 1e-3 * rng.standard_normal((4000, 3))
+    first = np.hstack([near, np.full((4000, 1), 6.0)]).astype(np.float32)
+    stats = SpaceStats.empty((4, 4))
+    for start in range(0, 4000, 1000):
+        stats.update([first[start:start + 1000], first[start:start + 1000, ::-1]], precise=False)
+    np.testing.assert_array_equal(stats.live(), [True, True, True, False, False, True, True, True])
+    np.testing.assert_allclose(stats.correlation()[[0, 1, 2], [7, 6, 5]], 1.0, atol=1e-6)
+
+
+def test_similarity_ranks_affine_pairs_by_how_nearly_equal_they_are():
+    rng = np.random.default_rng(7)
+    signal = rng.standard_normal((300, 1))
+    # 0-1 independent, 2-4 affine in one signal (4 equals 2), 5-7 constant (7 equals 5)
+    features = np.hstack([rng.standard_normal((300, 2)), signal, 2 * signal + 1, signal,
+                          np.full((300, 1), 3.0), np.full((300, 1), -1.0), np.full((300, 1), 3.0)])
+    stats = SpaceStats.empty((8,))
+    stats.update([features])
+    corr, similarity = stats.correlation(), stats.similarity()
+    independent = [0, 1]
+    np.testing.assert_array_equal(similarity[independent][:, [0, 1, 2, 5]], corr[independent][:, [0, 1, 2, 5]])
+    np.testing.assert_allclose(np.diag(similarity), 1.0)
+    for same, other in [((2, 4), (2, 3)), ((5, 7), (5, 6))]:
+        assert similarity[same] > 1 - 1e-12 and 1 - 1e-6 > similarity[other] >= 1 - AFFINE_BAND
+    assert (similarity[:5, 5:] == 0).all()
 
 
 def test_no_samples_raises():

@@ -25,7 +25,8 @@ def test_widen_preserves_outputs(zoo_files, name, exporter):
 
 WIDEN_MERGE = [("mlp", "legacy_folded"), ("resnet_basic", "legacy_bn"), ("vgg_bn", "dynamo"),
                ("mobilenetv2", "legacy_bn"), ("densenet", "legacy_bn"), ("transformer", "dynamo"),
-               ("resnext", "dynamo")]
+               ("resnext", "dynamo"), ("mobilenetv2_saturated", "legacy_folded"),
+               ("mobilenetv2_saturated", "legacy_bn")]
 
 
 @pytest.mark.parametrize("target", ["wide", "narrow"])

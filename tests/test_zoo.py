@@ -94,7 +94,7 @@ def test_zoo_tables():
     assert set(zoo.EXPORTERS) == {"legacy_folded", "legacy_bn", "dynamo"}
     required = {
         "mlp", "vgg_bn", "resnet_basic", "resnet_bottleneck", "densenet", "inception",
-        "mobilenetv2", "resnext", "squeeze_excite", "shufflenet", "groupnorm_cnn", "transformer",
+        "mobilenetv2", "mobilenetv2_saturated", "resnext", "squeeze_excite", "shufflenet", "groupnorm_cnn", "transformer",
     }
     assert required <= set(zoo.TORCH_MODELS)
     for m, e in zoo.KNOWN_EXCLUSIONS:

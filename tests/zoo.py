@@ -87,6 +87,23 @@ def _randomize_norms(model: nn.Module, seed: int) -> nn.Module:
     return model.eval()
 
 
+def _saturate_norms(model: nn.Module, seed: int) -> nn.Module:
+    """Random norms, then per BN channel one of four kinds: zero scale (the pre-activation is
+    constant), bias -10 (dead after ReLU6), bias +10 (saturated at 6) or left as it is. The
+    channels after them carry little or no correlation to match on (constant or collinear), as
+    in randomly initialised torchvision MobileNets."""
+    _randomize_norms(model, seed)
+    g = torch.Generator().manual_seed(seed + 20_000)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                kind = torch.randint(0, 4, (m.num_features,), generator=g)
+                m.weight[kind == 0] = 0.0
+                m.bias[kind == 1] -= 10.0
+                m.bias[kind == 2] += 10.0
+    return model
+
+
 def _conv_bn(cin, cout, k=3, stride=1, groups=1, act: str | None = "relu") -> nn.Sequential:
     layers: list[nn.Module] = [
         nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, groups=groups, bias=False),
@@ -452,6 +469,7 @@ _SPECS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "densenet": (DenseNet, IMG),
     "inception": (Inception, IMG),
     "mobilenetv2": (MobileNetV2, IMG),
+    "mobilenetv2_saturated": (MobileNetV2, IMG),
     "resnext": (_resnext, IMG),
     "squeeze_excite": (SqueezeExcite, IMG),
     "shufflenet": (ShuffleNet, IMG),
@@ -459,6 +477,9 @@ _SPECS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "transformer": (lambda: _transformer("none"), (2, 8, 16)),
     "transformer_tanh_gelu": (lambda: _transformer("tanh"), (2, 8, 16)),
 }
+
+
+_NORMS: dict[str, Callable[[nn.Module, int], nn.Module]] = {"mobilenetv2_saturated": _saturate_norms}
 
 
 def _make_builder(name: str, ctor: Callable[[], nn.Module], shape: tuple[int, ...]):
@@ -469,7 +490,7 @@ def _make_builder(name: str, ctor: Callable[[], nn.Module], shape: tuple[int, ..
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = ctor()
-        return _randomize_norms(model, seed), shape
+        return _NORMS.get(name, _randomize_norms)(model, seed), shape
 
     builder.__name__ = f"build_{name}"
     return builder

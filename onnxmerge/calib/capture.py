@@ -178,8 +178,8 @@ def collect_statistics(models: list[onnx.ModelProto], units: list[list[CaptureUn
             feed = {f"m{i}_{name}": value for i, model_feed in enumerate(feeds) for name, value in model_feed.items()}
             values = dict(zip(names, session.run(names, feed)))
             for k, unit_stats in enumerate(stats):
-                count, total, outer = _assemble_moments(values, k, len(models))
-                unit_stats.add_moments(count // widths[k][0], total, outer)
+                count, total, outer, shift = _assemble_moments(values, k, len(models))
+                unit_stats.add_moments(count // widths[k][0], total, outer, shift)
         return stats, ran
     sessions, used = [], set()
     for model, model_units in zip(models, units):
@@ -193,7 +193,7 @@ def collect_statistics(models: list[onnx.ModelProto], units: list[list[CaptureUn
             values = dict(zip(names, session.run(names, feed)))
             outputs.append([to_samples(values[u.tensor], u.axis, u.fold) for u in model_units])
         for k, unit_stats in enumerate(stats):
-            # float32 products, float64 accumulation: ~1e-7 relative error, twice as fast
+            # float32 products of centred rows, float64 accumulation: ~1e-7 relative error, twice as fast
             unit_stats.update([per_model[k] for per_model in outputs], precise=False)
     return stats, "+".join(sorted(used))
 
@@ -203,8 +203,10 @@ def moments_model(models: list[onnx.ModelProto], units: list[list[CaptureUnit]],
     """One graph running every model side by side (names prefixed ``m<i>_``) that also
     computes each unit's batch moments, so onnxruntime does the products and only small
     matrices leave it: per unit k, ``moments<k>_size`` (elements of model 0's features),
-    ``moments<k>_sum<i>`` and the blocks ``moments<k>_outer<i>_<j>`` (i <= j) of X^T X of the
-    concatenated features; blocks below the diagonal are transposes and are not computed.
+    ``moments<k>_shift<i>`` (model i's features at the batch's first position), and of the
+    concatenated features minus that shift (float32 products near the mean, stats.py)
+    ``moments<k>_sum<i>`` and the blocks ``moments<k>_outer<i>_<j>`` (i <= j) of X^T X; blocks
+    below the diagonal are transposes and are not computed.
     None when the models' opsets differ or predate 13 (ReduceSum's axes input): then features
     are copied out."""
     opsets = {tuple(sorted((o.domain or "ai.onnx", o.version) for o in m.opset_import)) for m in models}
@@ -217,6 +219,7 @@ def moments_model(models: list[onnx.ModelProto], units: list[list[CaptureUnit]],
         nodes.extend(part.graph.node)
         inits.extend(part.graph.initializer)
     inits += [onnx.numpy_helper.from_array(np.array(axes, np.int64), f"moments_axes{len(axes)}") for axes in ([0], [0, 2])]
+    inits.append(onnx.numpy_helper.from_array(np.array([0], np.int64), "moments_first"))
     for k in range(len(units[0])):
         features, batched = [], False
         for i, (model, model_units) in enumerate(zip(models, units)):
@@ -227,6 +230,8 @@ def moments_model(models: list[onnx.ModelProto], units: list[list[CaptureUnit]],
                                   f"moments{k}_m{i}"))
         # [N, C, L] (channels first: no transpose of the activations) or [rows, C]
         perm, sum_axes = ([0, 2, 1], "moments_axes2") if batched else ([1, 0], "moments_axes1")
+        features = [_centred(nodes, x, batched, f"moments{k}_shift{i}") for i, x in enumerate(features)]
+        outputs += [f"moments{k}_shift{i}" for i in range(len(features))]
         for i, x in enumerate(features):
             nodes += [onnx.helper.make_node("ReduceSum", [x, sum_axes], [f"moments{k}_sum{i}"], keepdims=0),
                       onnx.helper.make_node("Transpose", [x], [f"{x}_t"], perm=perm)]
@@ -248,15 +253,29 @@ def moments_model(models: list[onnx.ModelProto], units: list[list[CaptureUnit]],
     return fused
 
 
-def _assemble_moments(values: dict[str, np.ndarray], k: int, count: int) -> tuple[int, np.ndarray, np.ndarray]:
-    """Unit k's (elements of model 0's features, sum, X^T X) in float64 from ``moments_model``'s outputs."""
+def _centred(nodes: list, x: str, batched: bool, shift: str) -> str:
+    """Nodes giving ``x`` minus ``shift``, its first row ([rows, C]) or its first sample's first
+    position ([N, C, L]), per channel."""
+    first = f"{shift}_row"
+    nodes.append(onnx.helper.make_node("Gather", [x, "moments_first"], [first if batched else shift], axis=0))
+    if batched:
+        nodes.append(onnx.helper.make_node("Gather", [first, "moments_first"], [shift], axis=2))
+    nodes.append(onnx.helper.make_node("Sub", [x, shift], [f"{x}_centred"]))
+    return f"{x}_centred"
+
+
+def _assemble_moments(values: dict[str, np.ndarray], k: int, count: int) -> tuple[int, np.ndarray, np.ndarray,
+                                                                                   np.ndarray]:
+    """Unit k's (elements of model 0's features, sum, X^T X, shift) in float64 from
+    ``moments_model``'s outputs, sum and X^T X of the features minus the shift."""
+    shift = np.concatenate([values[f"moments{k}_shift{i}"].reshape(-1) for i in range(count)]).astype(np.float64)
     total = np.concatenate([values[f"moments{k}_sum{i}"] for i in range(count)]).astype(np.float64)
     blocks = [[None] * count for _ in range(count)]
     for i in range(count):
         for j in range(i, count):
             blocks[i][j] = values[f"moments{k}_outer{i}_{j}"].astype(np.float64)
             blocks[j][i] = blocks[i][j].T
-    return int(values[f"moments{k}_size"]), total, np.block(blocks)
+    return int(values[f"moments{k}_size"]), total, np.block(blocks), shift
 
 
 def _rows(nodes: list, inits: list, tensor: str, unit: CaptureUnit, rank: int, width: int, name: str) -> str:

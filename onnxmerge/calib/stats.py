@@ -6,10 +6,14 @@ count, the feature sums and the sum of x x^T; memory is O(n^2) whatever the numb
 and statistics of shards add up exactly.
 
 Precision: the covariance is E[xx^T] - mu mu^T, whose rounding error is about
-eps * E[x^2] per entry; relative to the variance that is eps * (1 + mean^2 / variance). With
-float64 accumulation (the default) this is negligible for network features. ``update(...,
-precise=False)`` multiplies each batch in float32 (faster; see ``update``) and only
-accumulates in float64: entries then carry a relative error of roughly 1e-7 * sqrt(batch rows).
+eps * E[x^2] per entry; relative to the variance that is eps * (1 + mean^2 / variance): float64
+(eps 1e-16) keeps it negligible, float32 (1e-7) would not for nearly constant channels (a mean
+of 6 and a standard deviation of 0.01 leave the variance 3e-6 of E[x^2], and copies of such a
+channel would correlate at 0.9). So each batch's products are taken of the rows minus a shift
+near the mean (the batch's first row), whose error is relative to the variance, and only the
+float64 accumulation adds the shift back (``add_moments``). ``update(..., precise=False)``
+multiplies in float32 (faster; see ``update``): entries then carry a relative error of roughly
+1e-7 * sqrt(batch rows) of the centred second moment.
 """
 
 from __future__ import annotations
@@ -27,7 +31,13 @@ from ..errors import CalibrationError
 DEAD_RTOL = 1e-10
 """A channel is dead (constant) when its variance is at most ``DEAD_RTOL`` times its second
 moment E[x^2]: below that the variance is rounding noise of E[x^2] - mean^2 (float64 noise is
-~1e-16 relative). Use about 1e-5 for statistics accumulated with ``precise=False``."""
+~1e-16 relative; a constant channel's centred products are exactly 0, whatever their precision)."""
+
+AFFINE_BAND = 1e-3
+"""Live features correlated at least 1 - ``AFFINE_BAND`` are affine functions of each other up
+to rounding (two constant features are too); ``SpaceStats.similarity`` ranks such pairs by how
+nearly equal they are, inside the band [1 - AFFINE_BAND, 1]. Wide enough for the rounding
+between two copies of a feature (centred moments), too narrow for features that merely agree."""
 
 _FORMAT = "onnxmerge-stats-1"
 _META_KEY, _SPACES_KEY, _FORMAT_KEY = "__meta__", "__spaces__", "__format__"
@@ -89,15 +99,24 @@ class SpaceStats:
         self._check_batch(features)
         dtype = np.float64 if precise else np.float32
         batch = np.concatenate([np.asarray(f, dtype=dtype) for f in features], axis=1)
+        shift = batch[0].copy() if len(batch) else np.zeros(batch.shape[1], dtype)
+        batch -= shift  # concatenate copied the features
         # numpy uses a symmetric rank-k product for X^T X
-        self.add_moments(batch.shape[0], batch.sum(axis=0, dtype=np.float64), batch.T @ batch)
+        self.add_moments(batch.shape[0], batch.sum(axis=0, dtype=np.float64), batch.T @ batch, shift)
 
-    def add_moments(self, count: int, total: np.ndarray, outer: np.ndarray) -> None:
-        """Add a batch's moments computed elsewhere (count, sum of x, sum of x x^T).
+    def add_moments(self, count: int, total: np.ndarray, outer: np.ndarray, shift: np.ndarray | None = None) -> None:
+        """Add a batch's moments computed elsewhere: count, sum of x - shift and sum of
+        (x - shift)(x - shift)^T (shift 0 when None; see the module docstring for why to shift).
 
         Raises:
             CalibrationError: a model produced NaN/Inf features.
         """
+        total, outer = np.asarray(total, np.float64), np.asarray(outer, np.float64)
+        if shift is not None:
+            shift = np.asarray(shift, np.float64)
+            cross = np.outer(shift, total)
+            outer = outer + cross + cross.T + count * np.outer(shift, shift)
+            total = total + count * shift
         if not np.isfinite(total).all():
             bad = np.flatnonzero(~np.isfinite(total))
             model = int(np.searchsorted(np.cumsum(self.widths), bad[0], side="right"))
@@ -135,16 +154,20 @@ class SpaceStats:
         cov = self.outer / self.count - np.outer(mu, mu)
         return (cov + cov.T) / 2
 
+    def live(self, *, dead_rtol: float = DEAD_RTOL) -> np.ndarray:
+        """(n,) bool: the channel varies, i.e. its variance exceeds ``dead_rtol`` * E[x^2]
+        (see ``DEAD_RTOL``); the others are dead (constant)."""
+        return np.diag(self.covariance()) > dead_rtol * np.diag(self.outer) / self.count
+
     def correlation(self, *, dead_rtol: float = DEAD_RTOL) -> np.ndarray:
         """(n, n) Pearson correlation, finite everywhere and clipped into [-1, 1].
 
-        A dead channel (variance at most ``dead_rtol`` * E[x^2], see ``DEAD_RTOL``) has
-        correlation 0 to everything, itself included; a live channel has 1 on the diagonal.
+        A dead channel (see ``live``) has correlation 0 to everything, itself included; a live
+        channel has 1 on the diagonal.
         """
         cov = self.covariance()
         variance = np.diag(cov).copy()
-        second = np.diag(self.outer) / self.count
-        live = variance > dead_rtol * second
+        live = self.live(dead_rtol=dead_rtol)
         std = np.where(live, np.sqrt(np.where(live, variance, 1.0)), 1.0)
         corr = cov / np.outer(std, std)
         corr[~live, :] = 0.0
@@ -152,6 +175,27 @@ class SpaceStats:
         np.clip(corr, -1.0, 1.0, out=corr)
         np.fill_diagonal(corr, live.astype(np.float64))
         return corr
+
+    def similarity(self, *, dead_rtol: float = DEAD_RTOL) -> np.ndarray:
+        """(n, n) what features are matched on: the correlation, except for pairs that are
+        affine functions of each other (live ones correlated at least 1 - ``AFFINE_BAND``, or
+        two dead ones), which get 1 - AFFINE_BAND * (1 - agreement), agreement = 2 E[ab] /
+        (E[a^2] + E[b^2]) clipped into [0, 1].
+
+        Correlation cannot tell such features apart: it is 1 between any two affine functions
+        of one signal and 0 for constants, so a feature's copy in a permuted model would tie
+        with strangers. Agreement is 1 only for features equal on every sample (the one pair
+        merged without error) and falls with the difference of their means and scales, so the
+        copy wins; every other pair keeps its correlation. The diagonal is 1.
+        """
+        corr = self.correlation(dead_rtol=dead_rtol)
+        dead = ~self.live(dead_rtol=dead_rtol)
+        second = self.outer / self.count
+        power = np.diag(second)[:, None] + np.diag(second)[None, :]
+        # two channels that are 0 on every sample are equal
+        agreement = np.divide(2.0 * second, power, out=np.ones_like(second), where=power > 0)
+        affine = (corr >= 1.0 - AFFINE_BAND) | np.outer(dead, dead)
+        return np.where(affine, 1.0 - AFFINE_BAND * (1.0 - np.clip(agreement, 0.0, 1.0)), corr)
 
 
 def combine(a: SpaceStats, b: SpaceStats) -> SpaceStats:

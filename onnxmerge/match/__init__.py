@@ -12,7 +12,7 @@ from typing import Callable
 from ..errors import OnnxMergeError
 from .permute import NoParams, average, permute
 from .weight import WeightParams, match_weights
-from .zip import ZipParams, zip_features
+from .zip import ZipParams, zip_clusters
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class MatchMethod:
 METHODS: tuple[MatchMethod, ...] = (
     MatchMethod("zip", "elastic zipping of correlated features, within and across models",
                 "Stoica et al. 2023 (ZipIt!); Xu et al. 2024 (Training-free Heterogeneous Model Merging)",
-                ZipParams, needs_calibration=True, unequal_widths=True, function=zip_features),
+                ZipParams, needs_calibration=True, unequal_widths=True, function=zip_clusters),
     MatchMethod("permute", "one-to-one activation matching (Hungarian on correlation)",
                 "Ainsworth et al. 2022 (Git Re-Basin, activation matching)",
                 NoParams, needs_calibration=True, unequal_widths=False, function=permute),

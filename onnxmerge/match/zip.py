@@ -43,8 +43,6 @@ import numpy as np
 from ..errors import RecipeError
 from .matching import Matching, checked_correlation
 
-DEAD = 1e-12  # |correlation| below this to every feature, itself included: a dead (constant) feature
-
 
 @dataclass(frozen=True)
 class ZipParams:
@@ -86,34 +84,13 @@ def target_width(widths: Sequence[int], params: ZipParams, space: str = "") -> i
     return target
 
 
-def interchangeable_dead(corr: np.ndarray, widths: Sequence[int]) -> np.ndarray:
-    """Dead features (constant on the calibration data: correlation 0 to everything, itself
-    included) of different models are interchangeable, so their pairs get correlation 1.
-    Without this, the greedy joins already-matched live clusters (alpha * min > 0) before
-    pairing dead ones, and a model merged with a permuted copy of itself is not recovered."""
-    owner = np.repeat(np.arange(len(widths)), widths)
-    dead = np.flatnonzero((np.abs(corr) < DEAD).all(axis=1))
-    if not len(dead):
-        return corr
-    corr = np.array(corr, dtype=np.float64)
-    cross = owner[dead][:, None] != owner[dead][None, :]
-    corr[np.ix_(dead, dead)] = np.where(cross, 1.0, 0.0)
-    return corr
-
-
-def zip_features(corr: np.ndarray, widths: Sequence[int], params: ZipParams = ZipParams(), space: str = "") -> Matching:
-    """The registered ``zip`` method: ``zip_clusters`` after pairing dead features across models
-    (``interchangeable_dead``)."""
-    corr = interchangeable_dead(checked_correlation(corr, widths, space), widths)
-    return _zip(corr, [int(d) for d in widths], params, space)
-
-
 def zip_clusters(corr: np.ndarray, widths: Sequence[int], params: ZipParams = ZipParams(), space: str = "") -> Matching:
     """Greedy zipping of one space down to ``params.width`` clusters (module docstring).
 
     Args:
         corr: (sum d_i) x (sum d_i) correlation of the concatenated features of the models,
-            model i's at offsets[i]:offsets[i] + d_i; dead features at correlation 0.
+            model i's at offsets[i]:offsets[i] + d_i (``SpaceStats.similarity``: constant and
+            collinear features ranked by how nearly equal they are).
         widths: d_i per model (0 allowed).
         params: alpha, beta, target width.
         space: the space's name, for error messages.
