@@ -123,6 +123,7 @@ class MergeOptions:
     seed: int = 0
     align: str = "auto"  # depth alignment: auto (sma when depths differ), sma, lma, uniform, head-tail, none
     allow_few_samples: bool = False  # accept fewer than MIN_SAMPLES calibration samples
+    strict: bool = False  # refuse a full merge that leaves most weight layers per model
 
 
 @dataclass
@@ -154,6 +155,7 @@ def merge(paths: list[str], *, calibration: str | None = None, stats: list[str] 
         raise RecipeError(f"--repair-samples {options.repair_samples}: use at least 1 sample")
     members, post, bn, calib, depth = _prepare(paths, calibration, options)
     split = split_trunk(members[0].model, members[0].graph, heads=options.heads, zip_layers=options.zip_layers)
+    _check_coverage(members[0], split, options)
     timings["analyse_s"] = time.perf_counter() - clock
     clock = time.perf_counter()
     if method.needs_calibration and calib is None and not stats:
@@ -178,10 +180,24 @@ def merge(paths: list[str], *, calibration: str | None = None, stats: list[str] 
               "options": asdict(options), "bn": bn, "provider": provider, "repair": repair,
               "repaired_tensors": repaired,
               "layers": f"{split.zipped_layers} of {split.total_layers} layers zipped",
+              "weight_layers": {"merged": split.zipped_layers, "total": split.total_layers},
               "spaces": summary, "timings": timings}
     if depth is not None:
         report["alignment"] = describe_alignment(depth)
     return MergeResult(merged, report)
+
+
+def _check_coverage(reference: Member, split, options: MergeOptions) -> None:
+    """A full merge that leaves most weight layers per model writes an ensemble, not a merged
+    model: say so and name the first barriers (``--strict``: refuse)."""
+    if options.zip_layers is not None or 2 * split.zipped_layers >= split.total_layers:
+        return
+    barriers = ", ".join(f"{b.node!r} ({b.op}: {b.reason})" for b in reference.graph.barriers[:3])
+    message = (f"only {split.zipped_layers} of {split.total_layers} weight layers are merged, the rest stays per model; "
+               f"first barriers: {barriers or 'none (fixed spaces reach into the trunk)'}; see onnxmerge inspect")
+    if options.strict:
+        raise UnsupportedGraphError(f"{message}; drop --strict to write it anyway")
+    log.warning(message)
 
 
 def _prepare(paths: list[str], calibration: str | None, options: MergeOptions):

@@ -239,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--align", choices=ALIGNMENTS, default="auto",
                        help="depth alignment of models with different numbers of blocks: auto (sma when depths "
                             "differ), sma, lma, uniform, head-tail, none (default auto)")
+    merge.add_argument("--strict", action="store_true",
+                       help="exit 1 instead of warning when a full merge leaves more than half of the weight "
+                            "layers per model (barriers near the input)")
     merge.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     merge.add_argument("--report", metavar="JSON", help="write the matching summary, timings and provider")
     merge.set_defaults(run=cmd_merge)

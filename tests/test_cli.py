@@ -150,3 +150,37 @@ def test_statistics_shards_without_data_warn_that_nothing_is_repaired(zoo_files,
     with caplog.at_level("WARNING"):
         assert main(["merge", path, path, "--stats", str(tmp_path / "s.npz"), "-o", str(tmp_path / "m.onnx")]) == 0
     assert any("not repaired" in r.getMessage() for r in caplog.records)
+
+
+def _barrier_model(path) -> None:
+    """conv1 -> CumSum over the channels (no rule: a barrier) -> conv2: nothing can merge."""
+    from onnx import helper, save
+    axis = helper.make_tensor("axis", 7, [], [1])
+    save(model([helper.make_node("CumSum", ["y", "axis"], ["z"], name="cumsum")], [axis]), path)
+
+
+def test_a_merge_that_merges_almost_nothing_warns_and_strict_refuses(tmp_path, caplog, capsys):
+    import numpy as np
+    _barrier_model(tmp_path / "a.onnx")
+    np.save(tmp_path / "calib.npy", np.random.default_rng(0).standard_normal((32, 8, 4, 4)).astype(np.float32))
+    args = ["merge", str(tmp_path / "a.onnx"), str(tmp_path / "a.onnx"), "--calib", str(tmp_path / "calib.npy")]
+    with caplog.at_level("WARNING"):
+        assert main(args + ["-o", str(tmp_path / "m.onnx"), "--report", str(tmp_path / "r.json")]) == 0
+    warnings = [r.getMessage() for r in caplog.records if "weight layers are merged" in r.getMessage()]
+    assert len(warnings) == 1 and "'cumsum' (CumSum" in warnings[0]
+    assert json.loads((tmp_path / "r.json").read_text())["weight_layers"] == {"merged": 0, "total": 2}
+    capsys.readouterr()
+    assert main(args + ["-o", str(tmp_path / "strict.onnx"), "--strict"]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("onnxmerge: error: only 0 of 2 weight layers") and error.count("\n") == 1
+    assert not (tmp_path / "strict.onnx").exists()
+
+
+def test_a_merge_of_a_mergeable_model_does_not_warn_about_coverage(zoo_files, tmp_path, caplog):
+    import numpy as np
+    path, x = zoo_files.get("resnet_basic", "legacy_folded")
+    np.save(tmp_path / "calib.npy", x)
+    with caplog.at_level("WARNING"):
+        assert main(["merge", path, path, "--calib", str(tmp_path / "calib.npy"), "-o", str(tmp_path / "m.onnx"),
+                     "--strict"]) == 0
+    assert not any("weight layers are merged" in r.getMessage() for r in caplog.records)
