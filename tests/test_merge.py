@@ -135,8 +135,12 @@ def test_mismatched_calibration_is_refused(zoo_files, tmp_path):
         api.merge([a, a], calibration=str(tmp_path / "calib.npy"))
 
 
-@pytest.mark.parametrize("name,exporter", [("resnet_basic", "legacy_bn"), ("vgg_bn", "dynamo"), ("mlp", "legacy_folded"),
-                                           ("densenet", "legacy_bn")])
+# every zoo model; the legacy BN-folded exports by default, the other exporters in the slow set
+WEIGHT_CASES = [pytest.param(*pair, id=i, marks=[] if pair[1] in ("legacy_folded", "sklearn") else [pytest.mark.slow])
+                for i, pair in zip(IDS, ALL)]
+
+
+@pytest.mark.parametrize("name,exporter", WEIGHT_CASES)
 def test_data_free_weight_matching_recovers_a_permuted_copy(zoo_files, tmp_path, name, exporter):
     path, x, _, (copy,) = permuted_copies(zoo_files, tmp_path, name, exporter)
     result = api.merge([path, copy], options=api.MergeOptions(repair="none"))  # no data: weight matching

@@ -26,18 +26,27 @@ def _block(offsets: list[int], inners: list[int], model: int, block: int) -> np.
     return np.arange(start, start + inners[model])
 
 
+def block_scores(cross: np.ndarray, blocks: int) -> np.ndarray:
+    """[blocks, blocks] scores of pairing block a of one model (rows of ``cross``, ``blocks``
+    blocks of consecutive features) with block b of another (columns): the best one-to-one
+    similarity between their features."""
+    rows_per, cols_per = cross.shape[0] // blocks, cross.shape[1] // blocks
+    score = np.zeros((blocks, blocks))
+    for a in range(blocks):
+        for b in range(blocks):
+            block = cross[a * rows_per:(a + 1) * rows_per, b * cols_per:(b + 1) * cols_per]
+            rows, cols = linear_sum_assignment(block, maximize=True)
+            score[a, b] = block[rows, cols].sum()
+    return score
+
+
 def assign_blocks(corr: np.ndarray, blocks: int, inners: list[int]) -> list[np.ndarray]:
     """For each model, which of its blocks goes with model 0's block a (identity for model 0)."""
     offsets = list(np.cumsum([0] + [blocks * inner for inner in inners]))
     assignments = [np.arange(blocks)]
     for i in range(1, len(inners)):
-        score = np.zeros((blocks, blocks))
-        for a in range(blocks):
-            for b in range(blocks):
-                block = corr[np.ix_(_block(offsets, inners, 0, a), _block(offsets, inners, i, b))]
-                rows, cols = linear_sum_assignment(block, maximize=True)
-                score[a, b] = block[rows, cols].sum()
-        rows, cols = linear_sum_assignment(score, maximize=True)
+        cross = corr[offsets[0]:offsets[1], offsets[i]:offsets[i + 1]]
+        rows, cols = linear_sum_assignment(block_scores(cross, blocks), maximize=True)
         assignments.append(cols[np.argsort(rows)])
     return assignments
 

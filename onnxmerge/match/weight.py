@@ -15,8 +15,9 @@ import numpy as np
 from onnx import numpy_helper
 from scipy.optimize import linear_sum_assignment
 
-from ..graph.layout import Atom
+from ..graph.layout import Atom, Grid, feature_positions, leaves
 from ..rewrite.transform import Permutation, transform_axis
+from .grid import block_scores
 from .matching import Matching
 
 MAX_SWEEPS = 50
@@ -38,8 +39,7 @@ def match_weights(members, spaces: list[int], params: WeightParams = WeightParam
     """
     reference = members[0]
     arrays = [{i.name: numpy_helper.to_array(i).astype(np.float64) for i in m.model.graph.initializer} for m in members]
-    touching = {s: [u for u in reference.graph.params if isinstance(u.layout, Atom) and u.layout.space == s]
-                for s in spaces}
+    touching = {s: [u for u in reference.graph.params if s in leaves(u.layout)] for s in spaces}
     orders = [{s: np.arange(reference.graph.table.widths[s]) for s in spaces} for _ in members]
     rng = np.random.default_rng(params.seed)
     for i in range(1, len(members)):
@@ -69,15 +69,38 @@ def _best_order(members, arrays, i: int, space: int, uses, orders: dict[int, np.
         name = member.correspondence.params[use.name]
         value = arrays[i][name]
         for other in member.graph.params:  # align every other space of this parameter first
-            if other.name == name and other.axis != use.axis:
+            if other.name == name:
                 value = transform_axis(value, other.axis, other.layout,
                                        lambda s: _permutation(orders, back.get(s), space),
                                        member.graph.table.width)
-        ours = np.moveaxis(arrays[0][use.name], use.axis, 0).reshape(width, -1)
-        theirs = np.moveaxis(value, mine[(name, use.axis)].axis, 0).reshape(width, -1)
+        theirs_use = mine[(name, use.axis)]
+        if _leads_grid(use.layout, space):  # blocks (heads, groups): scored by their best channel pairing
+            ours = np.moveaxis(arrays[0][use.name], use.axis, 0)
+            theirs = np.moveaxis(value, theirs_use.axis, 0)
+            cross = ours.reshape(len(ours), -1) @ theirs.reshape(len(theirs), -1).T
+            similarity += block_scores(cross, width)
+            continue
+        ours = _by_feature(arrays[0][use.name], use.axis, use.layout, space, reference.graph.table.widths.__getitem__)
+        theirs = _by_feature(value, theirs_use.axis, theirs_use.layout, member.space_of(space),
+                             member.graph.table.widths.__getitem__)
         similarity += ours @ theirs.T
     rows, cols = linear_sum_assignment(similarity, maximize=True)
     return cols[np.argsort(rows)]
+
+
+def _leads_grid(layout, space: int) -> bool:
+    """Whether the axis is a grid of ``space``'s blocks by a within-block space."""
+    return (isinstance(layout, Grid) and len(layout.factors) == 2 and layout.factors[0] == Atom(space)
+            and isinstance(layout.factors[1], Atom))
+
+
+def _by_feature(array: np.ndarray, axis: int, layout, space: int, width) -> np.ndarray:
+    """[width of space, rest]: each feature's values, wherever the layout puts it on the axis
+    (a grid factor such as a head or a within-head channel, a part of a concat), in an order
+    every model shares."""
+    positions = feature_positions(layout, space, width)
+    values = np.take(np.moveaxis(array, axis, 0), positions, axis=0)  # [features, k, ...]
+    return values.reshape(positions.shape[0], -1)
 
 
 def _permutation(orders: dict[int, np.ndarray], space: int | None, skip: int) -> Permutation | None:
