@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import onnx
 
-from . import __version__, inspection
+from . import __version__, inspection, tradeoff
 from .calib.capture import CaptureUnit, collect_statistics, plan_captures
 from .calib.data import MIN_SAMPLES, CalibrationSet, input_specs, load_calibration
 from .calib.stats import combine_stats, load_stats
@@ -34,7 +34,7 @@ from .match.permute import require_equal_widths
 from .match.grid import assignments_of, match_grid
 from .match.matching import Matching
 from .rewrite.apply import transform_parameters
-from .rewrite.heads import split_trunk
+from .rewrite.heads import split_trunk, weight_layers
 from .rewrite.lift import insert_identities
 from .rewrite.merge import Member, assemble, merged_trunk_parameters, reference_widths, resize_constants
 from .rewrite.repair import REPAIRS, insert_repair, repair_sources, repair_targets, reset_batch_norm, source_moments
@@ -112,7 +112,8 @@ class MergeOptions:
     beta: float = 1.0
     width: float | str | None = None  # zip: multiple of the widest model's width, or "min"
     heads: str = "separate"
-    zip_layers: int | None = None
+    zip_layers: int | str | None = None  # None: every layer; "auto": chosen within max_loss
+    max_loss: float = 0.05  # --zip-layers auto: argmax disagreement allowed on held-back samples
     repair: str = "auto"
     bn: str = "keep"
     input_layout: tuple[tuple[str, str], ...] = ()  # (model path or file name, layout such as NHWC)
@@ -142,21 +143,42 @@ def merge(paths: list[str], *, calibration: str | None = None, stats: list[str] 
         paths: two or more ONNX files; model 0 is the reference whose graph the trunk keeps.
         calibration: .npz/.npy inputs for statistics (``--calib``).
         stats: statistics files from ``calibrate`` to use instead of (or with) calibration.
-        options: see ``MergeOptions``.
+        options: see ``MergeOptions``; ``zip_layers="auto"`` chooses the cut (see tradeoff.py).
     """
-    timings: dict[str, float] = {}
     clock = time.perf_counter()
     if options.method is None:
         options = replace(options, method="zip" if calibration or stats else "weight")
-    method = get_method(options.method)
     if len(paths) < 2:
         raise RecipeError("merge needs at least two models")
     if options.repair_samples is not None and options.repair_samples < 1:
         raise RecipeError(f"--repair-samples {options.repair_samples}: use at least 1 sample")
-    members, post, bn, calib, depth = _prepare(paths, calibration, options)
+    prepared = _Prepared(*_prepare(paths, calibration, options))
+    if options.zip_layers == "auto":
+        return _merge_auto(paths, prepared, stats, options)
+    return _merge_prepared(paths, prepared, stats, options, time.perf_counter() - clock)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """What every merge of these models starts from (see ``_prepare``)."""
+
+    members: list[Member]
+    post: list[PostProcessing]
+    bn: str
+    calib: CalibrationSet | None
+    depth: DepthAlignment | None
+
+
+def _merge_prepared(paths: list[str], prepared: _Prepared, stats: list[str] | None, options: MergeOptions,
+                    analysed_s: float = 0.0) -> MergeResult:
+    """The merge of prepared models with a given cut (``options.zip_layers`` an int or None)."""
+    members, calib = prepared.members, prepared.calib
+    method = get_method(options.method)
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
     split = split_trunk(members[0].model, members[0].graph, heads=options.heads, zip_layers=options.zip_layers)
     _check_coverage(members[0], split, options)
-    timings["analyse_s"] = time.perf_counter() - clock
+    timings["analyse_s"] = analysed_s + time.perf_counter() - clock
     clock = time.perf_counter()
     if method.needs_calibration and calib is None and not stats:
         raise RecipeError(f"--method {options.method} needs calibration data: pass --calib DATA or --stats FILES")
@@ -171,20 +193,46 @@ def merge(paths: list[str], *, calibration: str | None = None, stats: list[str] 
     merged = assemble(members, split, matchings, merged_trunk_parameters(members, split, matchings), heads=options.heads)
     resize_constants(merged, members[0].graph, reference_widths(members[0], matchings))
     merged, repair, repaired = _repair(merged, members, split, matchings, calib, options)
-    _attach_postprocessing(merged, members, post, options.heads)
+    _attach_postprocessing(merged, members, prepared.post, options.heads)
     merged = infer_shapes(merged)
     _record(merged, paths, options)
     check(merged, "merged model")
     timings["rewrite_s"] = time.perf_counter() - clock
     report = {"format": "onnxmerge.merge/1", "models": [str(p) for p in paths], "method": options.method,
-              "options": asdict(options), "bn": bn, "provider": provider, "repair": repair,
+              "options": asdict(options), "bn": prepared.bn, "provider": provider, "repair": repair,
               "repaired_tensors": repaired,
               "layers": f"{split.zipped_layers} of {split.total_layers} layers zipped",
               "weight_layers": {"merged": split.zipped_layers, "total": split.total_layers},
               "spaces": summary, "timings": timings}
-    if depth is not None:
-        report["alignment"] = describe_alignment(depth)
+    if prepared.depth is not None:
+        report["alignment"] = describe_alignment(prepared.depth)
     return MergeResult(merged, report)
+
+
+def _merge_auto(paths: list[str], prepared: _Prepared, stats: list[str] | None, options: MergeOptions) -> MergeResult:
+    """``--zip-layers auto``: merge at every candidate cut on most calibration samples, measure
+    each merge's loss on the held-back rest, and merge at the largest cut within ``max_loss``
+    on all samples; the report's ``zip_layers_auto`` holds the measured curve."""
+    if prepared.calib is None or stats:
+        raise RecipeError("--zip-layers auto measures each cut on held-back calibration samples; "
+                          "pass --calib DATA (and no --stats)")
+    if options.heads == "shared":
+        raise RecipeError("--heads shared merges every layer; drop --zip-layers or use --heads separate")
+    fit, held = tradeoff.split_samples(prepared.calib, options.seed)
+    reference = prepared.members[0]
+    sources = [m.model for m in prepared.members]
+    points = []
+    for cut in tradeoff.candidates(len(weight_layers(reference.model, reference.graph))):
+        trial = _merge_prepared(paths, replace(prepared, calib=fit), stats, replace(options, zip_layers=cut))
+        loss = tradeoff.loss(trial.model, sources, held, options.batch_size, options.provider,
+                             lambda name, index: f"{name}_m{index}")
+        points.append(tradeoff.Point(cut, loss, tradeoff.parameters(trial.model)))
+        log.info("--zip-layers %d: loss %.4f on %d held-back samples", cut, loss, held.num_samples)
+    chosen = tradeoff.choose(points, options.max_loss)
+    result = _merge_prepared(paths, prepared, stats, replace(options, zip_layers=chosen.zip_layers))
+    result.report["zip_layers_auto"] = {"max_loss": options.max_loss, "held_out_samples": held.num_samples,
+                                        "chosen": chosen.zip_layers, "curve": [asdict(p) for p in points]}
+    return result
 
 
 def _check_coverage(reference: Member, split, options: MergeOptions) -> None:
@@ -350,6 +398,9 @@ def _statistics(members: list[Member], split, calib, stats_files, options: Merge
 
 def calibrate(paths: list[str], calibration: str, options: MergeOptions = MergeOptions()) -> tuple[dict, dict]:
     """Statistics a merge of these models needs, as (stats by unit, meta) for ``save_stats``."""
+    if options.zip_layers == "auto":
+        raise RecipeError("--zip-layers auto tries several cuts, each with its own statistics; "
+                          "give calibrate a number of layers, or merge --zip-layers auto with --calib")
     members, _, _, calib, _ = _prepare(paths, calibration, options)
     split = split_trunk(members[0].model, members[0].graph, heads=options.heads, zip_layers=options.zip_layers)
     units, stats, provider = _statistics(members, split, calib, None, options)

@@ -82,12 +82,27 @@ def _plan_options() -> argparse.ArgumentParser:
     group = parent.add_argument_group("what is merged")
     group.add_argument("--heads", choices=HEADS, default="separate",
                        help="separate: one head per model, outputs suffixed _m<i>; shared: heads averaged (default separate)")
-    group.add_argument("--zip-layers", type=int, metavar="N", help="merge only the spaces of the first N weight layers")
+    group.add_argument("--zip-layers", type=_zip_layers, metavar="N|auto",
+                       help="merge only the spaces of the first N weight layers (Conv/Gemm/MatMul in graph order); "
+                            "the rest stays per model. auto: merge at each cut on 80%% of the --calib samples and "
+                            "keep the largest N whose argmax disagreement with the source models on the other "
+                            "20%% stays within --max-loss (the curve goes to the report). Default: every layer")
+    group.add_argument("--max-loss", type=float, default=0.05,
+                       help="--zip-layers auto: largest share of joint predictions that may differ from the ensemble of the models, 0-1 (default 0.05)")
     group.add_argument("--input-layout", action="append", type=_layout_spec, metavar="MODEL=LAYOUT",
                        help="MODEL (its path as given or file name) takes a channels-last input, e.g. NHWC: "
                             "a transpose is inserted so it reads the channels-first input (NCHW) of the others; "
                             "the merged model and the calibration data are channels-first (repeatable)")
     return parent
+
+
+def _zip_layers(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number of layers nor auto") from None
 
 
 def _layout_spec(text: str) -> tuple[str, str]:

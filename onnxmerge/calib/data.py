@@ -263,6 +263,13 @@ class CalibrationSet:
         self.fixed_batch = fixed_batch
         self._arrays = arrays
         self._bindings = bindings
+        self._rows: np.ndarray | None = None  # the file's rows a subset reads, else all
+
+    def subset(self, rows: np.ndarray) -> "CalibrationSet":
+        """The same inputs restricted to ``rows`` (indices of this set's samples, in this order)."""
+        part = CalibrationSet(self._arrays, self._bindings, len(rows), self.fixed_batch)
+        part._rows = np.asarray(rows) if self._rows is None else self._rows[np.asarray(rows)]
+        return part
 
     @property
     def num_models(self) -> int:
@@ -292,7 +299,9 @@ class CalibrationSet:
         bindings = self._bindings[model_index]
         for start in range(0, stop, size):
             chunk = order[start:start + size]
-            if samples is None:
+            if self._rows is not None:
+                chunk = self._rows[chunk]
+            elif samples is None:  # a slice reads a memory-mapped file without copying it all
                 chunk = slice(int(chunk[0]), int(chunk[-1]) + 1)
             feed = {spec.name: np.array(self._arrays.get(key)[chunk], dtype=spec.dtype, order="C")
                     for spec, key in bindings}

@@ -1,0 +1,102 @@
+"""``--zip-layers auto``: the accuracy-size trade-off of partial zipping, measured on held-back
+calibration samples, and the cut it chooses.
+
+Zipping fewer layers keeps more of each model's own layers (a bigger model, closer to the
+ensemble); zipping more gives a smaller model that may lose accuracy (ZipIt!, Stoica et al.
+2024, section 4.3; FlexMerge, 2025, chooses merges along such a curve). Without labels the loss
+of a merge is estimated as how often the merged model disagrees with the source
+models' ensemble on the held-back samples: the rate at which the joint prediction (argmax over
+all models' class scores side by side, as ``eval`` scores them) differs. The chosen cut is the
+largest N whose loss stays within ``--max-loss``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from .calib.capture import open_session
+from .calib.data import CalibrationSet
+from .errors import RecipeError
+
+HOLD_OUT = 0.2  # share of the calibration samples held back to measure the loss
+MAX_POINTS = 16  # candidate cuts measured at most (evenly spaced over the weight layers)
+
+
+@dataclass(frozen=True)
+class Point:
+    """One measured cut: zipped weight layers, estimated loss, parameters of the merged model."""
+
+    zip_layers: int
+    loss: float
+    parameters: int
+
+
+def split_samples(calib: CalibrationSet, seed: int) -> tuple[CalibrationSet, CalibrationSet]:
+    """(samples to merge with, held-back samples), drawn at random with ``seed``."""
+    order = calib.shuffled(None, seed)
+    held = max(1, int(round(HOLD_OUT * len(order))))
+    return calib.subset(np.sort(order[held:])), calib.subset(np.sort(order[:held]))
+
+
+def candidates(total: int) -> list[int]:
+    """The cuts to measure: every N from 1 to ``total`` weight layers, or MAX_POINTS of them."""
+    if total <= MAX_POINTS:
+        return list(range(1, total + 1))
+    return sorted({int(round(x)) for x in np.linspace(1, total, MAX_POINTS)})
+
+
+def parameters(model: onnx.ModelProto) -> int:
+    """Number of stored parameter values (initializer elements)."""
+    return int(sum(np.prod(init.dims) for init in model.graph.initializer))
+
+
+def loss(merged: onnx.ModelProto, sources: list[onnx.ModelProto], held: CalibrationSet, batch_size: int,
+         provider: str, rename: Callable[[str, int], str]) -> float:
+    """How often the merged model's joint prediction differs from the source models' ensemble
+    on the held-back samples: for the k-th class-score output of every model, the argmax over
+    all models' scores concatenated (the ``eval`` joint prediction), averaged over k. Heads are
+    compared jointly because a model's own head is arbitrary on samples of another's task.
+
+    Raises:
+        RecipeError: no output of the models holds class scores to compare.
+    """
+    merged_session, _ = open_session(merged, provider)
+    sessions = [open_session(source, provider)[0] for source in sources]
+    names = [[o.name for o in session.get_outputs() if _is_score(o)] for session in sessions]
+    count = min(len(n) for n in names)
+    if count == 0:
+        raise RecipeError("--zip-layers auto compares class scores (a float output of 2 or more entries on its "
+                          "last axis) and the models have none; give --zip-layers N")
+    wanted = [rename(n, i) for i, model_names in enumerate(names) for n in model_names[:count]]
+    differ = np.zeros(count)
+    for feeds in zip(*(held.batches(i, batch_size) for i in range(len(sources))), held.batches(0, batch_size)):
+        ensemble = [s.run(n[:count], feed) for s, n, feed in zip(sessions, names, feeds)]
+        ours = merged_session.run(wanted, feeds[-1])
+        for k in range(count):
+            theirs = np.concatenate([outputs[k] for outputs in ensemble], axis=-1)
+            mine = np.concatenate(ours[k::count], axis=-1)
+            differ[k] += len(theirs) * np.mean(_differs(theirs, mine))
+    return float(np.mean(differ / held.num_samples))
+
+
+def _differs(theirs: np.ndarray, mine: np.ndarray) -> np.ndarray:
+    """Where the merged prediction is not a best one of the ensemble's: a tie in the ensemble
+    (two models that agree exactly) is not a difference, whichever entry the merge picks."""
+    chosen = np.take_along_axis(theirs, mine.argmax(-1)[..., None], axis=-1)[..., 0]
+    best = theirs.max(-1)
+    return chosen < best - 1e-5 * np.maximum(np.abs(theirs).max(-1), 1.0)
+
+
+def _is_score(output) -> bool:
+    last = output.shape[-1] if output.shape else None
+    return output.type == "tensor(float)" and isinstance(last, int) and last > 1
+
+
+def choose(points: list[Point], max_loss: float) -> Point:
+    """The largest cut whose loss is within ``max_loss`` (the smallest cut when none is)."""
+    within = [p for p in points if p.loss <= max_loss]
+    return max(within, key=lambda p: p.zip_layers) if within else min(points, key=lambda p: p.zip_layers)
