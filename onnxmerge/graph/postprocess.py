@@ -158,7 +158,7 @@ def attach_postprocessing(model: onnx.ModelProto, post: PostProcessing, rename: 
         copy.CopyFrom(node)
         copy.input[:] = [rename(name) if name else name for name in node.input]
         copy.output[:] = [rename(name) if name else name for name in node.output]
-        copy.name = rename(node.name or node.op_type)
+        copy.name = rename(node.name or f"{node.op_type}_{node.output[0]}")  # unnamed nodes: unique names
         model.graph.node.append(copy)
     for init in post.initializers:
         copy = onnx.TensorProto()
