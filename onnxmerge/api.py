@@ -254,6 +254,8 @@ def _prepare(paths: list[str], calibration: str | None, options: MergeOptions):
     post-processing, the BatchNormalization mode used, the calibration set and the depth
     alignment (None when depths agree)."""
     named, post, bn = _cores(paths, options)
+    if options.heads == "shared":
+        _check_shared_postprocessing(paths, post)
     calib = _calibration(calibration, [core for _, core in named], options) if calibration else None
     depth = None
     structures = [] if options.align == "none" else _structures(named)
@@ -305,6 +307,15 @@ def _check_layout_names(paths: list[str], layouts: tuple[tuple[str, str], ...]) 
         if name not in names:
             raise RecipeError(f"--input-layout {name}={layout}: {name} is none of the models "
                               f"({', '.join(str(p) for p in paths)}); name a model as given or by its file name")
+
+
+def _check_shared_postprocessing(paths: list[str], post: list[PostProcessing]) -> None:
+    """Shared heads are one head for all models: what follows it must be the same."""
+    for path, tail in zip(paths[1:], post[1:]):
+        if tail.describe() != post[0].describe():
+            raise UnsupportedGraphError(
+                f"{path}: after its last weight layer it computes {tail.describe()} where {paths[0]} computes "
+                f"{post[0].describe()}; --heads shared needs the same output ops: use --heads separate")
 
 
 def _attach_postprocessing(merged: onnx.ModelProto, members: list[Member], post: list[PostProcessing],

@@ -2,7 +2,12 @@
 
 A model's floating-point graph outputs are its heads, in order; head i predicts the classes of
 task i (integer label outputs and ZipMap's maps are left out).
-Joint accuracy: argmax over all heads' outputs concatenated, mapped to global classes.
+Joint accuracy: argmax over all heads' outputs concatenated, mapped to global classes. Heads
+are compared on one scale: when they are all logits, all probabilities or all log-probabilities
+they are compared as they are; when the scales differ (one model ends in a Softmax, the other
+returns logits), each head becomes log-probabilities first (the log of probabilities, the
+log-softmax of logits). A head's rows are probabilities when they are non-negative and sum to 1,
+log-probabilities when their exponentials do.
 Per-task accuracy: on the samples of task i, argmax within head i. Average: mean over tasks.
 """
 
@@ -10,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+from scipy.special import log_softmax
 
 from .calib.capture import open_session
 from .errors import CalibrationError, RecipeError
@@ -89,7 +95,7 @@ def score(heads: list[np.ndarray], labels: np.ndarray, tasks: list[list[int]] | 
         raise RecipeError(f"--tasks gives {[len(t) for t in tasks]} classes per head but the heads have "
                           f"{[h.shape[1] for h in heads]}")
     classes = np.concatenate([np.asarray(t) for t in tasks])
-    joint = classes[np.concatenate(heads, axis=1).argmax(1)]
+    joint = classes[np.concatenate(_one_scale(heads), axis=1).argmax(1)]
     result = {"samples": int(len(labels)), "joint": float((joint == labels).mean()), "tasks": {}}
     for task, head in zip(tasks, heads):
         mask = np.isin(labels, task)
@@ -98,6 +104,27 @@ def score(heads: list[np.ndarray], labels: np.ndarray, tasks: list[list[int]] | 
             result["tasks"][_name(task)] = float((predicted == labels[mask]).mean())
     result["average"] = float(np.mean(list(result["tasks"].values()))) if result["tasks"] else float("nan")
     return result
+
+
+def _scale(head: np.ndarray) -> str:
+    """``probabilities``, ``log-probabilities`` or ``logits``: what a head's rows are."""
+    def sums_to_one(rows: np.ndarray) -> bool:
+        return bool((rows >= 0).all() and np.allclose(rows.sum(1), 1.0, atol=1e-3))
+
+    if sums_to_one(head):
+        return "probabilities"
+    return "log-probabilities" if (head <= 0).all() and sums_to_one(np.exp(head)) else "logits"
+
+
+def _one_scale(heads: list[np.ndarray]) -> list[np.ndarray]:
+    """The heads as they are when they share a scale, else each as log-probabilities."""
+    scales = [_scale(h) for h in heads]
+    if len(set(scales)) == 1:
+        return heads
+    tiny = np.finfo(np.float64).tiny
+    return [np.log(np.maximum(h.astype(np.float64), tiny)) if scale == "probabilities"
+            else log_softmax(h.astype(np.float64), axis=1) if scale == "logits" else h
+            for h, scale in zip(heads, scales)]
 
 
 def _name(task: list[int]) -> str:

@@ -353,6 +353,24 @@ class SqueezeExcite(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
+class ChunkGate(nn.Module):
+    """A gated residual block whose gates are ``chunk(3)`` of one conv (torch's legacy exporter
+    writes Shape -> Gather -> Add -> Div -> Mul -> Slice, canonicalised to constant Slices)."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.stem = _conv_bn(3, width)
+        self.conv2 = _conv_bn(width, 3 * width, act=None)
+        self.conv3 = _conv_bn(width, width, act=None)
+        self.fc = nn.Linear(width, NUM_CLASSES)
+
+    def forward(self, x):
+        x = self.stem(x)
+        e, f, g = self.conv2(x).chunk(3, dim=1)
+        x = self.conv3(torch.sigmoid(e + f) * g) + x
+        return self.fc(x.mean((2, 3)))
+
+
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     n, c, h, w = x.shape
     return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)

@@ -247,8 +247,20 @@ def canonical_attributes(graph: gs.Graph) -> int:
             default = -1 if node.op != "Flatten" and graph.opset >= 13 else 1
             axis = int(node.attrs.get("axis", default))
             node.attrs["axis"] = axis + _rank(node.inputs[0]) if axis < 0 else axis
+        elif node.op == "Slice":
+            count += _slice_axes(node)
         count += node.attrs != before
     return count
+
+
+def _slice_axes(node: gs.Node) -> bool:
+    """Slice axes non-negative (as the rule table and ``resize_constants`` read them)."""
+    axes = constant(node.inputs[3]) if len(node.inputs) > 3 else None
+    rank = _rank(node.inputs[0])
+    if axes is None or rank is None or (axes >= 0).all():
+        return False
+    node.inputs[3] = gs.Constant(node.inputs[3].name, (axes % rank).astype(axes.dtype))
+    return True
 
 
 def _conv_attributes(node: gs.Node) -> None:

@@ -1,12 +1,16 @@
-"""Post-processing after a classifier's scores, kept apart from the network while merging.
+"""Post-processing after a model's last weight layer, kept apart from the network while merging.
 
-skl2onnx writes a label output (ArgMax -> ArrayFeatureExtractor -> Reshape -> Cast) next to
-the probabilities, and with ``zipmap=True`` turns the probabilities into a sequence of maps
-(ZipMap). Those nodes compute nothing a merge could share: the network that merges is the
-part computing floating-point tensors (the core); post-processing is every node whose
-outputs are all non-float tensors or non-tensors and are read only by post-processing nodes
-or as graph outputs. The merged model computes each model's post-processing from that
-model's own scores, so each model keeps its label output (``label_m<i>``).
+What follows the last layer with parameters computes nothing a merge could share, and models
+of one architecture often differ there: scikit-learn's classifiers end in a Softmax, PyTorch
+models return logits, others end in a LogSoftmax or a Sigmoid. skl2onnx also writes a label
+output (ArgMax -> ArrayFeatureExtractor -> Reshape -> Cast) next to the probabilities, and
+with ``zipmap=True`` turns them into a sequence of maps (ZipMap). Post-processing is every
+node read only by post-processing nodes or as graph outputs that either outputs only
+non-float tensors or non-tensors (labels, maps), or is parameter-free and reads only outputs
+of layers with parameters or of such nodes (Softmax, LogSoftmax, Sigmoid, ArgMax, ...). The
+rest, the core, is the network that merges; the merged model computes each model's
+post-processing from that model's own scores, so each model keeps its outputs
+(``probabilities_m<i>``, ``label_m<i>``).
 """
 
 from __future__ import annotations
@@ -29,10 +33,20 @@ class PostProcessing:
     outputs: tuple[onnx.ValueInfoProto, ...] = ()
     opsets: tuple[onnx.OperatorSetIdProto, ...] = ()
     order: tuple[str, ...] = ()  # the model's outputs in order, after scores that were none
+    head: tuple[str, ...] = ()  # its floating-point ops (Softmax, ...) with their attributes
+
+    def describe(self) -> str:
+        """The floating-point ops after the last weight layer: what heads of one design share."""
+        return " -> ".join(self.head) or "nothing"
 
     def output_names(self, core: onnx.ModelProto) -> list[str]:
         """The outputs of ``core`` with this post-processing, in the original model's order."""
         return list(self.order) or [o.name for o in core.graph.output]
+
+
+def _signature(node: onnx.NodeProto) -> str:
+    values = [f"{a.name}={onnx.helper.get_attribute_value(a)!r}" for a in node.attribute]
+    return node.op_type + (f"({', '.join(sorted(values))})" if values else "")
 
 
 def _score_types(model: onnx.ModelProto) -> dict[str, bool]:
@@ -45,8 +59,33 @@ def _score_types(model: onnx.ModelProto) -> dict[str, bool]:
     return result
 
 
-def _postprocessing_nodes(model: onnx.ModelProto) -> set[int]:
+def _after_weights(model: onnx.ModelProto) -> set[int]:
+    """Parameter-free nodes reading only outputs of nodes with float parameters (weight
+    layers, normalisations) or of such nodes, and at least one of them."""
+    params = {init.name for init in model.graph.initializer if init.data_type in FLOATS}
+    constants = {init.name for init in model.graph.initializer}
+    derived: set[str] = set()
+    found = set()
+    for index, node in enumerate(model.graph.node):
+        dynamic = [name for name in node.input if name and name not in constants]
+        if any(name in params for name in node.input):
+            derived.update(node.output)
+        elif dynamic and all(name in derived for name in dynamic):
+            found.add(index)
+            derived.update(node.output)
+    return found
+
+
+def _non_float(model: onnx.ModelProto) -> set[int]:
+    """Nodes whose outputs are all non-float tensors or non-tensors; a tensor of unknown type
+    may be a score, so its node is not among them."""
     floats = _score_types(model)
+    return {index for index, node in enumerate(model.graph.node)
+            if any(node.output) and all(name in floats and not floats[name] for name in node.output if name)}
+
+
+def _postprocessing_nodes(model: onnx.ModelProto) -> set[int]:
+    candidates = _after_weights(model) | _non_float(model)
     consumers: dict[str, list[int]] = {}
     for index, node in enumerate(model.graph.node):
         for name in node.input:
@@ -54,16 +93,14 @@ def _postprocessing_nodes(model: onnx.ModelProto) -> set[int]:
     found: set[int] = set()
     for index in reversed(range(len(model.graph.node))):
         outputs = [name for name in model.graph.node[index].output if name]
-        # a tensor of unknown type may be a score: such a node stays in the core
-        if outputs and all(name in floats and not floats[name] for name in outputs) and all(
-                k in found for name in outputs for k in consumers.get(name, [])):
+        if index in candidates and all(k in found for name in outputs for k in consumers.get(name, [])):
             found.add(index)
     return found
 
 
 def split_postprocessing(model: onnx.ModelProto) -> tuple[onnx.ModelProto, PostProcessing]:
-    """The core of a canonical model (its floating-point network, with the scores the
-    post-processing reads as outputs) and the post-processing, which may be empty."""
+    """The core of a canonical model (its network up to the last layers with parameters, with
+    the scores the post-processing reads as outputs) and the post-processing, which may be empty."""
     tail = _postprocessing_nodes(model)
     if not tail:
         return model, PostProcessing()
@@ -71,28 +108,46 @@ def split_postprocessing(model: onnx.ModelProto) -> tuple[onnx.ModelProto, PostP
     nodes = [n for k, n in enumerate(graph.node) if k in tail]
     produced = {name for node in nodes for name in node.output}
     read = list(dict.fromkeys(name for node in nodes for name in node.input if name and name not in produced))
-    core_nodes = [n for k, n in enumerate(graph.node) if k not in tail]
     own = [init for init in graph.initializer if init.name in read]  # untied: read by the tail only
     own_names = {init.name for init in own}
     scores = [name for name in read if name not in own_names]
+    known = {v.name: v for v in list(graph.value_info) + list(graph.input) + list(graph.output)}
+    exposed = _exposed(model, tail)
+    core = _core(model, tail, own_names, [known[name] for name in scores])
+    post = PostProcessing(tuple(nodes), tuple(own), tuple(scores),
+                          tuple(o for o in graph.output if o.name in produced)
+                          + tuple(known[name] for name in exposed if name in produced),
+                          tuple(o for o in model.opset_import if o.domain not in ("", "ai.onnx")),
+                          tuple(exposed + [o.name for o in graph.output]),
+                          tuple(_signature(graph.node[k]) for k in sorted(tail - _non_float(model))))
+    return core, post
+
+
+def _exposed(model: onnx.ModelProto, tail: set[int]) -> list[str]:
+    """Floating-point tensors that labels or maps are computed from but that are no graph
+    output (the probabilities a ZipMap reads): each model's become outputs of the merged model."""
+    floats = _score_types(model)
+    hidden = {o.name for o in model.graph.output} | {init.name for init in model.graph.initializer}
+    return list(dict.fromkeys(name for k in sorted(tail & _non_float(model)) for name in model.graph.node[k].input
+                              if floats.get(name) and name not in hidden))
+
+
+def _core(model: onnx.ModelProto, tail: set[int], own: set[str], scores: list[onnx.ValueInfoProto]) -> onnx.ModelProto:
+    """The model without the ``tail`` nodes and the initializers only they read (``own``),
+    its outputs those the tail does not produce and the ``scores`` the tail reads."""
+    graph = model.graph
+    produced = {name for k in tail for name in graph.node[k].output}
     core = onnx.ModelProto()
     core.CopyFrom(model)
     del core.graph.node[:]
-    core.graph.node.extend(core_nodes)
-    kept_inits = [init for init in graph.initializer if init.name not in own_names]
+    core.graph.node.extend(n for k, n in enumerate(graph.node) if k not in tail)
     del core.graph.initializer[:]
-    core.graph.initializer.extend(kept_inits)
+    core.graph.initializer.extend(init for init in graph.initializer if init.name not in own)
     outputs = [o for o in graph.output if o.name not in produced]
-    known = {v.name: v for v in list(graph.value_info) + list(graph.input)}
-    outputs += [known[name] for name in scores if name not in {o.name for o in outputs} and name in known]
+    outputs += [o for o in scores if o.name not in {kept.name for kept in outputs}]
     del core.graph.output[:]
     core.graph.output.extend(outputs)
-    exposed = [name for name in scores if name not in {o.name for o in graph.output}]
-    post = PostProcessing(tuple(nodes), tuple(own), tuple(scores),
-                          tuple(o for o in graph.output if o.name in produced),
-                          tuple(o for o in model.opset_import if o.domain not in ("", "ai.onnx")),
-                          tuple(exposed + [o.name for o in graph.output]))
-    return core, post
+    return core
 
 
 def attach_postprocessing(model: onnx.ModelProto, post: PostProcessing, rename: Callable[[str], str]) -> None:
@@ -103,7 +158,7 @@ def attach_postprocessing(model: onnx.ModelProto, post: PostProcessing, rename: 
         copy.CopyFrom(node)
         copy.input[:] = [rename(name) if name else name for name in node.input]
         copy.output[:] = [rename(name) if name else name for name in node.output]
-        copy.name = rename(node.name or node.op_type)
+        copy.name = rename(node.name or f"{node.op_type}_{node.output[0]}")  # unnamed nodes: unique names
         model.graph.node.append(copy)
     for init in post.initializers:
         copy = onnx.TensorProto()

@@ -16,7 +16,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..graph.correspond import Correspondence
-from ..graph.layout import Layout, layout_width, leaves
+from ..graph.layout import Concat, Layout, layout_width, leaves
 from ..graph.rules import RULES, attr
 from ..graph.spaces import SpaceGraph
 from ..match.matching import Matching
@@ -243,34 +243,75 @@ def assemble(members: list[Member], split: TrunkSplit, matchings: dict[int, Matc
 
 def resize_constants(model: onnx.ModelProto, reference: SpaceGraph, leaf_width: Callable[[int], int]) -> None:
     """Make the width-bearing constants of nodes that come from ``reference``'s model agree
-    with new space widths (in place): Reshape targets, Split sizes and depthwise Conv groups.
-    Entries 0 and -1 of a Reshape target (copy, infer) stay."""
+    with new space widths (in place): Reshape targets, Split sizes, Slice bounds and depthwise
+    Conv groups. Entries 0 and -1 of a Reshape target (copy, infer) stay."""
     inits = {init.name: init for init in model.graph.initializer}
     layouts = reference.layouts
 
     def new_width(layout) -> int:
         return layout_width(layout, leaf_width)
 
+    def rewrite(name: str, change: Callable[[np.ndarray], None]) -> None:
+        value = numpy_helper.to_array(inits[name]).copy()
+        change(value)
+        inits[name].CopyFrom(numpy_helper.from_array(value, name))
+
     for node in model.graph.node:
         if node.op_type == "Reshape" and node.input[1] in inits and node.output[0] in layouts:
-            shape = numpy_helper.to_array(inits[node.input[1]]).copy()
-            for axis, layout in layouts[node.output[0]].items():
-                if shape[axis] > 0:
-                    shape[axis] = new_width(layout)
-            inits[node.input[1]].CopyFrom(numpy_helper.from_array(shape, node.input[1]))
+            rewrite(node.input[1], lambda shape, node=node: _resize_reshape(shape, layouts[node.output[0]], new_width))
         elif node.op_type == "Split" and len(node.input) > 1 and node.input[1] in inits:
-            axis = attr(node, "axis", 0)
-            sizes = numpy_helper.to_array(inits[node.input[1]]).copy()
-            for k, name in enumerate(node.output):
-                layout = next((v for a, v in layouts.get(name, {}).items() if a == axis or a - len(sizes) == axis), None)
-                if layout is not None:
-                    sizes[k] = new_width(layout)
-            inits[node.input[1]].CopyFrom(numpy_helper.from_array(sizes, node.input[1]))
+            rewrite(node.input[1], lambda sizes, node=node: _resize_split(node, sizes, layouts, new_width))
+        elif node.op_type == "Slice" and node.output[0] in layouts and all(n in inits for n in node.input[1:3]):
+            _resize_slice(node, inits, reference, leaf_width)
         elif node.op_type == "Conv" and node.input[1] in inits and inits[node.input[1]].dims[1] == 1:
             channels = layouts.get(node.input[0], {}).get(1)
             for attribute in node.attribute:
                 if attribute.name == "group" and attribute.i > 1 and channels is not None:
                     attribute.i = new_width(channels)
+
+
+def _resize_reshape(shape: np.ndarray, out: dict[int, Layout], new_width: Callable) -> None:
+    for axis, layout in out.items():
+        if shape[axis] > 0:
+            shape[axis] = new_width(layout)
+
+
+def _resize_split(node: onnx.NodeProto, sizes: np.ndarray, layouts: dict, new_width: Callable) -> None:
+    axis = attr(node, "axis", 0)
+    for k, name in enumerate(node.output):
+        layout = next((v for a, v in layouts.get(name, {}).items() if a == axis or a - len(sizes) == axis), None)
+        if layout is not None:
+            sizes[k] = new_width(layout)
+
+
+def _resize_slice(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto], reference: SpaceGraph,
+                  leaf_width: Callable[[int], int]) -> None:
+    """A contiguous slice of a tracked axis is a run of that axis's parts (the space is cut at
+    its bounds): its new bounds are the new widths of the parts before it and of the run.
+    Axes are non-negative (canonicalisation)."""
+    starts, ends = (numpy_helper.to_array(inits[name]).copy() for name in node.input[1:3])
+    axes = (numpy_helper.to_array(inits[node.input[3]]) if len(node.input) > 3 and node.input[3]
+            else range(len(starts)))
+    data, piece = reference.layouts.get(node.input[0], {}), reference.layouts[node.output[0]]
+    old_width = reference.table.widths.__getitem__
+    for k, axis in enumerate(int(a) for a in axes):
+        if axis not in data or axis not in piece:
+            continue
+        width = layout_width(data[axis], old_width)
+        start = min(max(int(starts[k]) + width if starts[k] < 0 else int(starts[k]), 0), width)
+        parts = _parts(data[axis])
+        before = np.cumsum([0] + [layout_width(p, old_width) for p in parts]).tolist().index(start)
+        starts[k] = sum(layout_width(p, leaf_width) for p in parts[:before])
+        ends[k] = starts[k] + layout_width(piece[axis], leaf_width)
+    for name, value in zip(node.input[1:3], (starts, ends)):
+        inits[name].CopyFrom(numpy_helper.from_array(value, name))
+
+
+def _parts(layout: Layout) -> list[Layout]:
+    """The consecutive parts of an axis: a Concat's, nested ones flattened."""
+    if isinstance(layout, Concat):
+        return [leaf for part in layout.parts for leaf in _parts(part)]
+    return [layout]
 
 
 def reference_widths(reference: Member, matchings: dict[int, Matching]) -> Callable[[int], int]:
