@@ -393,10 +393,10 @@ def _check_widths(members: list[Member], spaces, method) -> None:
         name = reference.graph.space(space).name
         if space in blocks and len(set(widths)) > 1:
             raise RecipeError(
-                f"space {name}: the models have {widths} groups (or attention heads) at node {blocks[space]!r}; "
-                "groups and heads are matched one to one whatever --method, so their counts must agree; merge "
-                "models of equal widths there (a depthwise conv with a channel multiplier has one group per "
-                "input channel)")
+                f"space {name}: the models have {widths} groups (or attention heads, or padded channels) at node "
+                f"{blocks[space]!r}; groups, heads and padded channels are matched one to one whatever --method, so "
+                "their counts must agree; merge models of equal widths there (a depthwise conv with a channel "
+                "multiplier has one group per input channel)")
         if not method.unequal_widths:
             require_equal_widths(widths, method.name, name)
 
