@@ -33,6 +33,7 @@ from .match.permute import permute as permute_features
 from .match.permute import require_equal_widths
 from .match.grid import assignments_of, match_grid
 from .match.matching import Matching
+from .match.weight import WeightParams, match_weights
 from .rewrite.apply import transform_parameters
 from .rewrite.heads import split_trunk, weight_layers
 from .rewrite.lift import insert_identities
@@ -378,8 +379,8 @@ def _plan(members: list[Member], split):
     reference = members[0]
     units, missing = plan_captures(reference.model, reference.graph, set(split.zipped))
     for space in sorted(missing):
-        log.warning("space %s appears in no capturable tensor; it is matched as identity",
-                    reference.graph.space(space).name)
+        log.info("space %s appears in no capturable tensor; it is matched from the weights",
+                 reference.graph.space(space).name)
     per_model = [[replace(u, spaces=tuple(m.space_of(s) for s in u.spaces), tensor=m.correspondence.tensors[u.tensor])
                   for u in units] for m in members]
     widths = [[int(np.prod([m.graph.table.widths[s] for s in mine.spaces])) for m, mine in zip(members, column)]
@@ -451,13 +452,27 @@ def _match(members: list[Member], split, units: list[CaptureUnit], stats: list, 
         for space, matching in _match_unit(reference, unit, unit_stats, run, matchings, blocks).items():
             matchings.setdefault(space, matching)
             tensors.setdefault(space, unit.tensor)
-    for space in sorted(set(split.zipped) - set(matchings)):
-        matchings[space] = Matching.identity([m.graph.table.widths[m.space_of(space)] for m in members])
+    matchings.update(_match_from_weights(members, sorted(set(split.zipped) - set(matchings)), matchings, options))
     rows = [{"space": reference.graph.space(space).name, "tensor": tensors.get(space),
              "widths": [m.graph.table.widths[m.space_of(space)] for m in members],
              "merged_width": matching.width, "mean_correlation": matching.mean_correlation,
              "within_model_merges": list(matching.within_model_merges)} for space, matching in sorted(matchings.items())]
     return matchings, rows
+
+
+def _match_from_weights(members: list[Member], spaces: list[int], matchings: dict[int, Matching],
+                        options: MergeOptions) -> dict[int, Matching]:
+    """Spaces no statistics matched (no capturable tensor shows them) are matched from the
+    weights, every other space's matching fixed: never left as the identity, which would
+    merge unrelated features."""
+    for space in spaces:
+        widths = [m.graph.table.widths[m.space_of(space)] for m in members]
+        if len(set(widths)) > 1:
+            raise UnsupportedGraphError(
+                f"space {members[0].graph.space(space).name} appears in no tensor the calibration can read, so it "
+                f"is matched from the weights, which needs equal widths, and the models have {widths}; merge "
+                "models of equal widths there")
+    return match_weights(members, spaces, WeightParams(seed=options.seed), fixed=matchings) if spaces else {}
 
 
 def _check_widths(members: list[Member], spaces, method) -> None:
@@ -471,10 +486,10 @@ def _check_widths(members: list[Member], spaces, method) -> None:
         name = reference.graph.space(space).name
         if space in blocks and len(set(widths)) > 1:
             raise RecipeError(
-                f"space {name}: the models have {widths} groups (or attention heads) at node {blocks[space]!r}; "
-                "groups and heads are matched one to one whatever --method, so their counts must agree; merge "
-                "models of equal widths there (a depthwise conv with a channel multiplier has one group per "
-                "input channel)")
+                f"space {name}: the models have {widths} groups (or attention heads, or padded channels) at node "
+                f"{blocks[space]!r}; groups, heads and padded channels are matched one to one whatever --method, so "
+                "their counts must agree; merge models of equal widths there (a depthwise conv with a channel "
+                "multiplier has one group per input channel)")
         if not method.unequal_widths:
             require_equal_widths(widths, method.name, name)
 

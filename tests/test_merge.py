@@ -320,3 +320,42 @@ def test_unequal_widths_with_a_width_keeping_method_are_one_error(tmp_path):
     onnx.checker.check_model(result.model, full_check=True)
     with pytest.raises(OnnxMergeError, match=r"--method weight needs equal widths .*; use --method zip"):
         api.merge(paths, options=api.MergeOptions(repair="none"))
+
+
+@pytest.mark.parametrize("name", ["resnet20_option_a", "pixel_shuffle"])
+def test_channel_pad_and_pixel_shuffle_near_the_input_merge_every_trunk_layer(zoo_files, tmp_path, name):
+    """Option-A zero-channel shortcuts and PixelShuffle are no barriers: every layer but the
+    classifier is zipped, and the merge with a permuted copy is the model."""
+    path, x, calib, (copy,) = permuted_copies(zoo_files, tmp_path, name, "legacy_bn")
+    for method in ("zip", "permute"):
+        result = api.merge([path, copy], calibration=calib, options=api.MergeOptions(method=method, repair="none"))
+        zipped, total = (int(k) for k in result.report["layers"].split()[:3:2])
+        assert zipped == total - 1, result.report["layers"]
+        expected = run_all(load_model(path), x)
+        outputs_close(expected + expected, run_all(result.model, x))
+
+
+@pytest.mark.parametrize("method", ["zip", "permute"])
+def test_a_space_no_tensor_shows_is_matched_from_the_weights(zoo_files, tmp_path, method):
+    """The pair space of a depthwise conv with channel multiplier 2 after a grouped conv shows
+    only inside a (group, channel, pair) grid that no capture reads; matched as the identity it
+    merged unrelated features of the permuted copy."""
+    from onnxmerge.calib.capture import plan_captures
+    from onnxmerge.graph.canonical import canonicalize
+    from onnxmerge.graph.spaces import find_spaces
+    path, x, calib, (copy,) = permuted_copies(zoo_files, tmp_path, "groups_in_groups", "legacy_bn")
+    canonical = canonicalize(load_model(path))
+    graph = find_spaces(canonical)
+    _, missing = plan_captures(canonical, graph, {s.id for s in graph.free_spaces})
+    assert [graph.table.widths[s] for s in missing] == [2]
+    result = api.merge([path, copy], calibration=calib, options=api.MergeOptions(method=method, repair="none"))
+    expected = run_all(load_model(path), x)
+    outputs_close(expected + expected, run_all(result.model, x))
+
+
+def test_unequal_widths_at_a_space_no_tensor_shows_are_one_error(zoo_files, tmp_path):
+    path, x = zoo_files.get("groups_in_groups", "legacy_bn")
+    save_model(api.widen(load_model(path), factor=2.0, seed=5), tmp_path / "wide.onnx")
+    np.save(tmp_path / "calib.npy", x)
+    with pytest.raises(OnnxMergeError, match="no tensor the calibration can read.*equal widths"):
+        api.merge([path, str(tmp_path / "wide.onnx")], calibration=str(tmp_path / "calib.npy"))

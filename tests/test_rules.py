@@ -155,6 +155,8 @@ def special_cases() -> dict[str, onnx.ModelProto]:
                            [const("ax", np.array([2], np.int64))]),
         "Pad": model([n("Pad", ["y", "pads"], ["z"], mode="reflect")],
                      [const("pads", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64))]),
+        "DepthToSpace": model([n("DepthToSpace", ["y"], ["z"], blocksize=2)], [], out_shape=(None, C // 4)),
+        "SpaceToDepth": model([n("SpaceToDepth", ["y"], ["z"], blocksize=2)], [], out_shape=(None, C * 4)),
         "Resize": model([n("Resize", ["y", "", "scales"], ["z"], mode="nearest")],
                         [const("scales", np.array([1, 1, 2, 2], np.float32))]),
         "Upsample": model([n("Upsample", ["y", "scales"], ["z"], mode="nearest")],
@@ -278,3 +280,61 @@ def test_channels_last_flatten_into_a_linear_layer():
     expected = run(m, x)
     np.testing.assert_allclose(run(api.permute(m, seed=5), x), expected,
                                atol=1e-4 * max(1.0, np.abs(expected).max()), rtol=0)
+
+
+def channel_pad(before: int, after: int, opset: int = 18) -> onnx.ModelProto:
+    """y -> Pad of the channel axis with zeros (ResNet option-A shortcut) -> z, plus the conv
+    branch y2 of the padded width, so the padded blocks meet a free space."""
+    n = helper.make_node
+    wide = C + before + after
+    pads = np.array([0, before, 0, 0, 0, after, 0, 0], np.int64)
+    if opset < 11:
+        pad_node, inits = n("Pad", ["y"], ["padded"], pads=[int(v) for v in pads]), []
+    else:
+        pad_node, inits = n("Pad", ["y", "pads"], ["padded"]), [const("pads", pads)]
+    nodes = [pad_node, n("Conv", ["x", "w3"], ["y2"], kernel_shape=[1, 1], name="conv3"), n("Add", ["padded", "y2"], ["z"])]
+    return model(nodes, inits + [const("w3", weights((wide, 8, 1, 1)))], out_shape=(None, wide), opset=opset)
+
+
+def depth_to_space(mode: str) -> onnx.ModelProto:
+    """y (16 channels) -> DepthToSpace(2) -> 4 channels -> a second conv, read by the head."""
+    n = helper.make_node
+    nodes = [n("DepthToSpace", ["y"], ["d"], blocksize=2, mode=mode), n("Conv", ["d", "w3"], ["z"], kernel_shape=[1, 1])]
+    return model(nodes, [const("w3", weights((6, C // 4, 1, 1)))], out_shape=(None, 6))
+
+
+CHANNEL_CASES = {"pad_both_sides": channel_pad(4, 4), "pad_after": channel_pad(0, 8),
+                 "pad_opset_10": channel_pad(4, 4, opset=10),
+                 "depth_to_space_dcr": depth_to_space("DCR"), "depth_to_space_crd": depth_to_space("CRD")}
+
+
+@pytest.mark.parametrize("case", sorted(CHANNEL_CASES))
+def test_channel_pad_and_depth_to_space_are_permuted_not_barriers(case):
+    """The permutation oracle where a Pad or DepthToSpace reorders the channel axis; the conv
+    before it must be permuted (a wrongly mapped space changes the output)."""
+    m = CHANNEL_CASES[case]
+    x = RNG.standard_normal((2, 8, 4, 4)).astype(np.float32)
+    canonical, graph = api.analyse(m)
+    assert graph.barriers == []
+    expected = run(m, x)
+    for seed in range(3):
+        permuted = api.permute(m, seed=seed)
+        np.testing.assert_allclose(run(permuted, x), expected, atol=1e-4 * max(1.0, np.abs(expected).max()), rtol=0)
+    weights_after = {i.name: numpy_helper.to_array(i) for i in permuted.graph.initializer}
+    assert not np.array_equal(numpy_helper.to_array(next(i for i in canonical.graph.initializer if i.name == "w1")),
+                              weights_after["w1"])
+
+
+def test_channel_pad_blocks_keep_their_width():
+    """The padded blocks are spaces of their own whose width the pads fix: never widened."""
+    _, graph = api.analyse(channel_pad(4, 4))
+    assert sorted(graph.table.widths[s] for s in graph.kept) == [4, 4]
+    assert graph.kept.keys() <= graph.block_spaces()
+
+
+@pytest.mark.parametrize("mode", ["reflect", "edge"])
+def test_channel_pad_copying_positions_is_a_barrier(mode):
+    m = channel_pad(4, 4)
+    next(node for node in m.graph.node if node.op_type == "Pad").attribute.append(helper.make_attribute("mode", mode))
+    _, graph = api.analyse(m)
+    assert graph.barriers[0].op == "Pad" and graph.barriers[0].reason.startswith(mode)

@@ -477,6 +477,78 @@ def _transformer(approx):
     return m
 
 
+class OptionABlock(nn.Module):
+    """CIFAR ResNet basic block with the option-A shortcut (He et al. 2016): where the width
+    doubles, the input is subsampled and padded with zero channels on both sides, no weights."""
+
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.pad = (cout - cin) // 2
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        if self.pad:
+            x = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+        return F.relu(out + x)
+
+
+class ResNet20A(nn.Module):
+    """ResNet-20 for CIFAR (3 stages of 3 option-A blocks at 16, 32, 64 channels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = _conv_bn(3, 16)
+        blocks, cin = [], 16
+        for cout in (16, 32, 64):
+            for k in range(3):
+                blocks.append(OptionABlock(cin, cout, 2 if k == 0 and cout != cin else 1))
+                cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(64, NUM_CLASSES)
+
+    def forward(self, x):
+        return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+class PixelShuffleNet(nn.Module):
+    """A sub-pixel upsampler (torch PixelShuffle, ONNX DepthToSpace CRD) near the input, then a
+    classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 32, 3, padding=1)
+        self.shuffle = nn.PixelShuffle(2)  # 32 channels at 16x16 -> 8 at 32x32
+        self.conv2 = _conv_bn(8, 16, stride=2)
+        self.conv3 = _conv_bn(16, 16)
+        self.fc = nn.Linear(16, NUM_CLASSES)
+
+    def forward(self, x):
+        x = self.conv3(self.conv2(F.relu(self.shuffle(self.conv1(x)))))
+        return self.fc(x.mean((2, 3)))
+
+
+class GroupsInGroups(nn.Module):
+    """A grouped conv, then a depthwise conv with channel multiplier 2 (as FastViT's patch
+    embeddings): the latter's output channels form (group, channel, pair) with a width-2 pair
+    space that no tensor shows on its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = _conv_bn(3, 8)
+        self.conv2 = _conv_bn(8, 16, groups=2)
+        self.conv3 = _conv_bn(16, 32, groups=16)
+        self.conv4 = _conv_bn(32, 16, k=1)
+        self.fc = nn.Linear(16, NUM_CLASSES)
+
+    def forward(self, x):
+        x = self.conv4(self.conv3(self.conv2(self.conv1(x))))
+        return self.fc(x.mean((2, 3)))
+
+
 IMG = (2, 3, 16, 16)
 
 _SPECS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
@@ -492,6 +564,9 @@ _SPECS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "squeeze_excite": (SqueezeExcite, IMG),
     "shufflenet": (ShuffleNet, IMG),
     "groupnorm_cnn": (GroupNormCNN, IMG),
+    "resnet20_option_a": (ResNet20A, IMG),
+    "pixel_shuffle": (PixelShuffleNet, IMG),
+    "groups_in_groups": (GroupsInGroups, IMG),
     "transformer": (lambda: _transformer("none"), (2, 8, 16)),
     "transformer_tanh_gelu": (lambda: _transformer("tanh"), (2, 8, 16)),
 }

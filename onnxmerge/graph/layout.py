@@ -22,8 +22,6 @@ from dataclasses import dataclass, field
 from math import prod
 from typing import Callable, Union
 
-import numpy as np
-
 
 @dataclass(frozen=True)
 class Atom:
@@ -110,41 +108,6 @@ def leaves(layout: Layout | None) -> list[int]:
         return [layout.space]
     children = layout.factors if isinstance(layout, Grid) else layout.parts
     return [s for child in children for s in leaves(child)]
-
-
-def feature_positions(layout: Factor, space: int, leaf_width: Callable[[int], int]) -> "np.ndarray | None":
-    """The positions of an axis with this layout that carry each feature of ``space``: an int
-    array [width of space, k] (row j: feature j's k positions, in an order that is the same for
-    every model with this layout), or None when the space is not in the layout."""
-    if layout is None or isinstance(layout, int):
-        return None
-    if isinstance(layout, Atom):
-        return np.arange(leaf_width(space)).reshape(-1, 1) if layout.space == space else None
-    if isinstance(layout, Grid):
-        sizes = [layout_width(f, leaf_width) for f in layout.factors]
-        found = [(k, feature_positions(f, space, leaf_width)) for k, f in enumerate(layout.factors)]
-        k, inner = next(((k, p) for k, p in found if p is not None), (None, None))
-        if inner is None:
-            return None
-        # each feature's positions in its factor, combined with every position of the others
-        index = np.indices(sizes[:k] + [1] + sizes[k + 1:]).reshape(len(sizes), -1)
-        flat = []
-        for feature in inner:  # [k positions of one feature]
-            combos = np.repeat(index, len(feature), axis=1)
-            combos[k] = np.tile(feature, index.shape[1])
-            flat.append(np.ravel_multi_index(tuple(combos), sizes))
-        return np.array(flat)
-    if not isinstance(layout, Concat | Interleave):
-        return None
-    parts = layout.parts
-    widths = [layout_width(p, leaf_width) for p in parts]
-    found = [(k, feature_positions(p, space, leaf_width)) for k, p in enumerate(parts)]
-    if isinstance(layout, Interleave):  # position i * g + k is position i of part k
-        pieces = [p * len(parts) + k for k, p in found if p is not None]
-    else:  # Concat: parts one after another
-        offsets = np.cumsum([0] + widths[:-1])
-        pieces = [p + offsets[k] for k, p in found if p is not None]
-    return np.concatenate(pieces, axis=1) if pieces else None
 
 
 class LayoutConflict(Exception):

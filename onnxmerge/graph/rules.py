@@ -41,6 +41,7 @@ class Context(Protocol):
     def mark_uniform(self, name: str) -> None: ...
     def fix(self, layout: Layout, reason: str) -> None: ...
     def mark_mixed(self, layout: Layout | None, reason: str) -> None: ...
+    def keep_width(self, layout: Layout) -> None: ...
 
 
 Handler = Callable[[onnx.NodeProto, Context], None]
@@ -541,13 +542,71 @@ def pool(node: onnx.NodeProto, ctx: Context) -> None:
 
 
 def same_size_axes(node: onnx.NodeProto, ctx: Context) -> None:
-    """Pad, Resize, Upsample: tracked axes must keep their size (no padding of channels)."""
+    """Resize, Upsample: tracked axes must keep their size."""
     x, out = node.input[0], node.output[0]
     layouts = ctx.layouts(x)
     for k in layouts:
         if ctx.shape(x)[k] != ctx.shape(out)[k]:
             raise LayoutConflict(f"{node.op_type} changes the size of tracked axis {k}")
     ctx.set_output(out, layouts)
+
+
+def pad(node: onnx.NodeProto, ctx: Context) -> None:
+    """Constant Pad: a padded tracked axis is a concat of constant blocks around the input (the
+    ResNet option-A shortcut pads channels with zeros). A block reads the same in any order, so
+    it is a space of its own, but the pads fix its width: it is permuted, never widened or zipped."""
+    x, out = node.input[0], node.output[0]
+    layouts = dict(ctx.layouts(x))
+    grown = [k for k in layouts if ctx.shape(x)[k] != ctx.shape(out)[k]]
+    if not grown:
+        ctx.set_output(out, layouts)
+        return
+    if attr(node, "mode", b"constant") != b"constant":
+        raise LayoutConflict(f"{attr(node, 'mode').decode()} Pad of tracked axis {grown[0]} copies its positions")
+    r = rank(ctx, x)
+    pads = const_ints(ctx, node, 1, "pads")
+    axes = [axis_of(a, r) for a in (const_ints(ctx, node, 3, "axes") or range(r))]
+    for k in grown:
+        before, after = pads[axes.index(k)], pads[axes.index(k) + len(axes)]
+        if before < 0 or after < 0:
+            raise LayoutConflict(f"Pad crops tracked axis {k}")
+        blocks = [ctx.new_space(w) if w else None for w in (before, after)]
+        for block in filter(None, blocks):
+            ctx.keep_width(block)
+        layouts[k] = Concat(tuple(p for p in (blocks[0], layouts[k], blocks[1]) if p is not None))
+    ctx.set_output(out, layouts)
+
+
+def depth_to_space(node: onnx.NodeProto, ctx: Context) -> None:
+    """DepthToSpace puts input channel (i*r + j)*C + c (DCR mode) or c*r*r + i*r + j (CRD) at
+    spatial offset (i, j) of output channel c: the input axis is the output's space replicated
+    r*r times, outer in DCR, inner in CRD."""
+    x, out = node.input[0], node.output[0]
+    layouts = _channels_only(node, ctx)
+    if 1 not in layouts:
+        ctx.set_output(out, layouts)
+        return
+    blocks = attr(node, "blocksize") ** 2
+    space = ctx.new_space(ctx.shape(x)[1] // blocks)
+    dcr = attr(node, "mode", b"DCR") == b"DCR"
+    ctx.unify(layouts[1], make_grid([blocks, space] if dcr else [space, blocks]))
+    ctx.set_output(out, {**layouts, 1: space})
+
+
+def space_to_depth(node: onnx.NodeProto, ctx: Context) -> None:
+    """SpaceToDepth, DepthToSpace's DCR inverse: output channel (i*r + j)*C + c is input channel
+    c at spatial offset (i, j), the input's space replicated r*r times."""
+    layouts = _channels_only(node, ctx)
+    blocks = attr(node, "blocksize") ** 2
+    ctx.set_output(node.output[0], {**layouts, 1: make_grid([blocks, layouts.get(1)])})
+
+
+def _channels_only(node: onnx.NodeProto, ctx: Context) -> dict[int, Layout]:
+    """The input's layouts when no spatial axis (which the op scrambles) is tracked."""
+    layouts = ctx.layouts(node.input[0])
+    if any(k > 1 for k in layouts):
+        raise LayoutConflict(f"{node.op_type} moves positions of a tracked spatial axis")
+    return layouts
 
 
 def no_channels(node: onnx.NodeProto, ctx: Context) -> None:
@@ -612,8 +671,11 @@ def _build() -> dict[str, Rule]:
         register(op, "reduce", keyed_by_position)
     for op in ("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"):
         register(op, "same-space", pool)
-    for op in ("Pad", "Resize", "Upsample"):
+    for op in ("Resize", "Upsample"):
         register(op, "same-space", same_size_axes)
+    register("Pad", "concat", pad)
+    register("DepthToSpace", "reshape", depth_to_space)
+    register("SpaceToDepth", "reshape", space_to_depth)
     for op in ("Shape", "Size", "Range"):
         register(op, "no-channels", no_channels)
     register("ConstantOfShape", "no-channels", uniform)

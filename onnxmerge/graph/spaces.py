@@ -63,19 +63,20 @@ class SpaceGraph:
     params: list[ParamUse]
     layouts: dict[str, dict[int, Layout]]
     mixed: dict[int, str] = field(default_factory=dict)  # spaces whose features ops combine
+    kept: dict[int, str] = field(default_factory=dict)  # spaces whose width an op fixes -> that node
 
     @property
     def free_spaces(self) -> list[Space]:
         return [s for s in self.spaces if not s.fixed]
 
     def block_spaces(self) -> set[int]:
-        """Spaces that index blocks of a grid (attention heads, conv groups): their count is
-        part of the architecture, so they are permuted, never widened or zipped."""
+        """Spaces whose width is part of the architecture: blocks of a grid (attention heads,
+        conv groups) and blocks a Pad writes. They are permuted, never widened or zipped."""
         return set(self.block_layers())
 
     def block_layers(self) -> dict[int, str]:
-        """Each block space with the name of a node whose parameters group by it."""
-        blocks: dict[int, str] = {}
+        """Each block space with the name of a node whose parameters group by it (or that pads it)."""
+        blocks: dict[int, str] = dict(self.kept)
         for use in self.params:
             if isinstance(use.layout, Grid):
                 atoms = [f for f in use.layout.factors if isinstance(f, Atom)]
@@ -127,6 +128,7 @@ class _Walk:
         self.touched: list[Layout] = []
         self.uniform: set[str] = set()
         self.mixed: list[tuple[Layout, str]] = []
+        self.kept: list[tuple[Layout, str]] = []
 
     # --- queries --------------------------------------------------------------------------
     def layouts_of(self, name: str) -> dict[int, Layout]:
@@ -155,6 +157,10 @@ class _Walk:
         reductions, contractions between activations): duplicating a feature changes them."""
         if layout is not None:
             self.mixed.append((layout, f"{reason} at {self.node}"))
+
+    def keep_width(self, layout: Layout) -> None:
+        """Record that this node fixes the width of these spaces (the blocks a Pad writes)."""
+        self.kept.append((layout, self.node))
 
     def is_uniform(self, name: str) -> bool:
         return name in self.uniform
@@ -280,4 +286,5 @@ def _assemble(walk: _Walk) -> SpaceGraph:
             if isinstance(layout, Atom):
                 spaces[layout.space].tensors.append((tensor, axis))
     mixed = {s: reason for layout, reason in walk.mixed for s in leaves(table.resolve(layout))}
-    return SpaceGraph(table, list(spaces.values()), walk.barriers, params, layouts, mixed)
+    kept = {s: node for layout, node in walk.kept for s in leaves(table.resolve(layout))}
+    return SpaceGraph(table, list(spaces.values()), walk.barriers, params, layouts, mixed, kept)

@@ -3,8 +3,13 @@ line up with model 0's, by coordinate descent over spaces.
 
 For one space s and model i, with every other space's permutation fixed, the best
 permutation maximises sum over the parameters touching s of <W_0, P W_i>: a Hungarian
-assignment on S = sum_k W_0(k) W_i(k)^T, where W(k) is parameter k with the axis of s first
-and every other axis flattened. Sweeps repeat until no permutation changes.
+assignment on S = sum_k W_0(k) W_i(k)^T, where W(k) is parameter k with the positions of s
+as rows (s may be one factor of a grid, one part of a concat) and every other position as
+columns. Sweeps repeat until no permutation changes.
+
+Spaces that other methods matched already (``fixed``) are not searched: both models'
+parameters are compared as the merge will combine them along those spaces, so a space no
+calibration tensor shows is matched from the weights around the matchings of its neighbours.
 """
 
 from __future__ import annotations
@@ -12,11 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from onnx import numpy_helper
 from scipy.optimize import linear_sum_assignment
 
-from ..graph.layout import Atom, Grid, feature_positions, leaves
-from ..rewrite.transform import Permutation, transform_axis
+from ..graph.layout import Atom, Concat, Grid, Interleave, Layout, layout_width, leaves
+from ..rewrite.apply import transformed_arrays
+from ..rewrite.transform import Linear, Permutation, Transform
 from .grid import block_scores
 from .matching import Matching
 
@@ -30,23 +35,28 @@ class WeightParams:
     seed: int = 0
 
 
-def match_weights(members, spaces: list[int], params: WeightParams = WeightParams()) -> dict[int, Matching]:
+def match_weights(members, spaces: list[int], params: WeightParams = WeightParams(),
+                  fixed: dict[int, Matching] | None = None) -> dict[int, Matching]:
     """Matchings of model 0's ``spaces`` (equal widths) from the weights alone.
 
     Args:
         members: ``rewrite.merge.Member`` list; model 0 is the reference.
         spaces: model 0's space ids to match.
+        params: see ``WeightParams``.
+        fixed: matchings of other spaces of model 0, kept as they are.
     """
+    fixed = fixed or {}
     reference = members[0]
-    arrays = [{i.name: numpy_helper.to_array(i).astype(np.float64) for i in m.model.graph.initializer} for m in members]
     touching = {s: [u for u in reference.graph.params if s in leaves(u.layout)] for s in spaces}
+    names = {u.name for uses in touching.values() for u in uses}
+    ours = _aligned(members, 0, {}, None, fixed, names)
     orders = [{s: np.arange(reference.graph.table.widths[s]) for s in spaces} for _ in members]
     rng = np.random.default_rng(params.seed)
     for i in range(1, len(members)):
         for _ in range(MAX_SWEEPS):
             changed = False
             for s in rng.permutation(spaces):
-                order = _best_order(members, arrays, i, int(s), touching[int(s)], orders[i])
+                order = _best_order(members, ours, i, int(s), touching[int(s)], orders[i], fixed)
                 if not np.array_equal(order, orders[i][int(s)]):
                     orders[i][int(s)], changed = order, True
             if not changed:
@@ -58,52 +68,90 @@ def match_weights(members, spaces: list[int], params: WeightParams = WeightParam
     return result
 
 
-def _best_order(members, arrays, i: int, space: int, uses, orders: dict[int, np.ndarray]) -> np.ndarray:
+def _best_order(members, ours: dict[str, np.ndarray], i: int, space: int, uses, orders: dict[int, np.ndarray],
+                fixed: dict[int, Matching]) -> np.ndarray:
     """Model i's feature order for ``space`` that best aligns its parameters with model 0's."""
     reference, member = members[0], members[i]
-    back = member.correspondence.reference_spaces
+    theirs = _aligned(members, i, orders, space, fixed, {member.correspondence.params[u.name] for u in uses})
     mine = {(u.name, u.axis): u for u in member.graph.params}
     width = reference.graph.table.widths[space]
     similarity = np.zeros((width, width))
     for use in uses:
-        name = member.correspondence.params[use.name]
-        value = arrays[i][name]
-        for other in member.graph.params:  # align every other space of this parameter first
-            if other.name == name:
-                value = transform_axis(value, other.axis, other.layout,
-                                       lambda s: _permutation(orders, back.get(s), space),
-                                       member.graph.table.width)
-        theirs_use = mine[(name, use.axis)]
+        other = mine[(member.correspondence.params[use.name], use.axis)]
         if _leads_grid(use.layout, space):  # blocks (heads, groups): scored by their best channel pairing
-            ours = np.moveaxis(arrays[0][use.name], use.axis, 0)
-            theirs = np.moveaxis(value, theirs_use.axis, 0)
-            cross = ours.reshape(len(ours), -1) @ theirs.reshape(len(theirs), -1).T
+            cross = _flat(ours[use.name], use.axis) @ _flat(theirs[other.name], other.axis).T
             similarity += block_scores(cross, width)
             continue
-        ours = _by_feature(arrays[0][use.name], use.axis, use.layout, space, reference.graph.table.widths.__getitem__)
-        theirs = _by_feature(value, theirs_use.axis, theirs_use.layout, member.space_of(space),
-                             member.graph.table.widths.__getitem__)
-        similarity += ours @ theirs.T
-    rows, cols = linear_sum_assignment(similarity, maximize=True)
-    return cols[np.argsort(rows)]
+        rows = _rows(ours[use.name], use.axis, use.layout, space, _widths(reference, fixed))
+        their_rows = _rows(theirs[other.name], other.axis, other.layout, member.space_of(space), _widths(member, fixed))
+        similarity += rows @ their_rows.T
+    assigned, cols = linear_sum_assignment(similarity, maximize=True)
+    return cols[np.argsort(assigned)]
 
 
-def _leads_grid(layout, space: int) -> bool:
-    """Whether the axis is a grid of ``space``'s blocks by a within-block space."""
+def _leads_grid(layout: Layout, space: int) -> bool:
+    """Whether the axis is a grid of ``space``'s blocks by a within-block space: then blocks are
+    compared whole, whatever order their channels are in (coordinate descent from the identity
+    would otherwise settle on blocks matched by position)."""
     return (isinstance(layout, Grid) and len(layout.factors) == 2 and layout.factors[0] == Atom(space)
             and isinstance(layout.factors[1], Atom))
 
 
-def _by_feature(array: np.ndarray, axis: int, layout, space: int, width) -> np.ndarray:
-    """[width of space, rest]: each feature's values, wherever the layout puts it on the axis
-    (a grid factor such as a head or a within-head channel, a part of a concat), in an order
-    every model shares."""
-    positions = feature_positions(layout, space, width)
-    values = np.take(np.moveaxis(array, axis, 0), positions, axis=0)  # [features, k, ...]
-    return values.reshape(positions.shape[0], -1)
+def _flat(array: np.ndarray, axis: int) -> np.ndarray:
+    moved = np.moveaxis(array, axis, 0)
+    return moved.reshape(moved.shape[0], -1)
 
 
-def _permutation(orders: dict[int, np.ndarray], space: int | None, skip: int) -> Permutation | None:
-    if space is None or space == skip or space not in orders:
-        return None
-    return Permutation(orders[space])
+def _aligned(members, i: int, orders: dict[int, np.ndarray], skip: int | None, fixed: dict[int, Matching],
+             names: set[str]) -> dict[str, np.ndarray]:
+    """Model i's parameters ``names`` (float64) in model 0's order along every space but
+    ``skip``: searched spaces in their current order, ``fixed`` ones merged as the merge will
+    (count * M_i on producers, U_i on consumers; model 0 is transformed alike)."""
+    member = members[i]
+    back = member.correspondence.reference_spaces
+
+    def transform_for(space: int, role: str) -> Transform | None:
+        reference_space = back.get(space)
+        if reference_space in fixed:
+            matching = fixed[reference_space]
+            if role == "producer":
+                return Linear(matching.merge[i] * len(members))
+            return Linear(matching.unmerge[i].T)
+        if reference_space == skip or reference_space not in orders:
+            return None
+        return Permutation(orders[reference_space])
+
+    arrays = transformed_arrays(member.model, member.graph, transform_for, names)
+    return {name: array.astype(np.float64) for name, array in arrays.items()}
+
+
+def _widths(member, fixed: dict[int, Matching]):
+    """Widths of an axis of ``member``'s parameters once ``_aligned`` merged its fixed spaces."""
+    back = member.correspondence.reference_spaces
+
+    def leaf(space: int) -> int:
+        matching = fixed.get(back.get(space))
+        return member.graph.table.widths[space] if matching is None else matching.width
+
+    return lambda layout: layout_width(layout, leaf)
+
+
+def _rows(array: np.ndarray, axis: int, layout: Layout, space: int, width_of) -> np.ndarray:
+    """The array as a (width of ``space``) x (everything else) matrix: one row per feature of
+    ``space`` wherever it occurs on the axis (a grid factor, a concat or interleave part)."""
+    if isinstance(layout, Atom):
+        return _flat(array, axis)
+    if isinstance(layout, Grid):
+        sizes = tuple(width_of(f) for f in layout.factors)
+        grid = array.reshape(array.shape[:axis] + sizes + array.shape[axis + 1:])
+        return np.hstack([_rows(grid, axis + k, f, space, width_of)
+                          for k, f in enumerate(layout.factors) if space in leaves(f)])
+    if isinstance(layout, Concat):
+        pieces = np.split(array, np.cumsum([width_of(p) for p in layout.parts])[:-1], axis=axis)
+        return np.hstack([_rows(piece, axis, p, space, width_of)
+                          for piece, p in zip(pieces, layout.parts) if space in leaves(p)])
+    if isinstance(layout, Interleave):
+        grid = array.reshape(array.shape[:axis] + (-1, len(layout.parts)) + array.shape[axis + 1:])
+        return np.hstack([_rows(np.take(grid, k, axis=axis + 1), axis, p, space, width_of)
+                          for k, p in enumerate(layout.parts) if space in leaves(p)])
+    raise ValueError(f"parameters cannot follow a {type(layout).__name__} layout")
