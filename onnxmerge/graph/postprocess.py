@@ -112,6 +112,8 @@ def split_postprocessing(model: onnx.ModelProto) -> tuple[onnx.ModelProto, PostP
     own_names = {init.name for init in own}
     scores = [name for name in read if name not in own_names]
     known = {v.name: v for v in list(graph.value_info) + list(graph.input) + list(graph.output)}
+    if any(name not in known for name in scores):  # untyped (after a custom op): keep it all in the core
+        return model, PostProcessing()
     exposed = _exposed(model, tail)
     core = _core(model, tail, own_names, [known[name] for name in scores])
     post = PostProcessing(tuple(nodes), tuple(own), tuple(scores),
