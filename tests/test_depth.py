@@ -15,13 +15,12 @@ from onnxmerge.graph.blocks import find_blocks
 from onnxmerge.io import load_model, save_model
 from tests import zoo
 from tests.test_rules import run_all
-from tests.test_zoo_oracles import outputs_close
+from tests.test_zoo_oracles import outputs_close, zoo_cases
 
 DEEPEN = [("mlp", "legacy_folded"), ("mlp", "dynamo"), ("vgg_bn", "legacy_bn"), ("vgg_bn", "dynamo"),
           ("resnet_basic", "legacy_bn"), ("resnet_basic", "dynamo"), ("resnet_bottleneck", "legacy_bn"),
           ("resnet_bottleneck", "legacy_folded"), ("transformer", "dynamo"), ("transformer", "legacy_bn"),
           ("transformer_tanh_gelu", "legacy_folded")]
-IDS = [f"{m}-{e}" for m, e in DEEPEN]
 
 
 def _units_per_stage(model) -> list[int]:
@@ -62,7 +61,7 @@ def test_cuts_are_dominators(zoo_files):
         assert cut in producers
 
 
-@pytest.mark.parametrize("name,exporter", DEEPEN, ids=IDS)
+@pytest.mark.parametrize("name,exporter", zoo_cases(DEEPEN))
 def test_deepen_preserves_outputs(zoo_files, name, exporter):
     path, x = zoo_files.get(name, exporter)
     model = load_model(path)

@@ -12,7 +12,7 @@ from onnxmerge import api
 from onnxmerge.errors import OnnxMergeError
 from onnxmerge.io import load_model, save_model
 from tests.test_rules import run_all, with_opset
-from tests.test_zoo_oracles import ALL, IDS, outputs_close
+from tests.test_zoo_oracles import ALL, CASES, IDS, outputs_close
 
 NO_REPAIR = api.MergeOptions(repair="none", method="permute")
 
@@ -30,7 +30,7 @@ def permuted_copies(zoo_files, tmp_path, name, exporter, seeds=(1,)):
 
 
 @pytest.mark.parametrize("method", ["permute", "zip"])
-@pytest.mark.parametrize("name,exporter", ALL, ids=IDS)
+@pytest.mark.parametrize("name,exporter", CASES)
 def test_merge_with_permuted_self_gives_self(zoo_files, tmp_path, name, exporter, method):
     path, x, calib, (copy,) = permuted_copies(zoo_files, tmp_path, name, exporter)
     result = api.merge([path, copy], calibration=calib, options=api.MergeOptions(method=method, repair="none"))

@@ -10,10 +10,10 @@ from onnxmerge import api
 from onnxmerge.errors import RecipeError
 from onnxmerge.io import load_model, save_model
 from tests.test_rules import run_all
-from tests.test_zoo_oracles import ALL, IDS, outputs_close
+from tests.test_zoo_oracles import CASES, outputs_close
 
 
-@pytest.mark.parametrize("name,exporter", ALL, ids=IDS)
+@pytest.mark.parametrize("name,exporter", CASES)
 def test_widen_preserves_outputs(zoo_files, name, exporter):
     path, x = zoo_files.get(name, exporter)
     model = load_model(path)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from tests import zoo
+from tests.test_zoo_oracles import zoo_cases
 
 BATCHES = (2, 3)
 
@@ -19,7 +20,7 @@ def _dim0(value_info) -> onnx.TensorShapeProto.Dimension:
     return value_info.type.tensor_type.shape.dim[0]
 
 
-@pytest.mark.parametrize("name,exporter", zoo.PAIRS, ids=[f"{m}-{e}" for m, e in zoo.PAIRS])
+@pytest.mark.parametrize("name,exporter", zoo_cases(zoo.PAIRS))
 def test_export_pair(name, exporter, tmp_path):
     path = tmp_path / f"{name}.onnx"
     out, sample = zoo.export(name, exporter, path)
@@ -101,7 +102,8 @@ def test_zoo_tables():
         assert m in zoo.TORCH_MODELS and e in zoo.EXPORTERS
     expected = {(m, e) for m in zoo.TORCH_MODELS for e in zoo.EXPORTERS} - set(zoo.KNOWN_EXCLUSIONS)
     assert set(zoo.PAIRS) == expected
-    assert zoo.HAS_BATCHNORM == required - {"mlp", "groupnorm_cnn", "transformer"}
+    assert zoo.HAS_BATCHNORM == {m for m in zoo.TORCH_MODELS
+                                 if any(isinstance(layer, torch.nn.BatchNorm2d) for layer in zoo.build(m)[0].modules())}
 
 
 def test_sklearn_mlp(tmp_path):

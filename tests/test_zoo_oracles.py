@@ -17,6 +17,16 @@ from tests.test_rules import run_all
 
 ALL = zoo.PAIRS + [("sklearn_mlp", "sklearn")]
 IDS = [f"{m}-{e}" for m, e in ALL]
+SLOW_EXPORTERS = ("dynamo",)  # the slowest exports: their rows of the zoo matrices run in the slow set
+
+
+def zoo_cases(pairs: list[tuple[str, str]] = ALL) -> list:
+    """(model, exporter) parameters, those of SLOW_EXPORTERS marked slow."""
+    return [pytest.param(m, e, id=f"{m}-{e}", marks=[pytest.mark.slow] if e in SLOW_EXPORTERS else [])
+            for m, e in pairs]
+
+
+CASES = zoo_cases()
 
 
 def outputs_close(expected: list[np.ndarray], got: list[np.ndarray], tolerance: float = 1e-4) -> None:
@@ -29,7 +39,7 @@ def outputs_close(expected: list[np.ndarray], got: list[np.ndarray], tolerance: 
             np.testing.assert_array_equal(b, a)
 
 
-@pytest.mark.parametrize("name,exporter", ALL, ids=IDS)
+@pytest.mark.parametrize("name,exporter", CASES)
 def test_permute_preserves_outputs(zoo_files, name, exporter):
     path, x = zoo_files.get(name, exporter)
     model = load_model(path)
