@@ -27,9 +27,9 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 TASKS = {"a": list(range(5)), "b": list(range(5, 10))}
 SIZE = 28            # images are upscaled from 8x8 to SIZE x SIZE (bilinear)
-SHIFT = 3.0          # random shift, up to this many pixels in x and y
+SHIFT = 4.0          # random shift, up to this many pixels in x and y
 ROTATE = 15.0        # random rotation, up to this many degrees either way
-NOISE = 0.2          # Gaussian noise std (pixels in [0, 1])
+NOISE = 0.3          # Gaussian noise std (pixels in [0, 1])
 COPIES = 4           # augmented copies of each training image
 WIDTHS = (16, 32, 64)
 EPOCHS = 4
