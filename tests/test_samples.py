@@ -23,3 +23,25 @@ def test_digits_main_job(tmp_path):
     depth = [name for name in rows if name.startswith(("depth", "VGG depth"))]
     assert len(depth) == 9 and all(rows[name] > rows["average"] for name in depth)
     assert len(list(tmp_path.glob("*.onnx"))) == 18
+
+
+def test_hard_sample_files():
+    """The shipped hard pair loads, its calibration and test files fit its input, and each model
+    alone scores far above chance (20 %) on its own task (no merging: see samples/hard/run.py)."""
+    import numpy as np
+    import onnx
+
+    from onnxmerge import api
+
+    hard = ROOT / "samples" / "hard"
+    calib, test = np.load(hard / "calib.npz"), np.load(hard / "test.npz")
+    assert calib["input"].shape == (500, 1, 28, 28) and calib["input"].dtype == np.float32
+    assert test["input"].shape[1:] == (1, 28, 28) and test["input"].dtype == np.float32
+    assert test["y"].shape == (len(test["input"]),) and set(test["y"].tolist()) == set(range(10))
+    for name, task in (("resnet_a", "0-4"), ("resnet_b", "5-9")):
+        model = onnx.load(str(hard / f"{name}.onnx"))
+        onnx.checker.check_model(model)
+        dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+        assert dims[1:] == [1, 28, 28] and isinstance(dims[0], str)  # dynamic batch axis
+        assert not any(node.op_type == "BatchNormalization" for node in model.graph.node)  # exported folded
+        assert api.evaluate([str(hard / f"{name}.onnx")], str(hard / "test.npz"), tasks=task)[0]["tasks"][task] > 0.9

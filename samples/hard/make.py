@@ -1,0 +1,149 @@
+"""Train the hard sample's models and write them with their data (run from the repo root).
+
+A harder pair than samples/digits (issue 11): scikit-learn's digits upscaled to 28x28 with random
+shifts, rotations and Gaussian noise, and two small three-stage ResNets with stride-2 stages,
+model A trained on classes 0-4 and model B on 5-9 from different seeds, exported in eval mode
+(BatchNormalization folded into the convs, as users export them). Writes into samples/hard/:
+  resnet_a.onnx, resnet_b.onnx  stem conv 3x3 + BN + ReLU, stages of 2 basic blocks at WIDTHS
+                                (the second and third start with stride 2 and a 1x1 conv
+                                shortcut), global average pool, linear head; tasks 0-4 / 5-9
+  calib.npz                     500 augmented training images of all classes, array "input"
+  test.npz                      the held-out images, augmented once ("input"), labels ("y")
+Deterministic (fixed seeds, one thread). Needs torch and scikit-learn: pip install -e .[cpu,torch,dev]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+TASKS = {"a": list(range(5)), "b": list(range(5, 10))}
+SIZE = 28            # images are upscaled from 8x8 to SIZE x SIZE (bilinear)
+SHIFT = 4.0          # random shift, up to this many pixels in x and y
+ROTATE = 15.0        # random rotation, up to this many degrees either way
+NOISE = 0.3          # Gaussian noise std (pixels in [0, 1])
+COPIES = 4           # augmented copies of each training image
+WIDTHS = (16, 32, 64)
+EPOCHS = 4
+MODELS = {"resnet_a": ("a", 1), "resnet_b": ("b", 2)}  # file stem -> (task, seed)
+
+
+class Block(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Identity() if stride == 1 and c_in == c_out else nn.Sequential(
+            nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """stem -> stages of 2 blocks at each width (stride 2 from the second) -> pool -> linear."""
+
+    def __init__(self, widths: tuple[int, ...] = WIDTHS, blocks: int = 2, classes: int = 5):
+        super().__init__()
+        layers = [nn.Conv2d(1, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()]
+        c_in = widths[0]
+        for stage, c_out in enumerate(widths):
+            for b in range(blocks):
+                layers.append(Block(c_in, c_out, 2 if stage and b == 0 else 1))
+                c_in = c_out
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, classes)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def augment(images: np.ndarray, copies: int, seed: int) -> np.ndarray:
+    """``copies`` augmented 1 x SIZE x SIZE float32 versions of each 8x8 image in [0, 1], copy-major."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.from_numpy(images).float()[:, None].repeat(copies, 1, 1, 1)
+    x = nn.functional.interpolate(x, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
+    n = len(x)
+    angle = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(ROTATE)
+    shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * SHIFT * 2 / SIZE  # grid units: [-1, 1] spans SIZE
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    x = nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    x = x + NOISE * torch.randn(x.shape, generator=generator)
+    return x.numpy().astype(np.float32)
+
+
+def data(seed: int = 0):
+    """Augmented training images and labels, augmented test images and labels."""
+    digits = load_digits()
+    x_train, x_test, y_train, y_test = train_test_split(digits.images / 16.0, digits.target, test_size=0.25,
+                                                        random_state=seed, stratify=digits.target)
+    return (augment(x_train, COPIES, seed=1), np.tile(y_train, COPIES),
+            augment(x_test, 1, seed=2), y_test)
+
+
+def train(model: nn.Module, x: np.ndarray, y: np.ndarray, classes: list[int], seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    mask = np.isin(y, classes)
+    inputs = torch.from_numpy(x[mask])
+    targets = torch.from_numpy(np.searchsorted(classes, y[mask]))
+    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+    steps = EPOCHS * math.ceil(len(inputs) / 64)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=3e-3, total_steps=steps)
+    model.train()
+    for _ in range(EPOCHS):
+        order = torch.randperm(len(inputs))
+        for start in range(0, len(order), 64):
+            batch = order[start:start + 64]
+            optimiser.zero_grad()
+            nn.functional.cross_entropy(model(inputs[batch]), targets[batch]).backward()
+            optimiser.step()
+            schedule.step()
+    return model.eval()
+
+
+def export(model: nn.Module, path: Path) -> None:
+    """Eval-mode export: the legacy exporter folds each BatchNormalization into its conv."""
+    torch.onnx.export(model, (torch.zeros(2, 1, SIZE, SIZE),), path, dynamo=False, opset_version=17,
+                      input_names=["input"], output_names=["output"],
+                      dynamic_axes={"input": {0: "N"}, "output": {0: "N"}})
+
+
+def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, classes: list[int]) -> float:
+    mask = np.isin(y, classes)
+    with torch.no_grad():
+        predicted = model(torch.from_numpy(x[mask])).argmax(1).numpy()
+    return float((np.asarray(classes)[predicted] == y[mask]).mean())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=HERE)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    x_train, y_train, x_test, y_test = data()
+    for name, (task, seed) in MODELS.items():
+        torch.manual_seed(seed)
+        model = train(ResNet(), x_train, y_train, TASKS[task], seed)
+        export(model, args.out / f"{name}.onnx")
+        print(f"{name}: task accuracy {accuracy(model, x_test, y_test, TASKS[task]):.3f}", flush=True)
+    pick = np.random.default_rng(0).choice(len(x_train), 500, replace=False)
+    np.savez_compressed(args.out / "calib.npz", input=x_train[pick])
+    np.savez_compressed(args.out / "test.npz", input=x_test, y=y_test)
+
+
+if __name__ == "__main__":
+    main()
