@@ -25,6 +25,7 @@ from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 from ..errors import UnsupportedGraphError
 from .layers import (CONVOLUTIONS, canonical_attributes, explicit_conv_biases, flatten_reshapes, fold_affine,
                      global_pools, matmul_to_gemm, normalize_gemm, output_channels, scale_output_channels)
+from .norms import layer_norms, with_layer_norm_opset
 from .quantized import dequantize
 from .surgery import bypass, constant, shape_target
 from .transposes import (compose_transposes, is_noop_reshape, layout_transposes_as_reshapes, merge_reshapes,
@@ -138,7 +139,7 @@ def untie_initializers(graph: gs.Graph) -> int:
 PASSES: tuple[Callable[[gs.Graph], int], ...] = (
     dequantize, drop_aliases, fold_constants, constant_reshape_targets,
     compose_transposes, push_transposes, layout_transposes_as_reshapes, merge_reshapes,
-    global_pools, flatten_reshapes, matmul_to_gemm, normalize_gemm, explicit_conv_biases, fold_affine,
+    layer_norms, global_pools, flatten_reshapes, matmul_to_gemm, normalize_gemm, explicit_conv_biases, fold_affine,
     canonical_attributes,
 )
 
@@ -155,7 +156,7 @@ def canonicalize(model: onnx.ModelProto, *, bn: str = "keep") -> onnx.ModelProto
     """
     if bn not in BN_MODES:
         raise UnsupportedGraphError(f"unknown BatchNormalization mode {bn!r}; use one of {BN_MODES}")
-    source = _constant_initializers(model)
+    source = with_layer_norm_opset(infer_shapes(_constant_initializers(model)))
     proto = source
     passes = PASSES + ((fold_batch_norm,) if bn == "fold" else ())
     # graphsurgeon warns about every non-tensor value (skl2onnx's ZipMap maps); they are fine
