@@ -34,10 +34,12 @@ class RMSNorm(nn.Module):
 
 class Encoder(nn.Module):
     """Pre-norm encoder layers on [N, T, D]; ``norm`` is LayerNorm or RMSNorm; heads split
-    by ``view(n, t, heads, head_dim)`` with the sizes read from the tensor."""
+    by ``view(n, t, heads, head_dim)`` with n and t read from the tensor, or as Hugging Face's
+    BERT does, ``view(*x.shape[:-1], -1, head_dim)`` (``infer_heads``)."""
 
-    def __init__(self, norm=nn.LayerNorm, fin: int = 16, layers: int = 2):
+    def __init__(self, norm=nn.LayerNorm, fin: int = 16, layers: int = 2, infer_heads: bool = False):
         super().__init__()
+        self.infer_heads = infer_heads
         self.embed = nn.Linear(fin, D)
         self.blocks = nn.ModuleList(nn.ModuleDict(dict(
             norm1=norm(D), q=nn.Linear(D, D), k=nn.Linear(D, D), v=nn.Linear(D, D), o=nn.Linear(D, D),
@@ -46,7 +48,12 @@ class Encoder(nn.Module):
         self.head = nn.Linear(D, 5)
 
     def heads(self, x):
+        if self.infer_heads:
+            return x.view(*x.shape[:-1], -1, D // HEADS).transpose(1, 2)
         return x.view(x.size(0), x.size(1), HEADS, D // HEADS).transpose(1, 2)
+
+    def joined(self, z):
+        return z.reshape(*z.shape[:2], -1) if self.infer_heads else z.reshape(z.size(0), z.size(1), D)
 
     def forward(self, x):
         x = self.embed(x)
@@ -54,7 +61,7 @@ class Encoder(nn.Module):
             y = b["norm1"](x)
             q, k, v = (self.heads(b[m](y)) for m in "qkv")
             z = (torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(D // HEADS), -1) @ v).transpose(1, 2)
-            x = x + b["o"](z.reshape(z.size(0), z.size(1), D))
+            x = x + b["o"](self.joined(z))
             x = x + b["fc2"](torch.relu(b["fc1"](b["norm2"](x))))
         return self.head(self.norm(x).mean(1))
 
@@ -71,10 +78,11 @@ def _randomized(model: nn.Module) -> nn.Module:
 
 def build(kind: str) -> nn.Module:
     torch.manual_seed(12)
-    return _randomized({"layernorm": lambda: Encoder(), "rmsnorm": lambda: Encoder(RMSNorm)}[kind]())
+    return _randomized({"layernorm": lambda: Encoder(), "rmsnorm": lambda: Encoder(RMSNorm),
+                        "bert": lambda: Encoder(infer_heads=True)}[kind]())
 
 
-SHAPES = {"layernorm": (2, 8, 16), "rmsnorm": (2, 8, 16)}
+SHAPES = {"layernorm": (2, 8, 16), "rmsnorm": (2, 8, 16), "bert": (2, 16, 16)}
 
 
 def export(model: nn.Module, shape: tuple, path, *, opset: int = 17, dynamo: bool = False,
@@ -181,3 +189,22 @@ class _MeanLast(nn.Module):
 
     def forward(self, x):
         return self.body(x).mean(-1)
+
+
+# --- 2. head reshapes whose targets are computed at run time ---------------------------------
+
+
+@pytest.mark.parametrize("exporter,dynamic", [("legacy17", (0,)), ("legacy17", (0, 1)), ("dynamo18", (0, 1))],
+                         ids=["legacy-batch", "legacy-batch+seq", "dynamo-batch+seq"])
+def test_run_time_head_reshapes_are_resolved(exporter, dynamic, tmp_path):
+    """``view(*x.shape[:-1], -1, head_dim)``: the target is Concat(Shape entries, -1, 8); its
+    batch and sequence entries copy the input's dimensions (0 in the constant target), so the
+    head count follows from the shape algebra and the heads are a grid, permuted whole and
+    within, with a sequence length other than the export's."""
+    path = export(build("bert"), SHAPES["bert"], tmp_path / "bert.onnx", opset=int(exporter[-2:]),
+                  dynamo=exporter.startswith("dynamo"), dynamic=dynamic)
+    _, graph = api.analyse(load_model(path))
+    assert not graph.barriers
+    assert sorted(graph.table.widths[s] for s in graph.block_spaces()) == [HEADS] * 2  # one per layer
+    x = inputs((2, 16 if dynamic == (0,) else 11, 16))
+    check_oracles(path, x, tmp_path=tmp_path)
