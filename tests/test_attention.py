@@ -208,3 +208,39 @@ def test_run_time_head_reshapes_are_resolved(exporter, dynamic, tmp_path):
     assert sorted(graph.table.widths[s] for s in graph.block_spaces()) == [HEADS] * 2  # one per layer
     x = inputs((2, 16 if dynamic == (0,) else 11, 16))
     check_oracles(path, x, tmp_path=tmp_path)
+
+
+# --- 3. the class token ----------------------------------------------------------------------
+
+
+class ClassToken(nn.Module):
+    """ViT's input: a constant [1, 1, D] token expanded over the batch and concatenated before
+    the patch embeddings along the sequence axis, plus positional embeddings."""
+
+    def __init__(self, patches: int = 4, fin: int = 12):
+        super().__init__()
+        self.embed = nn.Linear(fin, D)
+        self.cls = nn.Parameter(torch.randn(1, 1, D))
+        self.pos = nn.Parameter(0.5 * torch.randn(1, patches + 1, D))
+        self.norm = nn.LayerNorm(D)
+        self.fc = nn.Linear(D, D)
+        self.head = nn.Linear(D, 5)
+
+    def forward(self, x):
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), self.embed(x)], 1) + self.pos
+        x = x + self.fc(torch.relu(self.norm(x)))
+        return self.head(x[:, 0])
+
+
+@pytest.mark.parametrize("exporter", ["legacy17", "dynamo18"])
+def test_class_token_is_a_producer_of_the_channel_space(exporter, tmp_path):
+    """The expanded token's D axis is the embeddings' channel space (the token a producer of
+    it), not a barrier."""
+    torch.manual_seed(3)
+    path = export(_randomized(ClassToken()), (2, 4, 12), tmp_path / "vit.onnx", opset=int(exporter[-2:]),
+                  dynamo=exporter.startswith("dynamo"))
+    _, graph = api.analyse(load_model(path))
+    assert not graph.barriers
+    token = [use for use in graph.params if use.role == "producer" and use.name.endswith("cls")]
+    assert len(token) == 1 and token[0].axis == 2
+    check_oracles(path, inputs((2, 4, 12)), tmp_path=tmp_path)
