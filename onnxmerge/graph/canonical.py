@@ -25,6 +25,7 @@ from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 from ..errors import UnsupportedGraphError
 from .layers import (CONVOLUTIONS, canonical_attributes, explicit_conv_biases, flatten_reshapes, fold_affine,
                      global_pools, matmul_to_gemm, normalize_gemm, output_channels, scale_output_channels)
+from .norms import layer_norms, with_layer_norm_opset
 from .quantized import dequantize
 from .surgery import bypass, constant, shape_target
 from .transposes import (compose_transposes, is_noop_reshape, layout_transposes_as_reshapes, merge_reshapes,
@@ -69,18 +70,78 @@ def fold_constants(graph: gs.Graph) -> int:
 
 def constant_reshape_targets(graph: gs.Graph) -> int:
     """Reshape targets computed at run time (Shape -> Gather -> Concat, as the legacy torch
-    exporter writes for dynamic batches) become constants when inference knows every output
-    dimension but at most one: that one is written -1. Merging can then resize them."""
+    exporter writes for dynamic batches) become constants: the entries read from a tensor's
+    shape that copy the reshaped input's dimension at the same place are 0 (copy), the others
+    their constants (``copied_target``); failing that, the inferred output shape when it has
+    at most one unknown dimension, written -1. Merging can then resize them."""
     count = 0
     for node in graph.nodes:
         if node.op != "Reshape" or isinstance(node.inputs[1], gs.Constant):
             continue
-        target = shape_target(node.outputs[0], f"{node.outputs[0].name}_target")
+        copied = copied_target(node)
+        target = copied or shape_target(node.outputs[0], f"{node.outputs[0].name}_target")
         if target is None:
             continue
         node.inputs[1] = target
+        if copied is not None or not (target.values == 0).any():  # its 0 entries copy (dynamo writes allowzero=1)
+            node.attrs.pop("allowzero", None)
         count += 1
     return count
+
+
+def copied_target(node: gs.Node) -> gs.Constant | None:
+    """A Reshape's run-time target as a constant, from the shape algebra: each entry is a
+    constant or a dimension of some tensor; a known dimension is its size, an unknown one must
+    be the reshaped input's dimension at the entry's place (the same tensor and axis, or one
+    symbol of shape inference, which names equal sizes alike) and becomes 0, copy. A literal 0
+    (a copy, or with ``allowzero`` an empty axis) is left to run time."""
+    entries = _target_entries(node.inputs[1])
+    source = node.inputs[0].shape
+    if entries is None or source is None or 0 in entries:
+        return None
+    values = []
+    for place, entry in enumerate(entries):
+        if isinstance(entry, int):
+            values.append(entry)
+            continue
+        tensor, axis = entry
+        dim = tensor.shape[axis]
+        copies = place < len(source) and ((tensor is node.inputs[0] and axis == place)
+                                          or (isinstance(dim, str) and source[place] == dim))
+        if not isinstance(dim, int) and not copies:
+            return None
+        values.append(dim if isinstance(dim, int) else 0)
+    if values.count(-1) > 1:
+        return None
+    return gs.Constant(f"{node.outputs[0].name}_target", np.array(values, dtype=np.int64))
+
+
+def _target_entries(tensor: gs.Tensor) -> list[int | tuple[gs.Tensor, int]] | None:
+    """A 1-D shape tensor as entries: ints, or (tensor, axis) for a dimension read at run time
+    by Shape (with Gather, Slice, Unsqueeze, Concat); None for anything else."""
+    value = constant(tensor)
+    if value is not None:
+        return [int(v) for v in value.reshape(-1)] if value.ndim <= 1 else None
+    node = tensor.inputs[0] if len(tensor.inputs) == 1 else None
+    if node is None:
+        return None
+    if node.op == "Concat" and node.attrs.get("axis") in (0, -1):
+        parts = [_target_entries(t) for t in node.inputs]
+        return None if any(p is None for p in parts) else [e for p in parts for e in p]
+    if node.op == "Unsqueeze" and tensor.shape is not None and len(tensor.shape) == 1:
+        return _target_entries(node.inputs[0])
+    if node.op == "Shape" and node.inputs[0].shape is not None:
+        rank = len(node.inputs[0].shape)
+        return [(node.inputs[0], axis) for axis in range(rank)[node.attrs.get("start", 0):node.attrs.get("end", rank)]]
+    if node.op == "Gather" and node.attrs.get("axis", 0) == 0 and constant(node.inputs[1]) is not None:
+        dims = _target_entries(node.inputs[0])
+        return None if dims is None else [dims[int(i)] for i in constant(node.inputs[1]).reshape(-1)]
+    if node.op == "Slice" and all(constant(t) is not None for t in node.inputs[1:]):
+        dims = _target_entries(node.inputs[0])
+        bounds = [int(constant(t).reshape(-1)[0]) for t in node.inputs[1:3]]
+        steps = [int(constant(t).reshape(-1)[0]) for t in node.inputs[4:5]] or [1]
+        return None if dims is None else dims[bounds[0]:bounds[1]:steps[0]]
+    return None
 
 
 def fold_batch_norm(graph: gs.Graph) -> int:
@@ -138,7 +199,7 @@ def untie_initializers(graph: gs.Graph) -> int:
 PASSES: tuple[Callable[[gs.Graph], int], ...] = (
     dequantize, drop_aliases, fold_constants, constant_reshape_targets,
     compose_transposes, push_transposes, layout_transposes_as_reshapes, merge_reshapes,
-    global_pools, flatten_reshapes, matmul_to_gemm, normalize_gemm, explicit_conv_biases, fold_affine,
+    layer_norms, global_pools, flatten_reshapes, matmul_to_gemm, normalize_gemm, explicit_conv_biases, fold_affine,
     canonical_attributes,
 )
 
@@ -155,7 +216,7 @@ def canonicalize(model: onnx.ModelProto, *, bn: str = "keep") -> onnx.ModelProto
     """
     if bn not in BN_MODES:
         raise UnsupportedGraphError(f"unknown BatchNormalization mode {bn!r}; use one of {BN_MODES}")
-    source = _constant_initializers(model)
+    source = with_layer_norm_opset(infer_shapes(_constant_initializers(model)))
     proto = source
     passes = PASSES + ((fold_batch_norm,) if bn == "fold" else ())
     # graphsurgeon warns about every non-tensor value (skl2onnx's ZipMap maps); they are fine

@@ -20,6 +20,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .rules import SOFTMAXES
+from .spaces import find_spaces
 from .surgery import constant, fresh_variable, replacement, sole_consumer
 
 GLOBAL_POOLS = {"ReduceMean": "GlobalAveragePool", "ReduceMax": "GlobalMaxPool"}
@@ -165,11 +166,17 @@ def _per_channel(value: np.ndarray, rank: int, channels: int) -> np.ndarray | No
 def global_pools(graph: gs.Graph) -> int:
     """ReduceMean/ReduceMax over every spatial axis, or ReduceSum over them divided by their
     size (jax2onnx's mean), is GlobalAveragePool/GlobalMaxPool, followed by Flatten(axis=1)
-    when the reduced axes are dropped."""
+    when the reduced axes are dropped. A rank-3 tensor may be ``[N, T, D]`` with channels last
+    (transformers): its last axis is a pool's only where the rule table tracks no channels there."""
     count = 0
+    tracked: dict[str, dict] | None = None
     for node in list(graph.nodes):
         if not _over_spatial_axes(node):
             continue
+        if _rank(node.inputs[0]) == 3:
+            tracked = _tracked_axes(graph) if tracked is None else tracked
+            if 2 in tracked.get(node.inputs[0].name, {}):
+                continue
         if node.op == "ReduceSum":
             divide = sole_consumer(graph, node.outputs[0])
             if divide is None or not _divides_by(divide, node.outputs[0], _spatial_size(node.inputs[0])):
@@ -186,6 +193,11 @@ def global_pools(graph: gs.Graph) -> int:
             graph.nodes.append(gs.Node("Flatten", f"{node.name}_flatten", {"axis": 1}, [pooled], [result]))
         count += 1
     return count
+
+
+def _tracked_axes(graph: gs.Graph) -> dict[str, dict]:
+    """Each tensor's axes that carry channels, as the rule table finds them in ``graph``."""
+    return find_spaces(gs.export_onnx(graph.copy().toposort(), do_type_check=False)).layouts
 
 
 def _over_spatial_axes(node: gs.Node) -> bool:
@@ -243,8 +255,8 @@ def canonical_attributes(graph: gs.Graph) -> int:
         elif node.op == "BatchNormalization" and not node.attrs.get("training_mode", 0):
             node.attrs.pop("momentum", None)
             node.attrs.pop("training_mode", None)
-        elif node.op in (*SOFTMAXES, "Flatten") and _rank(node.inputs[0]) is not None:
-            default = -1 if node.op != "Flatten" and graph.opset >= 13 else 1
+        elif node.op in (*SOFTMAXES, "Flatten", "LayerNormalization") and _rank(node.inputs[0]) is not None:
+            default = 1 if node.op == "Flatten" or (node.op in SOFTMAXES and graph.opset < 13) else -1
             axis = int(node.attrs.get("axis", default))
             node.attrs["axis"] = axis + _rank(node.inputs[0]) if axis < 0 else axis
         elif node.op == "Slice":

@@ -39,6 +39,8 @@ class Context(Protocol):
     def opset(self) -> int: ...
     def is_uniform(self, name: str) -> bool: ...
     def mark_uniform(self, name: str) -> None: ...
+    def expanded(self, name: str) -> str | None: ...
+    def mark_expanded(self, name: str, source: str) -> None: ...
     def fix(self, layout: Layout, reason: str) -> None: ...
     def mark_mixed(self, layout: Layout | None, reason: str) -> None: ...
     def keep_width(self, layout: Layout) -> None: ...
@@ -128,8 +130,17 @@ def elementwise(node: onnx.NodeProto, ctx: Context) -> None:
 
 
 def first_input_broadcast(node: onnx.NodeProto, ctx: Context) -> None:
-    """Expand: input 1 is a shape, not data."""
+    """Expand: input 1 is a shape, not data. An expanded constant (a class token repeated over
+    the batch) is that constant's values: a Concat reads it as the constant (``constant_of``)."""
+    if ctx.const(node.input[0]) is not None:
+        ctx.mark_expanded(node.output[0], node.input[0])
     broadcast(node, ctx, [node.input[0]])
+
+
+def constant_of(ctx: Context, name: str) -> str | None:
+    """The constant whose values ``name`` holds: itself, or the constant an Expand repeated
+    (broadcast from the right, so its axes are the last ones)."""
+    return name if ctx.const(name) is not None else ctx.expanded(name)
 
 
 def batch_norm(node: onnx.NodeProto, ctx: Context) -> None:
@@ -328,13 +339,14 @@ def concat(node: onnx.NodeProto, ctx: Context) -> None:
     for k in range(r):
         if k == axis:
             continue
-        tracked = [ctx.layouts(n).get(k) for n in node.input if ctx.const(n) is None]
+        tracked = [ctx.layouts(n).get(k) for n in node.input if constant_of(ctx, n) is None]
         base = next((t for t in tracked if t is not None), None)
         for other in tracked:
             ctx.unify(base, other)
-        for name in node.input:
-            if ctx.const(name) is not None and ctx.const(name).shape[k] != 1:
-                ctx.param(name, k, base, "producer")
+        for source in filter(None, (constant_of(ctx, n) for n in node.input)):
+            j = k - (r - ctx.const(source).ndim)
+            if j >= 0 and ctx.const(source).shape[j] != 1:
+                ctx.param(source, j, base, "producer")
         result[k] = base
     if not any(ctx.layouts(n).get(axis) is not None for n in node.input):
         ctx.set_output(out, {k: v for k, v in result.items() if v is not None})

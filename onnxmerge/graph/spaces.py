@@ -127,6 +127,7 @@ class _Walk:
         self.node = ""
         self.touched: list[Layout] = []
         self.uniform: set[str] = set()
+        self._expanded: dict[str, str] = {}
         self.mixed: list[tuple[Layout, str]] = []
         self.kept: list[tuple[Layout, str]] = []
 
@@ -167,6 +168,12 @@ class _Walk:
 
     def mark_uniform(self, name: str) -> None:
         self.uniform.add(name)
+
+    def expanded(self, name: str) -> str | None:
+        return self._expanded.get(name)
+
+    def mark_expanded(self, name: str, source: str) -> None:
+        self._expanded[name] = source
 
     def width(self, layout) -> int:
         return self.table.width(layout)
