@@ -146,6 +146,7 @@ def main(argv=None) -> int:
     parser.add_argument("--resume", action="store_true", help="keep docs/zoo.json's finished rows")
     parser.add_argument("--render-only", action="store_true")
     parser.add_argument("--out", default=str(DOCS / "zoo.md"))
+    parser.add_argument("--store", default=str(DOCS / "zoo.json"), help="the JSON-lines results file")
     parser.add_argument("--worker", nargs=3, metavar=("MODEL", "EXPORTER", "JSONL"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -156,7 +157,7 @@ def main(argv=None) -> int:
 
     models = args.models.split(",") if args.models else list(pz.MODELS)
     exporters = args.exporters.split(",") if args.exporters else list(pz.EXPORTERS)
-    store = DOCS / "zoo.json"
+    store = Path(args.store)
     if not args.render_only:
         results = load_results(store) if args.resume else {}
         if not args.resume:
