@@ -1,0 +1,71 @@
+"""Oracles on public CNNs (torchvision, timm) with random weights: tests/public_zoo.py, issue 13.
+
+Slow (``python -m pytest -m slow tests/test_public_zoo.py``); needs the ``zoo`` extra
+(``pip install -e ".[cpu,torch,dev,zoo]"``) and is skipped without torchvision / timm.
+Outputs are compared by relative error, max |got - expected| / max |expected| <= 1e-4.
+``scripts/zoo_table.py`` runs the same matrix and writes docs/zoo.md.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from onnxmerge.errors import UnsupportedGraphError
+
+pytest.importorskip("torch")
+
+from tests import public_zoo as pz  # noqa: E402
+
+
+with pz.torchvision_shim():
+    pytest.importorskip("torchvision")
+
+pytestmark = pytest.mark.slow
+
+CASES = [(m, e, o) for m in pz.MODELS for e in pz.EXPORTERS for o in pz.ORACLES]
+
+
+class PublicZooFiles:
+    """Exports each (model, exporter, initialisation) once per session; remembers failures."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        self._cache: dict[tuple[str, str, int], str | BaseException] = {}
+
+    def get(self, name: str, exporter: str, seed: int = 0) -> str:
+        if pz.MODELS[name].library == "timm":
+            with pz.torchvision_shim():
+                pytest.importorskip("timm")
+        key = (name, exporter, seed)
+        if key not in self._cache:
+            try:
+                self._cache[key] = pz.export(name, exporter, self.folder / f"{name}_{exporter}_{seed}.onnx", seed)
+            except Exception as error:  # noqa: BLE001 - reported by every test that needs it
+                self._cache[key] = error
+        found = self._cache[key]
+        if isinstance(found, BaseException):
+            if exporter == "legacy_folded":   # the default export must work
+                raise found
+            pytest.skip(f"{exporter} export fails: {type(found).__name__}: {str(found).splitlines()[0][:200]}")
+        return found
+
+
+@pytest.fixture(scope="session")
+def public_zoo_files(tmp_path_factory) -> PublicZooFiles:
+    return PublicZooFiles(tmp_path_factory.mktemp("public_zoo"))
+
+
+@pytest.mark.parametrize("name,exporter,oracle", CASES, ids=[f"{m}-{e}-{o}" for m, e, o in CASES])
+def test_public_cnn_oracle(public_zoo_files, tmp_path, name, exporter, oracle):
+    path = public_zoo_files.get(name, exporter)
+    other = public_zoo_files.get(name, exporter, seed=1) if oracle == "merge_random" else None
+    try:
+        result = pz.run_oracle(oracle, path, pz.sample_input(name), tmp_path, other=other)
+    except UnsupportedGraphError as error:
+        if oracle == "deepen" and "no stage of repeated blocks" in str(error):
+            pytest.skip(str(error))
+        raise
+    if oracle == "merge_random":
+        print(f"{name}/{exporter}: {result.zipped} ({result.note})")
+    else:
+        assert result.ok, f"relative error {result.error:.2e} > {pz.TOLERANCE:g}"
