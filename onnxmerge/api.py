@@ -21,7 +21,7 @@ from .depth import describe as describe_alignment
 from .errors import CalibrationError, InvalidModelError, RecipeError, UnsupportedGraphError
 from .evaluate import load_test_data, parse_tasks, run_heads, score
 from .graph.blocks import BlockStructure, find_blocks, lines_up, regroup_like
-from .graph.canonical import canonicalize, fold_batch_norms, infer_shapes
+from .graph.canonical import canonicalize, infer_shapes
 from .graph.correspond import correspond
 from .graph.interface import channels_first_input, check_same_inputs, common_opset
 from .graph.postprocess import PostProcessing, attach_postprocessing, split_postprocessing

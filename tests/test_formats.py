@@ -14,7 +14,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxmerge import api
 from onnxmerge.cli import main
-from onnxmerge.errors import UnsupportedGraphError
 from onnxmerge.graph.canonical import canonicalize
 from onnxmerge.io import load_model, save_model
 from tests.test_rules import model, run_all
