@@ -580,6 +580,15 @@ def _repair(merged: onnx.ModelProto, members: list[Member], split, matchings, ca
     return repaired, f"REPAIR of {len(tensors)} tensors (on {ran}, {len(samples)} of {calib.num_samples} samples)", tensors
 
 
+def _identity_problem(canonical: onnx.ModelProto, structure: BlockStructure, stage: int) -> str | None:
+    """Why an identity copy of the stage's repeated unit cannot be built, or None when it can."""
+    try:
+        insert_identities(canonical, structure, [(stage, 0)], "deepen")
+    except UnsupportedGraphError as error:
+        return str(error)
+    return None
+
+
 def _record(model: onnx.ModelProto, paths: list[str], options: MergeOptions) -> None:
     """Store what produced the merged model in its metadata."""
     entries = {"onnxmerge.version": __version__, "onnxmerge.method": options.method,
@@ -611,15 +620,22 @@ def evaluate(paths: list[str], data: str, *, labels: str = "y", tasks: str | Non
 
 def deepen(model: onnx.ModelProto, *, blocks: int, seed: int = 0, bn: str = "keep") -> onnx.ModelProto:
     """A function-preserving copy of ``model`` with ``blocks`` identity units inserted at random
-    positions of its stages (each a copy of the stage's repeated unit with identity parameters)."""
+    positions of its stages (each a copy of the stage's repeated unit with identity parameters).
+    Stages whose repeated unit has no exact identity (a max pool, a concat, an activation of
+    possibly negative inputs on its only path) are skipped; an error names the first reason
+    when no stage has one."""
     if blocks < 1:
         raise RecipeError(f"--blocks {blocks}: insert at least one block")
     canonical = canonicalize(model, bn=bn)
     structure = find_blocks(canonical)
-    candidates = [(s, k) for s, (start, stop) in enumerate(structure.stage_ranges()) if stop - start > 1
-                  for k in range(stop - start)]
-    if not candidates:
+    stages = [s for s, (start, stop) in enumerate(structure.stage_ranges()) if stop - start > 1]
+    if not stages:
         raise UnsupportedGraphError("the model has no stage of repeated blocks to deepen (see onnxmerge inspect)")
+    reasons = {s: _identity_problem(canonical, structure, s) for s in stages}
+    if all(reasons.values()):
+        raise UnsupportedGraphError(f"no stage's repeated block has an exact identity: {reasons[stages[0]]}")
+    ranges = structure.stage_ranges()
+    candidates = [(s, k) for s in stages if not reasons[s] for k in range(ranges[s][1] - ranges[s][0])]
     rng = np.random.default_rng(seed)
     positions = [candidates[i] for i in rng.integers(len(candidates), size=blocks)]
     deeper = infer_shapes(insert_identities(canonical, structure, positions, "deepen"))

@@ -323,3 +323,35 @@ def test_a_lone_transformer_layer_merged_with_itself_lifted_gives_it_back(tmp_pa
         result = api.merge([str(lifted), lone_path], calibration=calib,
                            options=api.MergeOptions(align=method, method="permute", repair="none"))
         outputs_close(expected + expected, run_all(result.model, x))
+
+
+def _pooled_and_residual_stages(path) -> None:
+    """A stage of conv-ReLU-MaxPool blocks (no exact identity: a max pool spreads values) and
+    a stage of residual blocks (an identity: the branch zeroed)."""
+    import torch
+    from torch import nn
+
+    class Residual(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
+
+        def forward(self, x):
+            return torch.relu(x + self.b(torch.relu(self.a(x))))
+
+    torch.manual_seed(0)
+    pooled = [nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 1, 1)) for _ in range(3)]
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), *pooled, nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU(),
+                        *[Residual(32) for _ in range(3)], nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 5))
+    torch.onnx.export(net.eval(), (torch.zeros(1, 3, 16, 16),), path, dynamo=False, input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "N"}})
+
+
+def test_deepen_skips_stages_whose_block_has_no_identity(tmp_path):
+    _pooled_and_residual_stages(tmp_path / "m.onnx")
+    model = load_model(tmp_path / "m.onnx")
+    x = np.random.default_rng(0).standard_normal((4, 3, 16, 16)).astype(np.float32)
+    for seed in range(4):  # seeds 1 and 2 drew the max-pool stage before
+        deeper = api.deepen(model, blocks=2, seed=seed)
+        assert len(deeper.graph.node) > len(api.canonicalize(model).graph.node)
+        outputs_close(run_all(model, x), run_all(deeper, x))
