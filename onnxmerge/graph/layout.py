@@ -112,6 +112,14 @@ def leaves(layout: Layout | None) -> list[int]:
     return [s for child in children for s in leaves(child)]
 
 
+def nested(layout: Factor) -> list[Factor]:
+    """A layout and every layout inside it."""
+    if layout is None or isinstance(layout, int | Atom):
+        return [layout]
+    children = layout.factors if isinstance(layout, Grid) else layout.parts
+    return [layout, *(inner for child in children for inner in nested(child))]
+
+
 class LayoutConflict(Exception):
     """Two layouts that must be equal cannot be made equal (internal; becomes a barrier)."""
 

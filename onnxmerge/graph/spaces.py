@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .layout import Atom, Concat, Grid, Layout, LayoutConflict, SpaceTable, StackBody, Stacked, leaves
+from .layout import Atom, Concat, Grid, Layout, LayoutConflict, SpaceTable, StackBody, Stacked, leaves, nested
 from ..io import default_opset
 from .rules import RULES
 
@@ -211,7 +211,7 @@ class _Walk:
             return
         if name not in self.initializers:
             raise LayoutConflict(f"parameter {name!r} is not a constant")
-        if any(isinstance(v, Stacked | StackBody) for v in _nested(self.table.resolve(layout))):
+        if any(isinstance(v, Stacked | StackBody) for v in nested(self.table.resolve(layout))):
             raise LayoutConflict(f"parameter {name!r} varies along a stacked axis")
         self.touched.append(layout)
         self.params.append(ParamUse(name, axis, layout, role, self.node))
@@ -288,14 +288,6 @@ def find_spaces(model: onnx.ModelProto) -> SpaceGraph:
         if walk.selected <= selectors:
             return _assemble(walk)
         selectors |= walk.selected
-
-
-def _nested(layout: Layout | int | None) -> list:
-    """A layout and every layout inside it."""
-    if layout is None or isinstance(layout, int | Atom):
-        return [layout]
-    children = layout.factors if isinstance(layout, Grid) else layout.parts
-    return [layout, *(inner for child in children for inner in _nested(child))]
 
 
 def _walk(model: onnx.ModelProto, selectors: frozenset[SplitKey]) -> _Walk:
