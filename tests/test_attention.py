@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from onnxmerge import api
+from onnxmerge.graph.layout import Concat
+from onnxmerge.inspection import describe
 from onnxmerge.io import load_model, save_model
 from tests.test_rules import run_all
 from tests.test_zoo_oracles import outputs_close
@@ -243,4 +245,72 @@ def test_class_token_is_a_producer_of_the_channel_space(exporter, tmp_path):
     assert not graph.barriers
     token = [use for use in graph.params if use.role == "producer" and use.name.endswith("cls")]
     assert len(token) == 1 and token[0].axis == 2
+    check_oracles(path, inputs((2, 4, 12)), tmp_path=tmp_path)
+
+
+# --- 4. packed q/k/v projections -------------------------------------------------------------
+
+
+class PackedViT(nn.Module):
+    """ClassToken's input, then pre-norm blocks whose attention has one packed q/k/v
+    projection: ``nn.MultiheadAttention(batch_first=True)`` (``mha``: its [3D, D] in-projection
+    reshaped to (3, D) and picked, its out-projection on [T*B, D]) or timm's fused qkv Linear
+    reshaped to (B, N, 3, H, Dh), permuted and unbound (``timm``)."""
+
+    def __init__(self, attention: str, patches: int = 4, fin: int = 12, layers: int = 2):
+        super().__init__()
+        self.attention = attention
+        self.embed = nn.Linear(fin, D)
+        self.cls = nn.Parameter(torch.randn(1, 1, D))
+        self.pos = nn.Parameter(0.5 * torch.randn(1, patches + 1, D))
+        self.blocks = nn.ModuleList(nn.ModuleDict(dict(
+            norm1=nn.LayerNorm(D), mha=nn.MultiheadAttention(D, HEADS, batch_first=True), qkv=nn.Linear(D, 3 * D),
+            proj=nn.Linear(D, D), norm2=nn.LayerNorm(D), fc1=nn.Linear(D, 2 * D), fc2=nn.Linear(2 * D, D)))
+            for _ in range(layers))
+        self.norm = nn.LayerNorm(D)
+        self.head = nn.Linear(D, 5)
+
+    def fused(self, block: nn.ModuleDict, x):
+        n, t, _ = x.shape
+        q, k, v = block["qkv"](x).reshape(n, t, 3, HEADS, D // HEADS).permute(2, 0, 3, 1, 4).unbind(0)
+        z = torch.softmax(q @ k.transpose(-2, -1) * (D // HEADS) ** -0.5, -1) @ v
+        return block["proj"](z.transpose(1, 2).reshape(n, t, D))
+
+    def forward(self, x):
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), self.embed(x)], 1) + self.pos
+        for b in self.blocks:
+            y = b["norm1"](x)
+            x = x + (b["mha"](y, y, y, need_weights=False)[0] if self.attention == "mha" else self.fused(b, y))
+            x = x + b["fc2"](torch.relu(b["fc1"](b["norm2"](x))))
+        return self.head(self.norm(x)[:, 0])
+
+
+def packed_parts(graph) -> list[tuple]:
+    """The q, k, v parts of each packed projection's output axis, as (head, within-head) spaces."""
+    parts = []
+    for use in graph.params:
+        if use.role == "producer" and use.axis == 1 and isinstance(use.layout, Concat) and len(use.layout.parts) == 3:
+            parts.append([(g.factors[0].space, g.factors[1].space) for g in use.layout.parts])
+    return parts
+
+
+@pytest.mark.parametrize("exporter", ["legacy17", "dynamo18"])
+@pytest.mark.parametrize("attention", ["mha", "timm"])
+def test_packed_qkv_is_three_parts_of_heads(attention, exporter, tmp_path):
+    """The packed axis is Concat(q, k, v), each part (heads, head_dim): q and k share heads and
+    head_dim (their product is contracted), v has its own head_dim and the heads; the size-3
+    selector is no space, so no free space is narrower than the heads. The out-projection's
+    [T*B, D] rows and the heads reshaped through the batch are followed too."""
+    torch.manual_seed(5)
+    path = export(_randomized(PackedViT(attention)), (2, 4, 12), tmp_path / "vit.onnx", opset=int(exporter[-2:]),
+                  dynamo=exporter.startswith("dynamo"))
+    canonical, graph = api.analyse(load_model(path))
+    assert not graph.barriers
+    assert sorted(s.width for s in graph.free_spaces) == [HEADS] * 2 + [D // HEADS] * 4 + [D, 2 * D, 2 * D]
+    layers = packed_parts(graph)
+    assert len(layers) == 2
+    for (q_heads, q_dim), (k_heads, k_dim), (v_heads, v_dim) in layers:
+        assert q_heads == k_heads == v_heads and q_dim == k_dim != v_dim
+    report = describe(path, canonical, graph)
+    assert all(space["structured"] for space in report["spaces"] if space["width"] in (HEADS, D // HEADS))
     check_oracles(path, inputs((2, 4, 12)), tmp_path=tmp_path)

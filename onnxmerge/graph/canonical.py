@@ -25,6 +25,7 @@ from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 from ..errors import UnsupportedGraphError
 from .layers import (CONVOLUTIONS, canonical_attributes, explicit_conv_biases, flatten_reshapes, fold_affine,
                      global_pools, matmul_to_gemm, normalize_gemm, output_channels, scale_output_channels)
+from .merged_axes import gemm_on_merged_rows, heads_through_batch
 from .norms import layer_norms, with_layer_norm_opset
 from .quantized import dequantize
 from .surgery import bypass, constant, shape_target
@@ -199,8 +200,8 @@ def untie_initializers(graph: gs.Graph) -> int:
 PASSES: tuple[Callable[[gs.Graph], int], ...] = (
     dequantize, drop_aliases, fold_constants, constant_reshape_targets,
     compose_transposes, push_transposes, layout_transposes_as_reshapes, merge_reshapes,
-    layer_norms, global_pools, flatten_reshapes, matmul_to_gemm, normalize_gemm, explicit_conv_biases, fold_affine,
-    canonical_attributes,
+    heads_through_batch, layer_norms, global_pools, flatten_reshapes, matmul_to_gemm, normalize_gemm, explicit_conv_biases, fold_affine,
+    gemm_on_merged_rows, canonical_attributes,
 )
 
 

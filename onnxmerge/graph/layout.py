@@ -8,8 +8,10 @@ Compound layouts express the structure method.md §1 asks for:
 - ``Grid(factors)``: row-major product; an ``int`` factor is an untracked replica axis
   (Flatten of [C,H,W] is ``Grid((Atom(s), H*W))``; attention heads are ``Grid((Atom(h), Atom(d)))``).
 - ``Interleave(parts)``: position i*g + k is feature i of part k (a channel shuffle).
-- ``Stacked(parts)`` / ``StackBody(parts)``: the two axes of a Concat reshaped to (g, c); they
-  only exist between the Reshape and Transpose of a channel shuffle.
+- ``Stacked(parts)`` / ``StackBody(parts)``: the two axes of a Concat reshaped to (g, c): the
+  Reshape and Transpose of a channel shuffle, or a packed q/k/v projection reshaped to
+  (3, D) until constant picks along the g axis (the selector) take its parts apart: each
+  StackBody axis of the tensor then holds the picked parts' structure.
 
 A space may later be *refined*: when a Split cuts it, or a Reshape splits it into heads, its
 permutations are restricted to block or Kronecker form, recorded as a layout over new spaces.
@@ -108,6 +110,14 @@ def leaves(layout: Layout | None) -> list[int]:
         return [layout.space]
     children = layout.factors if isinstance(layout, Grid) else layout.parts
     return [s for child in children for s in leaves(child)]
+
+
+def nested(layout: Factor) -> list[Factor]:
+    """A layout and every layout inside it."""
+    if layout is None or isinstance(layout, int | Atom):
+        return [layout]
+    children = layout.factors if isinstance(layout, Grid) else layout.parts
+    return [layout, *(inner for child in children for inner in nested(child))]
 
 
 class LayoutConflict(Exception):
@@ -250,6 +260,9 @@ class SpaceTable:
             if len({self.width(p) for p in factor.parts}) != 1:
                 raise LayoutConflict("reshaping a concat of unequal parts")
             return Stacked(factor.parts), StackBody(factor.parts)
+        if isinstance(factor, StackBody):  # each part alike: (3, D) -> (3, heads, head_dim)
+            halves = [self.split_factor(part, size) for part in factor.parts]
+            return StackBody(tuple(o for o, _ in halves)), StackBody(tuple(i for _, i in halves))
         if isinstance(factor, Grid):
             raise LayoutConflict("splitting a grid factor across axes")
         raise LayoutConflict(f"cannot split {type(factor).__name__} across axes")

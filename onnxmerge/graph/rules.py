@@ -44,6 +44,7 @@ class Context(Protocol):
     def fix(self, layout: Layout, reason: str) -> None: ...
     def mark_mixed(self, layout: Layout | None, reason: str) -> None: ...
     def keep_width(self, layout: Layout) -> None: ...
+    def select(self, layout: Layout) -> None: ...
 
 
 Handler = Callable[[onnx.NodeProto, Context], None]
@@ -322,10 +323,36 @@ def gather(node: onnx.NodeProto, ctx: Context) -> None:
         ctx.set_output(node.output[0], {rank(ctx, node.output[0]) - 1: fresh})
         return
     layouts = ctx.layouts(data)
-    if layouts.get(axis) is not None:
-        raise LayoutConflict("Gather along a tracked channel axis")
     shift = rank(ctx, indices) - 1
+    if isinstance(layouts.get(axis), Stacked):
+        index = ctx.const(indices)
+        if index is None or index.ndim > 1:
+            raise LayoutConflict("Gather of parts by indices that are not a constant scalar or vector")
+        layouts = picked(layouts, axis, [int(i) for i in index.reshape(-1)])
+    elif layouts.get(axis) is not None:
+        ctx.select(layouts[axis])
+        raise LayoutConflict("Gather along a tracked channel axis")
     ctx.set_output(node.output[0], {(k if k < axis else k + shift): v for k, v in layouts.items()})
+
+
+def picked(layouts: dict[int, Layout], axis: int, indices: list[int]) -> dict[int, Layout]:
+    """The layouts after taking positions ``indices`` of a Stacked axis (a selector: the q, k
+    and v of a packed projection): each StackBody axis holds the picked parts, one part as
+    itself; the selector keeps the picked parts' order, or is untracked for one pick."""
+    if [k for k, v in layouts.items() if isinstance(v, Stacked)] != [axis]:
+        raise LayoutConflict("picks from a tensor with several stacked axes")
+    width = len(layouts[axis].parts)
+    if any(not -width <= i < width for i in indices):
+        raise LayoutConflict("picks outside the stacked axis")
+    result = {}
+    for k, layout in layouts.items():
+        if not isinstance(layout, Stacked | StackBody):
+            result[k] = layout
+        elif len(indices) > 1:
+            result[k] = type(layout)(tuple(layout.parts[i] for i in indices))
+        elif k != axis:
+            result[k] = layout.parts[indices[0]]
+    return result
 
 
 # --- structure: concat, split, slice, reshape, transpose -----------------------------------
@@ -372,6 +399,13 @@ def split(node: onnx.NodeProto, ctx: Context) -> None:
     if any(not isinstance(s, int) for s in sizes):
         raise LayoutConflict("Split sizes unknown")
     layouts = ctx.layouts(x)
+    if isinstance(layouts.get(axis), Stacked):
+        bounds = np.cumsum([0, *sizes]).tolist()
+        for name, start, end in zip(node.output, bounds, bounds[1:]):
+            ctx.set_output(name, picked(layouts, axis, list(range(start, end))))
+        return
+    if layouts.get(axis) is not None:
+        ctx.select(layouts[axis])
     pieces = ctx.cut(layouts.get(axis), sizes)
     for name, piece in zip(node.output, pieces):
         out = {k: v for k, v in layouts.items() if k != axis}
@@ -393,6 +427,10 @@ def slice_(node: onnx.NodeProto, ctx: Context) -> None:
         axis = axis_of(axis, r)
         if layouts.get(axis) is None:
             continue
+        if isinstance(layouts[axis], Stacked):
+            layouts = picked(layouts, axis, list(range(ctx.shape(x)[axis]))[start:end:step])
+            continue
+        ctx.select(layouts[axis])
         if step != 1:
             raise LayoutConflict("strided Slice of a tracked channel axis")
         width = ctx.shape(x)[axis]

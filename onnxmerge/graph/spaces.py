@@ -9,11 +9,12 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .layout import Atom, Grid, Layout, LayoutConflict, SpaceTable, leaves
+from .layout import Atom, Concat, Grid, Layout, LayoutConflict, SpaceTable, StackBody, Stacked, leaves, nested
 from ..io import default_opset
 from .rules import RULES
 
 Dim = int | str | None
+SplitKey = tuple[str, int]  # a node and the count of reshape splits it made before
 
 
 @dataclass(frozen=True)
@@ -115,8 +116,12 @@ def node_label(node: onnx.NodeProto, index: int) -> str:
 class _Walk:
     """The Context the rules see, for one graph walk."""
 
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, selectors: frozenset[SplitKey]):
         self.table = SpaceTable()
+        self.selectors = selectors
+        self.selected: set[SplitKey] = set()  # splits this walk found picked from
+        self._outer: dict[int, SplitKey] = {}  # outer factors of reshape splits -> their split
+        self.splits = 0
         self.shapes = tensor_shapes(model)
         self.initializers = {init.name: init for init in model.graph.initializer}
         self._arrays: dict[str, np.ndarray] = {}
@@ -206,6 +211,8 @@ class _Walk:
             return
         if name not in self.initializers:
             raise LayoutConflict(f"parameter {name!r} is not a constant")
+        if any(isinstance(v, Stacked | StackBody) for v in nested(self.table.resolve(layout))):
+            raise LayoutConflict(f"parameter {name!r} varies along a stacked axis")
         self.touched.append(layout)
         self.params.append(ParamUse(name, axis, layout, role, self.node))
 
@@ -214,8 +221,30 @@ class _Walk:
             return None, None
         return self.table.split_factor(layout, groups)
 
-    def split_factor(self, factor, size: int):
-        return self.table.split_factor(factor, size)
+    def split_factor(self, factor: Layout | int, size: int) -> tuple[Layout | int, Layout | int]:
+        """A reshape splits ``factor`` into an outer axis of ``size`` and the rest: a grid, or
+        for a split picked from on an earlier walk (``selectors``) a stack of equal parts, a
+        concat whose parts keep their width (the reshape holds one width for all of them)."""
+        key, factor = (self.node, self.splits), self.table.resolve(factor)
+        self.splits += 1
+        if key in self.selectors and isinstance(factor, Atom):
+            parts = Concat(tuple(self.table.cut(factor, [self.width(factor) // size] * size)))
+            self.keep_width(parts)
+            return self.table.split_factor(parts, size)
+        outer, inner = self.table.split_factor(factor, size)
+        if isinstance(factor, Atom):
+            self._outer[outer.space] = key
+        return outer, inner
+
+    def select(self, layout: Layout) -> None:
+        """Constant picks along an axis of this layout. The outer factor of a reshape's split
+        (q, k, v of a packed projection) is a selector, not a space: the split is redone as a
+        stack of parts on the next walk, and this one raises."""
+        resolved = self.table.resolve(layout)
+        splits = {self.table.find(space): key for space, key in self._outer.items()}
+        if isinstance(resolved, Atom) and resolved.space in splits:
+            self.selected.add(splits[resolved.space])
+            raise LayoutConflict("picks along the outer factor of a reshape (a selector; the next walk stacks it)")
 
     def cut(self, layout: Layout | None, sizes: list[int]):
         return self.table.cut(layout, sizes)
@@ -253,10 +282,19 @@ def find_spaces(model: onnx.ModelProto) -> SpaceGraph:
     Returns:
         The spaces, barriers and parameter uses. Graph outputs are fixed spaces.
     """
-    walk = _Walk(model)
+    selectors: frozenset[SplitKey] = frozenset()
+    while True:  # each walk that meets new selectors is redone knowing them
+        walk = _walk(model, selectors)
+        if walk.selected <= selectors:
+            return _assemble(walk)
+        selectors |= walk.selected
+
+
+def _walk(model: onnx.ModelProto, selectors: frozenset[SplitKey]) -> _Walk:
+    walk = _Walk(model, selectors)
     ctx = _RuleContext(walk)
     for index, node in enumerate(model.graph.node):
-        walk.node, walk.touched = node_label(node, index), []
+        walk.node, walk.touched, walk.splits = node_label(node, index), [], 0
         op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
         rule = RULES.get(op)
         if rule is None:
@@ -272,7 +310,7 @@ def find_spaces(model: onnx.ModelProto) -> SpaceGraph:
     for output in model.graph.output:
         for layout in walk.layouts_of(output.name).values():
             walk.table.fix(layout, f"graph output {output.name}")
-    return _assemble(walk)
+    return walk
 
 
 def _assemble(walk: _Walk) -> SpaceGraph:
