@@ -64,6 +64,7 @@ class SpaceGraph:
     layouts: dict[str, dict[int, Layout]]
     mixed: dict[int, str] = field(default_factory=dict)  # spaces whose features ops combine
     kept: dict[int, str] = field(default_factory=dict)  # spaces whose width an op fixes -> that node
+    outputs: frozenset[int] = frozenset()  # spaces fixed only because a graph output shows them
 
     @property
     def free_spaces(self) -> list[Space]:
@@ -251,7 +252,8 @@ def find_spaces(model: onnx.ModelProto) -> SpaceGraph:
             one node input, shapes inferred). It is not modified.
 
     Returns:
-        The spaces, barriers and parameter uses. Graph outputs are fixed spaces.
+        The spaces, barriers and parameter uses. Graph outputs are fixed spaces; those fixed
+        for no other reason are listed in ``SpaceGraph.outputs``.
     """
     walk = _Walk(model)
     ctx = _RuleContext(walk)
@@ -269,13 +271,14 @@ def find_spaces(model: onnx.ModelProto) -> SpaceGraph:
             rule.handler(node, ctx)
         except LayoutConflict as conflict:
             walk.barrier(node, str(conflict))
-    for output in model.graph.output:
-        for layout in walk.layouts_of(output.name).values():
-            walk.table.fix(layout, f"graph output {output.name}")
-    return _assemble(walk)
+    reasons = {output.name: f"graph output {output.name}" for output in model.graph.output}
+    for name, reason in reasons.items():
+        for layout in walk.layouts_of(name).values():
+            walk.table.fix(layout, reason)
+    return _assemble(walk, set(reasons.values()))
 
 
-def _assemble(walk: _Walk) -> SpaceGraph:
+def _assemble(walk: _Walk, output_reasons: set[str]) -> SpaceGraph:
     table = walk.table
     params = [ParamUse(p.name, p.axis, table.resolve(p.layout), p.role, p.node) for p in walk.params]
     layouts = {t: {k: table.resolve(v) for k, v in axes.items()} for t, axes in walk.layouts.items()}
@@ -294,4 +297,5 @@ def _assemble(walk: _Walk) -> SpaceGraph:
                 spaces[layout.space].tensors.append((tensor, axis))
     mixed = {s: reason for layout, reason in walk.mixed for s in leaves(table.resolve(layout))}
     kept = {s: node for layout, node in walk.kept for s in leaves(table.resolve(layout))}
-    return SpaceGraph(table, list(spaces.values()), walk.barriers, params, layouts, mixed, kept)
+    outputs = frozenset(s.id for s in spaces.values() if s.fixed and set(s.fixed_reasons) <= output_reasons)
+    return SpaceGraph(table, list(spaces.values()), walk.barriers, params, layouts, mixed, kept, outputs)
