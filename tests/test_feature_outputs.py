@@ -19,15 +19,12 @@ from tests.test_merge import permuted_copies
 from tests.test_rules import run_all
 from tests.test_zoo_oracles import outputs_close
 
-FEATURES = ["transformer_encoder", "resnet_features"]
-
-
 def layer_counts(report: dict) -> tuple[int, int]:
     merged = report["weight_layers"]
     return merged["merged"], merged["total"]
 
 
-@pytest.mark.parametrize("name", FEATURES)
+@pytest.mark.parametrize("name", zoo.FEATURE_EXTRACTORS)
 def test_feature_output_with_permuted_self_zips_every_layer(zoo_files, tmp_path, name):
     path, x, calib, (copy,) = permuted_copies(zoo_files, tmp_path, name, "legacy_folded")
     expected = run_all(load_model(path), x)
@@ -54,7 +51,7 @@ def stream_permuted(path: str, target) -> str:
 
 
 @pytest.mark.parametrize("heads", ["separate", "shared"])
-@pytest.mark.parametrize("name", FEATURES)
+@pytest.mark.parametrize("name", zoo.FEATURE_EXTRACTORS)
 def test_a_permuted_feature_output_is_matched(zoo_files, tmp_path, name, heads):
     """Separate heads: each model gets its own output back (the copy's in its own order);
     shared: one output, the reference model's."""

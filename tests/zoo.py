@@ -18,6 +18,8 @@ PAIRS : list[(model, exporter)]
     Every supported pair (all pairs minus the exclusions).
 HAS_BATCHNORM : frozenset[str]
     Models that contain ``nn.BatchNorm2d``.
+FEATURE_EXTRACTORS : tuple[str, ...]
+    Models returning their features (hidden state, pooled vector), not class logits.
 build(name) -> (model, input_shape)
 sample_input(name, batch=4, seed=1) -> np.ndarray   (float32)
 export(name, exporter, path) -> (str, np.ndarray)
@@ -50,6 +52,7 @@ __all__ = [
     "KNOWN_EXCLUSIONS",
     "PAIRS",
     "HAS_BATCHNORM",
+    "FEATURE_EXTRACTORS",
     "ExportMismatch",
     "build",
     "sample_input",
@@ -578,6 +581,8 @@ _SPECS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "transformer_encoder": (lambda: _transformer("none", classify=False), (2, 8, 16)),
     "resnet_features": (lambda: _resnet_basic(classify=False), IMG),
 }
+
+FEATURE_EXTRACTORS: tuple[str, ...] = ("transformer_encoder", "resnet_features")
 
 
 _NORMS: dict[str, Callable[[nn.Module, int], nn.Module]] = {"mobilenetv2_saturated": _saturate_norms}
