@@ -220,9 +220,10 @@ def assemble(members: list[Member], split: TrunkSplit, matchings: dict[int, Matc
     trunk_nodes = [n for k, n in enumerate(graph.node) if k not in split.head_nodes]
     initializers = [numpy_helper.from_array(value, name) for name, value in trunk_params.items()]
     builder = _HeadBuilder(members, split, matchings)
-    outputs = [_merged_output(output, members[0], matchings) for output in graph.output]
-    if heads == "separate":
-        outputs = []
+    outputs = []
+    if heads == "shared":
+        outputs = [_merged_output(output, members[0], matchings) for output in graph.output]
+    else:
         for index, member in enumerate(members):
             renames = builder.build(index)
             back_tensors = member.correspondence.reference_tensors
