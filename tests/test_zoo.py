@@ -87,7 +87,9 @@ def test_builder(name):
     x = torch.from_numpy(zoo.sample_input(name, batch=2))
     with torch.no_grad():
         y = m1(x)
-    assert y.shape == (2, zoo.NUM_CLASSES) and torch.isfinite(y).all()
+    assert y.shape[0] == 2 and torch.isfinite(y).all()
+    if name not in zoo.FEATURE_EXTRACTORS:
+        assert y.shape == (2, zoo.NUM_CLASSES)
     assert y.std() > 1e-3   # outputs are not degenerate
 
 

@@ -18,6 +18,8 @@ PAIRS : list[(model, exporter)]
     Every supported pair (all pairs minus the exclusions).
 HAS_BATCHNORM : frozenset[str]
     Models that contain ``nn.BatchNorm2d``.
+FEATURE_EXTRACTORS : tuple[str, ...]
+    Models returning their features (hidden state, pooled vector), not class logits.
 build(name) -> (model, input_shape)
 sample_input(name, batch=4, seed=1) -> np.ndarray   (float32)
 export(name, exporter, path) -> (str, np.ndarray)
@@ -50,6 +52,7 @@ __all__ = [
     "KNOWN_EXCLUSIONS",
     "PAIRS",
     "HAS_BATCHNORM",
+    "FEATURE_EXTRACTORS",
     "ExportMismatch",
     "build",
     "sample_input",
@@ -192,24 +195,27 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, stem: int, blocks: list[nn.Module], width: int):
+    """With ``classify=False`` a feature extractor (torchvision's ``fc = Identity()``): it
+    returns the pooled feature vector."""
+
+    def __init__(self, stem: int, blocks: list[nn.Module], width: int, classify: bool = True):
         super().__init__()
         self.stem = _conv_bn(3, stem)
         self.layers = nn.Sequential(*blocks)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(width, NUM_CLASSES)
+        self.fc = nn.Linear(width, NUM_CLASSES) if classify else nn.Identity()
 
     def forward(self, x):
         x = self.layers(self.stem(x))
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-def _resnet_basic():
+def _resnet_basic(classify: bool = True):
     blocks = [
         BasicBlock(16, 16), BasicBlock(16, 16),                # stage 1
         BasicBlock(16, 32, stride=2), BasicBlock(32, 32),      # stage 2 (1x1 conv-BN shortcut)
     ]
-    return ResNet(16, blocks, 32)
+    return ResNet(16, blocks, 32, classify)
 
 
 def _resnet_bottleneck():
@@ -456,22 +462,25 @@ class EncoderLayer(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, gelu_approx="none", t=8, fin=16, d=64, layers=2):
+    """With ``classify=False`` an encoder exported as a feature extractor: it returns the
+    hidden state [N, T, D] (BERT's ``last_hidden_state``)."""
+
+    def __init__(self, gelu_approx="none", t=8, fin=16, d=64, layers=2, classify=True):
         super().__init__()
         self.embed = nn.Linear(fin, d)
         self.pos = nn.Parameter(torch.zeros(1, t, d))
         self.layers = nn.Sequential(*[EncoderLayer(d, 4, gelu_approx) for _ in range(layers)])
         self.ln = nn.LayerNorm(d)
-        self.head = nn.Linear(d, NUM_CLASSES)
+        self.head = nn.Linear(d, NUM_CLASSES) if classify else None
 
     def forward(self, x):
         x = self.embed(x) + self.pos
         x = self.ln(self.layers(x))
-        return self.head(x[:, 0])
+        return x if self.head is None else self.head(x[:, 0])
 
 
-def _transformer(approx):
-    m = Transformer(approx)
+def _transformer(approx, classify=True):
+    m = Transformer(approx, classify=classify)
     with torch.no_grad():
         m.pos.normal_(0.0, 0.5)   # torch.manual_seed is set by the builder wrapper
     return m
@@ -569,7 +578,11 @@ _SPECS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "groups_in_groups": (GroupsInGroups, IMG),
     "transformer": (lambda: _transformer("none"), (2, 8, 16)),
     "transformer_tanh_gelu": (lambda: _transformer("tanh"), (2, 8, 16)),
+    "transformer_encoder": (lambda: _transformer("none", classify=False), (2, 8, 16)),
+    "resnet_features": (lambda: _resnet_basic(classify=False), IMG),
 }
+
+FEATURE_EXTRACTORS: tuple[str, ...] = ("transformer_encoder", "resnet_features")
 
 
 _NORMS: dict[str, Callable[[nn.Module, int], nn.Module]] = {"mobilenetv2_saturated": _saturate_norms}

@@ -6,8 +6,9 @@ models return logits, others end in a LogSoftmax or a Sigmoid. skl2onnx also wri
 output (ArgMax -> ArrayFeatureExtractor -> Reshape -> Cast) next to the probabilities, and
 with ``zipmap=True`` turns them into a sequence of maps (ZipMap). Post-processing is every
 node read only by post-processing nodes or as graph outputs that either outputs only
-non-float tensors or non-tensors (labels, maps), or is parameter-free and reads only outputs
-of layers with parameters or of such nodes (Softmax, LogSoftmax, Sigmoid, ArgMax, ...). The
+non-float tensors or non-tensors (labels, maps), or is parameter-free and computes from one
+output of a layer with parameters, directly or through such nodes (Softmax, LogSoftmax,
+Sigmoid, ArgMax, ...). The
 rest, the core, is the network that merges; the merged model computes each model's
 post-processing from that model's own scores, so each model keeps its outputs
 (``probabilities_m<i>``, ``label_m<i>``).
@@ -60,19 +61,20 @@ def _score_types(model: onnx.ModelProto) -> dict[str, bool]:
 
 
 def _after_weights(model: onnx.ModelProto) -> set[int]:
-    """Parameter-free nodes reading only outputs of nodes with float parameters (weight
-    layers, normalisations) or of such nodes, and at least one of them."""
+    """Parameter-free nodes computing from one output of a node with float parameters (weight
+    layer, normalisation), directly or through such nodes. A node combining two such outputs
+    (a residual Add ending a feature extractor) ties their spaces: it belongs to the network."""
     params = {init.name for init in model.graph.initializer if init.data_type in FLOATS}
     constants = {init.name for init in model.graph.initializer}
-    derived: set[str] = set()
+    origin: dict[str, str] = {}  # tensor -> the parameterised node output it is computed from
     found = set()
     for index, node in enumerate(model.graph.node):
         dynamic = [name for name in node.input if name and name not in constants]
         if any(name in params for name in node.input):
-            derived.update(node.output)
-        elif dynamic and all(name in derived for name in dynamic):
+            origin.update((name, name) for name in node.output)
+        elif dynamic and all(name in origin for name in dynamic) and len({origin[n] for n in dynamic}) == 1:
             found.add(index)
-            derived.update(node.output)
+            origin.update((name, origin[dynamic[0]]) for name in node.output)
     return found
 
 

@@ -65,6 +65,7 @@ class SpaceGraph:
     layouts: dict[str, dict[int, Layout]]
     mixed: dict[int, str] = field(default_factory=dict)  # spaces whose features ops combine
     kept: dict[int, str] = field(default_factory=dict)  # spaces whose width an op fixes -> that node
+    outputs: frozenset[int] = frozenset()  # spaces fixed only because a graph output shows them
 
     @property
     def free_spaces(self) -> list[Space]:
@@ -280,13 +281,14 @@ def find_spaces(model: onnx.ModelProto) -> SpaceGraph:
             one node input, shapes inferred). It is not modified.
 
     Returns:
-        The spaces, barriers and parameter uses. Graph outputs are fixed spaces.
+        The spaces, barriers and parameter uses. Graph outputs are fixed spaces; those fixed
+        for no other reason are listed in ``SpaceGraph.outputs``.
     """
     selectors: frozenset[SplitKey] = frozenset()
     while True:  # each walk that meets new selectors is redone knowing them
         walk = _walk(model, selectors)
         if walk.selected <= selectors:
-            return _assemble(walk)
+            return _assemble(walk, {_output_reason(output.name) for output in model.graph.output})
         selectors |= walk.selected
 
 
@@ -309,11 +311,15 @@ def _walk(model: onnx.ModelProto, selectors: frozenset[SplitKey]) -> _Walk:
             walk.barrier(node, str(conflict))
     for output in model.graph.output:
         for layout in walk.layouts_of(output.name).values():
-            walk.table.fix(layout, f"graph output {output.name}")
+            walk.table.fix(layout, _output_reason(output.name))
     return walk
 
 
-def _assemble(walk: _Walk) -> SpaceGraph:
+def _output_reason(name: str) -> str:
+    return f"graph output {name}"
+
+
+def _assemble(walk: _Walk, output_reasons: set[str]) -> SpaceGraph:
     table = walk.table
     params = [ParamUse(p.name, p.axis, table.resolve(p.layout), p.role, p.node) for p in walk.params]
     layouts = {t: {k: table.resolve(v) for k, v in axes.items()} for t, axes in walk.layouts.items()}
@@ -332,4 +338,5 @@ def _assemble(walk: _Walk) -> SpaceGraph:
                 spaces[layout.space].tensors.append((tensor, axis))
     mixed = {s: reason for layout, reason in walk.mixed for s in leaves(table.resolve(layout))}
     kept = {s: node for layout, node in walk.kept for s in leaves(table.resolve(layout))}
-    return SpaceGraph(table, list(spaces.values()), walk.barriers, params, layouts, mixed, kept)
+    outputs = frozenset(s.id for s in spaces.values() if s.fixed and set(s.fixed_reasons) <= output_reasons)
+    return SpaceGraph(table, list(spaces.values()), walk.barriers, params, layouts, mixed, kept, outputs)

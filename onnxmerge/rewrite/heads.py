@@ -2,10 +2,15 @@
 
 Weight layers are the nodes that make a new space from constant weights (Conv, ConvTranspose,
 Gemm, MatMul, embedding Gather), counted in topological order. A space is zipped when it is
-free and its first producing weight layer is among the first ``zip_layers`` ones. A weight
+mergeable and its first producing weight layer is among the first ``zip_layers`` ones. A weight
 layer that produces a space that is not zipped starts a head: it and everything downstream
 of it is copied once per model (method.md §6). With shared heads nothing is copied and the
 fixed output spaces are averaged.
+
+Mergeable: free, or a feature output: a space fixed only as a graph output that a weight layer
+of the graph reads (an encoder's hidden state, a ResNet's pooled features). Each model gets
+that output back from the merged one through its U_i; a space only written to an output
+(logits) stays fixed, so its layer is a per-model task head.
 """
 
 from __future__ import annotations
@@ -57,7 +62,9 @@ def split_trunk(model: onnx.ModelProto, graph: SpaceGraph, *, heads: str = "sepa
         if use.role == "producer" and labels[use.node] in position:
             for space in leaves(use.layout):
                 first[space] = min(first.get(space, len(layers)), position[labels[use.node]])
-    zipped = frozenset(s.id for s in graph.free_spaces if first.get(s.id, 0) < limit)
+    features = feature_outputs(graph)
+    mergeable = [s for s in graph.spaces if not s.fixed or s.id in features]
+    zipped = frozenset(s.id for s in mergeable if first.get(s.id, 0) < limit)
     seeds = set()
     for use in graph.params:
         node = labels[use.node]
@@ -67,6 +74,12 @@ def split_trunk(model: onnx.ModelProto, graph: SpaceGraph, *, heads: str = "sepa
     head = _downstream(model, seeds)
     trunk_layers = sum(1 for node in layers if node not in head)
     return TrunkSplit(frozenset(head), zipped, trunk_layers, len(layers))
+
+
+def feature_outputs(graph: SpaceGraph) -> set[int]:
+    """Spaces fixed only as graph outputs that some weight layer consumes: the graph reads them
+    itself, so they are features it exposes, not its answer (method.md §6)."""
+    return {s for s in graph.outputs if graph.space(s).consumers}
 
 
 def _downstream(model: onnx.ModelProto, seeds: set[int]) -> set[int]:

@@ -220,9 +220,10 @@ def assemble(members: list[Member], split: TrunkSplit, matchings: dict[int, Matc
     trunk_nodes = [n for k, n in enumerate(graph.node) if k not in split.head_nodes]
     initializers = [numpy_helper.from_array(value, name) for name, value in trunk_params.items()]
     builder = _HeadBuilder(members, split, matchings)
-    outputs = list(graph.output)
-    if heads == "separate":
-        outputs = []
+    outputs = []
+    if heads == "shared":
+        outputs = [_merged_output(output, members[0], matchings) for output in graph.output]
+    else:
         for index, member in enumerate(members):
             renames = builder.build(index)
             back_tensors = member.correspondence.reference_tensors
@@ -239,6 +240,18 @@ def assemble(members: list[Member], split: TrunkSplit, matchings: dict[int, Matc
     model = helper.make_model(merged_graph, opset_imports=list(reference.opset_import))
     model.ir_version = reference.ir_version
     return model
+
+
+def _merged_output(output: onnx.ValueInfoProto, member: Member, matchings: dict[int, Matching]) -> onnx.ValueInfoProto:
+    """A graph output as the merged trunk computes it: a merged feature output (shared heads)
+    has its merged width."""
+    info = onnx.ValueInfoProto()
+    info.CopyFrom(output)
+    dims = info.type.tensor_type.shape.dim
+    for axis, layout in member.graph.layouts.get(output.name, {}).items():
+        if axis < len(dims):
+            dims[axis].dim_value = merged_width(member, layout, matchings)
+    return info
 
 
 def resize_constants(model: onnx.ModelProto, reference: SpaceGraph, leaf_width: Callable[[int], int]) -> None:
