@@ -506,13 +506,13 @@ def _space_matcher(method, params, width: float | str | None):
 
 
 def _match_unit(reference: Member, unit: CaptureUnit, unit_stats, run, known: dict, blocks: set[int]) -> dict:
-    """Matchings of the spaces of one capture unit. Models with no features there (all channels
-    constant, as inside a lifted identity block) are matched among the others only (method.md §5.5)."""
+    """Matchings of the spaces of one capture unit. Models with no features there (channels
+    constant, as inside a lifted identity block: ``SpaceStats.models_vary``) are matched among
+    the others only (method.md §5.5)."""
     corr = unit_stats.similarity()
     widths = list(unit_stats.widths)
     bounds = np.cumsum([0, *widths])
-    varies = unit_stats.live()
-    live = [i for i in range(len(widths)) if varies[bounds[i]:bounds[i + 1]].any()]
+    live = [int(i) for i in np.flatnonzero(unit_stats.models_vary())]
     if not live or len(live) == len(widths):
         return _match_features(reference, unit, corr, widths, run, known, blocks)
     keep = np.concatenate([np.arange(bounds[i], bounds[i + 1]) for i in live])

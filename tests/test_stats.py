@@ -112,6 +112,45 @@ def test_similarity_ranks_affine_pairs_by_how_nearly_equal_they_are():
     assert (similarity[:5, 5:] == 0).all()
 
 
+def near_constant_copies(seed: int = 9) -> tuple[SpaceStats, np.ndarray]:
+    """Statistics of 8 nearly constant features (variance 1e-12 of E[x^2], 16 samples, as a
+    pooled squeeze-excite tensor of a random network) and a permuted copy whose channel 0 varies
+    at half the amplitude: live in model 0 (variance 2e-10 of E[x^2]), dead in model 1."""
+    rng = np.random.default_rng(seed)
+    level = rng.uniform(0.5, 2.0, 8) * rng.choice([-1.0, 1.0], 8)
+    ratio = np.full(8, 1e-12)
+    ratio[0] = 2e-10
+    wiggle = rng.standard_normal((16, 8))
+    wiggle = (wiggle - wiggle.mean(axis=0)) / wiggle.std(axis=0)
+    first = level + wiggle * np.abs(level) * np.sqrt(ratio)
+    copy = first.copy()
+    copy[:, 0] = level[0] + 0.5 * (first[:, 0] - level[0])
+    perm = rng.permutation(8)
+    stats = SpaceStats.empty((8, 8))
+    stats.update([first, copy[:, perm]])
+    return stats, perm
+
+
+def test_similarity_pairs_a_near_constant_feature_with_its_copy_across_the_dead_threshold():
+    stats, perm = near_constant_copies()
+    live = stats.live()
+    where = int(np.flatnonzero(perm == 0)[0])
+    assert live[0] and not live[8:].any()  # the copies fall on either side of DEAD_RTOL
+    similarity = stats.similarity()
+    assert similarity[0, 8 + where] > 1 - 1e-9
+    strangers = np.delete(similarity[0, 8:], where)
+    assert strangers.max() < similarity[0, 8 + where]
+
+
+def test_models_vary_pools_the_channels():
+    stats, _ = near_constant_copies()
+    np.testing.assert_array_equal(stats.models_vary(), [False, False])
+    rng = np.random.default_rng(10)
+    varied = SpaceStats.empty((3, 3))
+    varied.update([rng.standard_normal((16, 3)), np.ones((16, 3))])
+    np.testing.assert_array_equal(varied.models_vary(), [True, False])
+
+
 def test_no_samples_raises():
     with pytest.raises(CalibrationError, match="no samples"):
         SpaceStats.empty(WIDTHS).correlation()

@@ -68,3 +68,50 @@ def test_permute_and_average_refuse_unequal_widths(zoo_files, tmp_path):
     for method in ("permute", "average"):
         with pytest.raises(RecipeError, match="use --method zip"):
             api.merge([path, str(wide)], calibration=str(tmp_path / "calib.npy"), options=api.MergeOptions(method=method))
+
+
+def split_shuffle_net():
+    """ShuffleNet v2's unit twice: the channels split in halves, one half passes and the other
+    goes through a branch, and the halves are concatenated and shuffled (an Interleave); the
+    next unit's split cuts that Interleave, a barrier that fixes the passing half."""
+    import torch
+    from torch import nn
+
+    from tests import zoo
+
+    class Unit(nn.Module):
+        def __init__(self, width: int):
+            super().__init__()
+            self.branch = nn.Sequential(nn.Conv2d(width // 2, width // 2, 1), nn.BatchNorm2d(width // 2),
+                                        nn.ReLU(), nn.Conv2d(width // 2, width // 2, 3, padding=1, groups=width // 2))
+
+        def forward(self, x):
+            kept, changed = x.chunk(2, dim=1)
+            return zoo.channel_shuffle(torch.cat([kept, self.branch(changed)], dim=1), 2)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 16, 3, padding=1)
+            self.units = nn.Sequential(Unit(16), Unit(16))
+            self.head = nn.Conv2d(16, 24, 1)
+            self.fc = nn.Linear(24, 10)
+
+        def forward(self, x):
+            return self.fc(self.head(self.units(self.stem(x))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    return zoo._randomize_norms(Net(), 0).eval()
+
+
+@pytest.mark.parametrize("exporter", ["legacy_folded", "dynamo"])
+def test_widen_keeps_the_halves_of_a_channel_split_and_shuffle_even(tmp_path, exporter):
+    torch = pytest.importorskip("torch")
+    from tests import zoo
+
+    path = str(tmp_path / "split_shuffle.onnx")
+    zoo.EXPORTERS[exporter](split_shuffle_net(), torch.randn(2, 3, 16, 16), path)
+    model, x = load_model(path), np.random.default_rng(0).standard_normal((4, 3, 16, 16)).astype(np.float32)
+    wider = api.widen(model, factor=1.5, seed=3)
+    outputs_close(run_all(model, x), run_all(wider, x))
+    assert sum(i.ByteSize() for i in wider.graph.initializer) > sum(i.ByteSize() for i in model.graph.initializer)

@@ -39,6 +39,14 @@ to rounding (two constant features are too); ``SpaceStats.similarity`` ranks suc
 nearly equal they are, inside the band [1 - AFFINE_BAND, 1]. Wide enough for the rounding
 between two copies of a feature (centred moments), too narrow for features that merely agree."""
 
+EQUAL_RTOL = AFFINE_BAND ** 2
+"""Two features whose mean squared difference is at most ``EQUAL_RTOL`` of their mean power
+(equal on every sample to about ``AFFINE_BAND`` relative) are copies up to float32 rounding
+whatever their correlation: a nearly constant feature (a pooled squeeze-excite or head tensor of
+16 samples) varies at the level of the rounding that tells it from its copy, so their
+correlation is noise and one of them may even fall under ``DEAD_RTOL`` while the other does not.
+``SpaceStats.similarity`` ranks such pairs by agreement like affine ones."""
+
 _FORMAT = "onnxmerge-stats-1"
 _META_KEY, _SPACES_KEY, _FORMAT_KEY = "__meta__", "__spaces__", "__format__"
 _FIELDS = ("count", "sum", "outer", "widths")
@@ -159,6 +167,15 @@ class SpaceStats:
         (see ``DEAD_RTOL``); the others are dead (constant)."""
         return np.diag(self.covariance()) > dead_rtol * np.diag(self.outer) / self.count
 
+    def models_vary(self, *, dead_rtol: float = DEAD_RTOL) -> np.ndarray:
+        """(models,) bool: model i's features vary, i.e. their summed variance exceeds
+        ``dead_rtol`` times their summed E[x^2]. Pooled rather than any live channel, so one
+        nearly constant channel on either side of ``live``'s threshold does not decide alone
+        whether a model has features at a space."""
+        bounds = np.cumsum([0, *self.widths])
+        variance, power = np.diag(self.covariance()), np.diag(self.outer) / self.count
+        return np.array([variance[a:b].sum() > dead_rtol * power[a:b].sum() for a, b in zip(bounds[:-1], bounds[1:])])
+
     def correlation(self, *, dead_rtol: float = DEAD_RTOL) -> np.ndarray:
         """(n, n) Pearson correlation, finite everywhere and clipped into [-1, 1].
 
@@ -179,8 +196,9 @@ class SpaceStats:
     def similarity(self, *, dead_rtol: float = DEAD_RTOL) -> np.ndarray:
         """(n, n) what features are matched on: the correlation, except for pairs that are
         affine functions of each other (live ones correlated at least 1 - ``AFFINE_BAND``, or
-        two dead ones), which get 1 - AFFINE_BAND * (1 - agreement), agreement = 2 E[ab] /
-        (E[a^2] + E[b^2]) clipped into [0, 1].
+        two dead ones) or equal up to rounding (agreement at least 1 - ``EQUAL_RTOL``), which
+        get 1 - AFFINE_BAND * (1 - agreement), agreement = 2 E[ab] / (E[a^2] + E[b^2]) clipped
+        into [0, 1].
 
         Correlation cannot tell such features apart: it is 1 between any two affine functions
         of one signal and 0 for constants, so a feature's copy in a permuted model would tie
@@ -193,9 +211,9 @@ class SpaceStats:
         second = self.outer / self.count
         power = np.diag(second)[:, None] + np.diag(second)[None, :]
         # two channels that are 0 on every sample are equal
-        agreement = np.divide(2.0 * second, power, out=np.ones_like(second), where=power > 0)
-        affine = (corr >= 1.0 - AFFINE_BAND) | np.outer(dead, dead)
-        return np.where(affine, 1.0 - AFFINE_BAND * (1.0 - np.clip(agreement, 0.0, 1.0)), corr)
+        agreement = np.clip(np.divide(2.0 * second, power, out=np.ones_like(second), where=power > 0), 0.0, 1.0)
+        affine = (corr >= 1.0 - AFFINE_BAND) | np.outer(dead, dead) | (agreement >= 1.0 - EQUAL_RTOL)
+        return np.where(affine, 1.0 - AFFINE_BAND * (1.0 - agreement), corr)
 
 
 def combine(a: SpaceStats, b: SpaceStats) -> SpaceStats:

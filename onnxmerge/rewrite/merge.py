@@ -16,6 +16,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..graph.correspond import Correspondence
+from ..io import default_opset
 from ..graph.layout import Concat, Layout, layout_width, leaves
 from ..graph.rules import RULES, attr
 from ..graph.spaces import SpaceGraph
@@ -274,6 +275,8 @@ def resize_constants(model: onnx.ModelProto, reference: SpaceGraph, leaf_width: 
             rewrite(node.input[1], lambda shape, node=node: _resize_reshape(shape, layouts[node.output[0]], new_width))
         elif node.op_type == "Split" and len(node.input) > 1 and node.input[1] in inits:
             rewrite(node.input[1], lambda sizes, node=node: _resize_split(node, sizes, layouts, new_width))
+        elif node.op_type == "Split" and (len(node.input) < 2 or not node.input[1]) and default_opset(model) >= 13:
+            _explicit_split(model, node, layouts, new_width)
         elif node.op_type == "Slice" and node.output[0] in layouts and all(n in inits for n in node.input[1:3]):
             _resize_slice(node, inits, reference, leaf_width)
         elif node.op_type == "Conv" and node.input[1] in inits and inits[node.input[1]].dims[1] == 1:
@@ -295,6 +298,24 @@ def _resize_split(node: onnx.NodeProto, sizes: np.ndarray, layouts: dict, new_wi
         layout = next((v for a, v in layouts.get(name, {}).items() if a == axis or a - len(sizes) == axis), None)
         if layout is not None:
             sizes[k] = new_width(layout)
+
+
+def _explicit_split(model: onnx.ModelProto, node: onnx.NodeProto, layouts: dict, new_width: Callable) -> None:
+    """A Split into equal parts (no sizes, or ``num_outputs``) gets the sizes of its parts as an
+    input when they are no longer equal (one part widened or merged to another width)."""
+    found = [layouts.get(name, {}).get(attr(node, "axis", 0)) for name in node.output]
+    if any(layout is None for layout in found):
+        return
+    sizes = np.array([new_width(layout) for layout in found], np.int64)
+    if len(set(sizes.tolist())) == 1:
+        return
+    name = f"{node.name or node.output[0]}_sizes"
+    model.graph.initializer.append(numpy_helper.from_array(sizes, name))
+    del node.input[1:]
+    node.input.append(name)
+    kept = [a for a in node.attribute if a.name != "num_outputs"]
+    del node.attribute[:]
+    node.attribute.extend(kept)
 
 
 def _resize_slice(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto], reference: SpaceGraph,

@@ -6,24 +6,61 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..graph.layout import Atom, Grid, Interleave, Layout, layout_width, leaves
 from ..graph.spaces import SpaceGraph
 from .transform import Linear
 
 
-def widenable(graph: SpaceGraph) -> list[int]:
+def widenable(graph: SpaceGraph, factor: float) -> list[int]:
     """Free spaces a copy of a feature cannot change: none combines features (normalisation
-    statistics, reductions, activation-activation products) and none is the block index of
-    a grid (heads, groups keep their count)."""
+    statistics, reductions, activation-activation products), none is the block index of
+    a grid (heads, groups keep their count), and none would leave the parts of a channel
+    shuffle (Interleave) at different widths."""
     blocks = graph.block_spaces()
-    return [s.id for s in graph.free_spaces if s.id not in graph.mixed and s.id not in blocks]
+    chosen = {s.id for s in graph.free_spaces if s.id not in graph.mixed and s.id not in blocks}
+    shuffles = _interleaves(graph)
+
+    def width(space: int) -> int:
+        return wider_width(graph.table.widths[space], factor) if space in chosen else graph.table.widths[space]
+
+    while True:
+        uneven = {s for parts in shuffles if len({layout_width(p, width) for p in parts}) > 1
+                  for part in parts for s in leaves(part)}
+        if not uneven & chosen:
+            return sorted(chosen)
+        chosen -= uneven  # at their old widths the parts are even again
+
+
+def wider_width(width: int, factor: float) -> int:
+    return max(width, int(round(width * factor)))
+
+
+def _interleaves(graph: SpaceGraph) -> set[tuple[Layout, ...]]:
+    """The parts of every Interleave in the layouts of the tensors and parameters."""
+    found: set[tuple[Layout, ...]] = set()
+
+    def visit(layout) -> None:
+        if layout is None or isinstance(layout, (int, Atom)):
+            return
+        if isinstance(layout, Interleave):
+            found.add(layout.parts)
+        for child in layout.factors if isinstance(layout, Grid) else layout.parts:
+            visit(child)
+
+    for axes in graph.layouts.values():
+        for layout in axes.values():
+            visit(layout)
+    for use in graph.params:
+        visit(use.layout)
+    return found
 
 
 def widening(graph: SpaceGraph, factor: float, rng: np.random.Generator) -> dict[int, tuple[Linear, Linear]]:
     """(producer, consumer) transforms per widened space; width d becomes round(d * factor)."""
     transforms = {}
-    for space in widenable(graph):
+    for space in widenable(graph, factor):
         width = graph.table.widths[space]
-        wider = max(width, int(round(width * factor)))
+        wider = wider_width(width, factor)
         if wider == width:
             continue
         source = np.concatenate([np.arange(width), rng.choice(width, wider - width)])
