@@ -4,6 +4,8 @@ reproduces the torch outputs in onnxruntime."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 import pytest
@@ -20,14 +22,21 @@ def _dim0(value_info) -> onnx.TensorShapeProto.Dimension:
     return value_info.type.tensor_type.shape.dim[0]
 
 
-@pytest.mark.parametrize("name,exporter", zoo_cases(zoo.PAIRS))
-def test_export_pair(name, exporter, tmp_path):
-    path = tmp_path / f"{name}.onnx"
-    out, sample = zoo.export(name, exporter, path)
-    assert out == str(path)
+@pytest.mark.parametrize("exporter", zoo.EXPORTERS)
+def test_export_returns_one_self_contained_file_and_its_sample(exporter, tmp_path):
+    path = tmp_path / "mlp.onnx"
+    out, sample = zoo.export("mlp", exporter, path)
+    assert out == str(path) and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    # sample batch from export(): deterministic float32, batch 2..4
+    assert sample.dtype == np.float32 and 2 <= sample.shape[0] <= 4
+    np.testing.assert_array_equal(sample, zoo.sample_input("mlp"))
 
-    # a single self-contained file
-    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+@pytest.mark.parametrize("name,exporter", zoo_cases(zoo.PAIRS))
+def test_export_pair(zoo_files, name, exporter):
+    out, _ = zoo_files.get(name, exporter)  # the session's export, which every zoo test reads
+    sample = zoo.sample_input(name)
+    assert not os.path.exists(out + ".data")  # a single self-contained file
     proto = onnx.load(out)
     assert not any(
         t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer
@@ -41,9 +50,6 @@ def test_export_pair(name, exporter, tmp_path):
         d = _dim0(vi)
         assert d.dim_param and not d.HasField("dim_value"), (vi.name, d)
 
-    # sample batch from export(): deterministic float32, batch 2..4
-    assert sample.dtype == np.float32 and 2 <= sample.shape[0] <= 4
-    np.testing.assert_array_equal(sample, zoo.sample_input(name))
 
     # onnxruntime matches torch for several batch sizes (fresh, identical build)
     model, shape = zoo.build(name)

@@ -21,9 +21,12 @@ SLOW_EXPORTERS = ("dynamo",)  # the slowest exports: their rows of the zoo matri
 
 
 def zoo_cases(pairs: list[tuple[str, str]] = ALL) -> list:
-    """(model, exporter) parameters, those of SLOW_EXPORTERS marked slow."""
-    return [pytest.param(m, e, id=f"{m}-{e}", marks=[pytest.mark.slow] if e in SLOW_EXPORTERS else [])
-            for m, e in pairs]
+    """(model, exporter) parameters; those of SLOW_EXPORTERS, and the BN-kept exports of models
+    without BatchNorm (the same graph as the folded export), are marked slow."""
+    def slow(model: str, exporter: str) -> bool:
+        return exporter in SLOW_EXPORTERS or (exporter == "legacy_bn" and model not in zoo.HAS_BATCHNORM)
+
+    return [pytest.param(m, e, id=f"{m}-{e}", marks=[pytest.mark.slow] if slow(m, e) else []) for m, e in pairs]
 
 
 CASES = zoo_cases()
