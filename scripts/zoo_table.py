@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import os
 import subprocess
 import sys
@@ -39,7 +40,7 @@ def one_line(error: BaseException, limit: int = 220) -> str:
     line = first(error)
     if error.__cause__ is not None and type(error).__name__ in ("ConversionError", "TorchExportError"):
         line += " <- " + first(error.__cause__)
-    line = " ".join(line.split())
+    line = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", line).split())   # no terminal colours
     return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
@@ -189,7 +190,9 @@ def render_transformers(results: dict, models: list[str], exporters: list[str], 
         "`*ForSequenceClassification(num_labels=5)` logits. Vision models (HF ViT / ViT",
         "classifier / DeiT classifier, torchvision `VisionTransformer`, timm `vit_tiny_patch16_224`",
         "with fused qkv) take 32 x 32 images, patch 8, 10 classes; `torch_encoder` is",
-        "`nn.TransformerEncoder` (batch_first, 2 layers) on [N, 16, 64] float inputs. Every",
+        "`nn.TransformerEncoder` (batch_first, 2 layers) on [N, 16, 64] float inputs, its output the",
+        "last layer's; `torch_encoder_cls` the same between a Linear(64, 64) input projection and a",
+        "Linear(64, 10) classifier on the mean token. Every",
         "LayerNorm affine is random, and every constant parameter (zero biases, T5's RMSNorm",
         "scales, class tokens) randomised. Exporters: `legacy` = `torch.onnx.export(dynamo=False,",
         "opset_version=17)` with constant folding, `dynamo` = `torch.onnx.export(dynamo=True)`; batch",

@@ -196,8 +196,8 @@ def _hf(config: str, model: str, field: str, kind: str = "tokens", model_kwargs=
 
 
 def _tv_vit() -> nn.Module:
+    import_torchvision()   # the shim first: the submodule import below would import torchvision bare
     from torchvision.models.vision_transformer import VisionTransformer
-    import_torchvision()
     return VisionTransformer(image_size=IMAGE, patch_size=8, num_layers=2, num_heads=4, hidden_dim=WIDTH,
                              mlp_dim=128, num_classes=10)
 
@@ -209,8 +209,23 @@ def _timm_vit() -> nn.Module:
 
 
 def _torch_encoder() -> nn.Module:
+    """On the [N, T, 64] input itself: the residual stream is the graph input's space."""
     layer = nn.TransformerEncoderLayer(WIDTH, 4, dim_feedforward=128, dropout=0.0, batch_first=True)
     return nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+
+
+class EmbeddedEncoder(nn.Module):
+    """``nn.TransformerEncoder`` between an input projection and a classifier on the mean token,
+    the usual way it is used: the residual stream is a hidden space."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(WIDTH, WIDTH)
+        self.encoder = _torch_encoder()
+        self.head = nn.Linear(WIDTH, 10)
+
+    def forward(self, x):
+        return self.head(self.encoder(self.embed(x)).mean(1))
 
 
 TRANSFORMERS: dict[str, Spec] = {
@@ -236,6 +251,7 @@ TRANSFORMERS: dict[str, Spec] = {
     "tv_vit": Spec("torchvision", _tv_vit, IMAGE),
     "timm_vit": Spec("timm", _timm_vit, IMAGE),
     "torch_encoder": Spec("torch", _torch_encoder, IMAGE, "sequence"),
+    "torch_encoder_cls": Spec("torch", EmbeddedEncoder, IMAGE, "sequence"),
 }
 
 FAMILIES = {"cnn": (MODELS, EXPORTERS), "transformers": (TRANSFORMERS, TRANSFORMER_EXPORTERS)}
