@@ -1,18 +1,21 @@
-"""Run the public CNN matrix (tests/public_zoo.py) and write docs/zoo.md.
+"""Run the public CNN or transformer matrix (tests/public_zoo.py) and write docs/zoo.md.
 
 One row per model x exporter, one column per oracle; each cell "ok" (relative error at most
 1e-4), the measured relative error (max |got - expected| / max |expected|), or the one-line
 error message. Each model x exporter runs in its own single-threaded process with a time
 limit; results are kept in docs/zoo.json as they come, so a run can be resumed (--resume).
+Both families share docs/zoo.json and docs/zoo.md: a run replaces its own rows in the store
+and its own section ("# Public CNN matrix", "# Public transformer matrix") in the page.
 
-    python scripts/zoo_table.py [--models a,b] [--exporters legacy_folded,...] [--timeout 300]
-                                [--resume] [--render-only]
+    python scripts/zoo_table.py [--family cnn|transformers] [--models a,b] [--exporters legacy,...]
+                                [--timeout 300] [--resume] [--render-only]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import os
 import subprocess
 import sys
@@ -23,14 +26,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 EXPENSIVE = {"tv_resnet50", "tv_resnext50_32x4d", "tv_wide_resnet50_2", "tv_convnext_tiny", "tv_densenet121"}
+HEADINGS = {"cnn": "# Public CNN matrix", "transformers": "# Public transformer matrix"}
 COLUMNS = {"permute": "permute", "merge_self": "zip(A, permute(A))", "widen": "widen 1.5",
            "deepen": "deepen 1", "merge_random": "zip(A, B) random inits"}
 
 
-def one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    line = f"{type(error).__name__}: {text[0] if text else ''}"
-    return line if len(line) <= 220 else line[:217] + "..."
+def one_line(error: BaseException, limit: int = 220) -> str:
+    """``Type: first line``; an exporter's wrapper error (the dynamo exporter's ConversionError
+    says only which step failed) is followed by its cause's first line."""
+    def first(e: BaseException) -> str:
+        text = str(e).strip().splitlines()
+        return f"{type(e).__name__}: {text[0] if text else ''}"
+    line = first(error)
+    if error.__cause__ is not None and type(error).__name__ in ("ConversionError", "TorchExportError"):
+        line += " <- " + first(error.__cause__)
+    line = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", line).split())   # no terminal colours
+    return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
 def worker(name: str, exporter: str, out: Path) -> None:
@@ -56,6 +67,18 @@ def worker(name: str, exporter: str, out: Path) -> None:
         return
     emit("export", status="ok", seconds=time.perf_counter() - clock,
          mb=round(os.path.getsize(a) / 2**20, 1))
+    clock = time.perf_counter()
+    try:
+        from onnxmerge import api
+        summary = api.inspect(a)
+        barriers = summary["barriers"]
+        first = barriers[0] if barriers else None
+        emit("inspect", status="ok", spaces=summary["summary"]["spaces"], free=summary["summary"]["free"],
+             barriers=summary["summary"]["barriers"], nodes=summary["summary"]["nodes"],
+             first_barrier=f"{first['op']} {first['node']}: {first['reason']}" if first else None,
+             seconds=time.perf_counter() - clock)
+    except Exception as error:  # noqa: BLE001
+        emit("inspect", status="error", message=one_line(error), seconds=time.perf_counter() - clock)
     x = pz.sample_input(name)
     for oracle in pz.ORACLES:
         folder = tmp / oracle
@@ -90,7 +113,10 @@ def cell(record: dict | None) -> str:
     return f"{record['error']:.1e}"
 
 
-def render(results: dict, models: list[str], exporters: list[str], command: str, tolerance: float) -> str:
+def render(results: dict, models: list[str], exporters: list[str], command: str, tolerance: float,
+           family: str = "cnn") -> str:
+    if family == "transformers":
+        return render_transformers(results, models, exporters, command, tolerance)
     lines = [
         "# Public CNN matrix",
         "",
@@ -138,8 +164,97 @@ def render(results: dict, models: list[str], exporters: list[str], command: str,
     return "\n".join(lines) + "\n"
 
 
+def _row_cells(row: dict) -> list[str]:
+    export = row.get("export")
+    cells = ["ok" if export and export["status"] == "ok" else cell(export)]
+    cells += [cell(row.get(oracle)) for oracle in COLUMNS]
+    if export and export["status"] == "ok":
+        missing = [c for c, oracle in enumerate(COLUMNS, 1) if oracle not in row]
+        for c in missing:
+            cells[c] = (row.get("timeout") or row.get("done") or {}).get("message", "not run")
+            break
+    return cells
+
+
+def render_transformers(results: dict, models: list[str], exporters: list[str], command: str,
+                        tolerance: float) -> str:
+    lines = [
+        HEADINGS["transformers"],
+        "",
+        "Produced by `" + command + "` (single-threaded, CPU, onnxruntime CPU provider).",
+        "",
+        "Small configurations with random weights (nothing downloaded; `tests/public_zoo.py`,",
+        "`TRANSFORMERS`): width 64, 2 layers, 4 heads, MLP 128. Token models (Hugging Face BERT,",
+        "DistilBERT, RoBERTa, GPT-2, T5 encoder) take `input_ids` [N, 16] int64 in [3, 100) (vocabulary",
+        "100, no attention mask); the bare models output `last_hidden_state`, the `_cls` rows",
+        "`*ForSequenceClassification(num_labels=5)` logits. Vision models (HF ViT / ViT",
+        "classifier / DeiT classifier, torchvision `VisionTransformer`, timm `vit_tiny_patch16_224`",
+        "with fused qkv) take 32 x 32 images, patch 8, 10 classes; `torch_encoder` is",
+        "`nn.TransformerEncoder` (batch_first, 2 layers) on [N, 16, 64] float inputs, its output the",
+        "last layer's; `torch_encoder_cls` the same between a Linear(64, 64) input projection and a",
+        "Linear(64, 10) classifier on the mean token. Every",
+        "LayerNorm affine is random, and every constant parameter (zero biases, T5's RMSNorm",
+        "scales, class tokens) randomised. Exporters: `legacy` = `torch.onnx.export(dynamo=False,",
+        "opset_version=17)` with constant folding, `dynamo` = `torch.onnx.export(dynamo=True)`; batch",
+        "axis dynamic, each export checked against torch in onnxruntime on a batch of 3 (relative",
+        "1e-4); an exporter's failure is recorded as such. 32 random inputs are the calibration data",
+        "and the oracles' inputs.",
+        "",
+        "Oracles as for the CNNs above: `permute` (seed 11), `widen` (factor 1.5), `deepen` (1 block)",
+        "must keep the outputs; `zip(A, permute(A))` (`--repair none`) must give the model's outputs",
+        "from both heads; `zip(A, B)` merges two random initialisations (default repair) and passes",
+        "when the merged model runs with finite outputs. A cell is `ok` when the relative error",
+        f"max|got - expected| / max|expected| is at most {tolerance:g}, else that error, or the",
+        "one-line error message. `free` is `onnxmerge inspect`'s free spaces of all spaces,",
+        "`barriers` its barrier count and the first barrier (`op node: reason`); `zipped` the merge",
+        "report's layer count for zip(A, B); `s` the seconds for export, inspect and all oracles.",
+        "",
+        "| model | exporter | export | " + " | ".join(COLUMNS.values()) + " | zipped | free | barriers | s |",
+        "|---|---|---|" + "---|" * len(COLUMNS) + "---|---|---|---|",
+    ]
+    for model in models:
+        for exporter in exporters:
+            row = results.get((model, exporter))
+            if row is None:
+                continue
+            cells = _row_cells(row)
+            zipped = (row.get("merge_random") or {}).get("zipped") or "-"
+            found = row.get("inspect") or {}
+            if found.get("status") == "ok":
+                free = f"{found['free']} of {found['spaces']}"
+                barriers = str(found["barriers"])
+                if found.get("first_barrier"):
+                    text = found["first_barrier"].replace("|", "\\|").replace("\n", " ")
+                    barriers += ": " + (text if len(text) <= 160 else text[:157] + "...")
+            elif found:
+                free, barriers = "-", cell(found)
+            else:
+                free = barriers = "-"
+            seconds = sum(r.get("seconds", 0) for r in row.values() if isinstance(r, dict))
+            lines.append(f"| {model} | {exporter} | " + " | ".join(cells)
+                         + f" | {zipped.replace(' layers zipped', '')} | {free} | {barriers} | {seconds:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_section(out: Path, family: str, text: str) -> None:
+    """Replace ``family``'s section of the page (its heading up to the next family heading or
+    the end), or append it; the other family's section stays as it is."""
+    page = out.read_text() if out.exists() else ""
+    heading = HEADINGS[family]
+    start = page.find(heading + "\n")
+    if start < 0:
+        out.write_text(page.rstrip("\n") + ("\n\n" if page.strip() else "") + text)
+        return
+    ends = [page.find(h + "\n", start + 1) for f, h in HEADINGS.items() if f != family]
+    ends = [e for e in ends if e > start]
+    end = min(ends) if ends else len(page)
+    rest = page[end:]
+    out.write_text(page[:start] + text + ("\n" + rest if rest else ""))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", choices=("cnn", "transformers"), default="cnn")
     parser.add_argument("--models", default=None, help="comma-separated names (default: all)")
     parser.add_argument("--exporters", default=None)
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per model x exporter")
@@ -155,13 +270,18 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(ROOT))
     from tests import public_zoo as pz
 
-    models = args.models.split(",") if args.models else list(pz.MODELS)
-    exporters = args.exporters.split(",") if args.exporters else list(pz.EXPORTERS)
+    registry, family_exporters = pz.FAMILIES[args.family]
+    models = args.models.split(",") if args.models else list(registry)
+    exporters = args.exporters.split(",") if args.exporters else list(family_exporters)
     store = Path(args.store)
+    out = Path(args.out)
     if not args.render_only:
         results = load_results(store) if args.resume else {}
-        if not args.resume:
-            store.write_text("")
+        if not args.resume:   # drop this run's rows, keep the others (the other family's)
+            chosen = {(m, e) for m in models for e in exporters}
+            kept = [line for line in (store.read_text().splitlines() if store.exists() else [])
+                    if line.strip() and (json.loads(line)["model"], json.loads(line)["exporter"]) not in chosen]
+            store.write_text("".join(line + "\n" for line in kept))
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
         # cheap models first, so that a partial run covers most of the matrix
         order = sorted(models, key=lambda m: m in EXPENSIVE)
@@ -191,9 +311,11 @@ def main(argv=None) -> int:
                     f.write(json.dumps(record) + "\n")
                 print(f"{model} {exporter}: {status} in {time.perf_counter() - clock:.0f} s", flush=True)
                 results = load_results(store)
-                Path(args.out).write_text(render(results, models, exporters, _command(argv), pz.TOLERANCE))
+                write_section(out, args.family, render(results, models, exporters, _command(argv), pz.TOLERANCE,
+                                                       args.family))
     results = load_results(store)
-    Path(args.out).write_text(render(results, list(pz.MODELS), list(pz.EXPORTERS), _command(argv), pz.TOLERANCE))
+    write_section(out, args.family, render(results, list(registry), list(family_exporters), _command(argv),
+                                           pz.TOLERANCE, args.family))
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Public CNNs (torchvision and timm) as test models for onnxmerge (issue 13).
+"""Public CNNs (torchvision and timm) and transformers (Hugging Face, torchvision, timm, torch)
+as test models for onnxmerge (issues 13 and 12).
 
 Plain module, shared by ``tests/test_public_zoo.py`` and ``scripts/zoo_table.py``.
 
@@ -10,13 +11,16 @@ registrations while the ops are missing. The shim lives here, in test code, neve
 
 Public API
 ----------
-MODELS : dict[str, Spec]           the matrix: "tv_<name>" (torchvision) and "timm_<name>"
+MODELS : dict[str, Spec]           the CNN matrix: "tv_<name>" (torchvision) and "timm_<name>"
 EXPORTERS : tuple[str, ...]        legacy_folded (BN folded, the default), legacy_bn, dynamo
+TRANSFORMERS : dict[str, Spec]     the transformer matrix (small configs, random weights)
+TRANSFORMER_EXPORTERS              legacy (dynamo=False, opset 17, folded), dynamo
+FAMILIES : dict[str, (registry, exporters)]   "cnn" and "transformers"
 ORACLES : tuple[str, ...]          permute, merge_self, widen, deepen, merge_random
 TOLERANCE                          1e-4: relative error = max|got - expected| / max|expected|
 build(name, seed) -> nn.Module     random weights, randomised BN statistics and constants
 export(name, exporter, path, seed) writes the .onnx file (checked against torch, rtol 1e-4)
-sample_input(name, batch, seed) -> float32 array
+sample_input(name, batch, seed) -> float32 images, or int64 token ids [N, T]
 run_oracle(oracle, path, x, tmp, other=None) -> OracleResult
 """
 
@@ -98,9 +102,10 @@ def import_timm():
 
 @dataclass(frozen=True)
 class Spec:
-    library: str                      # "torchvision" or "timm"
+    library: str                      # "torchvision", "timm", "transformers" or "torch"
     ctor: Callable[[], nn.Module]
-    size: int = SIZE
+    size: int = SIZE                  # images: height and width
+    kind: str = "image"               # "image" [N, 3, size, size], "tokens" [N, T] int64, "sequence" [N, T, D]
 
 
 def _tv(name: str, **kwargs) -> Spec:
@@ -141,6 +146,121 @@ MODELS: dict[str, Spec] = {
 }
 
 
+# --------------------------------------------------------------------------
+# the transformer matrix (issue 12): small configs, random weights, nothing downloaded
+# --------------------------------------------------------------------------
+
+TOKENS = 16         # sequence length T of token inputs
+VOCAB = 100         # token ids are drawn from [FIRST_TOKEN, VOCAB)
+FIRST_TOKEN = 3     # above the special ids (pad 0 / 1, RoBERTa's position ids skip its pad id)
+WIDTH = 64          # hidden size of every transformer
+IMAGE = 32          # transformer image inputs: 32 x 32, patch 8
+TRANSFORMER_CALIB = 32
+TRANSFORMER_EXPORTERS = ("legacy", "dynamo")
+
+
+def import_transformers():
+    """``import transformers`` (its vision models may import torchvision: shim first)."""
+    with contextlib.suppress(ImportError):
+        import_torchvision()
+    with torchvision_shim():
+        return importlib.import_module("transformers")
+
+
+class HFOutput(nn.Module):
+    """A Hugging Face model called on one positional input, returning one field of its output
+    (``last_hidden_state`` or ``logits``) as a plain tensor, so that both exporters see a
+    one-input, one-output function."""
+
+    def __init__(self, model: nn.Module, field: str):
+        super().__init__()
+        self.model = model
+        self.field = field
+
+    def forward(self, x):
+        return getattr(self.model(x, return_dict=True), self.field)
+
+
+_BERT = dict(hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+             vocab_size=VOCAB, max_position_embeddings=32)
+_VIT = dict(image_size=IMAGE, patch_size=8, num_channels=3, hidden_size=WIDTH, num_hidden_layers=2,
+            num_attention_heads=4, intermediate_size=128)
+
+
+def _hf(config: str, model: str, field: str, kind: str = "tokens", model_kwargs=None, **config_kwargs) -> Spec:
+    def ctor():
+        tf = import_transformers()
+        cfg = getattr(tf, config)(**config_kwargs)
+        return HFOutput(getattr(tf, model)(cfg, **(model_kwargs or {})), field)
+    return Spec("transformers", ctor, IMAGE, kind)
+
+
+def _tv_vit() -> nn.Module:
+    import_torchvision()   # the shim first: the submodule import below would import torchvision bare
+    from torchvision.models.vision_transformer import VisionTransformer
+    return VisionTransformer(image_size=IMAGE, patch_size=8, num_layers=2, num_heads=4, hidden_dim=WIDTH,
+                             mlp_dim=128, num_classes=10)
+
+
+def _timm_vit() -> nn.Module:
+    """timm's ViT (fused qkv Linear) at the small size."""
+    return import_timm().create_model("vit_tiny_patch16_224", pretrained=False, img_size=IMAGE, patch_size=8,
+                                      depth=2, embed_dim=WIDTH, num_heads=4, mlp_ratio=2.0, num_classes=10)
+
+
+def _torch_encoder() -> nn.Module:
+    """On the [N, T, 64] input itself: the residual stream is the graph input's space."""
+    layer = nn.TransformerEncoderLayer(WIDTH, 4, dim_feedforward=128, dropout=0.0, batch_first=True)
+    return nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+
+
+class EmbeddedEncoder(nn.Module):
+    """``nn.TransformerEncoder`` between an input projection and a classifier on the mean token,
+    the usual way it is used: the residual stream is a hidden space."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(WIDTH, WIDTH)
+        self.encoder = _torch_encoder()
+        self.head = nn.Linear(WIDTH, 10)
+
+    def forward(self, x):
+        return self.head(self.encoder(self.embed(x)).mean(1))
+
+
+TRANSFORMERS: dict[str, Spec] = {
+    "hf_bert": _hf("BertConfig", "BertModel", "last_hidden_state", model_kwargs=dict(add_pooling_layer=False),
+                   **_BERT),
+    "hf_bert_cls": _hf("BertConfig", "BertForSequenceClassification", "logits", num_labels=5, **_BERT),
+    "hf_distilbert": _hf("DistilBertConfig", "DistilBertModel", "last_hidden_state", vocab_size=VOCAB, dim=WIDTH,
+                         n_layers=2, n_heads=4, hidden_dim=128, max_position_embeddings=32),
+    "hf_distilbert_cls": _hf("DistilBertConfig", "DistilBertForSequenceClassification", "logits", num_labels=5,
+                             vocab_size=VOCAB, dim=WIDTH, n_layers=2, n_heads=4, hidden_dim=128,
+                             max_position_embeddings=32),
+    "hf_roberta": _hf("RobertaConfig", "RobertaModel", "last_hidden_state",
+                      model_kwargs=dict(add_pooling_layer=False), **dict(_BERT, max_position_embeddings=34)),
+    "hf_roberta_cls": _hf("RobertaConfig", "RobertaForSequenceClassification", "logits", num_labels=5,
+                          **dict(_BERT, max_position_embeddings=34)),
+    "hf_gpt2": _hf("GPT2Config", "GPT2Model", "last_hidden_state", vocab_size=VOCAB, n_positions=32, n_embd=WIDTH,
+                   n_layer=2, n_head=4, n_inner=128, bos_token_id=1, eos_token_id=2),
+    "hf_t5_encoder": _hf("T5Config", "T5EncoderModel", "last_hidden_state", vocab_size=VOCAB, d_model=WIDTH, d_kv=16,
+                         d_ff=128, num_layers=2, num_heads=4),
+    "hf_vit": _hf("ViTConfig", "ViTModel", "last_hidden_state", "image", dict(add_pooling_layer=False), **_VIT),
+    "hf_vit_cls": _hf("ViTConfig", "ViTForImageClassification", "logits", "image", num_labels=10, **_VIT),
+    "hf_deit_cls": _hf("DeiTConfig", "DeiTForImageClassification", "logits", "image", num_labels=10, **_VIT),
+    "tv_vit": Spec("torchvision", _tv_vit, IMAGE),
+    "timm_vit": Spec("timm", _timm_vit, IMAGE),
+    "torch_encoder": Spec("torch", _torch_encoder, IMAGE, "sequence"),
+    "torch_encoder_cls": Spec("torch", EmbeddedEncoder, IMAGE, "sequence"),
+}
+
+FAMILIES = {"cnn": (MODELS, EXPORTERS), "transformers": (TRANSFORMERS, TRANSFORMER_EXPORTERS)}
+
+
+def spec(name: str) -> Spec:
+    return MODELS[name] if name in MODELS else TRANSFORMERS[name]
+
+
 def _seed(name: str) -> int:
     return sum((i + 1) * ord(ch) for i, ch in enumerate(name)) % 100_000
 
@@ -171,26 +291,68 @@ def build(name: str, seed: int = 0) -> nn.Module:
     base = _seed(name) + 1000 * seed
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(base)
-        model = MODELS[name].ctor()
+        model = spec(name).ctor()
     zoo._randomize_norms(model, base)
     _randomize_constants(model, base)
     return model.eval()
 
 
-def sample_input(name: str, batch: int = CALIB, seed: int = 1) -> np.ndarray:
-    size = MODELS[name].size
+def sample_input(name: str, batch: int | None = None, seed: int = 1) -> np.ndarray:
+    """``batch`` (default: the calibration count) inputs of model ``name``: standard normal
+    images or sequences (float32), or token ids in [FIRST_TOKEN, VOCAB) (int64, [N, TOKENS])."""
+    found = spec(name)
+    transformer = name in TRANSFORMERS
+    batch = batch or (TRANSFORMER_CALIB if transformer else CALIB)
     g = torch.Generator().manual_seed(seed * 7919 + len(name))
+    if found.kind == "tokens":
+        return torch.randint(FIRST_TOKEN, VOCAB, (batch, TOKENS), generator=g).numpy().astype(np.int64)
+    if found.kind == "sequence":
+        return torch.randn((batch, TOKENS, WIDTH), generator=g).numpy().astype(np.float32)
+    size = found.size
     return torch.randn((batch, 3, size, size), generator=g).numpy().astype(np.float32)
 
 
 def export(name: str, exporter: str, path, seed: int = 0) -> str:
-    """Export ``build(name, seed)`` with one of ``tests.zoo.EXPORTERS`` (input ``input``, output
-    ``output``, dynamic batch; checked against torch in onnxruntime with rtol 1e-4)."""
+    """Export ``build(name, seed)`` with one of ``tests.zoo.EXPORTERS`` (CNNs) or
+    ``TRANSFORMER_EXPORTERS`` (input ``input``, output ``output``, dynamic batch; checked against
+    torch in onnxruntime with rtol 1e-4)."""
     model = build(name, seed)
     example = torch.as_tensor(sample_input(name, batch=2, seed=0))
     path = os.fspath(path)
-    zoo.EXPORTERS[exporter](model, example, path)
+    if name in TRANSFORMERS:
+        _export_transformer(model, example, path, dynamo=exporter == "dynamo")
+    else:
+        zoo.EXPORTERS[exporter](model, example, path)
     return path
+
+
+def _export_transformer(model: nn.Module, x: torch.Tensor, path: str, *, dynamo: bool) -> None:
+    """``torch.onnx.export`` with dynamo=False (opset 17, constant folding) or dynamo=True
+    (its default opset), batch axis dynamic; then onnxruntime must give torch's output on a
+    batch of 3 (another size than the example's) within 1e-4 relative."""
+    import logging
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+            batch = torch.export.Dim("batch", min=1, max=4096)
+            torch.onnx.export(model, (x,), path, dynamo=True, external_data=False, input_names=["input"],
+                              output_names=["output"], dynamic_shapes=({0: batch},), verbose=False, report=False)
+        else:
+            torch.onnx.export(model, (x,), path, dynamo=False, opset_version=17, input_names=["input"],
+                              output_names=["output"], dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+                              do_constant_folding=True, training=torch.onnx.TrainingMode.EVAL)
+    if os.path.exists(path + ".data"):
+        raise RuntimeError(f"the export wrote a sidecar {path}.data")
+    from onnxmerge.io import load_model
+    check = torch.cat([x, x[:1]])
+    with torch.no_grad():
+        expected = model(check).numpy()
+    got = run_all(load_model(path), check.numpy())
+    error = relative_error([expected], got[:1])
+    if not error <= TOLERANCE:
+        raise zoo.ExportMismatch(f"{path}: onnxruntime differs from torch by {error:.2e} relative")
 
 
 # --------------------------------------------------------------------------

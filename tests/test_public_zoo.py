@@ -1,7 +1,9 @@
-"""Oracles on public CNNs (torchvision, timm) with random weights: tests/public_zoo.py, issue 13.
+"""Oracles on public CNNs (torchvision, timm) and transformers (Hugging Face, torchvision, timm,
+torch) with random weights: tests/public_zoo.py, issues 13 and 12.
 
 Slow (``python -m pytest -m slow tests/test_public_zoo.py``); needs the ``zoo`` extra
-(``pip install -e ".[cpu,torch,dev,zoo]"``) and is skipped without torchvision / timm.
+(``pip install -e ".[cpu,torch,dev,zoo]"``) and is skipped without torchvision / timm; the
+Hugging Face rows are skipped without transformers.
 Outputs are compared by relative error, max |got - expected| / max |expected| <= 1e-4.
 ``scripts/zoo_table.py`` runs the same matrix and writes docs/zoo.md.
 """
@@ -23,6 +25,7 @@ with pz.torchvision_shim():
 pytestmark = pytest.mark.slow
 
 CASES = [(m, e, o) for m in pz.MODELS for e in pz.EXPORTERS for o in pz.ORACLES]
+TRANSFORMER_CASES = [(m, e, o) for m in pz.TRANSFORMERS for e in pz.TRANSFORMER_EXPORTERS for o in pz.ORACLES]
 
 
 class PublicZooFiles:
@@ -33,9 +36,10 @@ class PublicZooFiles:
         self._cache: dict[tuple[str, str, int], str | BaseException] = {}
 
     def get(self, name: str, exporter: str, seed: int = 0) -> str:
-        if pz.MODELS[name].library == "timm":
+        library = pz.spec(name).library
+        if library in ("timm", "transformers"):
             with pz.torchvision_shim():
-                pytest.importorskip("timm")
+                pytest.importorskip(library)
         key = (name, exporter, seed)
         if key not in self._cache:
             try:
@@ -44,7 +48,7 @@ class PublicZooFiles:
                 self._cache[key] = error
         found = self._cache[key]
         if isinstance(found, BaseException):
-            if exporter == "legacy_folded":   # the default export must work
+            if exporter in ("legacy_folded", "legacy"):   # the default export must work
                 raise found
             pytest.skip(f"{exporter} export fails: {type(found).__name__}: {str(found).splitlines()[0][:200]}")
         return found
@@ -57,6 +61,10 @@ def public_zoo_files(tmp_path_factory) -> PublicZooFiles:
 
 @pytest.mark.parametrize("name,exporter,oracle", CASES, ids=[f"{m}-{e}-{o}" for m, e, o in CASES])
 def test_public_cnn_oracle(public_zoo_files, tmp_path, name, exporter, oracle):
+    check_oracle(public_zoo_files, tmp_path, name, exporter, oracle)
+
+
+def check_oracle(public_zoo_files, tmp_path, name, exporter, oracle):
     path = public_zoo_files.get(name, exporter)
     other = public_zoo_files.get(name, exporter, seed=1) if oracle == "merge_random" else None
     try:
@@ -69,3 +77,8 @@ def test_public_cnn_oracle(public_zoo_files, tmp_path, name, exporter, oracle):
         print(f"{name}/{exporter}: {result.zipped} ({result.note})")
     else:
         assert result.ok, f"relative error {result.error:.2e} > {pz.TOLERANCE:g}"
+
+
+@pytest.mark.parametrize("name,exporter,oracle", TRANSFORMER_CASES, ids=[f"{m}-{e}-{o}" for m, e, o in TRANSFORMER_CASES])
+def test_public_transformer_oracle(public_zoo_files, tmp_path, name, exporter, oracle):
+    check_oracle(public_zoo_files, tmp_path, name, exporter, oracle)
