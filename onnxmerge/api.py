@@ -501,6 +501,8 @@ def _space_matcher(method, params, width: float | str | None):
         if width is None or not method.unequal_widths:
             return method.function(corr, widths, params)
         target = min(widths) if width == "min" else min(sum(widths), max(1, round(width * max(widths))))
+        if max(widths) == 1:  # a one-channel axis may broadcast against wider ones: it stays one
+            target = 1
         return method.function(corr, widths, replace(params, width=target))
     return run
 

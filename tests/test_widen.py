@@ -115,3 +115,27 @@ def test_widen_keeps_the_halves_of_a_channel_split_and_shuffle_even(tmp_path, ex
     wider = api.widen(model, factor=1.5, seed=3)
     outputs_close(run_all(model, x), run_all(wider, x))
     assert sum(i.ByteSize() for i in wider.graph.initializer) > sum(i.ByteSize() for i in model.graph.initializer)
+
+
+def _one_channel_gate() -> "onnx.ModelProto":
+    """conv -> Split([1, 15]): a 1-channel score broadcast over the other 15 (MobileViTv2's
+    linear attention: key * softmax(query)) -> conv."""
+    from onnx import helper
+    from tests.test_rules import const, model
+    nodes = [helper.make_node("Split", ["y", "sizes"], ["q", "k"], axis=1),
+             helper.make_node("Sigmoid", ["q"], ["score"]),
+             helper.make_node("Mul", ["k", "score"], ["z"])]
+    return model(nodes, [const("sizes", np.array([1, 15], np.int64))], out_shape=(None, 15))
+
+
+def test_a_one_channel_space_that_broadcasts_stays_one_channel(tmp_path):
+    gate = _one_channel_gate()
+    x = np.random.default_rng(0).standard_normal((32, 8, 4, 4)).astype(np.float32)
+    wider = api.widen(gate, factor=1.5, seed=1)
+    outputs_close(run_all(gate, x), run_all(wider, x))
+    save_model(gate, tmp_path / "a.onnx")
+    save_model(wider, tmp_path / "b.onnx")
+    np.save(tmp_path / "calib.npy", x)
+    merged = api.merge([str(tmp_path / "a.onnx"), str(tmp_path / "b.onnx")], calibration=str(tmp_path / "calib.npy"),
+                       options=api.MergeOptions(method="zip", width=1.5, repair="none"))
+    assert len(run_all(merged.model, x)) == 2  # valid at 1.5x: the score stays one channel

@@ -32,7 +32,9 @@ def widenable(graph: SpaceGraph, factor: float) -> list[int]:
 
 
 def wider_width(width: int, factor: float) -> int:
-    return max(width, int(round(width * factor)))
+    """A width-1 axis stays 1: it may broadcast against a wider one (a score gating channels),
+    which a copy would break."""
+    return max(width, int(round(width * factor))) if width > 1 else width
 
 
 def _interleaves(graph: SpaceGraph) -> set[tuple[Layout, ...]]:
