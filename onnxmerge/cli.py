@@ -52,7 +52,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def _rewritten(args: argparse.Namespace, rewrite) -> int:
     """Write ``rewrite()``'s model to ``--output`` (checked writable before the work)."""
-    check_writable(args.output, "model")
+    check_writable(args.output, "model", [args.model])
     save_model(rewrite(), args.output)
     print(f"wrote {args.output}")
     return 0
@@ -137,7 +137,7 @@ def cmd_deepen(args: argparse.Namespace) -> int:
 def cmd_align(args: argparse.Namespace) -> int:
     """Align the blocks of models of different depths onto the deepest, stage by stage (CKA)."""
     if args.plot:
-        check_writable(args.plot, "plot")
+        check_writable(args.plot, "plot", [*args.models, args.calib])
     alignment = api.align(args.models, args.calib, _options(args))
     report = describe_alignment(alignment)
     if args.plot:
@@ -160,9 +160,10 @@ def _options(args: argparse.Namespace) -> api.MergeOptions:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     """Merge two or more models of one design (widths and depths may differ) into one ONNX model."""
-    check_writable(args.output, "merged model")
+    inputs = [*args.models, args.calib, *(args.stats or [])]
+    check_writable(args.output, "merged model", inputs)
     if args.report:
-        check_writable(args.report, "report")
+        check_writable(args.report, "report", [*inputs, args.output])
     result = api.merge(args.models, calibration=args.calib, stats=args.stats, options=_options(args))
     save_model(result.model, args.output)
     if args.report:
@@ -183,7 +184,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     """Compute the statistics a merge needs and save them (combine shards with merge --stats)."""
     if not args.calib:
         raise OnnxMergeError("calibrate needs --calib DATA")
-    check_writable(args.output, "statistics")
+    check_writable(args.output, "statistics", [*args.models, args.calib])
     stats, meta = api.calibrate(args.models, args.calib, _options(args))
     save_stats(args.output, stats, meta)
     print(f"wrote {args.output}: {len(stats)} statistics over {meta['samples']} samples, provider {meta['provider']}")

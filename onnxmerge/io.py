@@ -13,7 +13,7 @@ import hashlib
 import heapq
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import BinaryIO
 
 import numpy as np
@@ -452,13 +452,27 @@ def _remove_quietly(path: str) -> None:
         pass
 
 
-def check_writable(path: str | os.PathLike, what: str) -> None:
-    """Raise unless ``path``'s folder exists and is writable: checked before a command works,
-    so that it fails at once and never leaves some of its outputs written."""
+def check_writable(path: str | os.PathLike, what: str, taken: Sequence[str | os.PathLike | None] = ()) -> None:
+    """Raise unless ``path``'s folder exists and is writable, ``path`` is no folder, and it is
+    none of the files in ``taken`` (the command's inputs and other outputs, compared by real
+    path and by inode, so links count): checked before a command works, so that it fails at
+    once, never overwrites an input and never leaves some of its outputs written."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         raise OnnxMergeError(f"{path}: cannot write the {what}: the folder {folder} does not exist or is not "
                              "writable; create it or choose another path")
+    if os.path.isdir(path):
+        raise OnnxMergeError(f"{path}: cannot write the {what}: it is a folder; give a file name")
+    for other in (t for t in taken if t is not None):
+        if _same_file(path, other):
+            raise OnnxMergeError(f"{path}: the {what} would overwrite {other}, which the command reads or writes; "
+                                 "choose another output path")
+
+
+def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
 
 
 def write_atomically(path: str | os.PathLike, suffix: str, write: Callable[[str], object], what: str) -> None:

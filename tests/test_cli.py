@@ -184,3 +184,47 @@ def test_a_merge_of_a_mergeable_model_does_not_warn_about_coverage(zoo_files, tm
         assert main(["merge", path, path, "--calib", str(tmp_path / "calib.npy"), "-o", str(tmp_path / "m.onnx"),
                      "--strict"]) == 0
     assert not any("weight layers are merged" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("command", [
+    ["merge", "A", "B", "--calib", "CALIB", "-o", "A"], ["merge", "A", "B", "--calib", "CALIB", "-o", "./LINK"],
+    ["merge", "A", "B", "--calib", "CALIB", "-o", "OUT", "--report", "B"],
+    ["merge", "A", "B", "--calib", "CALIB", "-o", "OUT", "--report", "OUT"],
+    ["calibrate", "A", "B", "--calib", "CALIB", "-o", "CALIB"], ["permute", "A", "-o", "A"], ["widen", "A", "-o", "LINK",
+                                                                                              "--factor", "2"]])
+def test_an_output_that_is_an_input_or_another_output_is_refused(zoo_files, tmp_path, capsys, monkeypatch, command):
+    import os
+    import shutil
+    import numpy as np
+    path, x = zoo_files.get("mlp", "legacy_folded")
+    for name in ("a.onnx", "b.onnx"):
+        shutil.copy(path, tmp_path / name)
+    os.link(tmp_path / "a.onnx", tmp_path / "link.onnx")  # a hard link is the same file
+    np.save(tmp_path / "calib.npy", x)
+    monkeypatch.chdir(tmp_path)
+    names = {"A": "a.onnx", "B": "b.onnx", "CALIB": "calib.npy", "OUT": "out.onnx", "./LINK": "./link.onnx",
+             "LINK": "link.onnx"}
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert main([names.get(a, a) for a in command]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("onnxmerge: error: ") and error.count("\n") == 1 and "would overwrite" in error
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_a_merge_of_models_with_unnamed_nodes_cut_after_a_barrier(tmp_path):
+    """onnx.helper models often leave nodes unnamed; per-model copies must still get unique names."""
+    import numpy as np
+    from onnxmerge import api
+    from onnxmerge.io import save_model
+    import onnx
+    _barrier_model(tmp_path / "a.onnx")
+    proto = onnx.load(tmp_path / "a.onnx")
+    for node in proto.graph.node:
+        node.name = ""
+    save_model(proto, tmp_path / "a.onnx")
+    x = np.random.default_rng(0).standard_normal((32, 8, 4, 4)).astype(np.float32)
+    np.save(tmp_path / "calib.npy", x)
+    merged = api.merge([str(tmp_path / "a.onnx")] * 2, calibration=str(tmp_path / "calib.npy"),
+                       options=api.MergeOptions(repair="none"))
+    expected = run_all(proto, x)
+    outputs_close(expected + expected, run_all(merged.model, x))

@@ -151,7 +151,7 @@ class _HeadBuilder:
             for slot, name in enumerate(node.output):
                 if name:
                     node.output[slot] = name + suffix
-            node.name = (node.name or node.op_type) + suffix
+            node.name = (node.name or f"{node.op_type}_{node.output[0]}") + suffix  # unnamed nodes: unique names
             self.nodes.append(node)
         return {name: name + suffix for name in produced}
 
