@@ -149,14 +149,7 @@ def render(results: dict, models: list[str], exporters: list[str], command: str,
             row = results.get((model, exporter))
             if row is None:
                 continue
-            export = row.get("export")
-            cells = ["ok" if export and export["status"] == "ok" else cell(export)]
-            cells += [cell(row.get(oracle)) for oracle in COLUMNS]
-            if export and export["status"] == "ok":
-                missing = [c for c, oracle in enumerate(COLUMNS, 1) if oracle not in row]
-                for c in missing:
-                    cells[c] = (row.get("timeout") or row.get("done") or {}).get("message", "not run")
-                    break
+            cells = _row_cells(row)
             zipped = (row.get("merge_random") or {}).get("zipped") or "-"
             seconds = sum(r.get("seconds", 0) for r in row.values() if isinstance(r, dict))
             lines.append(f"| {model} | {exporter} | " + " | ".join(cells)

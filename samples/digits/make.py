@@ -44,13 +44,15 @@ class Block(nn.Module):
 
 
 class ResNet(nn.Module):
-    """stem -> stage of `blocks` blocks at `width` -> stage at 2*width (stride 2) -> pool -> linear."""
+    """stem -> stage of `blocks` blocks at `width` -> stage at 2*width (stride 2) -> pool -> linear;
+    `widths` gives other stages (each after the first starting with stride 2)."""
 
-    def __init__(self, width: int = 32, blocks: int = 2, classes: int = 5):
+    def __init__(self, width: int = 32, blocks: int = 2, classes: int = 5, widths: tuple[int, ...] | None = None):
         super().__init__()
-        layers = [nn.Conv2d(1, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
-        c_in = width
-        for stage, c_out in enumerate((width, 2 * width)):
+        widths = widths or (width, 2 * width)
+        layers = [nn.Conv2d(1, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()]
+        c_in = widths[0]
+        for stage, c_out in enumerate(widths):
             for b in range(blocks):
                 layers.append(Block(c_in, c_out, 2 if stage and b == 0 else 1))
                 c_in = c_out

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,9 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "mixed"))
+import digits_sample  # noqa: E402  (samples/mixed/digits_sample.py: the digits scripts as modules)
 
 HERE = Path(__file__).resolve().parent
 TASKS = {"a": list(range(5)), "b": list(range(5, 10))}
@@ -36,37 +40,13 @@ EPOCHS = 4
 MODELS = {"resnet_a": ("a", 1), "resnet_b": ("b", 2)}  # file stem -> (task, seed)
 
 
-class Block(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.shortcut = nn.Identity() if stride == 1 and c_in == c_out else nn.Sequential(
-            nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
-
-    def forward(self, x):
-        y = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+DIGITS = digits_sample.load("make")
+accuracy = DIGITS.accuracy  # a model's accuracy on its own task's test images
 
 
-class ResNet(nn.Module):
-    """stem -> stages of 2 blocks at each width (stride 2 from the second) -> pool -> linear."""
-
-    def __init__(self, widths: tuple[int, ...] = WIDTHS, blocks: int = 2, classes: int = 5):
-        super().__init__()
-        layers = [nn.Conv2d(1, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()]
-        c_in = widths[0]
-        for stage, c_out in enumerate(widths):
-            for b in range(blocks):
-                layers.append(Block(c_in, c_out, 2 if stage and b == 0 else 1))
-                c_in = c_out
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, classes)]
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x):
-        return self.net(x)
+def ResNet() -> nn.Module:  # noqa: N802 (a model class of the digits sample, at other widths)
+    """stem -> stages of 2 blocks at WIDTHS (stride 2 from the second) -> pool -> linear (5 classes)."""
+    return DIGITS.ResNet(widths=WIDTHS)
 
 
 def augment(images: np.ndarray, copies: int, seed: int) -> np.ndarray:
@@ -119,13 +99,6 @@ def export(model: nn.Module, path: Path) -> None:
     torch.onnx.export(model, (torch.zeros(2, 1, SIZE, SIZE),), path, dynamo=False, opset_version=17,
                       input_names=["input"], output_names=["output"],
                       dynamic_axes={"input": {0: "N"}, "output": {0: "N"}})
-
-
-def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, classes: list[int]) -> float:
-    mask = np.isin(y, classes)
-    with torch.no_grad():
-        predicted = model(torch.from_numpy(x[mask])).argmax(1).numpy()
-    return float((np.asarray(classes)[predicted] == y[mask]).mean())
 
 
 def main() -> None:
