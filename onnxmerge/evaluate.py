@@ -77,6 +77,12 @@ def run_heads(model: onnx.ModelProto, inputs: dict[str, np.ndarray], provider: s
     inputs = {name: value.astype(dtypes[name]) if dtypes.get(name) and value.dtype.kind == "f" else value
               for name, value in inputs.items()}
     count = len(next(iter(inputs.values())))
+    fixed = {i.shape[0] for i in session.get_inputs() if i.shape and isinstance(i.shape[0], int)}
+    if fixed:  # a model exported with a fixed batch runs in batches of that size
+        batch_size = fixed.pop()
+        if count % batch_size:
+            raise CalibrationError(f"the model fixes its batch size at {batch_size} and the test data has {count} "
+                                   "samples, not a multiple; export it with a dynamic batch axis")
     outputs: list[list[np.ndarray]] = []
     for start in range(0, count, batch_size):
         feed = {name: inputs[name][start:start + batch_size] for name in names}

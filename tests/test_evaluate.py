@@ -7,7 +7,7 @@ import pytest
 
 from onnxmerge.cli import main
 from onnxmerge.errors import RecipeError
-from onnxmerge.evaluate import parse_tasks, score
+from onnxmerge.evaluate import parse_tasks, run_heads, score
 
 
 def test_parse_tasks():
@@ -44,3 +44,18 @@ def test_eval_command_single_model_and_ensemble(capsys):
     (row,) = json.loads(capsys.readouterr().out)
     assert row["model"].startswith("ensemble") and set(row["tasks"]) == {"0-4", "5-9"}
     assert row["joint"] > 0.9  # two well-trained experts side by side
+
+
+def test_a_model_with_a_fixed_batch_of_one_is_scored_in_batches_of_one(tmp_path):
+    """Exports without a dynamic batch axis are common; eval must not feed them 256 samples."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "fixed",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.random.default_rng(1).standard_normal((5, 4)).astype(np.float32)
+    (scores,) = run_heads(model, {"x": x}, "cpu")
+    np.testing.assert_allclose(scores, x @ numpy_helper.to_array(weight), rtol=1e-5)
+    onnx.checker.check_model(model)

@@ -253,3 +253,20 @@ def test_commands_write_nothing_but_their_outputs(tmp_path, monkeypatch, case):
     assert set(written) - {"p.onnx", "m.onnx"} == {"sym_shape_infer_temp.onnx"}, written
     assert os.listdir(temporary) == [] and sorted(os.listdir(models)) == given
     assert target.read_bytes() == b"not onnxmerge's"
+
+
+@pytest.mark.parametrize("bn,repair", [("fold", "repair"), ("keep", "reset")])
+def test_float16_merge_repairs_in_float16(zoo_files, tmp_path, bn, repair):
+    """REPAIR's corrections and the BN reset's statistics are computed in the model's own type."""
+    source, x = zoo_files.get("resnet_basic", "legacy_bn")
+    path = write(tmp_path, "half.onnx", to_float16(load_model(source)))
+    save_model(api.permute(api.load(path), seed=3), tmp_path / "permuted.onnx")
+    np.save(tmp_path / "calib.npy", x)
+    merged = api.merge([path, str(tmp_path / "permuted.onnx")], calibration=str(tmp_path / "calib.npy"),
+                       options=api.MergeOptions(bn=bn, repair=repair)).model
+    assert {t.data_type for t in merged.graph.initializer if t.data_type != TensorProto.INT64} == {TensorProto.FLOAT16}
+    if repair == "repair":  # a permuted copy: REPAIR changes nothing beyond float16 rounding
+        expected = run_all(api.canonicalize(api.load(path), bn="fold"), x)
+        outputs_close(expected + expected, run_all(merged, x), tolerance=1e-2)
+    else:
+        assert all(np.isfinite(o).all() for o in run_all(merged, x))

@@ -121,8 +121,9 @@ def insert_repair(model: onnx.ModelProto, targets: list[RepairTarget], batches: 
     corrections = _first_guess(model, targets, batches, provider)
     probe, outputs = _probe(model, targets)
     session, ran = open_session(probe, provider)
+    dtypes = _dtypes(gs.import_onnx(model), targets)
     for _ in range(_depth(model, set(corrections))):
-        feed = {f"{t.tensor}__repair_{part}": value.astype(np.float32).reshape(_broadcast(t))
+        feed = {f"{t.tensor}__repair_{part}": value.astype(dtypes[t.tensor]).reshape(_broadcast(t))
                 for t in targets for part, value in zip(("scale", "shift"), corrections[t.tensor])}
         moments = measure(session, outputs, batches(), feed)
         updated = {t.tensor: _correction(t, moments[t.tensor]) for t in targets}
@@ -140,8 +141,9 @@ def _first_guess(model: onnx.ModelProto, targets: list[RepairTarget], batches: B
     mode): close to the exact ones, so that few exact passes follow. Others start at identity."""
     graph = gs.import_onnx(model)
     normalised = [t for t in targets if t.axis == 1]
+    dtypes = _dtypes(graph, normalised)
     for t in normalised:
-        parameters = [gs.Constant(f"{t.tensor}__guess_{part}", value.astype(np.float32)) for part, value in
+        parameters = [gs.Constant(f"{t.tensor}__guess_{part}", value.astype(dtypes[t.tensor])) for part, value in
                       (("scale", t.std), ("bias", t.mean), ("mean", np.zeros_like(t.mean)), ("var", np.ones_like(t.mean)))]
         _insert_after(graph, t.tensor, lambda source, result: [gs.Node("BatchNormalization", inputs=[source, *parameters],
                                                                        outputs=[result], attrs={"epsilon": 0.0})])
@@ -160,6 +162,18 @@ def _change(target: RepairTarget, old: tuple[np.ndarray, np.ndarray], new: tuple
     """How much a target's correction moved: in scale, and in shift relative to its std."""
     return float(max(np.abs(new[0] - old[0]).max(initial=0.0),
                      (np.abs(new[1] - old[1]) / np.maximum(target.std, 1e-6)).max(initial=0.0)))
+
+
+def _dtypes(graph: gs.Graph, targets: list[RepairTarget]) -> dict[str, np.dtype]:
+    """Each target's element type: corrections are computed in it (an fp16 model stays fp16)."""
+    tensors = graph.tensors()
+    return {t.tensor: np.dtype(tensors[t.tensor].dtype or _weight_dtype(tensors[t.tensor])) for t in targets}
+
+
+def _weight_dtype(tensor: gs.Tensor) -> np.dtype:
+    """The type of the weights of the layer producing ``tensor`` (shapes may not be inferred yet)."""
+    weights = [t for node in tensor.inputs for t in node.inputs if isinstance(t, gs.Constant)]
+    return weights[0].values.dtype if weights else np.dtype(np.float32)
 
 
 def _broadcast(target: RepairTarget) -> list[int]:
@@ -201,8 +215,9 @@ def _probe(model: onnx.ModelProto, targets: list[RepairTarget]) -> tuple[onnx.Mo
     (``<tensor>__repair_scale`` / ``__repair_shift``), also giving the targets' batch moments
     before the correction."""
     graph = gs.import_onnx(model)
+    dtypes = _dtypes(graph, targets)
     for target in targets:
-        scale, shift = (gs.Variable(f"{target.tensor}__repair_{part}", dtype=np.float32, shape=_broadcast(target))
+        scale, shift = (gs.Variable(f"{target.tensor}__repair_{part}", dtype=dtypes[target.tensor], shape=_broadcast(target))
                         for part in ("scale", "shift"))
         graph.inputs += [scale, shift]
         _affine(graph, target, scale, shift)
@@ -214,9 +229,10 @@ def _fold(model: onnx.ModelProto, targets: list[RepairTarget], scale: dict, shif
     """The model with each target's correction applied as per-channel Mul and Add constants,
     folded into the producing layer where it is a canonical Conv/ConvTranspose/Gemm."""
     graph = gs.import_onnx(model)
+    dtypes = _dtypes(graph, targets)
     for target in targets:
-        dtype = graph.tensors()[target.tensor].dtype or np.float32
-        constants = (gs.Constant(f"{target.tensor}__repair_{part}", values[target.tensor].astype(dtype).reshape(_broadcast(target)))
+        constants = (gs.Constant(f"{target.tensor}__repair_{part}",
+                                 values[target.tensor].astype(dtypes[target.tensor]).reshape(_broadcast(target)))
                      for part, values in (("scale", scale), ("shift", shift)))
         _affine(graph, target, *constants)
     while fold_affine(graph):
