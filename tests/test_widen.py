@@ -117,7 +117,7 @@ def test_widen_keeps_the_halves_of_a_channel_split_and_shuffle_even(tmp_path, ex
     assert sum(i.ByteSize() for i in wider.graph.initializer) > sum(i.ByteSize() for i in model.graph.initializer)
 
 
-def _one_channel_gate() -> "onnx.ModelProto":
+def _one_channel_gate():
     """conv -> Split([1, 15]): a 1-channel score broadcast over the other 15 (MobileViTv2's
     linear attention: key * softmax(query)) -> conv."""
     from onnx import helper
