@@ -276,7 +276,11 @@ def _cores(paths: list[str], options: MergeOptions) -> tuple[list[tuple[str, onn
     post-processing, and the BatchNormalization mode used: ``keep`` turns into ``fold`` when
     some models have BN nodes and others have it folded (exporters differ), so that they line up."""
     _check_layout_names(paths, options.input_layout)
-    models = common_opset([(str(path), load(path)) for path in paths])
+    loaded: dict[str, onnx.ModelProto] = {}
+    for path in paths:  # a file given twice is read, and warned about, once
+        if os.path.realpath(path) not in loaded:
+            loaded[os.path.realpath(path)] = load(path)
+    models = common_opset([(str(path), _copy(loaded[os.path.realpath(path)])) for path in paths])
     models = [_with_input_layout(path, model, options.input_layout) for path, model in zip(paths, models)]
     analysed, bn = _split_all(models, options.bn), options.bn
     if bn == "keep" and len({_batch_norms(core) > 0 for core, _ in analysed}) > 1:
@@ -285,6 +289,12 @@ def _cores(paths: list[str], options: MergeOptions) -> tuple[list[tuple[str, onn
     named = [(str(path), core) for path, (core, _) in zip(paths, analysed)]
     check_same_inputs(named)
     return named, [post for _, post in analysed], bn
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
 
 
 def _batch_norms(model: onnx.ModelProto) -> int:

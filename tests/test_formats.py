@@ -270,3 +270,11 @@ def test_float16_merge_repairs_in_float16(zoo_files, tmp_path, bn, repair):
         outputs_close(expected + expected, run_all(merged, x), tolerance=1e-2)
     else:
         assert all(np.isfinite(o).all() for o in run_all(merged, x))
+
+
+def test_a_quantized_file_given_twice_is_warned_about_once(tmp_path, caplog):
+    path = quantized(tmp_path, "QDQ")
+    np.save(tmp_path / "calib.npy", images())
+    caplog.set_level(logging.WARNING)
+    api.merge([path, path], calibration=str(tmp_path / "calib.npy"))
+    assert len([r for r in caplog.records if "QDQ" in r.getMessage()]) == 1
