@@ -217,15 +217,13 @@ def _merge_auto(paths: list[str], prepared: _Prepared, stats: list[str] | None, 
     if prepared.calib is None or stats:
         raise RecipeError("--zip-layers auto measures each cut on held-back calibration samples; "
                           "pass --calib DATA (and no --stats)")
-    if options.heads == "shared":
-        raise RecipeError("--heads shared merges every layer; drop --zip-layers or use --heads separate")
     fit, held = tradeoff.split_samples(prepared.calib, options.seed)
     reference = prepared.members[0]
-    sources = [m.model for m in prepared.members]
+    ensemble = tradeoff.ensemble([m.model for m in prepared.members], held, options.batch_size, options.provider)
     points = []
     for cut in tradeoff.candidates(len(weight_layers(reference.model, reference.graph))):
         trial = _merge_prepared(paths, replace(prepared, calib=fit), stats, replace(options, zip_layers=cut))
-        loss = tradeoff.loss(trial.model, sources, held, options.batch_size, options.provider,
+        loss = tradeoff.loss(trial.model, ensemble, held, options.batch_size, options.provider,
                              lambda name, index: f"{name}_m{index}")
         points.append(tradeoff.Point(cut, loss, tradeoff.parameters(trial.model)))
         log.info("--zip-layers %d: loss %.4f on %d held-back samples", cut, loss, held.num_samples)

@@ -54,33 +54,48 @@ def parameters(model: onnx.ModelProto) -> int:
     return int(sum(np.prod(init.dims) for init in model.graph.initializer))
 
 
-def loss(merged: onnx.ModelProto, sources: list[onnx.ModelProto], held: CalibrationSet, batch_size: int,
-         provider: str, rename: Callable[[str, int], str]) -> float:
-    """How often the merged model's joint prediction differs from the source models' ensemble
-    on the held-back samples: for the k-th class-score output of every model, the argmax over
-    all models' scores concatenated (the ``eval`` joint prediction), averaged over k. Heads are
-    compared jointly because a model's own head is arbitrary on samples of another's task.
+@dataclass(frozen=True)
+class Ensemble:
+    """The source models' class scores on the held-back samples, computed once for every cut:
+    ``names[i]`` model i's class-score outputs (the first ``len(scores)`` of each model), and
+    ``scores[k]`` the k-th of them of every model side by side (samples first)."""
+
+    names: list[list[str]]
+    scores: list[np.ndarray]
+
+
+def ensemble(sources: list[onnx.ModelProto], held: CalibrationSet, batch_size: int, provider: str) -> Ensemble:
+    """The source models' class scores on ``held``.
 
     Raises:
         RecipeError: no output of the models holds class scores to compare.
     """
-    merged_session, _ = open_session(merged, provider)
     sessions = [open_session(source, provider)[0] for source in sources]
     names = [[o.name for o in session.get_outputs() if _is_score(o)] for session in sessions]
     count = min(len(n) for n in names)
     if count == 0:
         raise RecipeError("--zip-layers auto compares class scores (a float output of 2 or more entries on its "
                           "last axis) and the models have none; give --zip-layers N")
-    wanted = [rename(n, i) for i, model_names in enumerate(names) for n in model_names[:count]]
-    differ = np.zeros(count)
-    for feeds in zip(*(held.batches(i, batch_size) for i in range(len(sources))), held.batches(0, batch_size)):
-        ensemble = [s.run(n[:count], feed) for s, n, feed in zip(sessions, names, feeds)]
-        ours = merged_session.run(wanted, feeds[-1])
-        for k in range(count):
-            theirs = np.concatenate([outputs[k] for outputs in ensemble], axis=-1)
-            mine = np.concatenate(ours[k::count], axis=-1)
-            differ[k] += len(theirs) * np.mean(_differs(theirs, mine))
-    return float(np.mean(differ / held.num_samples))
+    names = [n[:count] for n in names]
+    batches = [[s.run(n, feed) for s, n, feed in zip(sessions, names, feeds)]
+               for feeds in zip(*(held.batches(i, batch_size) for i in range(len(sources))))]
+    scores = [np.concatenate([np.concatenate([outputs[k] for outputs in batch], axis=-1) for batch in batches])
+              for k in range(count)]
+    return Ensemble(names, scores)
+
+
+def loss(merged: onnx.ModelProto, reference: Ensemble, held: CalibrationSet, batch_size: int, provider: str,
+         rename: Callable[[str, int], str]) -> float:
+    """How often the merged model's joint prediction differs from the source models' ensemble
+    on the held-back samples: for the k-th class-score output of every model, the argmax over
+    all models' scores concatenated (the ``eval`` joint prediction), averaged over k. Heads are
+    compared jointly because a model's own head is arbitrary on samples of another's task."""
+    session, _ = open_session(merged, provider)
+    count = len(reference.scores)
+    wanted = [rename(n, i) for i, model_names in enumerate(reference.names) for n in model_names]
+    batches = [session.run(wanted, feed) for feed in held.batches(0, batch_size)]
+    ours = [np.concatenate([np.concatenate(batch[k::count], axis=-1) for batch in batches]) for k in range(count)]
+    return float(np.mean([np.mean(_differs(theirs, mine)) for theirs, mine in zip(reference.scores, ours)]))
 
 
 def _differs(theirs: np.ndarray, mine: np.ndarray) -> np.ndarray:
