@@ -118,10 +118,10 @@ def insert_repair(model: onnx.ModelProto, targets: list[RepairTarget], batches: 
     std) any more: one more pass would measure the same. Returns the model and the provider
     that ran.
     """
-    corrections = _first_guess(model, targets, batches, provider)
-    probe, outputs = _probe(model, targets)
-    session, ran = open_session(probe, provider)
     dtypes = _dtypes(gs.import_onnx(model), targets)
+    corrections = _first_guess(model, targets, dtypes, batches, provider)
+    probe, outputs = _probe(model, targets, dtypes)
+    session, ran = open_session(probe, provider)
     for _ in range(_depth(model, set(corrections))):
         feed = {f"{t.tensor}__repair_{part}": value.astype(dtypes[t.tensor]).reshape(_broadcast(t))
                 for t in targets for part, value in zip(("scale", "shift"), corrections[t.tensor])}
@@ -131,17 +131,16 @@ def insert_repair(model: onnx.ModelProto, targets: list[RepairTarget], batches: 
         corrections = updated
         if change < TOLERANCE:
             break
-    return _fold(model, targets, *(dict(zip(corrections, values)) for values in zip(*corrections.values()))), ran
+    return _fold(model, targets, dtypes, corrections), ran
 
 
-def _first_guess(model: onnx.ModelProto, targets: list[RepairTarget], batches: Batches,
+def _first_guess(model: onnx.ModelProto, targets: list[RepairTarget], dtypes: dict[str, np.dtype], batches: Batches,
                  provider: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Corrections from one pass in which each target with channels on axis 1 is normalised by
     its own batch statistics and given the target mean and std (a BatchNormalization in train
     mode): close to the exact ones, so that few exact passes follow. Others start at identity."""
     graph = gs.import_onnx(model)
     normalised = [t for t in targets if t.axis == 1]
-    dtypes = _dtypes(graph, normalised)
     for t in normalised:
         parameters = [gs.Constant(f"{t.tensor}__guess_{part}", value.astype(dtypes[t.tensor])) for part, value in
                       (("scale", t.std), ("bias", t.mean), ("mean", np.zeros_like(t.mean)), ("var", np.ones_like(t.mean)))]
@@ -210,12 +209,12 @@ def _affine(graph: gs.Graph, target: RepairTarget, scale: gs.Tensor, shift: gs.T
     _insert_after(graph, target.tensor, nodes)
 
 
-def _probe(model: onnx.ModelProto, targets: list[RepairTarget]) -> tuple[onnx.ModelProto, dict[str, tuple[str, str]]]:
+def _probe(model: onnx.ModelProto, targets: list[RepairTarget],
+           dtypes: dict[str, np.dtype]) -> tuple[onnx.ModelProto, dict[str, tuple[str, str]]]:
     """The model with each target corrected by per-channel scale and shift graph inputs
     (``<tensor>__repair_scale`` / ``__repair_shift``), also giving the targets' batch moments
     before the correction."""
     graph = gs.import_onnx(model)
-    dtypes = _dtypes(graph, targets)
     for target in targets:
         scale, shift = (gs.Variable(f"{target.tensor}__repair_{part}", dtype=dtypes[target.tensor], shape=_broadcast(target))
                         for part in ("scale", "shift"))
@@ -225,15 +224,15 @@ def _probe(model: onnx.ModelProto, targets: list[RepairTarget]) -> tuple[onnx.Mo
     return with_moments(export_like(graph, model), {t.tensor: (t.axis, t.rank) for t in targets})
 
 
-def _fold(model: onnx.ModelProto, targets: list[RepairTarget], scale: dict, shift: dict) -> onnx.ModelProto:
-    """The model with each target's correction applied as per-channel Mul and Add constants,
-    folded into the producing layer where it is a canonical Conv/ConvTranspose/Gemm."""
+def _fold(model: onnx.ModelProto, targets: list[RepairTarget], dtypes: dict[str, np.dtype],
+          corrections: dict[str, tuple[np.ndarray, np.ndarray]]) -> onnx.ModelProto:
+    """The model with each target's (scale, shift) correction applied as per-channel Mul and Add
+    constants, folded into the producing layer where it is a canonical Conv/ConvTranspose/Gemm."""
     graph = gs.import_onnx(model)
-    dtypes = _dtypes(graph, targets)
     for target in targets:
         constants = (gs.Constant(f"{target.tensor}__repair_{part}",
-                                 values[target.tensor].astype(dtypes[target.tensor]).reshape(_broadcast(target)))
-                     for part, values in (("scale", scale), ("shift", shift)))
+                                 value.astype(dtypes[target.tensor]).reshape(_broadcast(target)))
+                     for part, value in zip(("scale", "shift"), corrections[target.tensor]))
         _affine(graph, target, *constants)
     while fold_affine(graph):
         pass
@@ -274,13 +273,13 @@ def repair_sources(members: list[Member], split: TrunkSplit, matchings: dict[int
     merge matrices' weighting of all models' channels (a fixed space the plain average); a
     layer of model i's head (after a partial cut) is that model's own."""
     reference = members[0]
-    shapes = [tensor_shapes(m.model) for m in members]
+    shapes = tensor_shapes(reference.model)
     plan = []
     for k in weight_layers(reference.model, reference.graph):
         node = reference.model.graph.node[k]
         if node.op_type not in _REPAIRABLE:
             continue
-        rank = len(shapes[0].get(node.output[0], ()))
+        rank = len(shapes.get(node.output[0], ()))
         axis = 1 if node.op_type != "MatMul" else rank - 1
         if rank < 2 or axis not in reference.graph.layouts.get(node.output[0], {}):
             continue
