@@ -8,7 +8,7 @@ not depend on the batch size.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
@@ -27,7 +27,6 @@ class ChannelMoments:
     count: int = 0
     mean: np.ndarray | float = 0.0
     m2: np.ndarray | float = 0.0  # sum of squared deviations from the mean
-    _means: list = field(default_factory=list, repr=False)
 
     def add(self, size: int, mean: np.ndarray, var: np.ndarray) -> None:
         """Pool one batch of ``size`` samples with batch mean and biased variance (shape [C])."""

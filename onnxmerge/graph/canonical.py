@@ -172,14 +172,6 @@ def fold_batch_norm(graph: gs.Graph) -> int:
     return count
 
 
-def fold_batch_norms(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` with every BatchNormalization that follows a Conv folded into it."""
-    graph = gs.import_onnx(model)
-    fold_batch_norm(graph)
-    graph.cleanup().toposort()
-    return export_like(graph, model)
-
-
 def untie_initializers(graph: gs.Graph) -> int:
     """Give each constant use its own tensor: exporters share identical tensors between layers
     (fresh BatchNorm statistics), but each layer's copy must transform with its own space."""
