@@ -18,7 +18,7 @@ from .calib.data import MIN_SAMPLES, CalibrationSet, input_specs, load_calibrati
 from .calib.stats import combine_stats, load_stats
 from .depth import DepthAlignment, align_depths, lift_models, needs_alignment
 from .depth import describe as describe_alignment
-from .errors import CalibrationError, InvalidModelError, RecipeError, UnsupportedGraphError
+from .errors import CalibrationError, InvalidModelError, RecipeError, UnsupportedGraphError, about
 from .evaluate import load_test_data, parse_tasks, run_heads, score
 from .graph.blocks import BlockStructure, find_blocks, lines_up, regroup_like
 from .graph.canonical import canonicalize, infer_shapes
@@ -26,7 +26,7 @@ from .graph.correspond import correspond
 from .graph.interface import channels_first_input, check_same_inputs, common_opset
 from .graph.postprocess import PostProcessing, attach_postprocessing, split_postprocessing
 from .graph.quantized import read_as_float
-from .graph.spaces import SpaceGraph, find_spaces
+from .graph.spaces import SpaceGraph, check_finite_parameters, find_spaces
 from .io import load_model, model_sha256
 from .match import get_method
 from .match.permute import permute as permute_features
@@ -61,7 +61,8 @@ def analyse(model: onnx.ModelProto, *, bn: str = "keep") -> tuple[onnx.ModelProt
 
 def inspect(path: str | os.PathLike, *, bn: str = "keep") -> dict:
     """The ``onnxmerge inspect`` report of the model file at ``path`` (see inspection.py)."""
-    canonical, graph = analyse(load(path), bn=bn)
+    with about(str(path)):
+        canonical, graph = analyse(load(path), bn=bn)
     return inspection.describe(str(path), canonical, graph)
 
 
@@ -265,8 +266,16 @@ def _prepare(paths: list[str], calibration: str | None, options: MergeOptions):
 
 
 def _members(named: list[tuple[str, onnx.ModelProto]]) -> list[Member]:
-    analysed = [(name, model, find_spaces(model)) for name, model in named]
+    analysed = [(name, model, _spaces(name, model)) for name, model in named]
     return [Member(model, graph, correspond(analysed[0], (path, model, graph))) for path, model, graph in analysed]
+
+
+def _spaces(name: str, model: onnx.ModelProto) -> SpaceGraph:
+    """The model's feature spaces; its parameters must be finite (matching and repair compute on them)."""
+    with about(name):
+        graph = find_spaces(model)
+        check_finite_parameters(model, graph)
+    return graph
 
 
 def _cores(paths: list[str], options: MergeOptions) -> tuple[list[tuple[str, onnx.ModelProto]], list[PostProcessing], str]:
@@ -606,6 +615,9 @@ def _record(model: onnx.ModelProto, paths: list[str], options: MergeOptions) -> 
     for index, path in enumerate(paths):
         entries[f"onnxmerge.input{index}.sha256"] = model_sha256(path)
         entries[f"onnxmerge.input{index}.name"] = os.path.basename(str(path))
+    # file names only: a path given to --input-layout must not put the user's folders into the file
+    layouts = [[os.path.basename(name), layout] for name, layout in options.input_layout]
+    entries["onnxmerge.options"] = json.dumps({**asdict(options), "input_layout": layouts}, sort_keys=True)
     for key, value in entries.items():
         model.metadata_props.add(key=key, value=value)
 
@@ -620,7 +632,10 @@ def evaluate(paths: list[str], data: str, *, labels: str = "y", tasks: str | Non
     """
     inputs, truth = load_test_data(data, labels)
     task_lists = parse_tasks(tasks) if tasks else None
-    heads = [run_heads(load_model(path), inputs, provider) for path in paths]
+    heads = []
+    for path in paths:
+        with about(str(path)):
+            heads.append(run_heads(load_model(path), inputs, provider))
     if ensemble:
         joined = [h for model_heads in heads for h in model_heads]
         return [dict(model="ensemble(" + ", ".join(os.path.basename(str(p)) for p in paths) + ")",

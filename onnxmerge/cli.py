@@ -12,7 +12,7 @@ import logging
 import sys
 
 from . import __version__, api, inspection
-from .errors import OnnxMergeError
+from .errors import OnnxMergeError, about
 from .graph.canonical import BN_MODES
 from .calib.capture import PROVIDERS
 from .calib.data import MIN_SAMPLES
@@ -53,7 +53,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def _rewritten(args: argparse.Namespace, rewrite) -> int:
     """Write ``rewrite()``'s model to ``--output`` (checked writable before the work)."""
     check_writable(args.output, "model", [args.model])
-    save_model(rewrite(), args.output)
+    with about(args.model):
+        model = rewrite()
+    save_model(model, args.output)
     print(f"wrote {args.output}")
     return 0
 

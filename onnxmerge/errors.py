@@ -5,6 +5,11 @@ The CLI prints them as one line ``onnxmerge: error: ...`` and exits 1; any other
 exception is a bug and keeps its traceback.
 """
 
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
 
 class OnnxMergeError(Exception):
     """Base class of all user-facing onnxmerge errors."""
@@ -24,3 +29,16 @@ class CalibrationError(OnnxMergeError):
 
 class RecipeError(OnnxMergeError):
     """Options or a recipe are inconsistent."""
+
+
+@contextlib.contextmanager
+def about(name: str) -> Iterator[None]:
+    """Name the file in an error the body raises without it (the graph code knows no paths):
+    ``node conv2: ...`` becomes ``model.onnx: node conv2: ...``."""
+    try:
+        yield
+    except OnnxMergeError as error:
+        text = str(error)
+        if name in text or len(error.args) != 1:
+            raise
+        raise type(error)(f"{name}: {text}") from error

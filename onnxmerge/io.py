@@ -199,16 +199,27 @@ def _load_external(name: str, model: onnx.ModelProto) -> None:
 
 
 def _check_model(name: str, model: onnx.ModelProto) -> None:
-    """onnx.checker (not full_check) on the self-contained model."""
+    """onnx.checker's full check (strict shape and type inference) on the self-contained model,
+    then what the checker lets through but onnxruntime refuses or nothing can use: a graph with
+    no outputs, two nodes of one name."""
     try:
         if model.ByteSize() > PROTOBUF_LIMIT:
             # The checker cannot take a proto this big; its path form re-reads the file instead.
-            onnx.checker.check_model(name)
+            onnx.checker.check_model(name, full_check=True)
         else:
-            onnx.checker.check_model(model)
-    except (onnx.checker.ValidationError, ValueError) as error:
+            onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as error:
         raise InvalidModelError(f"{name}: not a valid ONNX model (onnx.checker: {_detail(error)}); "
                                 "check the file is a complete, valid .onnx export") from error
+    if not model.graph.output:
+        raise InvalidModelError(f"{name}: the graph has no outputs, so it computes nothing; "
+                                "export the model with its outputs")
+    seen: dict[str, str] = {}
+    for node in model.graph.node:
+        if node.name and node.name in seen:
+            raise InvalidModelError(f"{name}: two nodes are named {node.name!r} ({seen[node.name]} and "
+                                    f"{node.op_type}), which onnxruntime refuses; give every node its own name")
+        seen.setdefault(node.name, node.op_type)
 
 
 def _sort_nodes(graph: onnx.GraphProto) -> None:
@@ -453,8 +464,8 @@ def _remove_quietly(path: str) -> None:
 
 
 def check_writable(path: str | os.PathLike, what: str, taken: Sequence[str | os.PathLike | None] = ()) -> None:
-    """Raise unless ``path``'s folder exists and is writable, ``path`` is no folder, and it is
-    none of the files in ``taken`` (the command's inputs and other outputs, compared by real
+    """Raise unless ``path``'s folder exists and is writable, ``path`` is no folder and no other
+    non-regular file (``/dev/null``, a FIFO), and it is none of the files in ``taken`` (the command's inputs and other outputs, compared by real
     path and by inode, so links count): checked before a command works, so that it fails at
     once, never overwrites an input and never leaves some of its outputs written."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -463,6 +474,10 @@ def check_writable(path: str | os.PathLike, what: str, taken: Sequence[str | os.
                              "writable; create it or choose another path")
     if os.path.isdir(path):
         raise OnnxMergeError(f"{path}: cannot write the {what}: it is a folder; give a file name")
+    if os.path.exists(path) and not os.path.isfile(path):
+        # a device, FIFO or socket: the atomic save would replace it with a regular file
+        raise OnnxMergeError(f"{path}: cannot write the {what}: it exists and is not a regular file (a device, "
+                             "pipe or socket); give the path of a regular file")
     for other in (t for t in taken if t is not None):
         if _same_file(path, other):
             raise OnnxMergeError(f"{path}: the {what} would overwrite {other}, which the command reads or writes; "
@@ -483,6 +498,7 @@ def write_atomically(path: str | os.PathLike, suffix: str, write: Callable[[str]
     try:
         handle, temporary = tempfile.mkstemp(dir=folder, prefix=".onnxmerge-", suffix=suffix)
         os.close(handle)
+        os.chmod(temporary, _FILE_MODE)  # an ordinary file's mode, as save_model gives
         write(temporary)
         os.replace(temporary, path)
     except OSError as error:

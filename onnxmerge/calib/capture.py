@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 import onnx
 import onnx.compose
-import onnxruntime
+
+if TYPE_CHECKING:
+    import onnxruntime
 
 from ..graph.layout import Atom, Grid, leaves
 from ..graph.spaces import SpaceGraph, tensor_shapes
@@ -17,6 +19,7 @@ from .stats import CKAStats, SpaceStats, to_samples
 
 from ..errors import CalibrationError
 from ..io import default_opset
+from ..runtime import runtime
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +46,26 @@ def expose(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
     return exposed
 
 
-def open_session(model: onnx.ModelProto, provider: str = "auto") -> tuple[onnxruntime.InferenceSession, str]:
+class Session:
+    """An onnxruntime session whose ``run`` fails with one line (``CalibrationError``) instead
+    of onnxruntime's own exceptions: a model that loads may still fail on data (a weight that
+    does not fit its input, a shape the data breaks). Everything else is the session's."""
+
+    def __init__(self, session: onnxruntime.InferenceSession):
+        self._session = session
+
+    def run(self, names, feed, *args, **kwargs):
+        try:
+            return self._session.run(names, feed, *args, **kwargs)
+        except Exception as error:  # onnxruntime's error classes share no base but Exception
+            raise CalibrationError(f"onnxruntime failed running the model ({_first_line(error)}); check that "
+                                   "the model runs in onnxruntime and that the data fits its inputs") from error
+
+    def __getattr__(self, name: str):
+        return getattr(self._session, name)
+
+
+def open_session(model: onnx.ModelProto, provider: str = "auto") -> tuple[Session, str]:
     """An inference session and the provider that really runs it.
 
     ``auto`` uses CUDA when a session actually runs on it and falls back to CPU; ``cuda``
@@ -52,14 +74,15 @@ def open_session(model: onnx.ModelProto, provider: str = "auto") -> tuple[onnxru
     """
     if provider not in PROVIDERS:
         raise CalibrationError(f"unknown provider {provider!r}; use one of {', '.join(PROVIDERS)}")
-    options = onnxruntime.SessionOptions()
+    ort = runtime()
+    options = ort.SessionOptions()
     options.log_severity_level = 3
     # spinning worker threads would compete with numpy for the cores between runs
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     data = model.SerializeToString()
-    if provider in ("auto", "cuda") and _CUDA in onnxruntime.get_available_providers():
+    if provider in ("auto", "cuda") and _CUDA in ort.get_available_providers():
         try:
-            session = onnxruntime.InferenceSession(data, options, providers=[_CUDA, _CPU])
+            session = ort.InferenceSession(data, options, providers=[_CUDA, _CPU])
         except Exception as error:  # onnxruntime's error classes share no base but Exception
             if provider == "cuda":
                 raise CalibrationError(f"onnxruntime cannot run the model on CUDA ({_first_line(error)}); "
@@ -67,12 +90,12 @@ def open_session(model: onnx.ModelProto, provider: str = "auto") -> tuple[onnxru
             log.warning("onnxruntime cannot run the model on CUDA (%s); running on CPU", _first_line(error))
         else:
             if session.get_providers()[0] == _CUDA:
-                return session, "cuda"
+                return Session(session), "cuda"
     if provider == "cuda":
         raise CalibrationError("the CUDA provider is not usable here (onnxruntime-gpu and a GPU are needed); "
                                "use --provider cpu or auto")
     try:
-        return onnxruntime.InferenceSession(data, options, providers=[_CPU]), "cpu"
+        return Session(ort.InferenceSession(data, options, providers=[_CPU])), "cpu"
     except Exception as error:
         raise CalibrationError(f"onnxruntime cannot run the model ({_first_line(error)}); "
                                "check it with onnx.checker and onnxruntime") from error

@@ -19,7 +19,6 @@ multiplies in float32 (faster; see ``update``): entries then carry a relative er
 from __future__ import annotations
 
 import json
-import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CalibrationError
+from ..io import write_atomically
 
 DEAD_RTOL = 1e-10
 """A channel is dead (constant) when its variance is at most ``DEAD_RTOL`` times its second
@@ -245,14 +245,8 @@ def save_stats(path: str | Path, stats: dict[str, SpaceStats], meta: dict[str, s
         space = stats[name]
         arrays.update({f"{index}/count": np.array(space.count, np.int64), f"{index}/sum": space.sum,
                        f"{index}/outer": space.outer, f"{index}/widths": np.array(space.widths, np.int64)})
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as handle:  # a file object, so numpy adds no .npz suffix
-            np.savez(handle, **arrays)
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
+    # a new file of a private name (a predictable one could be a planted link to another file)
+    write_atomically(path, ".npz", lambda temporary: np.savez(temporary, **arrays), "statistics")
 
 
 def load_stats(path: str | Path) -> tuple[dict[str, SpaceStats], dict[str, str]]:

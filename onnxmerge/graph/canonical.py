@@ -63,6 +63,9 @@ def _is_alias(node: gs.Node) -> bool:
 
 def fold_constants(graph: gs.Graph) -> int:
     """Evaluate subgraphs whose inputs are all constant (ConstantOfShape weights, shape math)."""
+    from ..runtime import runtime
+
+    runtime()  # telemetry off before graphsurgeon opens its sessions
     before = len(graph.nodes)
     onnxruntime.set_default_logger_severity(3)  # its graph optimiser warns about partial folds
     graph.fold_constants(error_ok=True).cleanup()

@@ -10,6 +10,7 @@ import onnx
 from onnx import numpy_helper
 
 from .layout import Atom, Concat, Grid, Layout, LayoutConflict, SpaceTable, StackBody, Stacked, leaves, nested
+from ..errors import InvalidModelError
 from ..io import default_opset
 from .rules import RULES
 
@@ -214,6 +215,14 @@ class _Walk:
             raise LayoutConflict(f"parameter {name!r} is not a constant")
         if any(isinstance(v, Stacked | StackBody) for v in nested(self.table.resolve(layout))):
             raise LayoutConflict(f"parameter {name!r} varies along a stacked axis")
+        dims = self.initializers[name].dims
+        if axis >= len(dims) or dims[axis] != self.table.width(layout):
+            # onnx's checks let a weight that does not fit its input through; onnxruntime fails on it
+            size = dims[axis] if axis < len(dims) else "no"
+            raise InvalidModelError(
+                f"node {self.node}: parameter {name!r} has {size} entries on axis {axis} where the tensor it "
+                f"meets has {self.table.width(layout)} channels, so onnxruntime cannot run the model; fix the "
+                "model's weight shapes (re-export it)")
         self.touched.append(layout)
         self.params.append(ParamUse(name, axis, layout, role, self.node))
 
@@ -340,3 +349,24 @@ def _assemble(walk: _Walk, output_reasons: set[str]) -> SpaceGraph:
     kept = {s: node for layout, node in walk.kept for s in leaves(table.resolve(layout))}
     outputs = frozenset(s.id for s in spaces.values() if s.fixed and set(s.fixed_reasons) <= output_reasons)
     return SpaceGraph(table, list(spaces.values()), walk.barriers, params, layouts, mixed, kept, outputs)
+
+
+def check_finite_parameters(model: onnx.ModelProto, graph: SpaceGraph) -> None:
+    """Refuse NaN in any floating-point initializer and infinities in a parameter the spaces
+    transform (a weight, bias or norm scale): matching, zipping and repair compute on them,
+    and a mask's -inf elsewhere is left alone."""
+    params = {use.name for use in graph.params}
+    for init in model.graph.initializer:
+        if init.data_type not in _FLOAT_TYPES:
+            continue
+        values = numpy_helper.to_array(init)
+        bad = np.isnan(values) if init.name not in params else ~np.isfinite(values)
+        if bad.any():
+            kind = "NaN" if np.isnan(values).any() else "infinite"
+            raise InvalidModelError(f"initializer {init.name!r} holds {int(bad.sum())} {kind} value(s), so its "
+                                    "features cannot be matched or averaged; fix or retrain the model (its "
+                                    "training diverged) before merging")
+
+
+_FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+                          onnx.TensorProto.BFLOAT16})
