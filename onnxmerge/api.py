@@ -21,12 +21,12 @@ from .depth import describe as describe_alignment
 from .errors import CalibrationError, InvalidModelError, RecipeError, UnsupportedGraphError, about
 from .evaluate import load_test_data, parse_tasks, run_heads, score
 from .graph.blocks import BlockStructure, find_blocks, lines_up, regroup_like
-from .graph.canonical import canonicalize, infer_shapes
+from .graph.canonical import canonicalize, check_finite_parameters, infer_shapes
 from .graph.correspond import correspond
 from .graph.interface import channels_first_input, check_same_inputs, common_opset
 from .graph.postprocess import PostProcessing, attach_postprocessing, split_postprocessing
 from .graph.quantized import read_as_float
-from .graph.spaces import SpaceGraph, check_finite_parameters, find_spaces
+from .graph.spaces import SpaceGraph, find_spaces
 from .io import load_model, model_sha256
 from .match import get_method
 from .match.permute import permute as permute_features
@@ -86,6 +86,7 @@ def widen(model: onnx.ModelProto, *, factor: float, seed: int = 0, bn: str = "ke
     if factor < 1:
         raise RecipeError(f"--factor {factor} would narrow the model; use a factor of at least 1")
     canonical, graph = analyse(model, bn=bn)
+    check_finite_parameters(canonical)  # copies of channels are computed from the weights
     transforms = widening(graph, factor, np.random.default_rng(seed))
     wider = transform_parameters(canonical, graph,
                                  lambda space, role: transforms.get(space, (None, None))[role == "consumer"])
@@ -271,11 +272,8 @@ def _members(named: list[tuple[str, onnx.ModelProto]]) -> list[Member]:
 
 
 def _spaces(name: str, model: onnx.ModelProto) -> SpaceGraph:
-    """The model's feature spaces; its parameters must be finite (matching and repair compute on them)."""
     with about(name):
-        graph = find_spaces(model)
-        check_finite_parameters(model, graph)
-    return graph
+        return find_spaces(model)
 
 
 def _cores(paths: list[str], options: MergeOptions) -> tuple[list[tuple[str, onnx.ModelProto]], list[PostProcessing], str]:
@@ -294,6 +292,9 @@ def _cores(paths: list[str], options: MergeOptions) -> tuple[list[tuple[str, onn
         log.warning("some models have BatchNormalization nodes and others have it folded: folding it in all")
         analysed, bn = _split_all(models, "fold"), "fold"
     named = [(str(path), core) for path, (core, _) in zip(paths, analysed)]
+    for name, core in named:
+        with about(name):
+            check_finite_parameters(core)
     check_same_inputs(named)
     return named, [post for _, post in analysed], bn
 
@@ -652,6 +653,7 @@ def deepen(model: onnx.ModelProto, *, blocks: int, seed: int = 0, bn: str = "kee
     if blocks < 1:
         raise RecipeError(f"--blocks {blocks}: insert at least one block")
     canonical = canonicalize(model, bn=bn)
+    check_finite_parameters(canonical)
     structure = find_blocks(canonical)
     stages = [s for s, (start, stop) in enumerate(structure.stage_ranges()) if stop - start > 1]
     if not stages:

@@ -13,6 +13,8 @@ Per-task accuracy: on the samples of task i, argmax within head i. Average: mean
 
 from __future__ import annotations
 
+import zipfile
+
 import numpy as np
 import onnx
 from scipy.special import log_softmax
@@ -47,13 +49,23 @@ def load_test_data(path: str, labels_key: str = "y") -> tuple[dict[str, np.ndarr
     try:
         with np.load(path) as data:
             arrays = {key: data[key] for key in data.files}
-    except (OSError, ValueError) as error:
-        raise CalibrationError(f"{path}: cannot read test data ({error}); give an .npz file") from error
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:  # a cut or corrupt file
+        raise CalibrationError(f"{path}: cannot read test data ({' '.join(str(error).split())}); "
+                               "give an .npz file") from error
     if labels_key not in arrays:
         raise CalibrationError(f"{path}: no labels array {labels_key!r} (found {sorted(arrays)}); use --labels NAME")
     labels = arrays.pop(labels_key)
     if not arrays:
         raise CalibrationError(f"{path}: no input arrays besides the labels {labels_key!r}")
+    whole = labels.dtype.kind in "iu" or (labels.dtype.kind == "f" and bool(np.isfinite(labels).all())
+                                          and bool((labels == np.round(labels)).all()))
+    if labels.ndim == 0 or labels.size != len(labels) or not whole:
+        raise CalibrationError(f"{path}: the labels {labels_key!r} are {labels.dtype} of shape {labels.shape}; "
+                               "give one integer class per sample")
+    counts = {key: len(value) if value.ndim else 0 for key, value in arrays.items()}
+    if not len(labels) or any(count != len(labels) for count in counts.values()):
+        raise CalibrationError(f"{path}: {len(labels)} labels for inputs of {counts} samples; give one label "
+                               "per sample, and at least one sample")
     return arrays, labels.astype(np.int64).reshape(-1)
 
 

@@ -198,6 +198,30 @@ def _load_external(name: str, model: onnx.ModelProto) -> None:
                                     "regular file") from error
 
 
+def _check_tensors(name: str, model: onnx.ModelProto) -> None:
+    """Refuse a tensor whose data does not decode as its type and dims say (onnx.checker does
+    not compare them): a wrong count of values, an unknown data type."""
+    for tensor in _iter_model_tensors(model):
+        try:
+            array = numpy_helper.to_array(tensor)
+            whole = int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
+            fits = array.size == whole
+        except Exception as error:  # numpy and onnx raise several types for bad data
+            fits, array = False, error
+        if not fits:
+            shape = list(tensor.dims)
+            got = f"{array.size} values" if isinstance(array, np.ndarray) else _detail(array)
+            raise InvalidModelError(f"{name}: tensor {tensor.name!r} ({_type_text(tensor.data_type)}, dims {shape}) "
+                                    f"does not hold its data ({got}); the file is corrupt, re-export the model")
+
+
+def _type_text(data_type: int) -> str:
+    try:
+        return onnx.helper.tensor_dtype_to_string(data_type).removeprefix("TensorProto.").lower()
+    except (KeyError, ValueError):
+        return f"unknown data type {data_type}"
+
+
 def _check_model(name: str, model: onnx.ModelProto) -> None:
     """onnx.checker's full check (strict shape and type inference) on the self-contained model,
     then what the checker lets through but onnxruntime refuses or nothing can use: a graph with
@@ -297,6 +321,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     _sort_nodes(model.graph)
     # Checked only now: the checker resolves external locations against the working directory.
     _check_model(name, model)
+    _check_tensors(name, model)
     return model
 
 

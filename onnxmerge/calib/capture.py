@@ -76,7 +76,7 @@ def open_session(model: onnx.ModelProto, provider: str = "auto") -> tuple[Sessio
         raise CalibrationError(f"unknown provider {provider!r}; use one of {', '.join(PROVIDERS)}")
     ort = runtime()
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: a failed run raises, and its error line is ours
     # spinning worker threads would compete with numpy for the cores between runs
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     data = model.SerializeToString()
@@ -99,6 +99,17 @@ def open_session(model: onnx.ModelProto, provider: str = "auto") -> tuple[Sessio
     except Exception as error:
         raise CalibrationError(f"onnxruntime cannot run the model ({_first_line(error)}); "
                                "check it with onnx.checker and onnxruntime") from error
+
+
+def require_finite(values: dict[str, np.ndarray], model: int | None = None) -> None:
+    """Refuse NaN or infinite activations: statistics, correlations and CKA of them are NaN.
+    ``model`` is the model's position (None: tensor names carry it, ``m<i>_``)."""
+    for name, value in values.items():
+        if value.dtype.kind in "fc" and not np.isfinite(value).all():
+            where = f"model {model} (in command-line order from 0)" if model is not None else "a model"
+            raise CalibrationError(f"tensor {name!r} of {where} holds NaN or infinite values on the calibration "
+                                   "data (the data holds them, or huge weights overflow); check the data and "
+                                   "the model's weights")
 
 
 def _first_line(error: Exception) -> str:
@@ -200,6 +211,7 @@ def collect_statistics(models: list[onnx.ModelProto], units: list[list[CaptureUn
         for feeds in batches:
             feed = {f"m{i}_{name}": value for i, model_feed in enumerate(feeds) for name, value in model_feed.items()}
             values = dict(zip(names, session.run(names, feed)))
+            require_finite(values)
             for k, unit_stats in enumerate(stats):
                 count, total, outer, shift = _assemble_moments(values, k, len(models))
                 unit_stats.add_moments(count // widths[k][0], total, outer, shift)
@@ -214,6 +226,7 @@ def collect_statistics(models: list[onnx.ModelProto], units: list[list[CaptureUn
         for session, model_units, feed in zip(sessions, units, feeds):
             names = list(dict.fromkeys(u.tensor for u in model_units))
             values = dict(zip(names, session.run(names, feed)))
+            require_finite(values, len(outputs))
             outputs.append([to_samples(values[u.tensor], u.axis, u.fold) for u in model_units])
         for k, unit_stats in enumerate(stats):
             # float32 products of centred rows, float64 accumulation: ~1e-7 relative error, twice as fast
@@ -335,7 +348,8 @@ def collect_cka(models: list[onnx.ModelProto], tensors: list[list[str]],
     stats = CKAStats(sum(len(names) for names in tensors))
     for feeds in batches:
         features = []
-        for session, names, feed in zip(sessions, tensors, feeds):
+        for index, (session, names, feed) in enumerate(zip(sessions, tensors, feeds)):
             features.extend(session.run(names, feed))
+            require_finite(dict(zip(names, features[-len(names):])), index)
         stats.update(features)
     return stats, "+".join(sorted(used))

@@ -349,24 +349,3 @@ def _assemble(walk: _Walk, output_reasons: set[str]) -> SpaceGraph:
     kept = {s: node for layout, node in walk.kept for s in leaves(table.resolve(layout))}
     outputs = frozenset(s.id for s in spaces.values() if s.fixed and set(s.fixed_reasons) <= output_reasons)
     return SpaceGraph(table, list(spaces.values()), walk.barriers, params, layouts, mixed, kept, outputs)
-
-
-def check_finite_parameters(model: onnx.ModelProto, graph: SpaceGraph) -> None:
-    """Refuse NaN in any floating-point initializer and infinities in a parameter the spaces
-    transform (a weight, bias or norm scale): matching, zipping and repair compute on them,
-    and a mask's -inf elsewhere is left alone."""
-    params = {use.name for use in graph.params}
-    for init in model.graph.initializer:
-        if init.data_type not in _FLOAT_TYPES:
-            continue
-        values = numpy_helper.to_array(init)
-        bad = np.isnan(values) if init.name not in params else ~np.isfinite(values)
-        if bad.any():
-            kind = "NaN" if np.isnan(values).any() else "infinite"
-            raise InvalidModelError(f"initializer {init.name!r} holds {int(bad.sum())} {kind} value(s), so its "
-                                    "features cannot be matched or averaged; fix or retrain the model (its "
-                                    "training diverged) before merging")
-
-
-_FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
-                          onnx.TensorProto.BFLOAT16})
