@@ -289,6 +289,21 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     return model
 
 
+def check_loaded_model(name: str, model: onnx.ModelProto) -> None:
+    """The checks of ``load_model`` on a model already in memory (the Python API's input),
+    which is sorted in place: pass a copy.
+
+    Raises:
+        InvalidModelError: tensors refer to external data that is not loaded, or the model
+            fails ``onnx.checker``.
+        UnsupportedGraphError: the IR version or the default-domain opset is not supported.
+    """
+    _check_in_memory(name, model)
+    _check_versions(name, model)
+    _sort_nodes(model.graph)
+    _check_model(name, model)
+
+
 def model_sha256(path: str | os.PathLike) -> str:
     """Hex sha256 of the model file at ``path`` (external data files not included), streamed.
 
