@@ -1,4 +1,7 @@
-"""The Python API the CLI calls. Every function takes and returns ONNX models or plain data."""
+"""The Python API, which the CLI calls: ``onnxmerge.merge`` and the other public functions
+re-exported by ``onnxmerge/__init__.py`` (docs/api.md). Models are paths or ``onnx.ModelProto``;
+data are paths, arrays, dicts of arrays or iterables of batches (sources.py). Inputs are never
+modified."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -19,21 +23,24 @@ from .calib.stats import combine_stats, load_stats
 from .depth import DepthAlignment, align_depths, lift_models, needs_alignment
 from .depth import describe as describe_alignment
 from .errors import CalibrationError, InvalidModelError, RecipeError, UnsupportedGraphError, about
-from .evaluate import load_test_data, parse_tasks, run_heads, score
+from .scoring import load_test_data, parse_tasks, run_heads, score
 from .graph.blocks import BlockStructure, find_blocks, lines_up, regroup_like
 from .graph.canonical import canonicalize, check_finite_parameters, infer_shapes
 from .graph.correspond import correspond
 from .graph.interface import channels_first_input, check_same_inputs, common_opset
 from .graph.postprocess import PostProcessing, attach_postprocessing, split_postprocessing
-from .graph.quantized import read_as_float
 from .graph.spaces import SpaceGraph, find_spaces
-from .io import load_model, model_sha256
+from .io import check_writable, model_sha256, save_model
 from .match import get_method
 from .match.permute import permute as permute_features
 from .match.permute import require_equal_widths
 from .match.grid import assignments_of, match_grid
 from .match.matching import Matching
 from .match.weight import WeightParams, match_weights
+from .options import MergeOptions, merge_options
+from .progress import progress
+from .recipe import Recipe, read_recipe
+from .report import write_json, write_text
 from .rewrite.apply import transform_parameters
 from .rewrite.heads import split_trunk, weight_layers
 from .rewrite.lift import insert_identities
@@ -41,16 +48,20 @@ from .rewrite.merge import Member, assemble, merged_trunk_parameters, reference_
 from .rewrite.repair import REPAIRS, insert_repair, repair_sources, repair_targets, reset_batch_norm, source_moments
 from .rewrite.transform import Permutation
 from .rewrite.widen import widening
+from .sources import Data, DataLike, ModelLike, Source, read_data, read_models
 
 log = logging.getLogger(__name__)
 
 
-def load(path: str | os.PathLike) -> onnx.ModelProto:
-    """A model file as the commands read it: ``io.load_model``, refusing QOperator-quantized
-    models and warning that QDQ-quantized ones are read in float (graph/quantized.py)."""
-    model = load_model(path)
-    read_as_float(str(path), model)
-    return model
+def load(model: ModelLike) -> onnx.ModelProto:
+    """A model as the commands read it: a checked copy (``io.load_model`` for a file),
+    refusing QOperator-quantized models and warning that QDQ-quantized ones are read in float
+    (graph/quantized.py).
+
+    Raises:
+        InvalidModelError, UnsupportedGraphError: see ``sources.read_models``.
+    """
+    return read_models([model])[0].model
 
 
 def analyse(model: onnx.ModelProto, *, bn: str = "keep") -> tuple[onnx.ModelProto, SpaceGraph]:
@@ -59,20 +70,32 @@ def analyse(model: onnx.ModelProto, *, bn: str = "keep") -> tuple[onnx.ModelProt
     return canonical, find_spaces(canonical)
 
 
-def inspect(path: str | os.PathLike, *, bn: str = "keep") -> dict:
-    """The ``onnxmerge inspect`` report of the model file at ``path`` (see inspection.py)."""
-    with about(str(path)):
-        canonical, graph = analyse(load(path), bn=bn)
-    return inspection.describe(str(path), canonical, graph)
+def inspect(model: ModelLike, *, bn: str = "keep") -> dict:
+    """The ``onnxmerge inspect`` report of a model (docs/inspect-json.md): its feature spaces,
+    which are free to permute, and the barriers with their reasons.
+
+    Args:
+        model: an ONNX file's path or an ``onnx.ModelProto``.
+        bn: ``keep`` BatchNormalization nodes or ``fold`` them into the convolutions.
+    """
+    source = read_models([model])[0]
+    with about(source.name):
+        canonical, graph = analyse(source.model, bn=bn)
+    return inspection.describe(source.name, canonical, graph)
 
 
-def permute(model: onnx.ModelProto, *, seed: int = 0, bn: str = "keep") -> onnx.ModelProto:
+def permute(model: ModelLike, *, seed: int = 0, bn: str = "keep") -> onnx.ModelProto:
     """Return a function-preserving copy of ``model`` with every free space randomly permuted.
 
     Attention heads are permuted as whole heads and, jointly, within heads; grouped channels
-    likewise by groups and within groups.
+    likewise by groups and within groups (Git Re-Basin's permutation symmetry).
+
+    Args:
+        model: an ONNX file's path or an ``onnx.ModelProto`` (not modified).
+        seed: seed of the random permutations.
+        bn: ``keep`` or ``fold`` BatchNormalization.
     """
-    canonical, graph = analyse(model, bn=bn)
+    canonical, graph = analyse(load(model), bn=bn)
     rng = np.random.default_rng(seed)
     orders = {space.id: Permutation(rng.permutation(space.width)) for space in graph.free_spaces}
     permuted = transform_parameters(canonical, graph, lambda space, role: orders.get(space))
@@ -80,12 +103,23 @@ def permute(model: onnx.ModelProto, *, seed: int = 0, bn: str = "keep") -> onnx.
     return permuted
 
 
-def widen(model: onnx.ModelProto, *, factor: float, seed: int = 0, bn: str = "keep") -> onnx.ModelProto:
+def widen(model: ModelLike, *, factor: float, seed: int = 0, bn: str = "keep") -> onnx.ModelProto:
     """A function-preserving copy of ``model`` with each widenable space ``factor`` times as wide
-    (Net2Net): spaces normalised, reduced or multiplied with other activations stay as they are."""
+    (Net2Net, Chen et al. 2016: copied channels, their consumers' weights split among the
+    copies): spaces normalised, reduced or multiplied with other activations stay as they are.
+
+    Args:
+        model: an ONNX file's path or an ``onnx.ModelProto`` (not modified).
+        factor: new width / old width, at least 1.
+        seed: seed choosing the copied channels.
+        bn: ``keep`` or ``fold`` BatchNormalization.
+
+    Raises:
+        RecipeError: ``factor`` below 1.
+    """
     if factor < 1:
         raise RecipeError(f"--factor {factor} would narrow the model; use a factor of at least 1")
-    canonical, graph = analyse(model, bn=bn)
+    canonical, graph = analyse(load(model), bn=bn)
     check_finite_parameters(canonical)  # copies of channels are computed from the weights
     transforms = widening(graph, factor, np.random.default_rng(seed))
     wider = transform_parameters(canonical, graph,
@@ -106,59 +140,137 @@ def check(model: onnx.ModelProto, what: str) -> None:
                                 "check the input with onnx.checker, else report this") from error
 
 
-@dataclass(frozen=True)
-class MergeOptions:
-    """Every option of a merge, with its default."""
-
-    method: str | None = None  # zip with calibration data, weight without
-    alpha: float = 0.5
-    beta: float = 1.0
-    width: float | str | None = None  # zip: multiple of the widest model's width, or "min"
-    heads: str = "separate"
-    zip_layers: int | str | None = None  # None: every layer; "auto": chosen within max_loss
-    max_loss: float = 0.05  # --zip-layers auto: argmax disagreement allowed on held-back samples
-    repair: str = "auto"
-    bn: str = "keep"
-    input_layout: tuple[tuple[str, str], ...] = ()  # (model path or file name, layout such as NHWC)
-    batch_size: int = 64
-    max_samples: int | None = None
-    repair_samples: int | None = None  # BN reset / REPAIR measures on this many samples (default all)
-    provider: str = "auto"
-    seed: int = 0
-    align: str = "auto"  # depth alignment: auto (sma when depths differ), sma, lma, uniform, head-tail, none
-    allow_few_samples: bool = False  # accept fewer than MIN_SAMPLES calibration samples
-    strict: bool = False  # refuse a full merge that leaves most weight layers per model
-
-
 @dataclass
 class MergeResult:
-    """The merged model and the JSON-ready report."""
+    """A merged model with what describes it.
+
+    Attributes:
+        model: the merged ``onnx.ModelProto`` (checked with ``onnx.checker``; its
+            metadata_props hold the onnxmerge version, the inputs' file names and sha256, the
+            options and the recipe).
+        report: the JSON-ready report (docs/report-json.md).
+        recipe: what reproduces the merge (``onnxmerge run``); ``recipe.runnable`` is False
+            when a model or the calibration data was given in memory.
+    """
 
     model: onnx.ModelProto
     report: dict = field(default_factory=dict)
+    recipe: Recipe | None = None
+
+    def save(self, path: str | os.PathLike, *, report: str | os.PathLike | None = None,
+             recipe: bool = True) -> list[str]:
+        """Write the model to ``path`` (atomically, external data over 2 GB), its recipe to
+        ``<path>.recipe.yaml`` when it is runnable and ``recipe`` is true, and the report as
+        JSON to ``report`` when given; returns the paths written.
+
+        Raises:
+            OnnxMergeError: a path is not writable, or names an input or another output.
+        """
+        path = os.fspath(path)
+        inputs = [] if self.recipe is None else self.recipe.input_paths()
+        targets = {"merged model": path}
+        if recipe and self.recipe is not None and self.recipe.runnable:
+            targets["recipe"] = recipe_path(path)
+        if report is not None:
+            targets["report"] = os.fspath(report)
+        written = list(targets.values())
+        for index, (what, target) in enumerate(targets.items()):
+            check_writable(target, what, [*inputs, *written[:index]])
+        save_model(self.model, path)
+        if "recipe" in targets:
+            write_text(self.recipe.to_yaml(folder=os.path.dirname(os.path.abspath(path)), output=path,
+                                           report=targets.get("report")), targets["recipe"], "recipe")
+        if report is not None:
+            write_json(self.report, targets["report"])
+        return written
 
 
-def merge(paths: list[str], *, calibration: str | None = None, stats: list[str] | None = None,
-          options: MergeOptions = MergeOptions()) -> MergeResult:
-    """Merge models of one architecture into one ONNX model (method.md §2-4, 6-7).
+def recipe_path(output: str | os.PathLike) -> str:
+    """Where a merge writes its recipe: ``<output>.recipe.yaml`` beside the model."""
+    return f"{os.fspath(output)}.recipe.yaml"
+
+
+def merge(models: Sequence[ModelLike], calibration: DataLike | None = None, *,
+          stats: Sequence[str | os.PathLike] | None = None, options: MergeOptions | None = None,
+          **settings) -> MergeResult:
+    """Merge two or more models of one design (widths and depths may differ) into one ONNX model.
+
+    Feature spaces are found in the graph; features are matched per space from their
+    correlations on the calibration data (ZipIt!, Stoica et al. 2023; widths and depths that
+    differ: Xu et al. 2024) or from the weights without data (Git Re-Basin weight matching,
+    Ainsworth et al. 2022); the merged model is repaired (BN reset, or REPAIR, Jordan et al.
+    2023). docs/method.md says what is computed.
 
     Args:
-        paths: two or more ONNX files; model 0 is the reference whose graph the trunk keeps.
-        calibration: .npz/.npy inputs for statistics (``--calib``).
+        models: two or more ONNX file paths or ``onnx.ModelProto``; model 0 is the reference
+            whose graph the merged trunk keeps. Not modified.
+        calibration: inputs for statistics and repair: a ``.npz``/``.npy`` path, a float32
+            array ``[N, ...]`` (the models' sole input), a dict of arrays by input name, or an
+            iterable of such batches (tensors with ``.numpy()`` work); a few hundred samples.
         stats: statistics files from ``calibrate`` to use instead of (or with) calibration.
-        options: see ``MergeOptions``; ``zip_layers="auto"`` chooses the cut (see tradeoff.py).
+        options: a ``MergeOptions`` to start from (default: every default).
+        **settings: ``MergeOptions`` fields to set, e.g. ``method="zip"``, ``alpha=0.5``,
+            ``width=1.5``, ``heads="separate"``, ``zip_layers="auto"``, ``repair="auto"``;
+            ``method`` defaults to zip with calibration or stats, weight without.
+
+    Returns:
+        ``MergeResult``: ``.model``, ``.report``, ``.recipe`` and ``.save(path)``.
+
+    Raises:
+        OnnxMergeError: invalid models or data, options that do not fit, or graphs onnxmerge
+            cannot merge; the message says what, where and what to do.
     """
     clock = time.perf_counter()
+    options = merge_options(options, **settings)
+    sources = read_models(models)
+    data = None if calibration is None else read_data(calibration)
+    stats = [os.fspath(path) for path in stats or []]
     if options.method is None:
-        options = replace(options, method="zip" if calibration or stats else "weight")
-    if len(paths) < 2:
+        options = replace(options, method="zip" if data is not None or stats else "weight")
+    if len(sources) < 2:
         raise RecipeError("merge needs at least two models")
     if options.repair_samples is not None and options.repair_samples < 1:
         raise RecipeError(f"--repair-samples {options.repair_samples}: use at least 1 sample")
-    prepared = _Prepared(*_prepare(paths, calibration, options))
+    options = _layouts_by_file_name(sources, options)
+    prepared = _Prepared(*_prepare(sources, data, options, stats))
     if options.zip_layers == "auto":
-        return _merge_auto(paths, prepared, stats, options)
-    return _merge_prepared(paths, prepared, stats, options, time.perf_counter() - clock)
+        result = _merge_auto(sources, prepared, stats, options)
+    else:
+        result = _merge_prepared(sources, prepared, stats, options, time.perf_counter() - clock)
+    result.recipe = Recipe.of(sources, data, stats, options)
+    _record(result.model, sources, result.recipe)
+    check(result.model, "merged model")
+    return result
+
+
+def run(recipe: str | os.PathLike) -> MergeResult:
+    """Run a recipe file (``onnxmerge run``): merge what it names and write its ``output``
+    (and ``report``), and ``<output>.recipe.yaml`` unless that is the file being run. A recipe
+    that a merge wrote gives the same model, byte for byte.
+
+    Raises:
+        RecipeError: the recipe is invalid (file, line and key named), names no output, or a
+            file's sha256 differs from the recipe's.
+        OnnxMergeError: as ``merge``.
+    """
+    recipe = os.fspath(recipe)
+    plan = read_recipe(recipe)
+    if plan.output is None:
+        raise RecipeError(f"{recipe}: no output; add `output: merged.onnx` (relative to the recipe's folder)")
+    for entry in plan.entries():
+        if entry.sha256 is not None and model_sha256(entry.path) != entry.sha256:
+            raise RecipeError(f"{recipe}: {entry.path} is not the file the recipe was written for (sha256 differs); "
+                              "restore that file, or delete its sha256 line to merge this one")
+    check_writable(plan.output, "merged model", [recipe, *plan.input_paths()])
+    if plan.report is not None:  # before any work, as the merge command
+        check_writable(plan.report, "report", [recipe, *plan.input_paths(), plan.output])
+    calibration = plan.calibration.path if plan.calibration else None
+    result = merge([m.path for m in plan.models], calibration, stats=[s.path for s in plan.stats],
+                   options=plan.options)
+    same = os.path.exists(recipe_path(plan.output)) and os.path.samefile(recipe, recipe_path(plan.output))
+    result.save(plan.output, report=plan.report, recipe=not same)
+    result.recipe = replace(result.recipe, output=plan.output, report=plan.report)
+    return result
 
 
 @dataclass(frozen=True)
@@ -172,36 +284,31 @@ class _Prepared:
     depth: DepthAlignment | None
 
 
-def _merge_prepared(paths: list[str], prepared: _Prepared, stats: list[str] | None, options: MergeOptions,
+def _merge_prepared(sources: list[Source], prepared: _Prepared, stats: list[str], options: MergeOptions,
                     analysed_s: float = 0.0) -> MergeResult:
     """The merge of prepared models with a given cut (``options.zip_layers`` an int or None)."""
     members, calib = prepared.members, prepared.calib
     method = get_method(options.method)
-    timings: dict[str, float] = {}
+    timings: dict[str, float] = {"analyse_s": analysed_s}
     clock = time.perf_counter()
     split = split_trunk(members[0].model, members[0].graph, heads=options.heads, zip_layers=options.zip_layers)
     _check_coverage(members[0], split, options)
-    timings["analyse_s"] = analysed_s + time.perf_counter() - clock
-    clock = time.perf_counter()
+    clock = _lap(timings, "analyse", clock)
     if method.needs_calibration and calib is None and not stats:
         raise RecipeError(f"--method {options.method} needs calibration data: pass --calib DATA or --stats FILES")
     units, unit_stats, provider = ([], [], "none")
     if calib is not None or stats:  # REPAIR needs the source statistics whatever the method
         units, unit_stats, provider = _statistics(members, split, calib, stats, options)
-    timings["calibrate_s"] = time.perf_counter() - clock
-    clock = time.perf_counter()
+    clock = _lap(timings, "calibrate", clock)
     matchings, summary = _match(members, split, units, unit_stats if method.needs_calibration else [], method, options)
-    timings["match_s"] = time.perf_counter() - clock
-    clock = time.perf_counter()
+    clock = _lap(timings, "match", clock)
     merged = assemble(members, split, matchings, merged_trunk_parameters(members, split, matchings), heads=options.heads)
     resize_constants(merged, members[0].graph, reference_widths(members[0], matchings))
     merged, repair, repaired = _repair(merged, members, split, matchings, calib, options)
     _attach_postprocessing(merged, members, prepared.post, options.heads)
     merged = infer_shapes(merged)
-    _record(merged, paths, options)
-    check(merged, "merged model")
-    timings["rewrite_s"] = time.perf_counter() - clock
-    report = {"format": "onnxmerge.merge/1", "models": [str(p) for p in paths], "method": options.method,
+    _lap(timings, "rewrite", clock)
+    report = {"format": "onnxmerge.merge/1", "models": [s.name for s in sources], "method": options.method,
               "options": asdict(options), "bn": prepared.bn, "provider": provider, "repair": repair,
               "repaired_tensors": repaired,
               "layers": f"{split.zipped_layers} of {split.total_layers} layers zipped",
@@ -212,7 +319,16 @@ def _merge_prepared(paths: list[str], prepared: _Prepared, stats: list[str] | No
     return MergeResult(merged, report)
 
 
-def _merge_auto(paths: list[str], prepared: _Prepared, stats: list[str] | None, options: MergeOptions) -> MergeResult:
+def _lap(timings: dict[str, float], stage: str, start: float) -> float:
+    """Add the seconds since ``start`` to ``timings[stage + "_s"]``, log them (``-v``) and
+    return the time now."""
+    now = time.perf_counter()
+    timings[f"{stage}_s"] = timings.get(f"{stage}_s", 0.0) + now - start
+    log.info("%s: %.2f s", stage, timings[f"{stage}_s"])
+    return now
+
+
+def _merge_auto(sources: list[Source], prepared: _Prepared, stats: list[str], options: MergeOptions) -> MergeResult:
     """``--zip-layers auto``: merge at every candidate cut on most calibration samples, measure
     each merge's loss on the held-back rest, and merge at the largest cut within ``max_loss``
     on all samples; the report's ``zip_layers_auto`` holds the measured curve."""
@@ -223,14 +339,15 @@ def _merge_auto(paths: list[str], prepared: _Prepared, stats: list[str] | None, 
     reference = prepared.members[0]
     ensemble = tradeoff.ensemble([m.model for m in prepared.members], held, options.batch_size, options.provider)
     points = []
-    for cut in tradeoff.candidates(len(weight_layers(reference.model, reference.graph))):
-        trial = _merge_prepared(paths, replace(prepared, calib=fit), stats, replace(options, zip_layers=cut))
+    cuts = tradeoff.candidates(len(weight_layers(reference.model, reference.graph)))
+    for cut in progress(cuts, "--zip-layers auto", len(cuts), "cut"):
+        trial = _merge_prepared(sources, replace(prepared, calib=fit), stats, replace(options, zip_layers=cut))
         loss = tradeoff.loss(trial.model, ensemble, held, options.batch_size, options.provider,
                              lambda name, index: f"{name}_m{index}")
         points.append(tradeoff.Point(cut, loss, tradeoff.parameters(trial.model)))
         log.info("--zip-layers %d: loss %.4f on %d held-back samples", cut, loss, held.num_samples)
     chosen = tradeoff.choose(points, options.max_loss)
-    result = _merge_prepared(paths, prepared, stats, replace(options, zip_layers=chosen.zip_layers))
+    result = _merge_prepared(sources, prepared, stats, replace(options, zip_layers=chosen.zip_layers))
     result.report["zip_layers_auto"] = {"max_loss": options.max_loss, "held_out_samples": held.num_samples,
                                         "chosen": chosen.zip_layers, "curve": [asdict(p) for p in points]}
     return result
@@ -249,21 +366,39 @@ def _check_coverage(reference: Member, split, options: MergeOptions) -> None:
     log.warning(message)
 
 
-def _prepare(paths: list[str], calibration: str | None, options: MergeOptions):
+def _prepare(sources: list[Source], data: Data | None, options: MergeOptions, stats: Sequence[str] = ()):
     """Everything a merge starts from: members (canonical cores lined up with model 0's; models
     of different depths lifted into the deepest's topology, method.md §5), each model's
     post-processing, the BatchNormalization mode used, the calibration set and the depth
-    alignment (None when depths agree)."""
-    named, post, bn = _cores(paths, options)
+    alignment (None when depths agree). Without data, an alignment is read from the
+    statistics files when ``calibrate`` stored one."""
+    named, post, bn = _cores(sources, options)
     if options.heads == "shared":
-        _check_shared_postprocessing(paths, post)
-    calib = _calibration(calibration, [core for _, core in named], options) if calibration else None
+        _check_shared_postprocessing([s.name for s in sources], post)
+    calib = _calibration(data, named, options) if data is not None else None
     depth = None
     structures = [] if options.align == "none" else _structures(named)
     if needs_alignment(structures, options.align):
-        depth = _align(named, structures, calib, options)
+        stored = _stored_alignment(named, structures, stats) if calib is None else None
+        depth = stored or _align(named, structures, calib, options)
         named = list(zip([name for name, _ in named], lift_models(named, depth)))
     return _members(named), post, bn, calib, depth
+
+
+def _stored_alignment(named: list[tuple[str, onnx.ModelProto]], structures: list[BlockStructure],
+                      stats: Sequence[str]) -> DepthAlignment | None:
+    """The depth alignment ``calibrate`` stored in the first statistics file, or None. A file
+    of other models is refused later by its fingerprint (lifting changes what is captured)."""
+    text = load_stats(stats[0])[1].get("alignment") if stats else None
+    if not text:
+        return None
+    stored = json.loads(text)
+    sizes = [len(s.units) for s in structures]
+    maps = {int(i): mapping for i, mapping in stored["maps"].items()}
+    if sorted(maps) != list(range(len(named))) or any(len(m) != max(sizes) for m in maps.values()):
+        raise CalibrationError(f"{stats[0]}: its depth alignment is for other models; recompute the statistics "
+                               "with onnxmerge calibrate on the same models")
+    return DepthAlignment(stored["method"], [name for name, _ in named], structures, int(np.argmax(sizes)), maps)
 
 
 def _members(named: list[tuple[str, onnx.ModelProto]]) -> list[Member]:
@@ -276,22 +411,17 @@ def _spaces(name: str, model: onnx.ModelProto) -> SpaceGraph:
         return find_spaces(model)
 
 
-def _cores(paths: list[str], options: MergeOptions) -> tuple[list[tuple[str, onnx.ModelProto]], list[PostProcessing], str]:
-    """Each model's canonical core (post-processing split off) with its file name, the
+def _cores(sources: list[Source], options: MergeOptions) -> tuple[list[tuple[str, onnx.ModelProto]], list[PostProcessing], str]:
+    """Each model's canonical core (post-processing split off) with its name, the
     post-processing, and the BatchNormalization mode used: ``keep`` turns into ``fold`` when
     some models have BN nodes and others have it folded (exporters differ), so that they line up."""
-    _check_layout_names(paths, options.input_layout)
-    loaded: dict[str, onnx.ModelProto] = {}
-    for path in paths:  # a file given twice is read, and warned about, once
-        if os.path.realpath(path) not in loaded:
-            loaded[os.path.realpath(path)] = load(path)
-    models = common_opset([(str(path), _copy(loaded[os.path.realpath(path)])) for path in paths])
-    models = [_with_input_layout(path, model, options.input_layout) for path, model in zip(paths, models)]
+    models = common_opset([(s.name, _copy(s.model)) for s in sources])
+    models = [_with_input_layout(s, model, options.input_layout) for s, model in zip(sources, models)]
     analysed, bn = _split_all(models, options.bn), options.bn
     if bn == "keep" and len({_batch_norms(core) > 0 for core, _ in analysed}) > 1:
         log.warning("some models have BatchNormalization nodes and others have it folded: folding it in all")
         analysed, bn = _split_all(models, "fold"), "fold"
-    named = [(str(path), core) for path, (core, _) in zip(paths, analysed)]
+    named = [(s.name, core) for s, (core, _) in zip(sources, analysed)]
     for name, core in named:
         with about(name):
             check_finite_parameters(core)
@@ -311,21 +441,24 @@ def _batch_norms(model: onnx.ModelProto) -> int:
 
 def _split_all(models: list[onnx.ModelProto], bn: str) -> list[tuple[onnx.ModelProto, PostProcessing]]:
     """(canonical core, post-processing) of each model."""
-    return [split_postprocessing(canonicalize(model, bn=bn)) for model in models]
+    return [split_postprocessing(canonicalize(model, bn=bn)) for model in progress(models, "canonicalise", unit="model")]
 
 
-def _with_input_layout(path: str, model: onnx.ModelProto, layouts: tuple[tuple[str, str], ...]) -> onnx.ModelProto:
+def _with_input_layout(source: Source, model: onnx.ModelProto, layouts: tuple[tuple[str, str], ...]) -> onnx.ModelProto:
     """The model with a channels-first input when ``--input-layout`` names it."""
-    layout = next((lay for name, lay in layouts if name in (str(path), os.path.basename(str(path)))), None)
-    return model if layout is None else channels_first_input(model, layout, str(path))
+    layout = next((lay for name, lay in layouts if name == source.file_name), None)
+    return model if layout is None else channels_first_input(model, layout, source.name)
 
 
-def _check_layout_names(paths: list[str], layouts: tuple[tuple[str, str], ...]) -> None:
-    names = {str(p) for p in paths} | {os.path.basename(str(p)) for p in paths}
-    for name, layout in layouts:
-        if name not in names:
+def _layouts_by_file_name(sources: list[Source], options: MergeOptions) -> MergeOptions:
+    """``input_layout`` with each model named by its file name (as metadata and recipes store
+    it: never a folder), after checking that every name is one of the models."""
+    by_name = {s.name: s.file_name for s in sources} | {s.file_name: s.file_name for s in sources}
+    for name, layout in options.input_layout:
+        if name not in by_name:
             raise RecipeError(f"--input-layout {name}={layout}: {name} is none of the models "
-                              f"({', '.join(str(p) for p in paths)}); name a model as given or by its file name")
+                              f"({', '.join(s.name for s in sources)}); name a model as given or by its file name")
+    return replace(options, input_layout=tuple((by_name[name], layout) for name, layout in options.input_layout))
 
 
 def _check_shared_postprocessing(paths: list[str], post: list[PostProcessing]) -> None:
@@ -354,11 +487,12 @@ def _attach_postprocessing(merged: onnx.ModelProto, members: list[Member], post:
     merged.graph.output.extend(reordered)
 
 
-def _calibration(path: str, models: list[onnx.ModelProto], options: MergeOptions) -> CalibrationSet:
-    specs = [input_specs(model) for model in models]
-    calib = load_calibration(path, specs, max_samples=options.max_samples)
+def _calibration(data: Data, named: list[tuple[str, onnx.ModelProto]], options: MergeOptions) -> CalibrationSet:
+    specs = [input_specs(model) for _, model in named]
+    calib = load_calibration(data.content, specs, max_samples=options.max_samples,
+                             model_names=[name for name, _ in named])
     if calib.num_samples < MIN_SAMPLES and not options.allow_few_samples:
-        raise CalibrationError(f"{path}: {calib.num_samples} calibration samples are too few for correlations and "
+        raise CalibrationError(f"{data.name}: {calib.num_samples} calibration samples are too few for correlations and "
                                f"repair statistics (at least {MIN_SAMPLES}, a few hundred is typical); "
                                "pass more samples, or --allow-few-samples to go on")
     return calib
@@ -374,22 +508,38 @@ def _structures(named: list[tuple[str, onnx.ModelProto]]) -> list[BlockStructure
 
 def _align(named: list[tuple[str, onnx.ModelProto]], structures: list[BlockStructure], calib: CalibrationSet | None,
            options: MergeOptions) -> DepthAlignment:
-    batches = _batches(calib, len(named), options.batch_size) if calib is not None else None
+    batches = _batches(calib, len(named), options.batch_size, "CKA") if calib is not None else None
     return align_depths(named, structures, options.align, batches, options.provider)
 
 
-def align(paths: list[str], calibration: str | None = None, options: MergeOptions = MergeOptions()) -> DepthAlignment:
-    """Block structure, CKA and the depth alignment of models onto the deepest (``onnxmerge align``)."""
-    if len(paths) < 2:
+def align(models: Sequence[ModelLike], calibration: DataLike | None = None, *, options: MergeOptions | None = None,
+          **settings) -> DepthAlignment:
+    """Block structure, CKA and the depth alignment of models onto the deepest (``onnxmerge align``;
+    Xu et al. 2024: segment-wise ``sma`` or layer-wise ``lma`` alignment on linear CKA,
+    Kornblith et al. 2019).
+
+    Args:
+        models: two or more ONNX file paths or ``onnx.ModelProto`` of one design.
+        calibration: data as for ``merge``; needed by ``align="sma"`` (default) and ``"lma"``.
+        options, **settings: as for ``merge``; ``align`` picks the method (auto and none mean sma).
+
+    Returns:
+        ``DepthAlignment``; ``onnxmerge.describe_alignment(result)`` is the JSON-ready report.
+    """
+    options = merge_options(options, **settings)
+    sources = read_models(models)
+    if len(sources) < 2:
         raise RecipeError("align needs at least two models")
-    named, _, _ = _cores(paths, options)
-    calib = _calibration(calibration, [m for _, m in named], options) if calibration else None
+    named, _, _ = _cores(sources, _layouts_by_file_name(sources, options))
+    calib = _calibration(read_data(calibration), named, options) if calibration is not None else None
     return _align(named, _structures(named), calib,
                   replace(options, align="sma" if options.align in ("auto", "none") else options.align))
 
 
-def _batches(calib: CalibrationSet, count: int, batch_size: int):
-    return zip(*(calib.batches(i, batch_size) for i in range(count)))
+def _batches(calib: CalibrationSet, count: int, batch_size: int, what: str = "statistics"):
+    """Per step, the feeds of ``count`` models (the same samples), with a progress bar."""
+    steps = -(-calib.num_samples // calib.batch_size(batch_size))
+    return progress(zip(*(calib.batches(i, batch_size) for i in range(count))), what, steps, "batch")
 
 
 def _plan(members: list[Member], split):
@@ -426,15 +576,30 @@ def _statistics(members: list[Member], split, calib, stats_files, options: Merge
     return units, [combined[_stats_key(u)] for u in units], provider
 
 
-def calibrate(paths: list[str], calibration: str, options: MergeOptions = MergeOptions()) -> tuple[dict, dict]:
-    """Statistics a merge of these models needs, as (stats by unit, meta) for ``save_stats``."""
+def calibrate(models: Sequence[ModelLike], calibration: DataLike, *, options: MergeOptions | None = None,
+              **settings) -> tuple[dict, dict]:
+    """The statistics a merge of these models needs, computed on ``calibration``, to save with
+    ``calib.stats.save_stats`` and pass to ``merge(stats=...)`` (shards of the same models and
+    options add up exactly).
+
+    Args:
+        models, calibration, options, **settings: as for ``merge`` (the options that shape
+            the plan must be the merge's: bn, heads, zip_layers, align, input_layout).
+
+    Returns:
+        (statistics by capture unit, string metadata with the plan's fingerprint).
+    """
+    options = merge_options(options, **settings)
     if options.zip_layers == "auto":
         raise RecipeError("--zip-layers auto tries several cuts, each with its own statistics; "
                           "give calibrate a number of layers, or merge --zip-layers auto with --calib")
-    members, _, _, calib, _ = _prepare(paths, calibration, options)
+    sources = read_models(models)
+    members, _, _, calib, depth = _prepare(sources, read_data(calibration), _layouts_by_file_name(sources, options))
     split = split_trunk(members[0].model, members[0].graph, heads=options.heads, zip_layers=options.zip_layers)
     units, stats, provider = _statistics(members, split, calib, None, options)
     meta = {"fingerprint": _fingerprint(members, units), "provider": provider, "samples": str(calib.num_samples)}
+    if depth is not None:  # merge --stats without data lifts the models the same way
+        meta["alignment"] = json.dumps({"method": depth.method, "maps": {str(i): m for i, m in depth.maps.items()}})
     return {_stats_key(u): s for u, s in zip(units, stats)}, meta
 
 
@@ -466,14 +631,15 @@ def _match(members: list[Member], split, units: list[CaptureUnit], stats: list, 
             widths = [m.graph.table.widths[m.space_of(space)] for m in members]
             matchings[space] = method.function(None, widths, params, space=reference.graph.space(space).name)
     tensors, blocks = {}, reference.graph.block_spaces()
-    for unit, unit_stats in zip(units, stats):
+    for unit, unit_stats in progress(zip(units, stats), "matching", len(stats), "unit"):
         for space, matching in _match_unit(reference, unit, unit_stats, run, matchings, blocks).items():
             matchings.setdefault(space, matching)
             tensors.setdefault(space, unit.tensor)
     matchings.update(_match_from_weights(members, sorted(set(split.zipped) - set(matchings)), matchings, options))
     rows = [{"space": reference.graph.space(space).name, "tensor": tensors.get(space),
              "widths": [m.graph.table.widths[m.space_of(space)] for m in members],
-             "merged_width": matching.width, "mean_correlation": matching.mean_correlation,
+             "merged_width": matching.width,
+             "mean_correlation": None if np.isnan(matching.mean_correlation) else matching.mean_correlation,
              "within_model_merges": list(matching.within_model_merges)} for space, matching in sorted(matchings.items())]
     return matchings, rows
 
@@ -585,8 +751,10 @@ def _repair(merged: onnx.ModelProto, members: list[Member], split, matchings, ca
         log.warning("the repair is measured on %d samples: its statistics may be noise and the accuracy may "
                     "collapse; measure on at least %d (--repair-samples, --calib)", len(samples), MIN_SAMPLES)
 
+    steps = -(-len(samples) // calib.batch_size(options.batch_size))
+
     def batches(index: int = 0):
-        return calib.batches(index, options.batch_size, samples)
+        return progress(calib.batches(index, options.batch_size, samples), f"{mode} pass", steps, "batch")
 
     if mode == "reset":
         repaired, ran = reset_batch_norm(merged, batches, options.provider)
@@ -609,50 +777,66 @@ def _identity_problem(canonical: onnx.ModelProto, structure: BlockStructure, sta
     return None
 
 
-def _record(model: onnx.ModelProto, paths: list[str], options: MergeOptions) -> None:
-    """Store what produced the merged model in its metadata."""
-    entries = {"onnxmerge.version": __version__, "onnxmerge.method": options.method,
-               "onnxmerge.options": json.dumps(asdict(options), sort_keys=True)}
-    for index, path in enumerate(paths):
-        entries[f"onnxmerge.input{index}.sha256"] = model_sha256(path)
-        entries[f"onnxmerge.input{index}.name"] = os.path.basename(str(path))
-    # file names only: a path given to --input-layout must not put the user's folders into the file
-    layouts = [[os.path.basename(name), layout] for name, layout in options.input_layout]
-    entries["onnxmerge.options"] = json.dumps({**asdict(options), "input_layout": layouts}, sort_keys=True)
+def _record(model: onnx.ModelProto, sources: list[Source], recipe: Recipe) -> None:
+    """Store what produced the merged model in its metadata: file names and sha256 only,
+    never folders."""
+    entries = {"onnxmerge.version": __version__, "onnxmerge.method": recipe.options.method,
+               "onnxmerge.options": json.dumps(asdict(recipe.options), sort_keys=True)}
+    for index, source in enumerate(sources):
+        entries[f"onnxmerge.input{index}.sha256"] = source.sha256
+        entries[f"onnxmerge.input{index}.name"] = source.file_name
+    entries["onnxmerge.recipe"] = recipe.to_yaml()
     for key, value in entries.items():
         model.metadata_props.add(key=key, value=value)
 
 
-def evaluate(paths: list[str], data: str, *, labels: str = "y", tasks: str | None = None,
-             ensemble: bool = False, provider: str = "auto") -> list[dict]:
-    """Accuracy rows (see evaluate.score): one per model, or one for their ensemble.
+def evaluate(models: Sequence[ModelLike], data: str | os.PathLike | dict, *, labels: str = "y",
+             tasks: str | None = None, ensemble: bool = False, provider: str = "auto") -> list[dict]:
+    """Accuracy of models on class-split tasks (docs/method.md, evaluation): one row per model,
+    or one for their ensemble, each ``{"model", "joint", "tasks": {name: accuracy}, "average"}``
+    with accuracies in [0, 1].
 
-    ``tasks`` lists each head's classes across all heads scored together: for a two-head
-    merged model or an ensemble of two models, ``0-4,5-9``; for one source model, its own
-    classes (``0-4``).
+    Args:
+        models: ONNX file paths or ``onnx.ModelProto`` (a merged multi-head model, or sources).
+        data: an ``.npz`` path, or a dict of arrays: the inputs by name (or one array) and the
+            integer labels ``[N]`` under ``labels``.
+        labels: the name of the labels array.
+        tasks: each head's classes across all heads scored together: for a two-head merged
+            model or an ensemble of two models ``0-4,5-9``; for one source model its own
+            classes (``0-4``). Default: one head, classes 0..k-1.
+        ensemble: score the models' outputs together as one multi-head model.
+        provider: onnxruntime provider: auto, cpu or cuda.
     """
     inputs, truth = load_test_data(data, labels)
     task_lists = parse_tasks(tasks) if tasks else None
+    sources = read_models(models)
     heads = []
-    for path in paths:
-        with about(str(path)):
-            heads.append(run_heads(load_model(path), inputs, provider))
+    for source in sources:
+        with about(source.name):
+            heads.append(run_heads(source.model, inputs, provider))
     if ensemble:
         joined = [h for model_heads in heads for h in model_heads]
-        return [dict(model="ensemble(" + ", ".join(os.path.basename(str(p)) for p in paths) + ")",
+        return [dict(model="ensemble(" + ", ".join(s.file_name for s in sources) + ")",
                      **score(joined, truth, task_lists))]
-    return [dict(model=str(path), **score(model_heads, truth, task_lists)) for path, model_heads in zip(paths, heads)]
+    return [dict(model=s.name, **score(model_heads, truth, task_lists)) for s, model_heads in zip(sources, heads)]
 
 
-def deepen(model: onnx.ModelProto, *, blocks: int, seed: int = 0, bn: str = "keep") -> onnx.ModelProto:
+def deepen(model: ModelLike, *, blocks: int, seed: int = 0, bn: str = "keep") -> onnx.ModelProto:
     """A function-preserving copy of ``model`` with ``blocks`` identity units inserted at random
     positions of its stages (each a copy of the stage's repeated unit with identity parameters).
     Stages whose repeated unit has no exact identity (a max pool, a concat, an activation of
     possibly negative inputs on its only path) are skipped; an error names the first reason
-    when no stage has one."""
+    when no stage has one (Xu et al. 2024 lift shallower models with such identity blocks).
+
+    Args:
+        model: an ONNX file's path or an ``onnx.ModelProto`` (not modified).
+        blocks: how many identity blocks to insert, at least 1.
+        seed: seed choosing the positions.
+        bn: ``keep`` or ``fold`` BatchNormalization.
+    """
     if blocks < 1:
         raise RecipeError(f"--blocks {blocks}: insert at least one block")
-    canonical = canonicalize(model, bn=bn)
+    canonical = canonicalize(load(model), bn=bn)
     check_finite_parameters(canonical)
     structure = find_blocks(canonical)
     stages = [s for s, (start, stop) in enumerate(structure.stage_ranges()) if stop - start > 1]

@@ -19,16 +19,21 @@ from .calib.data import MIN_SAMPLES
 from .calib.stats import save_stats
 from .io import check_writable, save_model
 from .match import METHODS
+from .options import OPTION_NAMES, MergeOptions
+from .progress import set_quiet
 from .depth import ALIGNMENTS
 from .depth import describe as describe_alignment
-from .report import plot_alignment, render_alignment, write_json
+from .report import plot_alignment, render_alignment
 from .rewrite.heads import HEADS
 from .rewrite.repair import REPAIRS
 
 
 def _common_options() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
-    parent.add_argument("-v", "--verbose", action="count", default=0, help="more log output on stderr")
+    parent.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more log output on stderr: -v each stage with its time, -vv details")
+    parent.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress bars (they are drawn on stderr only when it is a terminal)")
     return parent
 
 
@@ -91,6 +96,10 @@ def _plan_options() -> argparse.ArgumentParser:
                             "20%% stays within --max-loss (the curve goes to the report). Default: every layer")
     group.add_argument("--max-loss", type=float, default=0.05,
                        help="--zip-layers auto: largest share of joint predictions that may differ from the ensemble of the models, 0-1 (default 0.05)")
+    group.add_argument("--align", choices=ALIGNMENTS, default="auto",
+                       help="depth alignment of models with different numbers of blocks: auto (sma when depths "
+                            "differ), sma, lma, uniform, head-tail, none (default auto); calibrate stores it in "
+                            "the statistics, so merge --stats needs no data")
     group.add_argument("--input-layout", action="append", type=_layout_spec, metavar="MODEL=LAYOUT",
                        help="MODEL (its path as given or file name) takes a channels-last input, e.g. NHWC: "
                             "a transpose is inserted so it reads the channels-first input (NCHW) of the others; "
@@ -140,7 +149,7 @@ def cmd_align(args: argparse.Namespace) -> int:
     """Align the blocks of models of different depths onto the deepest, stage by stage (CKA)."""
     if args.plot:
         check_writable(args.plot, "plot", [*args.models, args.calib])
-    alignment = api.align(args.models, args.calib, _options(args))
+    alignment = api.align(args.models, args.calib, options=_options(args))
     report = describe_alignment(alignment)
     if args.plot:
         plot_alignment(alignment, args.plot)
@@ -153,29 +162,42 @@ def cmd_align(args: argparse.Namespace) -> int:
     return 0
 
 
-def _options(args: argparse.Namespace) -> api.MergeOptions:
-    fields = api.MergeOptions.__dataclass_fields__
-    values = {name: getattr(args, name) for name in fields if hasattr(args, name)}
+def _options(args: argparse.Namespace) -> MergeOptions:
+    values = {name: getattr(args, name) for name in OPTION_NAMES if hasattr(args, name)}
     values["input_layout"] = tuple(values.get("input_layout") or ())
-    return api.MergeOptions(**values)
+    return MergeOptions(**values)
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    """Merge two or more models of one design (widths and depths may differ) into one ONNX model."""
+    """Merge two or more models of one design (widths and depths may differ) into one ONNX model;
+    its recipe goes to OUTPUT.recipe.yaml (re-run it with onnxmerge run)."""
     inputs = [*args.models, args.calib, *(args.stats or [])]
-    check_writable(args.output, "merged model", inputs)
+    outputs = [("merged model", args.output), ("recipe", api.recipe_path(args.output))]
     if args.report:
-        check_writable(args.report, "report", [*inputs, args.output])
-    result = api.merge(args.models, calibration=args.calib, stats=args.stats, options=_options(args))
-    save_model(result.model, args.output)
-    if args.report:
-        write_json(result.report, args.report)
-    alignment = result.report.get("alignment")
+        outputs.append(("report", args.report))
+    for index, (what, path) in enumerate(outputs):  # before any work
+        check_writable(path, what, [*inputs, *(p for _, p in outputs[:index])])
+    result = api.merge(args.models, args.calib, stats=args.stats, options=_options(args))
+    _print_merge(result, result.save(args.output, report=args.report))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run a recipe (YAML: models, calibration, method, parameters, outputs; docs/recipe.md), such
+    as the OUTPUT.recipe.yaml a merge writes: the same files give the same model, byte for byte."""
+    result = api.run(args.recipe)
+    _print_merge(result, [path for path in (result.recipe.output, result.recipe.report) if path])
+    return 0
+
+
+def _print_merge(result: api.MergeResult, written: list[str]) -> None:
+    report = result.report
+    alignment = report.get("alignment")
     lifted = "" if alignment is None else (
         f", depths aligned by {alignment['method']} ({_identities(alignment)} identity blocks inserted)")
-    print(f"wrote {args.output}: {result.report['layers']}, method {result.report['method']}, "
-          f"repair {result.report['repair']}, provider {result.report['provider']}{lifted}")
-    return 0
+    also = f" (and {', '.join(written[1:])})" if len(written) > 1 else ""
+    print(f"wrote {written[0]}{also}: {report['layers']}, method {report['method']}, "
+          f"repair {report['repair']}, provider {report['provider']}{lifted}")
 
 
 def _identities(alignment: dict) -> int:
@@ -187,7 +209,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if not args.calib:
         raise OnnxMergeError("calibrate needs --calib DATA")
     check_writable(args.output, "statistics", [*args.models, args.calib])
-    stats, meta = api.calibrate(args.models, args.calib, _options(args))
+    stats, meta = api.calibrate(args.models, args.calib, options=_options(args))
     save_stats(args.output, stats, meta)
     print(f"wrote {args.output}: {len(stats)} statistics over {meta['samples']} samples, provider {meta['provider']}")
     return 0
@@ -254,9 +276,6 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--repair-samples", type=int, metavar="N",
                        help="measure the repair on N calibration samples drawn at random with --seed "
                             "(default: all); the statistics for matching always use all")
-    merge.add_argument("--align", choices=ALIGNMENTS, default="auto",
-                       help="depth alignment of models with different numbers of blocks: auto (sma when depths "
-                            "differ), sma, lma, uniform, head-tail, none (default auto)")
     merge.add_argument("--strict", action="store_true",
                        help="exit 1 instead of warning when a full merge leaves more than half of the weight "
                             "layers per model (barriers near the input)")
@@ -274,6 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     align.add_argument("--plot", metavar="PNG", help="write CKA heatmaps (self, cross before/after alignment); "
                                                      "needs matplotlib (pip install 'onnxmerge[plot]')")
     align.set_defaults(run=cmd_align)
+
+    run = commands.add_parser("run", parents=[_common_options()], help=cmd_run.__doc__, description=cmd_run.__doc__)
+    run.add_argument("recipe", help="recipe file (.yaml)")
+    run.set_defaults(run=cmd_run)
 
     calibrate = commands.add_parser("calibrate", parents=[graph, calibration, plan], help=cmd_calibrate.__doc__,
                                     description=cmd_calibrate.__doc__)
@@ -297,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2), format="%(levelname)s %(name)s: %(message)s")
+    set_quiet(args.quiet)
     try:
         return args.run(args)
     except OnnxMergeError as error:

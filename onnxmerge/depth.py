@@ -77,8 +77,8 @@ def align_depths(named: list[tuple[str, onnx.ModelProto]], structures: list[Bloc
     result = DepthAlignment(method, names, structures, deep)
     if method in _NEEDS_DATA:
         if batches is None:
-            raise RecipeError(f"--align {method} compares block outputs and needs --calib DATA; "
-                              "without data use --align uniform or --align head-tail")
+            raise RecipeError(f"the {method} alignment compares block outputs and needs --calib DATA; without data "
+                              "use the uniform or head-tail alignment (merge --align uniform, align --method uniform)")
         tensors = [[u.output for u in s.units] for s in structures]
         stats, result.provider = collect_cka([m for _, m in named], tensors, batches, provider)
         result.cka = stats.cka()

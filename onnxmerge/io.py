@@ -225,7 +225,7 @@ def _type_text(data_type: int) -> str:
 def _check_model(name: str, model: onnx.ModelProto) -> None:
     """onnx.checker's full check (strict shape and type inference) on the self-contained model,
     then what the checker lets through but onnxruntime refuses or nothing can use: a graph with
-    no outputs, two nodes of one name."""
+    no outputs, two nodes of one name, a tensor whose data does not fit its dims."""
     try:
         if model.ByteSize() > PROTOBUF_LIMIT:
             # The checker cannot take a proto this big; its path form re-reads the file instead.
@@ -244,6 +244,7 @@ def _check_model(name: str, model: onnx.ModelProto) -> None:
             raise InvalidModelError(f"{name}: two nodes are named {node.name!r} ({seen[node.name]} and "
                                     f"{node.op_type}), which onnxruntime refuses; give every node its own name")
         seen.setdefault(node.name, node.op_type)
+    _check_tensors(name, model)
 
 
 def _sort_nodes(graph: onnx.GraphProto) -> None:
@@ -310,7 +311,9 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
 
     Raises:
         InvalidModelError: the file is missing, unreadable, not a (complete) ONNX model, fails
-            ``onnx.checker``, or has unsafe, missing or truncated external data.
+            ``onnx.checker``'s full check (strict shape and type inference), has no outputs,
+            two nodes of one name or a tensor whose data does not fit its dims, or has
+            unsafe, missing or truncated external data.
         UnsupportedGraphError: the IR version or the default-domain opset is outside what the
             installed onnx supports (opsets ``MIN_OPSET`` up to ``onnx.defs.onnx_opset_version()``).
     """
@@ -321,8 +324,22 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     _sort_nodes(model.graph)
     # Checked only now: the checker resolves external locations against the working directory.
     _check_model(name, model)
-    _check_tensors(name, model)
     return model
+
+
+def check_loaded_model(name: str, model: onnx.ModelProto) -> None:
+    """The checks of ``load_model`` on a model already in memory (the Python API's input),
+    which is sorted in place: pass a copy.
+
+    Raises:
+        InvalidModelError: tensors refer to external data that is not loaded, or the model
+            fails ``onnx.checker``.
+        UnsupportedGraphError: the IR version or the default-domain opset is not supported.
+    """
+    _check_in_memory(name, model)
+    _check_versions(name, model)
+    _sort_nodes(model.graph)
+    _check_model(name, model)
 
 
 def model_sha256(path: str | os.PathLike) -> str:
@@ -490,9 +507,10 @@ def _remove_quietly(path: str) -> None:
 
 def check_writable(path: str | os.PathLike, what: str, taken: Sequence[str | os.PathLike | None] = ()) -> None:
     """Raise unless ``path``'s folder exists and is writable, ``path`` is no folder and no other
-    non-regular file (``/dev/null``, a FIFO), and it is none of the files in ``taken`` (the command's inputs and other outputs, compared by real
-    path and by inode, so links count): checked before a command works, so that it fails at
-    once, never overwrites an input and never leaves some of its outputs written."""
+    non-regular file (``/dev/null``, a FIFO), and it is none of the files in ``taken`` (the
+    command's inputs and other outputs, compared by real path and by inode, so links count):
+    checked before a command works, so that it fails at once, never overwrites an input and
+    never leaves some of its outputs written."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         raise OnnxMergeError(f"{path}: cannot write the {what}: the folder {folder} does not exist or is not "

@@ -1,4 +1,4 @@
-"""Writing reports: JSON written atomically beside its target."""
+"""Writing reports: JSON and text written atomically beside their target, and their text forms."""
 
 from __future__ import annotations
 
@@ -15,6 +15,15 @@ def write_json(data: dict, path: str | os.PathLike) -> None:
             json.dump(data, stream, indent=2, default=float)
 
     write_atomically(path, ".json", dump, "report")
+
+
+def write_text(text: str, path: str | os.PathLike, what: str) -> None:
+    """Write ``text`` (UTF-8); the file appears complete or not at all."""
+    def dump(temporary: str) -> None:
+        with open(temporary, "w", encoding="utf-8") as stream:
+            stream.write(text)
+
+    write_atomically(path, ".txt", dump, what)
 
 
 def render_alignment(report: dict) -> str:

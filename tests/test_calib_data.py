@@ -160,7 +160,7 @@ def _inf_data():
 
 
 BAD_INPUTS = {
-    "missing-name": ({"a": _data(), "b": _data()}, "no array for input 'x' of model 1 .*arrays found: 'a', 'b'"),
+    "missing-name": ({"a": _data(), "b": _data()}, "no array for input 'x' of model 0 .*arrays found: 'a', 'b'"),
     "wrong-rank": ({"x": _data().reshape(10, 12)}, r"\(rank 2\) but the model expects rank 3"),
     "wrong-dim": ({"x": _data().reshape(10, 4, 3)}, r"axis 1: 4 vs 3"),
     "int-for-float": ({"x": _data(dtype=np.int64)}, "dtype int64 but the model expects float32"),

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from onnxmerge import api
+from onnxmerge.sources import read_models
 from onnxmerge.errors import RecipeError, UnsupportedGraphError
 from onnxmerge.graph.blocks import find_blocks
 from onnxmerge.io import load_model, save_model
@@ -258,7 +259,7 @@ def test_calibrate_shards_serve_a_depth_merge(zoo_files, tmp_path):
     path, deep = _resnet_and_deeper(zoo_files, tmp_path)
     calib = _calibration(tmp_path, "resnet_basic")
     options = api.MergeOptions(align="uniform", repair="none")
-    stats, meta = api.calibrate([path, deep], calib, options)
+    stats, meta = api.calibrate([path, deep], calib, options=options)
     save_stats(tmp_path / "stats.npz", stats, meta)
     from_stats = api.merge([path, deep], stats=[str(tmp_path / "stats.npz")], options=options)
     direct = api.merge([path, deep], calibration=calib, options=options)
@@ -313,7 +314,7 @@ def test_a_lone_transformer_layer_merged_with_itself_lifted_gives_it_back(tmp_pa
     from onnxmerge.depth import lift_models
     deep_path, lone_path, x = transformers(tmp_path, 3, 1)
     calib = str(tmp_path / "calib.npy")
-    named, _, _ = api._cores([deep_path, lone_path], api.MergeOptions())
+    named, _, _ = api._cores(read_models([deep_path, lone_path]), api.MergeOptions())
     alignment = api._align(named, api._structures(named), None, api.MergeOptions(align="head-tail"))
     lifted = tmp_path / "lone_lifted.onnx"
     save_model(lift_models(named, alignment)[1], lifted)

@@ -7,7 +7,7 @@ import pytest
 
 from onnxmerge.cli import main
 from onnxmerge.errors import RecipeError
-from onnxmerge.evaluate import parse_tasks, run_heads, score
+from onnxmerge.scoring import parse_tasks, run_heads, score
 
 
 def test_parse_tasks():

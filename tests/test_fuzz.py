@@ -243,6 +243,8 @@ def make_case(seed: int) -> Case:
         args += ["--bn", "fold"]
     case.args, case.files = args, files
     case.outputs = {a for flag, a in zip(args, args[1:]) if flag in ("-o", "--report")}
+    if command == "merge":
+        case.outputs.add("out.onnx.recipe.yaml")
     return case
 
 
@@ -299,7 +301,7 @@ def run_case(case: Case, root: Path, capfd, monkeypatch) -> list[str]:
 
 
 def _is_file_arg(arg: str) -> bool:
-    return arg.endswith((".onnx", ".npz", ".json"))
+    return arg.endswith((".onnx", ".npz", ".json", ".yaml"))
 
 
 def _check(seed: int, tmp_path: Path, capfd, monkeypatch) -> None:

@@ -52,7 +52,7 @@ def test_merge_with_permuted_self_on_cuda_gives_self(zoo_files, tmp_path, method
 
 def test_statistics_on_cuda_equal_those_on_cpu(zoo_files, tmp_path):
     path, _, calib, (copy,) = permuted_copies(zoo_files, tmp_path, "resnet_basic", "legacy_bn")
-    on = {provider: api.calibrate([path, copy], calib, api.MergeOptions(provider=provider))
+    on = {provider: api.calibrate([path, copy], calib, provider=provider)
           for provider in ("cpu", "cuda")}
     assert on["cuda"][1]["provider"] == "cuda" and on["cpu"][1]["provider"] == "cpu"
     for key, cpu in on["cpu"][0].items():

@@ -16,7 +16,7 @@ from scipy.special import expit, log_softmax, softmax
 
 from onnxmerge import api
 from onnxmerge.cli import main
-from onnxmerge.evaluate import score
+from onnxmerge.scoring import score
 from onnxmerge.io import load_model, save_model
 from tests import zoo
 from tests.test_rules import run_all

@@ -114,7 +114,7 @@ def test_statistics_shards_add_up_to_one_run(zoo_files, tmp_path):
     shards = []
     for k, part in enumerate((x[:50], x[50:])):
         np.save(tmp_path / f"part{k}.npy", part)
-        stats, meta = api.calibrate([path, copy], str(tmp_path / f"part{k}.npy"), options)
+        stats, meta = api.calibrate([path, copy], str(tmp_path / f"part{k}.npy"), options=options)
         save_stats(tmp_path / f"stats{k}.npz", stats, meta)
         shards.append(str(tmp_path / f"stats{k}.npz"))
     split = api.merge([path, copy], stats=shards, options=options)

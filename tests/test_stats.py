@@ -158,7 +158,7 @@ def test_no_samples_raises():
 
 @pytest.mark.parametrize("features, message", [
     ([np.zeros((3, 6))], "2 models"),
-    ([np.zeros((3, 6)), np.zeros((3, 9))], "model 2 gave features of shape"),
+    ([np.zeros((3, 6)), np.zeros((3, 9))], "model 1 gave features of shape"),
     ([np.zeros((3, 6)), np.zeros((4, 10))], "different numbers of feature rows"),
     ([np.zeros((3, 6)), np.full((3, 10), np.nan)], "model 2 produced NaN"),
 ], ids=["model-count", "width", "rows", "nan"])

@@ -23,9 +23,10 @@ from __future__ import annotations
 import logging
 import mmap
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import numpy as np
 import onnx
@@ -114,7 +115,7 @@ class _Arrays:
             else:
                 raise CalibrationError(f"{path}: not a .npy or .npz file; "
                                        "save the inputs with numpy.save or numpy.savez")
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
             raise CalibrationError(f"{path}: cannot read as .npy/.npz ({error}); "
                                    "save the inputs with numpy.save or numpy.savez") from error
 
@@ -122,7 +123,7 @@ class _Arrays:
         if key not in self._loaded:
             try:
                 self._loaded[key] = self._npz[key]
-            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
                 raise CalibrationError(f"{self.path}: cannot read array {key!r} ({error}); "
                                        "save plain numeric arrays with numpy.savez") from error
         return self._loaded[key]
@@ -140,8 +141,27 @@ class _Arrays:
             self._npz = None
 
 
+class _InMemory:
+    """Arrays given in memory (the Python API), with the interface of ``_Arrays``; ``path``
+    is what messages call them."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], label: str = "calibration arrays"):
+        self.path = label
+        self._loaded = {key: np.asarray(value) for key, value in arrays.items()}
+        self.keys = list(self._loaded)
+
+    def get(self, key: str) -> np.ndarray:
+        return self._loaded[key]
+
+    def truncate(self, count: int) -> None:
+        self._loaded = {key: array[:count] for key, array in self._loaded.items()}
+
+    def close(self) -> None:
+        """Nothing to close: the arrays belong to the caller."""
+
+
 def _label(names: list[str] | None, index: int) -> str:
-    return f"model {index + 1}" if names is None else names[index]
+    return f"model {index}" if names is None else names[index]
 
 
 def _describe(key: str) -> str:
@@ -320,15 +340,17 @@ class CalibrationSet:
         return np.random.default_rng(seed).permutation(self.num_samples)[:count]
 
 
-def load_calibration(path: str | Path, specs_per_model: list[list[InputSpec]], *,
+def load_calibration(path: str | Path | Mapping[str, np.ndarray], specs_per_model: list[list[InputSpec]], *,
                      max_samples: int | None = None, model_names: list[str] | None = None) -> CalibrationSet:
     """Read calibration inputs and check them against every model's inputs.
 
     Args:
-        path: a ``.npz`` (one array per input name, or a single array) or a ``.npy``.
+        path: a ``.npz`` (one array per input name, or a single array) or a ``.npy``; or the
+            arrays in memory by input name (``""`` for a single unnamed array), which are
+            read, not copied.
         specs_per_model: ``input_specs`` of each model, in merge order.
         max_samples: use only the first this many samples.
-        model_names: how error messages name the models (default ``model 1``, ``model 2``, ...).
+        model_names: how error messages name the models (default ``model 0``, ``model 1``, ..., as outputs are suffixed ``_m0``, ``_m1``).
 
     Returns:
         The checked set; every array in use is memory-mapped (.npy) or loaded (.npz).
@@ -338,8 +360,8 @@ def load_calibration(path: str | Path, specs_per_model: list[list[InputSpec]], *
             differing sample counts, NaN/Inf or overflowing values, no samples, or models that
             fix different batch sizes. The message names the file and says what to do.
     """
-    path = str(path)
-    arrays = _Arrays(path)
+    arrays = _InMemory(path) if isinstance(path, Mapping) else _Arrays(str(path))
+    path = arrays.path
     bindings = []
     for index, specs in enumerate(specs_per_model):
         model = _label(model_names, index)

@@ -1,7 +1,7 @@
 """Streaming sufficient statistics of the features at one space (method.md §2).
 
-For each space the features of all models are concatenated (model 1's d_1 channels, then model
-2's, ...), giving n = sum d_i features per sample. ``SpaceStats`` keeps, in float64, the sample
+For each space the features of all models are concatenated (model 0's d_0 channels, then model
+1's, ...), giving n = sum d_i features per sample. ``SpaceStats`` keeps, in float64, the sample
 count, the feature sums and the sum of x x^T; memory is O(n^2) whatever the number of samples,
 and statistics of shards add up exactly.
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,7 +129,7 @@ class SpaceStats:
         if not np.isfinite(total).all():
             bad = np.flatnonzero(~np.isfinite(total))
             model = int(np.searchsorted(np.cumsum(self.widths), bad[0], side="right"))
-            raise CalibrationError(f"model {model + 1} produced NaN or Inf features ({len(bad)} channels); "
+            raise CalibrationError(f"model {model} produced NaN or Inf features ({len(bad)} channels); "
                                    "check the model on the calibration data with onnxruntime")
         self.count += int(count)
         self.sum += total
@@ -140,7 +141,7 @@ class SpaceStats:
         rows = {f.shape[0] if f.ndim == 2 else -1 for f in features}
         for index, (array, width) in enumerate(zip(features, self.widths)):
             if array.ndim != 2 or array.shape[1] != width:
-                raise CalibrationError(f"model {index + 1} gave features of shape {array.shape} at a space of "
+                raise CalibrationError(f"model {index} gave features of shape {array.shape} at a space of "
                                        f"width {width}; compare the model with onnxmerge inspect")
         if len(rows) > 1:
             raise CalibrationError(f"the models gave different numbers of feature rows {sorted(rows)} for one batch; "
@@ -258,7 +259,7 @@ def load_stats(path: str | Path) -> tuple[dict[str, SpaceStats], dict[str, str]]
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
         raise CalibrationError(f"{path}: cannot read statistics ({error}); "
                                "give a file written by onnxmerge calibrate") from error
     if str(arrays.get(_FORMAT_KEY, "")) != _FORMAT:

@@ -13,7 +13,10 @@ Per-task accuracy: on the samples of task i, argmax within head i. Average: mean
 
 from __future__ import annotations
 
+import os
 import zipfile
+import zlib
+from collections.abc import Mapping
 
 import numpy as np
 import onnx
@@ -44,14 +47,18 @@ def parse_tasks(text: str) -> list[list[int]]:
     return tasks
 
 
-def load_test_data(path: str, labels_key: str = "y") -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Inputs (every array but the labels) and integer labels from a .npz file."""
-    try:
-        with np.load(path) as data:
-            arrays = {key: data[key] for key in data.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:  # a cut or corrupt file
-        raise CalibrationError(f"{path}: cannot read test data ({' '.join(str(error).split())}); "
-                               "give an .npz file") from error
+def load_test_data(path: str | os.PathLike | Mapping, labels_key: str = "y") -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Inputs (every array but the labels) and integer labels from a .npz file, or from a dict
+    of arrays in memory."""
+    if isinstance(path, Mapping):
+        arrays, path = {str(key): np.asarray(value) for key, value in path.items()}, "test data"
+    else:
+        try:
+            with np.load(path) as data:
+                arrays = {key: data[key] for key in data.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:  # a cut or corrupt file
+            raise CalibrationError(f"{path}: cannot read test data ({' '.join(str(error).split())}); "
+                                   "give an .npz file") from error
     if labels_key not in arrays:
         raise CalibrationError(f"{path}: no labels array {labels_key!r} (found {sorted(arrays)}); use --labels NAME")
     labels = arrays.pop(labels_key)

@@ -1,0 +1,87 @@
+"""The options of a merge (``onnxmerge merge`` flags, API keywords, recipe keys), with defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+from .errors import RecipeError
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """Every option of a merge, with its default (the CLI flag is ``--`` + the name with dashes).
+
+    Attributes:
+        method: zip, permute, weight or average (match/__init__.py); None: zip with
+            calibration data or statistics, weight without.
+        alpha: zip: correlation decay of joined clusters (ZipIt!, Stoica et al. 2023).
+        beta: zip: scale of the within-model merge budgets.
+        width: zip: merged width of every space as a multiple of the widest model's width,
+            or ``"min"`` for the narrowest model's; None is 1x.
+        heads: ``separate`` (one head per model, outputs suffixed ``_m<i>``) or ``shared``.
+        zip_layers: merge only the first N weight layers; ``"auto"`` chooses N within
+            ``max_loss`` on held-back calibration samples; None merges every layer.
+        max_loss: ``zip_layers="auto"``: largest share (0-1) of joint predictions that may
+            differ from the source models' ensemble.
+        repair: auto, none, reset (BatchNorm statistics) or repair (REPAIR, Jordan et al. 2023).
+        bn: keep BatchNormalization nodes, or fold them into the convolutions.
+        input_layout: (model file name, layout such as ``NHWC``) pairs of channels-last models.
+        batch_size: samples per onnxruntime run.
+        max_samples: use at most this many calibration samples (None: all).
+        repair_samples: measure BN reset / REPAIR on this many samples (None: all).
+        provider: onnxruntime provider: auto, cpu or cuda.
+        seed: random seed of every random choice.
+        align: depth alignment: auto (sma when depths differ), sma, lma, uniform, head-tail, none.
+        allow_few_samples: accept fewer than 16 calibration samples.
+        strict: refuse a full merge that leaves most weight layers per model.
+    """
+
+    method: str | None = None
+    alpha: float = 0.5
+    beta: float = 1.0
+    width: float | str | None = None
+    heads: str = "separate"
+    zip_layers: int | str | None = None
+    max_loss: float = 0.05
+    repair: str = "auto"
+    bn: str = "keep"
+    input_layout: tuple[tuple[str, str], ...] = ()
+    batch_size: int = 64
+    max_samples: int | None = None
+    repair_samples: int | None = None
+    provider: str = "auto"
+    seed: int = 0
+    align: str = "auto"
+    allow_few_samples: bool = False
+    strict: bool = False
+
+
+OPTION_NAMES = tuple(f.name for f in fields(MergeOptions))
+
+
+def merge_options(base: MergeOptions | None = None, **settings) -> MergeOptions:
+    """``base`` (default: every default) with ``settings`` replacing its fields.
+
+    Raises:
+        RecipeError: a name that is no option (the message lists the options).
+    """
+    unknown = sorted(set(settings) - set(OPTION_NAMES))
+    if unknown:
+        raise RecipeError(f"unknown option(s) {', '.join(unknown)}; the options are {', '.join(OPTION_NAMES)}")
+    if "input_layout" in settings:
+        settings["input_layout"] = _layouts(settings["input_layout"])
+    return replace(base or MergeOptions(), **settings)
+
+
+def _layouts(value) -> tuple[tuple[str, str], ...]:
+    """``input_layout`` as pairs, from pairs, a dict or ``MODEL=LAYOUT`` strings."""
+    items = value.items() if isinstance(value, dict) else value or ()
+    pairs = []
+    for item in items:
+        if isinstance(item, str):
+            model, _, layout = item.rpartition("=")
+            item = (model, layout)
+        if len(item) != 2 or not all(isinstance(part, str) and part for part in item):
+            raise RecipeError(f"input_layout {item!r}: give (model file name, layout) pairs, e.g. ('keras.onnx', 'NHWC')")
+        pairs.append((item[0], item[1].upper()))
+    return tuple(pairs)

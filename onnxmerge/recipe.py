@@ -1,0 +1,265 @@
+"""Recipes: a merge written as a YAML file that ``onnxmerge run`` re-runs (docs/recipe.md,
+schema docs/recipe.schema.json).
+
+Every merge records its recipe: in the merged model's metadata (``onnxmerge.recipe``, file
+names and sha256 only) and, for inputs that are files, in ``<output>.recipe.yaml`` beside the
+model, with paths relative to that file's folder. Running that file merges the same files with
+the same options into the same bytes. A hand-written recipe may leave out anything that has a
+default; the sha256 entries, when present, must match the files.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, fields
+
+from . import __version__
+from .errors import RecipeError
+from .options import MergeOptions, merge_options
+
+_HEADER = "# onnxmerge recipe: re-run with `onnxmerge run FILE`; paths are relative to this file's folder\n"
+PARAMETERS = ("alpha", "beta", "width", "zip_layers", "max_loss")
+"""Options written under ``parameters``: the zip method's and the partial-zipping cut's."""
+TOP_LEVEL = ("method", "heads", "repair", "align")
+"""Options written as top-level keys; every other option goes under ``options``."""
+_KEYS = ("onnxmerge", "models", "calibration", "stats", *TOP_LEVEL, "parameters", "options", "output", "report")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One input file of a recipe.
+
+    Attributes:
+        path: the file (as given, or resolved against the recipe's folder), None when the
+            input was given in memory.
+        name: the file name, or the in-memory input's name (``model 0``, ``arrays``).
+        sha256: hex sha256 of the file or the in-memory input; None when a hand-written
+            recipe gives none.
+    """
+
+    path: str | None
+    name: str
+    sha256: str | None
+
+    def to_dict(self, folder: str | None) -> dict:
+        path = self.name if folder is None or self.path is None else os.path.relpath(self.path, folder)
+        return {"path": path, "sha256": self.sha256}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a merge read and how it was set: enough to run it again.
+
+    Attributes:
+        models: the models, model 0 first.
+        calibration: the calibration data, or None.
+        stats: statistics files.
+        options: every merge option (the method resolved: never None).
+        output, report: where ``onnxmerge run`` writes the model and the JSON report (None:
+            no report); None for a recipe not read from a file.
+    """
+
+    models: tuple[Entry, ...]
+    calibration: Entry | None
+    stats: tuple[Entry, ...]
+    options: MergeOptions
+    output: str | None = None
+    report: str | None = None
+
+    @classmethod
+    def of(cls, sources, data, stats: list[str], options: MergeOptions) -> "Recipe":
+        """The recipe of a merge of ``sources`` (sources.Source) on ``data`` (sources.Data or None)."""
+        from .io import model_sha256  # only a merge builds recipes; keeps start-up light
+
+        models = tuple(Entry(s.path and os.path.abspath(s.path), s.file_name, s.sha256) for s in sources)
+        calibration = None
+        if data is not None:
+            path = os.path.abspath(data.content) if isinstance(data.content, str) else None
+            calibration = Entry(path, data.file_name, data.sha256())
+        entries = tuple(Entry(os.path.abspath(p), os.path.basename(p), model_sha256(p)) for p in stats)
+        return cls(models, calibration, entries, options)
+
+    @property
+    def runnable(self) -> bool:
+        """Whether every input is a file (a model or data given in memory cannot be re-read)."""
+        return all(entry.path is not None for entry in self.entries())
+
+    def entries(self) -> list[Entry]:
+        return [*self.models, *([self.calibration] if self.calibration else []), *self.stats]
+
+    def input_paths(self) -> list[str]:
+        return [entry.path for entry in self.entries() if entry.path is not None]
+
+    def to_yaml(self, folder: str | None = None, output: str | None = None, report: str | None = None) -> str:
+        """The recipe as YAML: with ``folder``, paths relative to it and the outputs (the file
+        beside the model); without, file names only (the model's metadata)."""
+        import yaml  # PyYAML: only recipes need it
+
+        values = asdict(self.options)
+        document = {"onnxmerge": __version__, "models": [m.to_dict(folder) for m in self.models]}
+        if self.calibration is not None:
+            document["calibration"] = self.calibration.to_dict(folder)
+        if self.stats:
+            document["stats"] = [s.to_dict(folder) for s in self.stats]
+        document.update({key: values.pop(key) for key in TOP_LEVEL})
+        document["parameters"] = {key: values.pop(key) for key in PARAMETERS}
+        values["input_layout"] = [f"{model}={layout}" for model, layout in values["input_layout"]]
+        document["options"] = values
+        if folder is not None:
+            document["output"] = os.path.relpath(output, folder) if output else None
+            document["report"] = os.path.relpath(report, folder) if report else None
+        return _HEADER + yaml.safe_dump(document, sort_keys=False, default_flow_style=False)
+
+
+def read_recipe(path: str | os.PathLike) -> Recipe:
+    """A recipe file, checked: every key known, every value of the right kind, paths resolved
+    against the file's folder.
+
+    Raises:
+        RecipeError: unreadable file, YAML syntax, an unknown key or a wrong value; the message
+            names the file, the line and the key.
+    """
+    import yaml
+
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        document = yaml.safe_load(text)
+    except OSError as error:
+        raise RecipeError(f"{path}: cannot read the recipe ({error.strerror}); check the path") from error
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise RecipeError(f"{path}: not valid YAML ({' '.join(str(error).split())}); fix the recipe") from error
+    return _Reader(path, _lines(root)).recipe(document)
+
+
+def _lines(node, prefix: tuple = ()) -> dict[tuple, int]:
+    """Line (1-based) of every mapping key and sequence item of a composed YAML document."""
+    import yaml
+
+    lines = {}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            lines[(*prefix, key.value)] = key.start_mark.line + 1
+            lines.update(_lines(value, (*prefix, key.value)))
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            lines[(*prefix, index)] = item.start_mark.line + 1
+            lines.update(_lines(item, (*prefix, index)))
+    return lines
+
+
+class _Reader:
+    """Checks one recipe document; errors name the file, line and key."""
+
+    def __init__(self, path: str, lines: dict[tuple, int]):
+        self.path, self.lines = path, lines
+        self.folder = os.path.dirname(os.path.abspath(path))
+
+    def fail(self, key: tuple, message: str) -> RecipeError:
+        line = next((self.lines[key[:n]] for n in range(len(key), 0, -1) if key[:n] in self.lines), 1)
+        return RecipeError(f"{self.path}:{line}: {'.'.join(map(str, key))}: {message}")
+
+    def recipe(self, document) -> Recipe:
+        if not isinstance(document, dict):
+            raise RecipeError(f"{self.path}:1: a recipe is a YAML mapping with models, calibration, method, ...; "
+                              "see docs/recipe.md")
+        self.known(document, (), _KEYS)
+        models = document.get("models")
+        if not isinstance(models, list) or len(models) < 2:
+            raise self.fail(("models",), "list two or more model files")
+        calibration = document.get("calibration")
+        stats = document.get("stats") or []
+        if not isinstance(stats, list):
+            raise self.fail(("stats",), "list statistics files")
+        settings = {key: document[key] for key in TOP_LEVEL if key in document}
+        for group, names in (("parameters", PARAMETERS), ("options", _OPTIONS)):
+            values = document.get(group) or {}
+            if not isinstance(values, dict):
+                raise self.fail((group,), f"a mapping of {', '.join(names)}")
+            self.known(values, (group,), names)
+            settings.update(values)
+        checked = {key: self.value(key, value) for key, value in settings.items()}
+        try:
+            options = merge_options(**checked)
+        except RecipeError as error:
+            raise self.fail(("options", "input_layout"), str(error)) from None
+        return Recipe(tuple(self.entry(("models", i), m) for i, m in enumerate(models)),
+                      None if calibration is None else self.entry(("calibration",), calibration),
+                      tuple(self.entry(("stats", i), s) for i, s in enumerate(stats)), options,
+                      self.output("output", document.get("output")), self.output("report", document.get("report")))
+
+    def known(self, mapping: dict, key: tuple, allowed: tuple[str, ...]) -> None:
+        for name in mapping:
+            if name not in allowed:
+                raise self.fail((*key, name), f"unknown key; use {', '.join(allowed)}")
+
+    def entry(self, key: tuple, value) -> Entry:
+        """A file entry: a path, or ``{path, sha256}``; the path relative to the recipe's folder."""
+        if isinstance(value, str):
+            value = {"path": value}
+        if not isinstance(value, dict) or not isinstance(value.get("path"), str):
+            raise self.fail(key, "give a file path, or path and sha256")
+        self.known(value, key, ("path", "sha256"))
+        sha256 = value.get("sha256")
+        if sha256 is not None and not (isinstance(sha256, str) and len(sha256) == 64):
+            raise self.fail((*key, "sha256"), "a sha256 is 64 hex digits; remove it to accept any file")
+        return Entry(os.path.join(self.folder, value["path"]), os.path.basename(value["path"]), sha256)
+
+    def output(self, key: str, value) -> str | None:
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value:
+            raise self.fail((key,), "give a file path")
+        return os.path.join(self.folder, value)
+
+    def value(self, name: str, value):
+        """One option's value, checked against its type and choices (ranges are checked by
+        the merge itself, as for the CLI and the API)."""
+        key = (_group(name), name) if _group(name) else (name,)
+        if value is None and name in _OPTIONAL or value in _WORDS.get(name, ()) or name == "input_layout":
+            return value  # input_layout is checked by merge_options
+        if name == "width" and isinstance(value, str) and value.endswith("x"):  # 1.5x as on the command line
+            value = _number(value[:-1])
+        kind, choices = _TYPES.get(name, str), _choices().get(name, ())
+        numeric = kind is float and isinstance(value, int)
+        if (isinstance(value, kind) or numeric) and not (kind is not bool and isinstance(value, bool)) and (
+                not choices or value in choices):
+            return float(value) if kind is float else value
+        words = [*choices, *_WORDS.get(name, ())]
+        expected = f"one of {', '.join(words)}" if choices else _EXPECTED[kind] + (
+            f" or {', '.join(words)}" if words else "")
+        raise self.fail(key, f"{value!r} is not {expected}")
+
+
+def _number(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+_OPTIONS = tuple(f.name for f in fields(MergeOptions) if f.name not in (*PARAMETERS, *TOP_LEVEL))
+_OPTIONAL = ("method", "width", "zip_layers", "max_samples", "repair_samples")
+_WORDS = {"width": ("min",), "zip_layers": ("auto",)}
+_EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+_TYPES = {"alpha": float, "beta": float, "width": float, "zip_layers": int, "max_loss": float, "batch_size": int,
+          "max_samples": int, "repair_samples": int, "seed": int, "allow_few_samples": bool, "strict": bool}
+
+
+def _choices() -> dict[str, tuple[str, ...]]:
+    """The allowed values of the options that are names (read from the modules that own them)."""
+    from .calib.capture import PROVIDERS
+    from .depth import ALIGNMENTS
+    from .graph.canonical import BN_MODES
+    from .match import METHODS
+    from .rewrite.heads import HEADS
+    from .rewrite.repair import REPAIRS
+
+    return {"method": tuple(m.name for m in METHODS), "heads": HEADS, "repair": REPAIRS, "align": ALIGNMENTS,
+            "bn": BN_MODES, "provider": PROVIDERS}
+
+
+def _group(name: str) -> str | None:
+    return "parameters" if name in PARAMETERS else "options" if name in _OPTIONS else None
