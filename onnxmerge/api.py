@@ -48,6 +48,7 @@ from .rewrite.merge import Member, assemble, merged_trunk_parameters, reference_
 from .rewrite.repair import REPAIRS, insert_repair, repair_sources, repair_targets, reset_batch_norm, source_moments
 from .rewrite.transform import Permutation
 from .rewrite.widen import widening
+from .samebase import check_fine_tunes, check_same_graph, combiner
 from .sources import Data, DataLike, ModelLike, Source, read_data, read_models
 
 log = logging.getLogger(__name__)
@@ -190,7 +191,7 @@ def recipe_path(output: str | os.PathLike) -> str:
     return f"{os.fspath(output)}.recipe.yaml"
 
 
-def merge(models: Sequence[ModelLike], calibration: DataLike | None = None, *,
+def merge(models: Sequence[ModelLike], calibration: DataLike | None = None, *, base: ModelLike | None = None,
           stats: Sequence[str | os.PathLike] | None = None, options: MergeOptions | None = None,
           **settings) -> MergeResult:
     """Merge two or more models of one design (widths and depths may differ) into one ONNX model.
@@ -199,7 +200,9 @@ def merge(models: Sequence[ModelLike], calibration: DataLike | None = None, *,
     correlations on the calibration data (ZipIt!, Stoica et al. 2023; widths and depths that
     differ: Xu et al. 2024) or from the weights without data (Git Re-Basin weight matching,
     Ainsworth et al. 2022); the merged model is repaired (BN reset, or REPAIR, Jordan et al.
-    2023). docs/method.md says what is computed.
+    2023). Fine-tunes of one base merge with the same-base methods instead: task arithmetic
+    (Ilharco et al. 2023), TIES (Yadav et al. 2023), DARE (Yu et al. 2024), SLERP, linear
+    (model soups) and RegMean (Jin et al. 2023). docs/method.md says what is computed.
 
     Args:
         models: two or more ONNX file paths or ``onnx.ModelProto``; model 0 is the reference
@@ -207,11 +210,14 @@ def merge(models: Sequence[ModelLike], calibration: DataLike | None = None, *,
         calibration: inputs for statistics and repair: a ``.npz``/``.npy`` path, a float32
             array ``[N, ...]`` (the models' sole input), a dict of arrays by input name, or an
             iterable of such batches (tensors with ``.numpy()`` work); a few hundred samples.
+        base: the pre-trained model the ``models`` were fine-tuned from (task-arithmetic, ties
+            and dare need it); a path or ``onnx.ModelProto``.
         stats: statistics files from ``calibrate`` to use instead of (or with) calibration.
         options: a ``MergeOptions`` to start from (default: every default).
         **settings: ``MergeOptions`` fields to set, e.g. ``method="zip"``, ``alpha=0.5``,
-            ``width=1.5``, ``heads="separate"``, ``zip_layers="auto"``, ``repair="auto"``;
-            ``method`` defaults to zip with calibration or stats, weight without.
+            ``width=1.5``, ``heads="separate"``, ``zip_layers="auto"``, ``repair="auto"``,
+            ``scale=0.5``; ``method`` defaults to task-arithmetic with a base, else zip with
+            calibration or stats, else weight.
 
     Returns:
         ``MergeResult``: ``.model``, ``.report``, ``.recipe`` and ``.save(path)``.
@@ -223,21 +229,26 @@ def merge(models: Sequence[ModelLike], calibration: DataLike | None = None, *,
     clock = time.perf_counter()
     options = merge_options(options, **settings)
     sources = read_models(models)
+    base_source = None if base is None else read_models([base])[0]
     data = None if calibration is None else read_data(calibration)
     stats = [os.fspath(path) for path in stats or []]
     if options.method is None:
-        options = replace(options, method="zip" if data is not None or stats else "weight")
-    if len(sources) < 2:
-        raise RecipeError("merge needs at least two models")
+        default = "task-arithmetic" if base is not None else "zip" if data is not None or stats else "weight"
+        options = replace(options, method=default)
+    if base is not None and not get_method(options.method).same_base:
+        raise RecipeError(f"--base is the pre-trained model of the same-base methods; --method {options.method} "
+                          "does not read it: drop --base or use task-arithmetic, ties or dare")
+    if len(sources) < (1 if get_method(options.method).same_base else 2):
+        raise RecipeError("merge needs at least two models (one fine-tune with --base for the same-base methods)")
     if options.repair_samples is not None and options.repair_samples < 1:
         raise RecipeError(f"--repair-samples {options.repair_samples}: use at least 1 sample")
     options = _layouts_by_file_name(sources, options)
-    prepared = _Prepared(*_prepare(sources, data, options, stats))
+    prepared = _Prepared(*_prepare(sources, data, options, stats, base_source))
     if options.zip_layers == "auto":
         result = _merge_auto(sources, prepared, stats, options)
     else:
         result = _merge_prepared(sources, prepared, stats, options, time.perf_counter() - clock)
-    result.recipe = Recipe.of(sources, data, stats, options)
+    result.recipe = Recipe.of(sources, data, stats, options, base_source)
     _record(result.model, sources, result.recipe)
     check(result.model, "merged model")
     return result
@@ -265,8 +276,8 @@ def run(recipe: str | os.PathLike) -> MergeResult:
     if plan.report is not None:  # before any work, as the merge command
         check_writable(plan.report, "report", [recipe, *plan.input_paths(), plan.output])
     calibration = plan.calibration.path if plan.calibration else None
-    result = merge([m.path for m in plan.models], calibration, stats=[s.path for s in plan.stats],
-                   options=plan.options)
+    result = merge([m.path for m in plan.models], calibration, base=plan.base.path if plan.base else None,
+                   stats=[s.path for s in plan.stats], options=plan.options)
     same = os.path.exists(recipe_path(plan.output)) and os.path.samefile(recipe, recipe_path(plan.output))
     result.save(plan.output, report=plan.report, recipe=not same)
     result.recipe = replace(result.recipe, output=plan.output, report=plan.report)
@@ -282,6 +293,7 @@ class _Prepared:
     bn: str
     calib: CalibrationSet | None
     depth: DepthAlignment | None
+    base: Member | None = None  # same-base methods: the base, lined up with model 0
 
 
 def _merge_prepared(sources: list[Source], prepared: _Prepared, stats: list[str], options: MergeOptions,
@@ -297,14 +309,21 @@ def _merge_prepared(sources: list[Source], prepared: _Prepared, stats: list[str]
     if method.needs_calibration and calib is None and not stats:
         raise RecipeError(f"--method {options.method} needs calibration data: pass --calib DATA or --stats FILES")
     units, unit_stats, provider = ([], [], "none")
-    if calib is not None or stats:  # REPAIR needs the source statistics whatever the method
+    if (calib is not None or stats) and not method.same_base:  # matching statistics (same-base: none needed)
         units, unit_stats, provider = _statistics(members, split, calib, stats, options)
     clock = _lap(timings, "calibrate", clock)
     matchings, summary = _match(members, split, units, unit_stats if method.needs_calibration else [], method, options)
     clock = _lap(timings, "match", clock)
-    merged = assemble(members, split, matchings, merged_trunk_parameters(members, split, matchings), heads=options.heads)
+    combine = None
+    if method.same_base:
+        trunk = [k for k in range(len(members[0].model.graph.node)) if k not in split.head_nodes]
+        batches = None if calib is None else lambda what: _batches(calib, len(members), options.batch_size, what)
+        combine = combiner(method, method.make_params(**asdict(options)), members, prepared.base, trunk, batches,
+                           options.provider, options.seed)
+    parameters = merged_trunk_parameters(members, split, matchings, combine)
+    merged = assemble(members, split, matchings, parameters, heads=options.heads)
     resize_constants(merged, members[0].graph, reference_widths(members[0], matchings))
-    merged, repair, repaired = _repair(merged, members, split, matchings, calib, options)
+    merged, repair, repaired = _repair(merged, members, split, matchings, calib, options, warn=not method.same_base)
     _attach_postprocessing(merged, members, prepared.post, options.heads)
     merged = infer_shapes(merged)
     _lap(timings, "rewrite", clock)
@@ -366,12 +385,15 @@ def _check_coverage(reference: Member, split, options: MergeOptions) -> None:
     log.warning(message)
 
 
-def _prepare(sources: list[Source], data: Data | None, options: MergeOptions, stats: Sequence[str] = ()):
+def _prepare(sources: list[Source], data: Data | None, options: MergeOptions, stats: Sequence[str] = (),
+             base: Source | None = None):
     """Everything a merge starts from: members (canonical cores lined up with model 0's; models
     of different depths lifted into the deepest's topology, method.md §5), each model's
     post-processing, the BatchNormalization mode used, the calibration set and the depth
-    alignment (None when depths agree). Without data, an alignment is read from the
-    statistics files when ``calibrate`` stored one."""
+    alignment (None when depths agree), and the base of a same-base merge (None without).
+    Without data, an alignment is read from the statistics files when ``calibrate`` stored one."""
+    if options.method and get_method(options.method).same_base:
+        return _prepare_same_base(sources, data, options, base)
     named, post, bn = _cores(sources, options)
     if options.heads == "shared":
         _check_shared_postprocessing([s.name for s in sources], post)
@@ -382,7 +404,25 @@ def _prepare(sources: list[Source], data: Data | None, options: MergeOptions, st
         stored = _stored_alignment(named, structures, stats) if calib is None else None
         depth = stored or _align(named, structures, calib, options)
         named = list(zip([name for name, _ in named], lift_models(named, depth)))
-    return _members(named), post, bn, calib, depth
+    return _members(named), post, bn, calib, depth, None
+
+
+def _prepare_same_base(sources: list[Source], data: Data | None, options: MergeOptions, base: Source | None):
+    """``_prepare`` for fine-tunes of one base: the same graph for every model and the base
+    (else refused), no depth alignment; the base is canonicalised with them and lined up."""
+    everything = [*sources, *([base] if base else [])]
+    named, post, bn = _cores(everything, options)
+    reference = named[0][1]
+    heads = split_trunk(reference, find_spaces(reference), heads=options.heads).head_nodes
+    check_same_graph(named, heads)  # heads kept per model may have other label counts
+    members = _members(named)
+    base_member = members.pop() if base else None
+    post = post[:len(sources)]
+    inits = {i.name for i in reference.graph.initializer}
+    names = [n for k, node in enumerate(reference.graph.node) if k not in heads for n in node.input if n in inits]
+    check_fine_tunes(members, base_member, list(dict.fromkeys(names)), [s.name for s in sources])
+    calib = _calibration(data, named[:len(sources)], options) if data is not None else None
+    return members, post, bn, calib, None, base_member
 
 
 def _stored_alignment(named: list[tuple[str, onnx.ModelProto]], structures: list[BlockStructure],
@@ -594,7 +634,7 @@ def calibrate(models: Sequence[ModelLike], calibration: DataLike, *, options: Me
         raise RecipeError("--zip-layers auto tries several cuts, each with its own statistics; "
                           "give calibrate a number of layers, or merge --zip-layers auto with --calib")
     sources = read_models(models)
-    members, _, _, calib, depth = _prepare(sources, read_data(calibration), _layouts_by_file_name(sources, options))
+    members, _, _, calib, depth, _ = _prepare(sources, read_data(calibration), _layouts_by_file_name(sources, options))
     split = split_trunk(members[0].model, members[0].graph, heads=options.heads, zip_layers=options.zip_layers)
     units, stats, provider = _statistics(members, split, calib, None, options)
     meta = {"fingerprint": _fingerprint(members, units), "provider": provider, "samples": str(calib.num_samples)}
@@ -620,7 +660,7 @@ def _fingerprint(members: list[Member], units: list[CaptureUnit]) -> str:
 def _match(members: list[Member], split, units: list[CaptureUnit], stats: list, method, options: MergeOptions):
     """Matchings keyed by model 0's space ids, and the per-space report rows."""
     reference = members[0]
-    params = method.make_params(alpha=options.alpha, beta=options.beta, seed=options.seed)
+    params = method.make_params(**asdict(options))
     run = _space_matcher(method, params, options.width)
     _check_widths(members, split.zipped, method)
     matchings: dict[int, Matching] = {}
@@ -727,9 +767,10 @@ def _match_features(reference: Member, unit: CaptureUnit, corr: np.ndarray, widt
 
 
 def _repair(merged: onnx.ModelProto, members: list[Member], split, matchings, calib,
-            options: MergeOptions) -> tuple[onnx.ModelProto, str, list[str]]:
+            options: MergeOptions, warn: bool = True) -> tuple[onnx.ModelProto, str, list[str]]:
     """BN reset or REPAIR of the merged model, as ``options.repair`` says (method.md §7); the
-    report's line about it and the tensors REPAIR corrected."""
+    report's line about it and the tensors REPAIR corrected. ``warn``: say that a merge with
+    no calibration data is not repaired (same-base merges are usually not)."""
     if options.repair not in REPAIRS:
         raise RecipeError(f"unknown --repair {options.repair!r}; use one of {', '.join(REPAIRS)}")
     has_bn = any(n.op_type == "BatchNormalization" for n in merged.graph.node)
@@ -739,9 +780,10 @@ def _repair(merged: onnx.ModelProto, members: list[Member], split, matchings, ca
     if calib is None:
         if options.repair != "auto":
             raise RecipeError(f"--repair {mode} needs calibration data (--calib)")
-        log.warning("no calibration data, so the merged model is not repaired (%s) and its accuracy may collapse; "
-                    "pass --calib DATA (a few hundred inputs), or --repair none to silence this",
-                    "BN reset" if mode == "reset" else "REPAIR")
+        if warn:
+            log.warning("no calibration data, so the merged model is not repaired (%s) and its accuracy may "
+                        "collapse; pass --calib DATA (a few hundred inputs), or --repair none to silence this",
+                        "BN reset" if mode == "reset" else "REPAIR")
         return merged, "none (no calibration data)", []
     if mode == "reset" and not has_bn:
         raise RecipeError("--repair reset needs BatchNormalization nodes; use --repair repair for BN-free models")

@@ -18,7 +18,7 @@ from .calib.capture import PROVIDERS
 from .calib.data import MIN_SAMPLES
 from .calib.stats import save_stats
 from .io import check_writable, save_model
-from .match import METHODS
+from .match import METHODS, parameters
 from .options import OPTION_NAMES, MergeOptions
 from .progress import set_quiet
 from .depth import ALIGNMENTS
@@ -171,13 +171,13 @@ def _options(args: argparse.Namespace) -> MergeOptions:
 def cmd_merge(args: argparse.Namespace) -> int:
     """Merge two or more models of one design (widths and depths may differ) into one ONNX model;
     its recipe goes to OUTPUT.recipe.yaml (re-run it with onnxmerge run)."""
-    inputs = [*args.models, args.calib, *(args.stats or [])]
+    inputs = [*args.models, args.base, args.calib, *(args.stats or [])]
     outputs = [("merged model", args.output), ("recipe", api.recipe_path(args.output))]
     if args.report:
         outputs.append(("report", args.report))
     for index, (what, path) in enumerate(outputs):  # before any work
         check_writable(path, what, [*inputs, *(p for _, p in outputs[:index])])
-    result = api.merge(args.models, args.calib, stats=args.stats, options=_options(args))
+    result = api.merge(args.models, args.calib, base=args.base, stats=args.stats, options=_options(args))
     _print_merge(result, result.save(args.output, report=args.report))
     return 0
 
@@ -239,6 +239,22 @@ def _rewrite_command(commands, graph: argparse.ArgumentParser, run, written: str
     return parser
 
 
+def _method_parameters(parser: argparse.ArgumentParser) -> None:
+    """One flag per method parameter of the registry (match/__init__.py ``parameters``)."""
+    group = parser.add_argument_group("method parameters")
+    for parameter in parameters():
+        flag = "--" + parameter.name.replace("_", "-")
+        described = parameter.help
+        if parameter.choices:
+            group.add_argument(flag, choices=parameter.choices, default=parameter.default,
+                               help=f"{described} (default {parameter.default})")
+        elif parameter.default is None:  # a list, one value per model
+            group.add_argument(flag, type=float, nargs="+", metavar="W", help=described)
+        else:
+            group.add_argument(flag, type=type(parameter.default), default=parameter.default,
+                               help=f"{described} (default {parameter.default})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onnxmerge", description="Merge neural networks at the ONNX graph level.")
     parser.add_argument("--version", action="version", version=f"onnxmerge {__version__}")
@@ -264,10 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("-o", "--output", required=True, help="merged ONNX file")
     merge.add_argument("--stats", nargs="+", metavar="FILE", help="statistics from onnxmerge calibrate (shards add up)")
     merge.add_argument("--method", choices=[m.name for m in METHODS],
-                       help="default: zip with --calib/--stats, weight without; "
+                       help="default: task-arithmetic with --base, else zip with --calib/--stats, else weight; "
                             + "; ".join(f"{m.name}: {m.summary}" for m in METHODS))
-    merge.add_argument("--alpha", type=float, default=0.5, help="zip: correlation decay of joined clusters (0.5)")
-    merge.add_argument("--beta", type=float, default=1.0, help="zip: scale of within-model merge budgets (1.0)")
+    merge.add_argument("--base", metavar="BASE.onnx",
+                       help="the pre-trained model the MODELS were fine-tuned from: the same-base methods "
+                            "(task-arithmetic, ties, dare) add their task vectors (MODEL - BASE) to it; "
+                            "with --base the method defaults to task-arithmetic")
+    _method_parameters(merge)
     merge.add_argument("--width", type=_multiple, metavar="Fx|min",
                        help="zip: merged width of every space as a multiple of the widest model's, e.g. 1.5x "
                             "(capped at the sum of the widths; default 1x), or min: the narrowest model's")

@@ -12,9 +12,12 @@ class MergeOptions:
     """Every option of a merge, with its default (the CLI flag is ``--`` + the name with dashes).
 
     Attributes:
-        method: zip, permute, weight or average (match/__init__.py); None: zip with
-            calibration data or statistics, weight without.
-        alpha: zip: correlation decay of joined clusters (ZipIt!, Stoica et al. 2023).
+        method: a name of the method registry (match/__init__.py): zip, permute, weight,
+            average, or a same-base method (task-arithmetic, ties, dare, slerp, linear,
+            regmean); None: task-arithmetic with a base model, else zip with calibration data
+            or statistics, else weight.
+        alpha: zip: correlation decay of joined clusters (ZipIt!, Stoica et al. 2023);
+            regmean: scale of the Gram matrices' off-diagonal entries (Jin et al. 2023).
         beta: zip: scale of the within-model merge budgets.
         width: zip: merged width of every space as a multiple of the widest model's width,
             or ``"min"`` for the narrowest model's; None is 1x.
@@ -23,6 +26,13 @@ class MergeOptions:
             ``max_loss`` on held-back calibration samples; None merges every layer.
         max_loss: ``zip_layers="auto"``: largest share (0-1) of joint predictions that may
             differ from the source models' ensemble.
+        scale: task-arithmetic, ties, dare: lambda, the scale of the (summed or merged) task
+            vectors added to the base.
+        density: ties: share of each task vector's entries kept (largest magnitudes), (0, 1].
+        drop_rate: dare: share of each task vector's entries dropped at random, [0, 1).
+        dare_then: dare: ``task-arithmetic`` or ``ties`` (sign election, disjoint mean).
+        t: slerp: position between model 0 (0) and model 1 (1).
+        weights: linear: one weight per model (None: equal).
         repair: auto, none, reset (BatchNorm statistics) or repair (REPAIR, Jordan et al. 2023).
         bn: keep BatchNormalization nodes, or fold them into the convolutions.
         input_layout: (model file name, layout such as ``NHWC``) pairs of channels-last models.
@@ -43,6 +53,12 @@ class MergeOptions:
     heads: str = "separate"
     zip_layers: int | str | None = None
     max_loss: float = 0.05
+    scale: float = 1.0
+    density: float = 0.2
+    drop_rate: float = 0.9
+    dare_then: str = "task-arithmetic"
+    t: float = 0.5
+    weights: tuple[float, ...] | None = None
     repair: str = "auto"
     bn: str = "keep"
     input_layout: tuple[tuple[str, str], ...] = ()
@@ -70,6 +86,8 @@ def merge_options(base: MergeOptions | None = None, **settings) -> MergeOptions:
         raise RecipeError(f"unknown option(s) {', '.join(unknown)}; the options are {', '.join(OPTION_NAMES)}")
     if "input_layout" in settings:
         settings["input_layout"] = _layouts(settings["input_layout"])
+    if settings.get("weights") is not None:
+        settings["weights"] = tuple(float(w) for w in settings["weights"])
     return replace(base or MergeOptions(), **settings)
 
 

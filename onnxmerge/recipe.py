@@ -18,11 +18,12 @@ from .errors import RecipeError
 from .options import MergeOptions, merge_options
 
 _HEADER = "# onnxmerge recipe: re-run with `onnxmerge run FILE`; paths are relative to this file's folder\n"
-PARAMETERS = ("alpha", "beta", "width", "zip_layers", "max_loss")
-"""Options written under ``parameters``: the zip method's and the partial-zipping cut's."""
+PARAMETERS = ("alpha", "beta", "width", "zip_layers", "max_loss", "scale", "density", "drop_rate", "dare_then", "t",
+              "weights")
+"""Options written under ``parameters``: the methods' (match/__init__.py) and the partial-zipping cut's."""
 TOP_LEVEL = ("method", "heads", "repair", "align")
 """Options written as top-level keys; every other option goes under ``options``."""
-_KEYS = ("onnxmerge", "models", "calibration", "stats", *TOP_LEVEL, "parameters", "options", "output", "report")
+_KEYS = ("onnxmerge", "base", "models", "calibration", "stats", *TOP_LEVEL, "parameters", "options", "output", "report")
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class Recipe:
 
     Attributes:
         models: the models, model 0 first.
+        base: the base model of a same-base merge (``--base``), or None.
         calibration: the calibration data, or None.
         stats: statistics files.
         options: every merge option (the method resolved: never None).
@@ -63,21 +65,26 @@ class Recipe:
     calibration: Entry | None
     stats: tuple[Entry, ...]
     options: MergeOptions
+    base: Entry | None = None
     output: str | None = None
     report: str | None = None
 
     @classmethod
-    def of(cls, sources, data, stats: list[str], options: MergeOptions) -> "Recipe":
-        """The recipe of a merge of ``sources`` (sources.Source) on ``data`` (sources.Data or None)."""
+    def of(cls, sources, data, stats: list[str], options: MergeOptions, base=None) -> "Recipe":
+        """The recipe of a merge of ``sources`` (sources.Source) on ``data`` (sources.Data or
+        None), with ``base`` (a Source) for a same-base merge."""
         from .io import model_sha256  # only a merge builds recipes; keeps start-up light
 
-        models = tuple(Entry(s.path and os.path.abspath(s.path), s.file_name, s.sha256) for s in sources)
+        def entry(source) -> Entry:
+            return Entry(source.path and os.path.abspath(source.path), source.file_name, source.sha256)
+
+        models = tuple(entry(s) for s in sources)
         calibration = None
         if data is not None:
             path = os.path.abspath(data.content) if isinstance(data.content, str) else None
             calibration = Entry(path, data.file_name, data.sha256())
         entries = tuple(Entry(os.path.abspath(p), os.path.basename(p), model_sha256(p)) for p in stats)
-        return cls(models, calibration, entries, options)
+        return cls(models, calibration, entries, options, None if base is None else entry(base))
 
     @property
     def runnable(self) -> bool:
@@ -85,7 +92,8 @@ class Recipe:
         return all(entry.path is not None for entry in self.entries())
 
     def entries(self) -> list[Entry]:
-        return [*self.models, *([self.calibration] if self.calibration else []), *self.stats]
+        return [*([self.base] if self.base else []), *self.models, *([self.calibration] if self.calibration else []),
+                *self.stats]
 
     def input_paths(self) -> list[str]:
         return [entry.path for entry in self.entries() if entry.path is not None]
@@ -96,7 +104,10 @@ class Recipe:
         import yaml  # PyYAML: only recipes need it
 
         values = asdict(self.options)
-        document = {"onnxmerge": __version__, "models": [m.to_dict(folder) for m in self.models]}
+        document = {"onnxmerge": __version__}
+        if self.base is not None:
+            document["base"] = self.base.to_dict(folder)
+        document["models"] = [m.to_dict(folder) for m in self.models]
         if self.calibration is not None:
             document["calibration"] = self.calibration.to_dict(folder)
         if self.stats:
@@ -104,6 +115,8 @@ class Recipe:
         document.update({key: values.pop(key) for key in TOP_LEVEL})
         document["parameters"] = {key: values.pop(key) for key in PARAMETERS}
         values["input_layout"] = [f"{model}={layout}" for model, layout in values["input_layout"]]
+        if document["parameters"]["weights"] is not None:
+            document["parameters"]["weights"] = list(document["parameters"]["weights"])
         document["options"] = values
         if folder is not None:
             document["output"] = os.path.relpath(output, folder) if output else None
@@ -185,9 +198,11 @@ class _Reader:
             options = merge_options(**checked)
         except RecipeError as error:
             raise self.fail(("options", "input_layout"), str(error)) from None
+        base = document.get("base")
         return Recipe(tuple(self.entry(("models", i), m) for i, m in enumerate(models)),
                       None if calibration is None else self.entry(("calibration",), calibration),
                       tuple(self.entry(("stats", i), s) for i, s in enumerate(stats)), options,
+                      None if base is None else self.entry(("base",), base),
                       self.output("output", document.get("output")), self.output("report", document.get("report")))
 
     def known(self, mapping: dict, key: tuple, allowed: tuple[str, ...]) -> None:
@@ -220,6 +235,9 @@ class _Reader:
         key = (_group(name), name) if _group(name) else (name,)
         if value is None and name in _OPTIONAL or value in _WORDS.get(name, ()) or name == "input_layout":
             return value  # input_layout is checked by merge_options
+        if name == "weights" and isinstance(value, list) and all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) for w in value):
+            return [float(w) for w in value]
         if name == "width" and isinstance(value, str) and value.endswith("x"):  # 1.5x as on the command line
             value = _number(value[:-1])
         kind, choices = _TYPES.get(name, str), _choices().get(name, ())
@@ -241,11 +259,12 @@ def _number(text: str) -> float | str:
 
 
 _OPTIONS = tuple(f.name for f in fields(MergeOptions) if f.name not in (*PARAMETERS, *TOP_LEVEL))
-_OPTIONAL = ("method", "width", "zip_layers", "max_samples", "repair_samples")
+_OPTIONAL = ("method", "width", "zip_layers", "max_samples", "repair_samples", "weights")
 _WORDS = {"width": ("min",), "zip_layers": ("auto",)}
 _EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 _TYPES = {"alpha": float, "beta": float, "width": float, "zip_layers": int, "max_loss": float, "batch_size": int,
-          "max_samples": int, "repair_samples": int, "seed": int, "allow_few_samples": bool, "strict": bool}
+          "max_samples": int, "repair_samples": int, "seed": int, "allow_few_samples": bool, "strict": bool,
+          "scale": float, "density": float, "drop_rate": float, "t": float, "weights": list}
 
 
 def _choices() -> dict[str, tuple[str, ...]]:
@@ -257,8 +276,10 @@ def _choices() -> dict[str, tuple[str, ...]]:
     from .rewrite.heads import HEADS
     from .rewrite.repair import REPAIRS
 
+    from .match.taskvec import DARE_THEN
+
     return {"method": tuple(m.name for m in METHODS), "heads": HEADS, "repair": REPAIRS, "align": ALIGNMENTS,
-            "bn": BN_MODES, "provider": PROVIDERS}
+            "bn": BN_MODES, "provider": PROVIDERS, "dare_then": DARE_THEN}
 
 
 def _group(name: str) -> str | None:

@@ -274,7 +274,7 @@ def test_folded_statistics_in_the_graph_equal_numpy(tmp_path):
     decoder, stats = transposed_decoder(), []
     for opset in (17, 12):
         save_model(with_opset(decoder, opset), tmp_path / f"d{opset}.onnx")
-        members, _, _, calib, _ = api._prepare(read_models([str(tmp_path / f"d{opset}.onnx")] * 2), read_data(str(tmp_path / "calib.npy")),
+        members, _, _, calib, _, _ = api._prepare(read_models([str(tmp_path / f"d{opset}.onnx")] * 2), read_data(str(tmp_path / "calib.npy")),
                                                api.MergeOptions())
         split = api.split_trunk(members[0].model, members[0].graph, heads="separate", zip_layers=None)
         units, per_model, widths = api._plan(members, split)

@@ -6,11 +6,14 @@ it. Adding a method = one function, one parameter dataclass and one entry here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import Field, dataclass, fields
 from typing import Callable
 
 from ..errors import OnnxMergeError
 from .permute import NoParams, average, permute
+from .regmean import RegMeanParams
+from .taskvec import (DareParams, LinearParams, SlerpParams, TaskArithmeticParams, TiesParams, dare, linear, slerp,
+                      task_arithmetic, ties)
 from .weight import WeightParams, match_weights
 from .zip import ZipParams, zip_clusters
 
@@ -28,6 +31,14 @@ class MatchMethod:
         unequal_widths: the method accepts models of different widths at a space.
         function: ``function(corr, widths, params, space="") -> Matching`` for one space, or
             with ``graph_level``, ``function(members, spaces, params) -> {space: Matching}``.
+        graph_level: see ``function``.
+        combine: same-base methods (fine-tunes of one base, matched one to one):
+            ``combine(base, tuned, params, rng) -> merged`` per parameter tensor (taskvec.py);
+            None for the aligned methods, whose merged parameters are the averages of the
+            matched ones.
+        needs_base: the method reads the base model (``--base``).
+        needs_grams: the method reads each weight layer's input Gram matrices on the
+            calibration data (RegMean).
     """
 
     name: str
@@ -38,6 +49,14 @@ class MatchMethod:
     unequal_widths: bool
     function: Callable
     graph_level: bool = False
+    combine: Callable | None = None
+    needs_base: bool = False
+    needs_grams: bool = False
+
+    @property
+    def same_base(self) -> bool:
+        """Fine-tunes of one base: identical graphs, parameters combined tensor by tensor."""
+        return self.combine is not None or self.needs_grams
 
     def make_params(self, **values):
         """The method's parameter dataclass from the options it knows (others are ignored)."""
@@ -57,7 +76,69 @@ METHODS: tuple[MatchMethod, ...] = (
                 WeightParams, needs_calibration=False, unequal_widths=False, function=match_weights, graph_level=True),
     MatchMethod("average", "plain weight averaging, no matching", "Wortsman et al. 2022",
                 NoParams, needs_calibration=False, unequal_widths=False, function=average),
+    MatchMethod("task-arithmetic", "same base: base + scale * sum of task vectors (needs --base)",
+                "Ilharco et al. 2023 (Editing models with task arithmetic)",
+                TaskArithmeticParams, needs_calibration=False, unequal_widths=False, function=average,
+                combine=task_arithmetic, needs_base=True),
+    MatchMethod("ties", "same base: trimmed task vectors, elected signs, disjoint mean (needs --base)",
+                "Yadav et al. 2023 (TIES-Merging)",
+                TiesParams, needs_calibration=False, unequal_widths=False, function=average,
+                combine=ties, needs_base=True),
+    MatchMethod("dare", "same base: randomly dropped, rescaled task vectors, then task arithmetic or TIES "
+                "(needs --base)", "Yu et al. 2024 (Language models are Super Mario)",
+                DareParams, needs_calibration=False, unequal_widths=False, function=average,
+                combine=dare, needs_base=True),
+    MatchMethod("slerp", "same base: spherical interpolation of two models at --t",
+                "Shoemake 1985; White 2016 (Sampling generative networks)",
+                SlerpParams, needs_calibration=False, unequal_widths=False, function=average, combine=slerp),
+    MatchMethod("linear", "same base: weighted average (--weights), the model soup", "Wortsman et al. 2022",
+                LinearParams, needs_calibration=False, unequal_widths=False, function=average, combine=linear),
+    MatchMethod("regmean", "same base: per weight layer the least-squares fit of every model's outputs "
+                "(input Gram matrices on --calib)", "Jin et al. 2023 (Dataless knowledge fusion, RegMean)",
+                RegMeanParams, needs_calibration=False, unequal_widths=False, function=average, needs_grams=True),
 )
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """A method parameter a user sets: a CLI flag (``--drop-rate``), an API keyword and a recipe
+    key under ``parameters`` (``drop_rate``), declared once in a method's parameter dataclass.
+
+    Attributes:
+        name: the field name.
+        default: its default.
+        help: what it is, from the fields' metadata, prefixed by the methods reading it.
+        methods: the methods that read it.
+        choices: the allowed values of a named parameter, else empty.
+    """
+
+    name: str
+    default: object
+    help: str
+    methods: tuple[str, ...]
+    choices: tuple[str, ...] = ()
+
+
+def parameters() -> list[Parameter]:
+    """Every documented parameter of the registered methods, once each, in registry order
+    (fields without help, such as the width target and the seed, are options of their own);
+    ``help`` starts with the methods that read it."""
+    found: dict[str, list[tuple[str, Field]]] = {}
+    for method in METHODS:
+        for item in fields(method.params):
+            if "help" in item.metadata:
+                found.setdefault(item.name, []).append((method.name, item))
+    result = []
+    for name, uses in found.items():
+        texts = dict.fromkeys(item.metadata["help"] for _, item in uses)
+        methods = tuple(method for method, _ in uses)
+        if len(texts) == 1:
+            text = f"{'/'.join(methods)}: {next(iter(texts))}"
+        else:
+            text = "; ".join(f"{method}: {item.metadata['help']}" for method, item in uses)
+        first = uses[0][1]
+        result.append(Parameter(name, first.default, text, methods, first.metadata.get("choices", ())))
+    return result
 
 
 def get_method(name: str) -> MatchMethod:

@@ -38,14 +38,21 @@ class Member:
         return self.correspondence.spaces[reference_space]
 
 
-def merged_trunk_parameters(members: list[Member], split: TrunkSplit,
-                            matchings: dict[int, Matching]) -> dict[str, np.ndarray]:
-    """Trunk parameters of the merged model, keyed by model 0's initializer names."""
+def merged_trunk_parameters(members: list[Member], split: TrunkSplit, matchings: dict[int, Matching],
+                            combine: Callable[[str, list[np.ndarray]], np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Trunk parameters of the merged model, keyed by model 0's initializer names.
+
+    Each model's parameters are carried into the merged feature spaces (producers through
+    ``count * M_i``, consumers through ``U_i^T``); a floating tensor is then the mean of the
+    models' (ZipIt!'s merge), or ``combine(name, values)`` of their float64 values when given
+    (the same-base methods, whose matchings are identities).
+    """
     reference = members[0].model
     trunk_inputs = {name for k, node in enumerate(reference.graph.node) if k not in split.head_nodes for name in node.input}
     names = [init.name for init in reference.graph.initializer if init.name in trunk_inputs]
     count = len(members)
     merged: dict[str, np.ndarray] = {}
+    collected: dict[str, list[np.ndarray]] = {}  # with combine: every model's floats
     for i, member in enumerate(members):
         back = member.correspondence.reference_spaces
 
@@ -62,8 +69,11 @@ def merged_trunk_parameters(members: list[Member], split: TrunkSplit,
             value = arrays[my_name]
             if value.dtype.kind != "f":  # shapes, axes, indices: identical across models
                 merged.setdefault(name, value)
-                continue
-            merged[name] = merged.get(name, 0.0) + value.astype(np.float64) / count
+            elif combine is not None:
+                collected.setdefault(name, []).append(value.astype(np.float64))
+            else:
+                merged[name] = merged.get(name, 0.0) + value.astype(np.float64) / count
+    merged.update({name: combine(name, floats) for name, floats in collected.items()})
     dtypes = {init.name: helper.tensor_dtype_to_np_dtype(init.data_type) for init in reference.graph.initializer}
     return {name: np.asarray(value).astype(dtypes[name]) for name, value in merged.items()}
 
