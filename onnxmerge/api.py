@@ -413,7 +413,7 @@ def _prepare_same_base(sources: list[Source], data: Data | None, options: MergeO
     everything = [*sources, *([base] if base else [])]
     named, post, bn = _cores(everything, options)
     reference = named[0][1]
-    heads = split_trunk(reference, find_spaces(reference), heads=options.heads).head_nodes
+    heads = split_trunk(reference, _spaces(named[0][0], reference), heads=options.heads).head_nodes
     check_same_graph(named, heads)  # heads kept per model may have other label counts
     members = _members(named)
     base_member = members.pop() if base else None

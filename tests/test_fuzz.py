@@ -35,11 +35,13 @@ SLOW_CASES = 500
 # merge / align pairs (of one design; the deep and wide ones differ in depth or width)
 PAIRS = [("resnet_a", "resnet_b"), ("vgg_a", "vgg_b"), ("resnet_a_deep", "resnet_b"),
          ("resnet_a", "resnet_b_wide"), ("vgg_a_deep", "vgg_b")]
-COMMANDS = ("inspect", "permute", "widen", "deepen", "merge", "calibrate", "align", "eval")
+COMMANDS = ("inspect", "permute", "widen", "deepen", "merge", "calibrate", "align", "eval", "run")
+SAME_BASE_METHODS = ("task-arithmetic", "ties", "dare", "slerp", "linear", "regmean")
 MODEL_MUTATIONS = ("truncate", "flip", "drop_node", "rename_tensor", "initializer_dims", "input_dims",
                    "initializer_dtype", "input_dtype", "attribute", "drop_attribute", "nonfinite", "opset",
                    "duplicate_name", "drop_output", "shuffle_nodes", "drop_initializer")
 DATA_MUTATIONS = ("dtype", "shape", "nan", "truncate", "rename", "empty", "garbage", "labels")
+RECIPE_MUTATIONS = ("truncate", "flip", "output_is_input", "bad_value", "sha256", "garbage")
 _BYTES: dict[str, bytes] = {}
 
 
@@ -199,20 +201,24 @@ def make_case(seed: int) -> Case:
     case = Case(seed)
     command = COMMANDS[seed % len(COMMANDS)]
     pair = _pick(rng, PAIRS)
-    models = [f"{pair[0]}.onnx"] if command in ("inspect", "permute", "widen", "deepen", "eval") else \
-        [f"{pair[0]}.onnx", f"{pair[1]}.onnx"]
-    files = {f"m{i}.onnx": _sample(name) for i, name in enumerate(models)}
+    single = command in ("inspect", "permute", "widen", "deepen", "eval")
+    sources = {f"m{i}.onnx": f"{name}.onnx" for i, name in enumerate(pair[:1] if single else pair)}
+    model_args = list(sources)
     data_name = "test.npz" if command == "eval" else "calib.npz"
-    uses_data = command in ("eval", "calibrate", "align") or (command == "merge" and rng.random() < 0.7)
+    uses_data = command in ("eval", "calibrate", "align") or (command in ("merge", "run") and rng.random() < 0.7)
+    same_base = command == "merge" and rng.random() < 0.25
     if uses_data:
-        files["data.npz"] = _sample(data_name)
-    targets = list(files)
-    target = _pick(rng, targets) if rng.random() < 0.95 else None
+        sources["data.npz"] = data_name
+    if same_base:  # fine-tunes of a base: here the first model is its own base
+        sources["base.onnx"] = f"{pair[0]}.onnx"
+    files = {name: _sample(source) for name, source in sources.items()}
+    if command == "run":
+        files["recipe.yaml"] = _recipe(model_args, uses_data, rng)
+    target = _pick(rng, list(files)) if rng.random() < 0.95 else None
     if target is not None:
-        mutate = _mutate_data if target == "data.npz" else _mutate_model
+        mutate = {"data.npz": _mutate_data, "recipe.yaml": _mutate_recipe}.get(target, _mutate_model)
         files[target], kind = mutate(files[target], rng)
-        case.what.append(f"{target} ({models[int(target[1])] if target != 'data.npz' else data_name}): {kind}")
-    model_args = [f"m{i}.onnx" for i in range(len(models))]
+        case.what.append(f"{target} ({sources.get(target, 'recipe')}): {kind}")
     few = ["--max-samples", "32"]
     if command == "inspect":
         args = ["inspect", *model_args] + (["--json"] if rng.random() < 0.5 else [])
@@ -228,24 +234,60 @@ def make_case(seed: int) -> Case:
         args = ["calibrate", *model_args, "--calib", "data.npz", "-o", "stats.npz", *few]
     elif command == "align":
         args = ["align", *model_args, "--calib", "data.npz", *few] + (["--json"] if rng.random() < 0.5 else [])
+    elif command == "run":
+        args = ["run", "recipe.yaml"]
     else:
         args = ["merge", *model_args, "-o", "out.onnx"]
         if uses_data:
             args += ["--calib", "data.npz", *few]
-        else:
+        if same_base:
+            args += ["--base", "base.onnx", "--method", _pick(rng, SAME_BASE_METHODS)]
+        elif not uses_data:
             args += ["--method", _pick(rng, ["weight", "average"])]
         if rng.random() < 0.3:
             args += ["--report", "report.json"]
         if rng.random() < 0.15:  # statistics shards that are no statistics file
             files["stats.npz"] = _pick(rng, [_sample("calib.npz"), rng.bytes(64), b""])
             args += ["--stats", "stats.npz"]
-    if rng.random() < 0.3 and command not in ("eval",):
+    if rng.random() < 0.3 and command not in ("eval", "run"):
         args += ["--bn", "fold"]
     case.args, case.files = args, files
     case.outputs = {a for flag, a in zip(args, args[1:]) if flag in ("-o", "--report")}
-    if command == "merge":
-        case.outputs.add("out.onnx.recipe.yaml")
+    if command in ("merge", "run"):
+        case.outputs |= {"out.onnx", "out.onnx.recipe.yaml", "report.json"} if command == "run" else \
+            {"out.onnx.recipe.yaml"}
     return case
+
+
+def _recipe(models: list[str], data: bool, rng: np.random.Generator) -> bytes:
+    """A recipe (docs/recipe.md) over the case's files, paths relative to its folder."""
+    lines = ["models:", *(f"- {name}" for name in models)]
+    if data:
+        lines += ["calibration: data.npz", "options:", "  max_samples: 32"]
+    else:
+        lines += [f"method: {_pick(rng, ['weight', 'average'])}"]
+    lines += ["output: out.onnx"] + (["report: report.json"] if rng.random() < 0.3 else [])
+    return ("\n".join(lines) + "\n").encode()
+
+
+def _mutate_recipe(data: bytes, rng: np.random.Generator) -> tuple[bytes, str]:
+    kind = _pick(rng, RECIPE_MUTATIONS)
+    text = data.decode()
+    if kind == "truncate":
+        return data[:int(rng.integers(len(data)))], kind
+    if kind == "flip":
+        return _flip(data, rng), kind
+    if kind == "output_is_input":
+        return text.replace("output: out.onnx", f"output: {_pick(rng, ['m0.onnx', 'recipe.yaml', 'data.npz'])}") \
+            .encode(), kind
+    if kind == "bad_value":
+        key = _pick(rng, ["method: zip", "heads: everything", "align: [1, 2]", "parameters: {alpha: fast}",
+                          "options: {batch_size: -3}", "stats: [m0.onnx]", "models: {a: 1}", "unknown: 1",
+                          "calibration: {path: 3}", "seed: 1e999"])
+        return (text + key + "\n").encode(), kind
+    if kind == "sha256":
+        return text.replace("- m0.onnx", "- path: m0.onnx\n  sha256: " + "0" * 64).encode(), kind
+    return b"models: [" + rng.bytes(20) + b"\n", kind
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -328,4 +370,4 @@ def test_cases_are_deterministic_and_cover_every_command_and_mutation():
     assert [c.args for c in cases[:20]] == [make_case(seed).args for seed in range(20)]
     assert {c.args[0] for c in cases[:FAST_CASES]} == set(COMMANDS)
     kinds = {what.rsplit(": ", 1)[1] for c in cases for what in c.what}
-    assert set(MODEL_MUTATIONS) | set(DATA_MUTATIONS) <= kinds
+    assert set(MODEL_MUTATIONS) | set(DATA_MUTATIONS) | set(RECIPE_MUTATIONS) <= kinds
