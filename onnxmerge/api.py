@@ -455,6 +455,9 @@ def _cores(sources: list[Source], options: MergeOptions) -> tuple[list[tuple[str
     """Each model's canonical core (post-processing split off) with its name, the
     post-processing, and the BatchNormalization mode used: ``keep`` turns into ``fold`` when
     some models have BN nodes and others have it folded (exporters differ), so that they line up."""
+    for source in sources:  # before canonicalisation folds them, under the file's own names
+        with about(source.name):
+            check_finite_parameters(source.model)
     models = common_opset([(s.name, _copy(s.model)) for s in sources])
     models = [_with_input_layout(s, model, options.input_layout) for s, model in zip(sources, models)]
     analysed, bn = _split_all(models, options.bn), options.bn

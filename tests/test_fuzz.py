@@ -39,8 +39,11 @@ COMMANDS = ("inspect", "permute", "widen", "deepen", "merge", "calibrate", "alig
 SAME_BASE_METHODS = ("task-arithmetic", "ties", "dare", "slerp", "linear", "regmean")
 MODEL_MUTATIONS = ("truncate", "flip", "drop_node", "rename_tensor", "initializer_dims", "input_dims",
                    "initializer_dtype", "input_dtype", "attribute", "drop_attribute", "nonfinite", "opset",
-                   "duplicate_name", "drop_output", "shuffle_nodes", "drop_initializer")
-DATA_MUTATIONS = ("dtype", "shape", "nan", "truncate", "rename", "empty", "garbage", "labels")
+                   "duplicate_name", "drop_output", "shuffle_nodes", "drop_initializer",
+                   # valid models that stress the analysis rather than the loader
+                   "zero_weights", "copy_channels", "scale_weights", "swap_activation", "extra_output",
+                   "rename_everywhere", "fixed_batch", "insert_identity")
+DATA_MUTATIONS = ("dtype", "shape", "nan", "truncate", "rename", "empty", "garbage", "labels", "constant", "scale")
 RECIPE_MUTATIONS = ("truncate", "flip", "output_is_input", "bad_value", "sha256", "garbage")
 _BYTES: dict[str, bytes] = {}
 
@@ -152,6 +155,45 @@ def _mutate_model(data: bytes, rng: np.random.Generator) -> tuple[bytes, str]:
         graph.node.extend(copies)
     elif kind == "drop_initializer":
         graph.initializer.remove(_pick(rng, list(graph.initializer)))
+    elif kind in ("zero_weights", "copy_channels", "scale_weights"):
+        init = _pick(rng, [i for i in graph.initializer if i.data_type == TensorProto.FLOAT and i.dims])
+        values = numpy_helper.to_array(init).copy()
+        if kind == "zero_weights":  # dead channels, or a whole dead layer
+            values[:max(1, len(values) // int(rng.integers(1, 4)))] = 0
+        elif kind == "copy_channels":  # exact duplicates: zero-variance differences, singular correlations
+            values[1:] = values[0]
+        else:
+            values *= float(_pick(rng, [1e-30, 1e-8, 1e8, 1e30, -1.0]))
+        init.CopyFrom(numpy_helper.from_array(values.astype(np.float32), init.name))
+    elif kind == "swap_activation":
+        relus = [n for n in nodes if n.op_type == "Relu"] or [node]
+        _pick(rng, relus).op_type = _pick(rng, ["Sigmoid", "Tanh", "Abs", "Softplus", "Sin", "Erf", "Neg", "Exp"])
+    elif kind == "extra_output":
+        tensor = _pick(rng, [t for n in nodes for t in n.output])
+        graph.output.append(onnx.ValueInfoProto(name=tensor))
+    elif kind == "rename_everywhere":
+        old = _pick(rng, [t for n in nodes for t in n.output] + [graph.input[0].name])
+        new = _pick(rng, ["renamed", "x/../..", "名前", "a:b", " "])
+        for n in nodes:
+            for names in (n.input, n.output):
+                for k, name in enumerate(names):
+                    if name == old:
+                        names[k] = new
+        for info in list(graph.input) + list(graph.output) + list(graph.value_info):
+            if info.name == old:
+                info.name = new
+    elif kind == "fixed_batch":
+        graph.input[0].type.tensor_type.shape.dim[0].dim_value = int(_pick(rng, [1, 7, 64]))
+    elif kind == "insert_identity":
+        tensor = node.output[0]
+        for n in nodes:
+            for k, name in enumerate(n.input):
+                if name == tensor:
+                    n.input[k] = tensor + "_id"
+        for info in graph.output:
+            if info.name == tensor:
+                info.name = tensor + "_id"
+        graph.node.append(helper.make_node(_pick(rng, ["Identity", "Dropout"]), [tensor], [tensor + "_id"]))
     return model.SerializeToString(), kind
 
 
@@ -186,6 +228,10 @@ def _mutate_data(data: bytes, rng: np.random.Generator) -> tuple[bytes, str]:
             arrays["extra"] = x[:3]
     elif kind == "empty":
         arrays["input"] = x[:0]
+    elif kind == "constant":  # no feature varies: zero variance everywhere
+        arrays["input"] = np.full_like(x, float(_pick(rng, [0.0, 1.0, -3.0])))
+    elif kind == "scale":
+        arrays["input"] = x * np.float32(_pick(rng, [1e-30, 1e-6, 1e6, 1e30]))
     elif kind == "labels":
         count = len(x)
         arrays["y"] = _pick(rng, [np.full(count, 99), -np.ones(count, np.int64), np.zeros(count + 3, np.int64),

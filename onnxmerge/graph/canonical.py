@@ -215,8 +215,10 @@ def canonicalize(model: onnx.ModelProto, *, bn: str = "keep") -> onnx.ModelProto
     source = with_layer_norm_opset(infer_shapes(_constant_initializers(model)))
     proto = source
     passes = PASSES + ((fold_batch_norm,) if bn == "fold" else ())
-    # graphsurgeon warns about every non-tensor value (skl2onnx's ZipMap maps); they are fine
-    with G_LOGGER.suppress(G_LOGGER.ERROR):
+    # graphsurgeon warns about every non-tensor value (skl2onnx's ZipMap maps); they are fine.
+    # Folding huge or non-finite weights overflows quietly: merges refuse what results
+    # (check_finite_parameters), and a function-preserving rewrite carries it along.
+    with G_LOGGER.suppress(G_LOGGER.ERROR), np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         for _ in range(MAX_ROUNDS):
             # passes read inferred shapes (gs folds Shape ops only where they are known), and a
             # round's rewrites can make more shapes known: infer again between rounds
