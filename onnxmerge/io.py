@@ -12,7 +12,10 @@ from __future__ import annotations
 import hashlib
 import heapq
 import os
+import struct
 import tempfile
+import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import BinaryIO
 
@@ -36,6 +39,10 @@ ALIGNMENT = 1 << 16
 MIN_OPSET = 7
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 _HASH_CHUNK = 1 << 20
+# What numpy raises reading a cut or corrupt .npy/.npz: the zip, zlib and header layers, and
+# sizes a corrupt header makes up. Readers of data files turn them into one error line.
+DATA_READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error,
+                    NotImplementedError, struct.error, MemoryError, OverflowError)
 _MESSAGE_DETAIL = 200
 
 
@@ -117,7 +124,41 @@ def _read_model_proto(name: str) -> onnx.ModelProto:
     if model.ir_version <= 0 or not model.HasField("graph"):
         raise InvalidModelError(f"{name}: not an ONNX model (no IR version or no graph); "
                                 "check the file is a complete .onnx export")
+    where = _not_utf8(model)
+    if where is not None:
+        raise InvalidModelError(f"{name}: not an ONNX model (the string field {where} is not UTF-8 text); "
+                                "check the file is a complete, uncorrupted .onnx export")
     return model
+
+
+def _not_utf8(message) -> str | None:
+    """The first string field of a parsed message that is not UTF-8 text (``NodeProto.name``),
+    or None. Protobuf decodes strings only when read (as bytes, or raising, when they are not
+    text), so a corrupt byte would otherwise surface anywhere later; bytes fields (tensor data)
+    are not read."""
+    for field in message.DESCRIPTOR.fields:
+        if field.type == field.TYPE_STRING:
+            try:
+                value = getattr(message, field.name)
+                values = list(value) if _repeated(field) else [value]
+            except UnicodeDecodeError:
+                values = [b""]
+            if any(isinstance(v, bytes) for v in values):
+                return f"{message.DESCRIPTOR.name}.{field.name}"
+        elif field.type == field.TYPE_MESSAGE:
+            children = getattr(message, field.name) if _repeated(field) else (
+                [getattr(message, field.name)] if message.HasField(field.name) else [])
+            for child in children:
+                where = _not_utf8(child)
+                if where is not None:
+                    return where
+    return None
+
+
+def _repeated(field) -> bool:
+    # protobuf 6 has is_repeated and dropped label; older versions have only label
+    repeated = getattr(field, "is_repeated", None)
+    return field.label == field.LABEL_REPEATED if repeated is None else bool(repeated)
 
 
 def _check_versions(name: str, model: onnx.ModelProto) -> None:

@@ -14,8 +14,6 @@ Per-task accuracy: on the samples of task i, argmax within head i. Average: mean
 from __future__ import annotations
 
 import os
-import zipfile
-import zlib
 from collections.abc import Mapping
 
 import numpy as np
@@ -23,6 +21,7 @@ import onnx
 from scipy.special import log_softmax
 
 from .calib.capture import open_session
+from .io import DATA_READ_ERRORS
 from .errors import CalibrationError, RecipeError
 
 
@@ -56,7 +55,7 @@ def load_test_data(path: str | os.PathLike | Mapping, labels_key: str = "y") -> 
         try:
             with np.load(path) as data:
                 arrays = {key: data[key] for key in data.files}
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:  # a cut or corrupt file
+        except DATA_READ_ERRORS as error:  # a cut or corrupt file
             raise CalibrationError(f"{path}: cannot read test data ({' '.join(str(error).split())}); "
                                    "give an .npz file") from error
     if labels_key not in arrays:

@@ -13,6 +13,7 @@ A written model loads again. ``FAST_CASES`` run by default (about 30 s on one co
 from __future__ import annotations
 
 import hashlib
+import os
 import io
 import tempfile
 import time
@@ -31,7 +32,7 @@ from onnxmerge.io import load_model
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples" / "digits"
 FAST_CASES = 240
-SLOW_CASES = 500
+SLOW_CASES = int(os.environ.get("ONNXMERGE_FUZZ_CASES", "500"))  # the slow run: at least 500
 # merge / align pairs (of one design; the deep and wide ones differ in depth or width)
 PAIRS = [("resnet_a", "resnet_b"), ("vgg_a", "vgg_b"), ("resnet_a_deep", "resnet_b"),
          ("resnet_a", "resnet_b_wide"), ("vgg_a_deep", "vgg_b")]
@@ -170,7 +171,7 @@ def _mutate_model(data: bytes, rng: np.random.Generator) -> tuple[bytes, str]:
         _pick(rng, relus).op_type = _pick(rng, ["Sigmoid", "Tanh", "Abs", "Softplus", "Sin", "Erf", "Neg", "Exp"])
     elif kind == "extra_output":
         tensor = _pick(rng, [t for n in nodes for t in n.output])
-        graph.output.append(onnx.ValueInfoProto(name=tensor))
+        graph.output.append(helper.make_tensor_value_info(tensor, TensorProto.FLOAT, None))
     elif kind == "rename_everywhere":
         old = _pick(rng, [t for n in nodes for t in n.output] + [graph.input[0].name])
         new = _pick(rng, ["renamed", "x/../..", "名前", "a:b", " "])
@@ -332,7 +333,7 @@ def _mutate_recipe(data: bytes, rng: np.random.Generator) -> tuple[bytes, str]:
                           "calibration: {path: 3}", "seed: 1e999"])
         return (text + key + "\n").encode(), kind
     if kind == "sha256":
-        return text.replace("- m0.onnx", "- path: m0.onnx\n  sha256: " + "0" * 64).encode(), kind
+        return text.replace("- m0.onnx", "- path: m0.onnx\n  sha256: '" + "0" * 64 + "'").encode(), kind
     return b"models: [" + rng.bytes(20) + b"\n", kind
 
 

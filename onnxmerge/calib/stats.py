@@ -19,14 +19,13 @@ multiplies in float32 (faster; see ``update``): entries then carry a relative er
 from __future__ import annotations
 
 import json
-import zipfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import CalibrationError
+from ..io import DATA_READ_ERRORS
 from ..io import write_atomically
 
 DEAD_RTOL = 1e-10
@@ -259,7 +258,7 @@ def load_stats(path: str | Path) -> tuple[dict[str, SpaceStats], dict[str, str]]
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+    except DATA_READ_ERRORS as error:
         raise CalibrationError(f"{path}: cannot read statistics ({error}); "
                                "give a file written by onnxmerge calibrate") from error
     if str(arrays.get(_FORMAT_KEY, "")) != _FORMAT:
