@@ -319,7 +319,7 @@ def _merge_prepared(sources: list[Source], prepared: _Prepared, stats: list[str]
     parameters = merged_trunk_parameters(members, split, matchings, combine)
     merged = assemble(members, split, matchings, parameters, heads=options.heads)
     resize_constants(merged, members[0].graph, reference_widths(members[0], matchings))
-    merged, repair, repaired = _repair(merged, members, split, matchings, calib, options, warn=not method.same_base)
+    merged, repair, repaired = _repair(merged, members, split, matchings, calib, options, method.same_base)
     _attach_postprocessing(merged, members, prepared.post, options.heads)
     merged = infer_shapes(merged)
     _lap(timings, "rewrite", clock)
@@ -755,12 +755,14 @@ def _match_features(reference: Member, unit: CaptureUnit, corr: np.ndarray, widt
 
 
 def _repair(merged: onnx.ModelProto, members: list[Member], split, matchings, calib,
-            options: MergeOptions, warn: bool = True) -> tuple[onnx.ModelProto, str, list[str]]:
+            options: MergeOptions, same_base: bool = False) -> tuple[onnx.ModelProto, str, list[str]]:
     """BN reset or REPAIR of the merged model, as ``options.repair`` says (method.md §7); the
-    report's line about it and the tensors REPAIR corrected. ``warn``: say that a merge with
-    no calibration data is not repaired (same-base merges are usually not)."""
+    report's line about it and the tensors REPAIR corrected. A same-base merge (fine-tunes in
+    one basin, as the literature merges them) is repaired only when asked."""
     if options.repair not in REPAIRS:
         raise RecipeError(f"unknown --repair {options.repair!r}; use one of {', '.join(REPAIRS)}")
+    if same_base and options.repair == "auto":
+        return merged, "none (same-base method; --repair reset or repair to repair)", []
     has_bn = any(n.op_type == "BatchNormalization" for n in merged.graph.node)
     mode = options.repair if options.repair != "auto" else ("reset" if has_bn else "repair")
     if mode == "none":
@@ -768,10 +770,9 @@ def _repair(merged: onnx.ModelProto, members: list[Member], split, matchings, ca
     if calib is None:
         if options.repair != "auto":
             raise RecipeError(f"--repair {mode} needs calibration data (--calib)")
-        if warn:
-            log.warning("no calibration data, so the merged model is not repaired (%s) and its accuracy may "
-                        "collapse; pass --calib DATA (a few hundred inputs), or --repair none to silence this",
-                        "BN reset" if mode == "reset" else "REPAIR")
+        log.warning("no calibration data, so the merged model is not repaired (%s) and its accuracy may "
+                    "collapse; pass --calib DATA (a few hundred inputs), or --repair none to silence this",
+                    "BN reset" if mode == "reset" else "REPAIR")
         return merged, "none (no calibration data)", []
     if mode == "reset" and not has_bn:
         raise RecipeError("--repair reset needs BatchNormalization nodes; use --repair repair for BN-free models")
