@@ -1,29 +1,42 @@
 """The ``onnxmerge`` command. Parses arguments, calls ``api``, renders results.
 
-Results go to stdout, logs to stderr. An ``OnnxMergeError`` prints ``onnxmerge: error: ...``
-and exits 1; usage errors exit 2; anything else is a bug and keeps its traceback.
+Results go to stdout, logs to stderr. Exit codes: 0 success; 1 an ``OnnxMergeError`` (bad input
+or option), printed as one line ``onnxmerge: error: ...``; 2 a usage error (argparse); 70 any
+other exception, a bug, printed as one line (the traceback with ``-v``); 130 interrupted
+(SIGINT, Ctrl-C); 143 terminated (SIGTERM). Output files are written atomically, so an
+interrupted command leaves none, complete or partial, and no temporary file.
+
+The pipeline (``api`` and what it imports: onnx, onnxruntime, scipy) is imported inside the
+command functions, so that ``--help``, ``--version`` and usage errors answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import signal
 import sys
+import threading
+import traceback
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-from . import __version__, api, inspection
+from . import __version__
+from .choices import ALIGNMENTS, BN_MODES, HEADS, METHODS, MIN_SAMPLES, PROVIDERS, REPAIRS
 from .errors import OnnxMergeError
-from .graph.canonical import BN_MODES
-from .calib.capture import PROVIDERS
-from .calib.data import MIN_SAMPLES
-from .calib.stats import save_stats
-from .io import check_writable, save_model
-from .match import METHODS
-from .depth import ALIGNMENTS
-from .depth import describe as describe_alignment
-from .report import plot_alignment, render_alignment, write_json
-from .rewrite.heads import HEADS
-from .rewrite.repair import REPAIRS
+
+if TYPE_CHECKING:
+    from .api import MergeOptions
+
+EXIT_ERROR, EXIT_BUG, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 70, 128 + signal.SIGINT, 128 + signal.SIGTERM
+
+
+class Terminated(BaseException):
+    """Raised by SIGTERM while a command runs, as SIGINT raises ``KeyboardInterrupt``: the
+    ``finally`` blocks that remove temporary files run. A BaseException, so that no
+    ``except Exception`` on the way swallows it."""
 
 
 def _common_options() -> argparse.ArgumentParser:
@@ -41,6 +54,7 @@ def _graph_options() -> argparse.ArgumentParser:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Show a model's inputs, outputs, ops, feature spaces and barriers."""
+    from . import api, inspection
     report = api.inspect(args.model, bn=args.bn)
     print(json.dumps(report, indent=2) if args.json else inspection.render(report))
     if args.strict and report["barriers"]:
@@ -52,6 +66,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def _rewritten(args: argparse.Namespace, rewrite) -> int:
     """Write ``rewrite()``'s model to ``--output`` (checked writable before the work)."""
+    from .io import check_writable, save_model
     check_writable(args.output, "model", [args.model])
     save_model(rewrite(), args.output)
     print(f"wrote {args.output}")
@@ -60,6 +75,7 @@ def _rewritten(args: argparse.Namespace, rewrite) -> int:
 
 def cmd_permute(args: argparse.Namespace) -> int:
     """Randomly permute every free feature space; the outputs stay the same."""
+    from . import api
     return _rewritten(args, lambda: api.permute(api.load(args.model), seed=args.seed, bn=args.bn))
 
 
@@ -126,16 +142,22 @@ def _multiple(text: str) -> float | str:
 
 def cmd_widen(args: argparse.Namespace) -> int:
     """Widen every free space by duplicating channels (Net2Net); the outputs stay the same."""
+    from . import api
     return _rewritten(args, lambda: api.widen(api.load(args.model), factor=args.factor, seed=args.seed, bn=args.bn))
 
 
 def cmd_deepen(args: argparse.Namespace) -> int:
     """Insert identity blocks at random positions of the model's stages; the outputs stay the same."""
+    from . import api
     return _rewritten(args, lambda: api.deepen(api.load(args.model), blocks=args.blocks, seed=args.seed, bn=args.bn))
 
 
 def cmd_align(args: argparse.Namespace) -> int:
     """Align the blocks of models of different depths onto the deepest, stage by stage (CKA)."""
+    from . import api
+    from .depth import describe as describe_alignment
+    from .io import check_writable
+    from .report import plot_alignment, render_alignment
     if args.plot:
         check_writable(args.plot, "plot", [*args.models, args.calib])
     alignment = api.align(args.models, args.calib, _options(args))
@@ -151,7 +173,8 @@ def cmd_align(args: argparse.Namespace) -> int:
     return 0
 
 
-def _options(args: argparse.Namespace) -> api.MergeOptions:
+def _options(args: argparse.Namespace) -> MergeOptions:
+    from . import api
     fields = api.MergeOptions.__dataclass_fields__
     values = {name: getattr(args, name) for name in fields if hasattr(args, name)}
     values["input_layout"] = tuple(values.get("input_layout") or ())
@@ -160,6 +183,9 @@ def _options(args: argparse.Namespace) -> api.MergeOptions:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     """Merge two or more models of one design (widths and depths may differ) into one ONNX model."""
+    from . import api
+    from .io import check_writable, save_model
+    from .report import write_json
     inputs = [*args.models, args.calib, *(args.stats or [])]
     check_writable(args.output, "merged model", inputs)
     if args.report:
@@ -182,6 +208,9 @@ def _identities(alignment: dict) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """Compute the statistics a merge needs and save them (combine shards with merge --stats)."""
+    from . import api
+    from .calib.stats import save_stats
+    from .io import check_writable
     if not args.calib:
         raise OnnxMergeError("calibrate needs --calib DATA")
     check_writable(args.output, "statistics", [*args.models, args.calib])
@@ -193,6 +222,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Accuracy of models (joint, per task, average); --ensemble scores their output ensemble."""
+    from . import api
     results = api.evaluate(args.models, args.data, labels=args.labels, tasks=args.tasks,
                            ensemble=args.ensemble, provider=args.provider)
     if args.json:
@@ -239,9 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("models", nargs="+", help="ONNX files; the first is the reference graph")
     merge.add_argument("-o", "--output", required=True, help="merged ONNX file")
     merge.add_argument("--stats", nargs="+", metavar="FILE", help="statistics from onnxmerge calibrate (shards add up)")
-    merge.add_argument("--method", choices=[m.name for m in METHODS],
+    merge.add_argument("--method", choices=list(METHODS),
                        help="default: zip with --calib/--stats, weight without; "
-                            + "; ".join(f"{m.name}: {m.summary}" for m in METHODS))
+                            + "; ".join(f"{name}: {summary}" for name, summary in METHODS.items()))
     merge.add_argument("--alpha", type=float, default=0.5, help="zip: correlation decay of joined clusters (0.5)")
     merge.add_argument("--beta", type=float, default=1.0, help="zip: scale of within-model merge budgets (1.0)")
     merge.add_argument("--width", type=_multiple, metavar="Fx|min",
@@ -296,10 +326,43 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2), format="%(levelname)s %(name)s: %(message)s")
     try:
-        return args.run(args)
+        with _sigterm_raises():
+            return args.run(args)
     except OnnxMergeError as error:
         print(f"onnxmerge: error: {error}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("onnxmerge: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Terminated:
+        print("onnxmerge: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
+    except Exception as error:  # the last resort: anything else is a bug in onnxmerge
+        if args.verbose:
+            traceback.print_exc()
+        detail = " ".join(str(error).split())
+        print(f"onnxmerge: internal error in {args.command}: {type(error).__name__}"
+              f"{': ' + detail if detail else ''}; this is a bug: please report it with this model and command"
+              f"{'' if args.verbose else ' (-v shows the traceback)'}", file=sys.stderr)
+        return EXIT_BUG
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While the body runs, SIGTERM raises ``Terminated`` (in the main thread; elsewhere Python
+    cannot set handlers and the signal keeps its own); the previous handler comes back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_terminated(signum: int, frame) -> None:
+    raise Terminated
 
 
 if __name__ == "__main__":

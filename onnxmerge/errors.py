@@ -24,3 +24,7 @@ class CalibrationError(OnnxMergeError):
 
 class RecipeError(OnnxMergeError):
     """Options or a recipe are inconsistent."""
+
+
+class MissingDependencyError(OnnxMergeError):
+    """A package onnxmerge needs for this step is not installed; the message says what to install."""

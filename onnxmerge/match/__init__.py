@@ -1,7 +1,9 @@
 """Merge-method registry: every method ``--method`` accepts, its parameters and capabilities.
 
-``METHODS`` is the one explicit list; the CLI's choices, recipe validation and the tests read
-it. Adding a method = one function, one parameter dataclass and one entry here.
+``METHODS`` is the one explicit list; recipe validation and the tests read it. Its names and
+summaries come from ``choices.METHODS``, which the CLI reads without importing the methods.
+Adding a method = one function, one parameter dataclass, one entry here and its name and
+summary there.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Callable
 
+from ..choices import METHODS as SUMMARIES
 from ..errors import OnnxMergeError
 from .permute import NoParams, average, permute
 from .weight import WeightParams, match_weights
@@ -46,16 +49,16 @@ class MatchMethod:
 
 
 METHODS: tuple[MatchMethod, ...] = (
-    MatchMethod("zip", "elastic zipping of correlated features, within and across models",
+    MatchMethod("zip", SUMMARIES["zip"],
                 "Stoica et al. 2023 (ZipIt!); Xu et al. 2024 (Training-free Heterogeneous Model Merging)",
                 ZipParams, needs_calibration=True, unequal_widths=True, function=zip_clusters),
-    MatchMethod("permute", "one-to-one activation matching (Hungarian on correlation)",
+    MatchMethod("permute", SUMMARIES["permute"],
                 "Ainsworth et al. 2022 (Git Re-Basin, activation matching)",
                 NoParams, needs_calibration=True, unequal_widths=False, function=permute),
-    MatchMethod("weight", "data-free weight matching by coordinate descent (used without --calib)",
+    MatchMethod("weight", SUMMARIES["weight"],
                 "Ainsworth et al. 2022 (Git Re-Basin, weight matching)",
                 WeightParams, needs_calibration=False, unequal_widths=False, function=match_weights, graph_level=True),
-    MatchMethod("average", "plain weight averaging, no matching", "Wortsman et al. 2022",
+    MatchMethod("average", SUMMARIES["average"], "Wortsman et al. 2022",
                 NoParams, needs_calibration=False, unequal_widths=False, function=average),
 )
 
