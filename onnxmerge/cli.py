@@ -3,7 +3,8 @@
 Results go to stdout, logs to stderr. Exit codes: 0 success; 1 an ``OnnxMergeError`` (bad input
 or option), printed as one line ``onnxmerge: error: ...``; 2 a usage error (argparse); 70 any
 other exception, a bug, printed as one line (the traceback with ``-v``); 130 interrupted
-(SIGINT, Ctrl-C); 143 terminated (SIGTERM). Output files are written atomically, so an
+(SIGINT, Ctrl-C); 143 terminated (SIGTERM); 141, silently, when the reader of stdout went away
+(``| head``), as for a tool that SIGPIPE ends. Output files are written atomically, so an
 interrupted command leaves none, complete or partial, and no temporary file.
 
 The pipeline (``api`` and what it imports: onnx, onnxruntime, scipy) is imported inside the
@@ -16,6 +17,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -30,7 +32,8 @@ from .errors import OnnxMergeError
 if TYPE_CHECKING:
     from .api import MergeOptions
 
-EXIT_ERROR, EXIT_BUG, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 70, 128 + signal.SIGINT, 128 + signal.SIGTERM
+EXIT_ERROR, EXIT_BUG = 1, 70
+EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_BROKEN_PIPE = 128 + signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.SIGPIPE
 
 
 class Terminated(BaseException):
@@ -327,7 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2), format="%(levelname)s %(name)s: %(message)s")
     try:
         with _sigterm_raises():
-            return args.run(args)
+            status = args.run(args)
+            sys.stdout.flush()  # a reader that went away (| head) shows here, not at exit
+            return status
     except OnnxMergeError as error:
         print(f"onnxmerge: error: {error}", file=sys.stderr)
         return EXIT_ERROR
@@ -337,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated:
         print("onnxmerge: terminated", file=sys.stderr)
         return EXIT_TERMINATED
+    except BrokenPipeError:
+        _stdout_to_devnull()
+        return EXIT_BROKEN_PIPE
     except Exception as error:  # the last resort: anything else is a bug in onnxmerge
         if args.verbose:
             traceback.print_exc()
@@ -363,6 +371,14 @@ def _sigterm_raises() -> Iterator[None]:
 
 def _raise_terminated(signum: int, frame) -> None:
     raise Terminated
+
+
+def _stdout_to_devnull() -> None:
+    """Point stdout at the null device, so that the interpreter's last flush does not fail again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is no file (in tests): nothing is flushed to a pipe
+        pass
 
 
 if __name__ == "__main__":

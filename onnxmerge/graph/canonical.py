@@ -308,8 +308,8 @@ def _symbolic() -> type | None:
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
     except ImportError as error:
-        log.warning("onnxruntime's symbolic shape inference is not available (%s): shapes that ONNX's own "
-                    "inference leaves unknown stay unknown; pip install sympy", error)
+        log.warning("onnxruntime's symbolic shape inference is not available (%s); shapes that ONNX's own "
+                    "inference leaves unknown stay unknown", error)
         return None
     return SymbolicShapeInference
 
