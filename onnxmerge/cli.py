@@ -328,49 +328,66 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2), format="%(levelname)s %(name)s: %(message)s")
+    signals: list[int] = []  # the signals received while the command ran
     try:
-        with _sigterm_raises():
+        with _signals_raise(signals):
             status = args.run(args)
             sys.stdout.flush()  # a reader that went away (| head) shows here, not at exit
             return status
-    except OnnxMergeError as error:
-        print(f"onnxmerge: error: {error}", file=sys.stderr)
-        return EXIT_ERROR
     except KeyboardInterrupt:
-        print("onnxmerge: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        signals.append(signal.SIGINT)
     except Terminated:
-        print("onnxmerge: terminated", file=sys.stderr)
-        return EXIT_TERMINATED
+        signals.append(signal.SIGTERM)
     except BrokenPipeError:
         _stdout_to_devnull()
         return EXIT_BROKEN_PIPE
-    except Exception as error:  # the last resort: anything else is a bug in onnxmerge
-        if args.verbose:
-            traceback.print_exc()
-        detail = " ".join(str(error).split())
-        print(f"onnxmerge: internal error in {args.command}: {type(error).__name__}"
-              f"{': ' + detail if detail else ''}; this is a bug: please report it with this model and command"
-              f"{'' if args.verbose else ' (-v shows the traceback)'}", file=sys.stderr)
-        return EXIT_BUG
+    except Exception as error:
+        # A signal that cuts an import short ends as an ImportError (onnxruntime's and numpy's
+        # extensions turn it into one): it still ends the command as the signal.
+        if not signals:
+            return _failed(args, error)
+    print(f"onnxmerge: {'interrupted' if signals[0] == signal.SIGINT else 'terminated'}", file=sys.stderr)
+    return 128 + signals[0]
+
+
+def _failed(args: argparse.Namespace, error: Exception) -> int:
+    """Print the one line for an exception that ended a command; return the exit code."""
+    if isinstance(error, OnnxMergeError):
+        print(f"onnxmerge: error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    # the last resort: anything else is a bug in onnxmerge
+    if args.verbose:
+        traceback.print_exception(error)
+    detail = " ".join(str(error).split())
+    print(f"onnxmerge: internal error in {args.command}: {type(error).__name__}"
+          f"{': ' + detail if detail else ''}; this is a bug: please report it with this model and command"
+          f"{'' if args.verbose else ' (-v shows the traceback)'}", file=sys.stderr)
+    return EXIT_BUG
 
 
 @contextlib.contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """While the body runs, SIGTERM raises ``Terminated`` (in the main thread; elsewhere Python
-    cannot set handlers and the signal keeps its own); the previous handler comes back after."""
+def _signals_raise(received: list[int]) -> Iterator[None]:
+    """While the body runs, SIGTERM raises ``Terminated`` and SIGINT ``KeyboardInterrupt`` (as
+    Python's default does; a SIGINT ignored or handled by the caller stays so), and each signal
+    is appended to ``received``. The previous handlers come back after. Outside the main thread
+    Python cannot set handlers, and the signals keep theirs."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+
+    def handler(signum: int, frame) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt if signum == signal.SIGINT else Terminated
+
+    handled = [signal.SIGTERM]
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        handled.append(signal.SIGINT)
+    previous = {signum: signal.signal(signum, handler) for signum in handled}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _raise_terminated(signum: int, frame) -> None:
-    raise Terminated
+        for signum, action in previous.items():
+            signal.signal(signum, action)
 
 
 def _stdout_to_devnull() -> None:
