@@ -5,7 +5,7 @@ or option), printed as one line ``onnxmerge: error: ...``; 2 a usage error (argp
 other exception, a bug, printed as one line (the traceback with ``-v``); 130 interrupted
 (SIGINT, Ctrl-C); 143 terminated (SIGTERM); 141, silently, when the reader of stdout went away
 (``| head``), as for a tool that SIGPIPE ends. Output files are written atomically, so an
-interrupted command leaves none, complete or partial, and no temporary file.
+interrupted command leaves no partial file and no temporary file.
 
 The pipeline (``api`` and what it imports: onnx, onnxruntime, scipy) is imported inside the
 command functions, so that ``--help``, ``--version`` and usage errors answer at once.
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from .api import MergeOptions
 
 EXIT_ERROR, EXIT_BUG = 1, 70
-EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_BROKEN_PIPE = 128 + signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.SIGPIPE
+EXIT_INTERRUPTED, EXIT_BROKEN_PIPE, EXIT_TERMINATED = 130, 141, 143  # 128 + SIGINT, SIGPIPE, SIGTERM as shells report
 
 
 class Terminated(BaseException):
@@ -333,7 +333,6 @@ def main(argv: list[str] | None = None) -> int:
         with _signals_raise(signals):
             status = args.run(args)
             sys.stdout.flush()  # a reader that went away (| head) shows here, not at exit
-            return status
     except KeyboardInterrupt:
         signals.append(signal.SIGINT)
     except Terminated:
@@ -342,12 +341,19 @@ def main(argv: list[str] | None = None) -> int:
         _stdout_to_devnull()
         return EXIT_BROKEN_PIPE
     except Exception as error:
-        # A signal that cuts an import short ends as an ImportError (onnxruntime's and numpy's
-        # extensions turn it into one): it still ends the command as the signal.
         if not signals:
             return _failed(args, error)
-    print(f"onnxmerge: {'interrupted' if signals[0] == signal.SIGINT else 'terminated'}", file=sys.stderr)
-    return 128 + signals[0]
+    else:
+        if not signals:
+            return status
+    # A signal whose exception became another on its way (the C extensions of onnxruntime, numpy
+    # and torch turn an interrupted import into an ImportError) or was swallowed (a best-effort
+    # step) still ends the command as that signal.
+    if signals[0] == signal.SIGINT:
+        print("onnxmerge: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print("onnxmerge: terminated", file=sys.stderr)
+    return EXIT_TERMINATED
 
 
 def _failed(args: argparse.Namespace, error: Exception) -> int:
