@@ -17,8 +17,9 @@ import numpy as np
 import onnx
 
 from . import __version__, inspection, tradeoff
+from .choices import MIN_SAMPLES, REPAIRS
 from .calib.capture import CaptureUnit, collect_statistics, plan_captures
-from .calib.data import MIN_SAMPLES, CalibrationSet, input_specs, load_calibration
+from .calib.data import CalibrationSet, input_specs, load_calibration
 from .calib.stats import combine_stats, load_stats
 from .depth import DepthAlignment, align_depths, lift_models, needs_alignment
 from .depth import describe as describe_alignment
@@ -45,7 +46,7 @@ from .rewrite.apply import transform_parameters
 from .rewrite.heads import split_trunk, weight_layers
 from .rewrite.lift import insert_identities
 from .rewrite.merge import Member, assemble, merged_trunk_parameters, reference_widths, resize_constants
-from .rewrite.repair import REPAIRS, insert_repair, repair_sources, repair_targets, reset_batch_norm, source_moments
+from .rewrite.repair import insert_repair, repair_sources, repair_targets, reset_batch_norm, source_moments
 from .rewrite.transform import Permutation
 from .rewrite.widen import widening
 from .samebase import check_fine_tunes, check_same_graph, combiner

@@ -1,31 +1,47 @@
 """The ``onnxmerge`` command. Parses arguments, calls ``api``, renders results.
 
-Results go to stdout, logs to stderr. An ``OnnxMergeError`` prints ``onnxmerge: error: ...``
-and exits 1; usage errors exit 2; anything else is a bug and keeps its traceback.
+Results go to stdout, logs to stderr. Exit codes: 0 success; 1 an ``OnnxMergeError`` (bad input
+or option), printed as one line ``onnxmerge: error: ...``; 2 a usage error (argparse); 70 any
+other exception, a bug, printed as one line (the traceback with ``-v``); 130 interrupted
+(SIGINT, Ctrl-C); 143 terminated (SIGTERM); 141, silently, when the reader of stdout went away
+(``| head``), as for a tool that SIGPIPE ends. Output files are written atomically, so an
+interrupted command leaves no partial file and no temporary file.
+
+The pipeline (``api`` and what it imports: onnx, onnxruntime, scipy) is imported inside the
+command functions, so that ``--help``, ``--version`` and usage errors answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
+import signal
 import sys
+import threading
+import traceback
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-from . import __version__, api, inspection
+from . import __version__
+from .choices import ALIGNMENTS, BN_MODES, HEADS, METHODS, MIN_SAMPLES, PARAMETERS, PROVIDERS, REPAIRS
 from .errors import OnnxMergeError
-from .graph.canonical import BN_MODES
-from .calib.capture import PROVIDERS
-from .calib.data import MIN_SAMPLES
-from .calib.stats import save_stats
-from .io import check_writable, save_model
-from .match import METHODS, parameters
 from .options import OPTION_NAMES, MergeOptions
 from .progress import set_quiet
-from .depth import ALIGNMENTS
-from .depth import describe as describe_alignment
-from .report import plot_alignment, render_alignment
-from .rewrite.heads import HEADS
-from .rewrite.repair import REPAIRS
+
+if TYPE_CHECKING:
+    from .api import MergeResult
+
+EXIT_ERROR, EXIT_BUG = 1, 70
+EXIT_INTERRUPTED, EXIT_BROKEN_PIPE, EXIT_TERMINATED = 130, 141, 143  # 128 + SIGINT, SIGPIPE, SIGTERM as shells report
+
+
+class Terminated(BaseException):
+    """Raised by SIGTERM while a command runs, as SIGINT raises ``KeyboardInterrupt``: the
+    ``finally`` blocks that remove temporary files run. A BaseException, so that no
+    ``except Exception`` on the way swallows it."""
 
 
 def _common_options() -> argparse.ArgumentParser:
@@ -46,6 +62,7 @@ def _graph_options() -> argparse.ArgumentParser:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Show a model's inputs, outputs, ops, feature spaces and barriers."""
+    from . import api, inspection
     report = api.inspect(args.model, bn=args.bn)
     print(json.dumps(report, indent=2) if args.json else inspection.render(report))
     if args.strict and report["barriers"]:
@@ -57,6 +74,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def _rewritten(args: argparse.Namespace, rewrite) -> int:
     """Write ``rewrite()``'s model to ``--output`` (checked writable before the work)."""
+    from .io import check_writable, save_model
     check_writable(args.output, "model", [args.model])
     save_model(rewrite(), args.output)
     print(f"wrote {args.output}")
@@ -65,6 +83,7 @@ def _rewritten(args: argparse.Namespace, rewrite) -> int:
 
 def cmd_permute(args: argparse.Namespace) -> int:
     """Randomly permute every free feature space; the outputs stay the same."""
+    from . import api
     return _rewritten(args, lambda: api.permute(api.load(args.model), seed=args.seed, bn=args.bn))
 
 
@@ -135,16 +154,22 @@ def _multiple(text: str) -> float | str:
 
 def cmd_widen(args: argparse.Namespace) -> int:
     """Widen every free space by duplicating channels (Net2Net); the outputs stay the same."""
+    from . import api
     return _rewritten(args, lambda: api.widen(api.load(args.model), factor=args.factor, seed=args.seed, bn=args.bn))
 
 
 def cmd_deepen(args: argparse.Namespace) -> int:
     """Insert identity blocks at random positions of the model's stages; the outputs stay the same."""
+    from . import api
     return _rewritten(args, lambda: api.deepen(api.load(args.model), blocks=args.blocks, seed=args.seed, bn=args.bn))
 
 
 def cmd_align(args: argparse.Namespace) -> int:
     """Align the blocks of models of different depths onto the deepest, stage by stage (CKA)."""
+    from . import api
+    from .depth import describe as describe_alignment
+    from .io import check_writable
+    from .report import plot_alignment, render_alignment
     if args.plot:
         check_writable(args.plot, "plot", [*args.models, args.calib])
     alignment = api.align(args.models, args.calib, options=_options(args))
@@ -169,6 +194,8 @@ def _options(args: argparse.Namespace) -> MergeOptions:
 def cmd_merge(args: argparse.Namespace) -> int:
     """Merge two or more models of one design (widths and depths may differ) into one ONNX model;
     its recipe goes to OUTPUT.recipe.yaml (re-run it with onnxmerge run)."""
+    from . import api
+    from .io import check_writable
     inputs = [*args.models, args.base, args.calib, *(args.stats or [])]
     outputs = [("merged model", args.output), ("recipe", api.recipe_path(args.output))]
     if args.report:
@@ -183,12 +210,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """Run a recipe (YAML: models, calibration, method, parameters, outputs; docs/recipe.md), such
     as the OUTPUT.recipe.yaml a merge writes: the same files give the same model, byte for byte."""
+    from . import api
     result = api.run(args.recipe)
     _print_merge(result, [path for path in (result.recipe.output, result.recipe.report) if path])
     return 0
 
 
-def _print_merge(result: api.MergeResult, written: list[str]) -> None:
+def _print_merge(result: MergeResult, written: list[str]) -> None:
     report = result.report
     alignment = report.get("alignment")
     lifted = "" if alignment is None else (
@@ -204,6 +232,9 @@ def _identities(alignment: dict) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """Compute the statistics a merge needs and save them (combine shards with merge --stats)."""
+    from . import api
+    from .calib.stats import save_stats
+    from .io import check_writable
     if not args.calib:
         raise OnnxMergeError("calibrate needs --calib DATA")
     check_writable(args.output, "statistics", [*args.models, args.calib])
@@ -215,6 +246,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Accuracy of models (joint, per task, average); --ensemble scores their output ensemble."""
+    from . import api
     results = api.evaluate(args.models, args.data, labels=args.labels, tasks=args.tasks,
                            ensemble=args.ensemble, provider=args.provider)
     if args.json:
@@ -238,19 +270,17 @@ def _rewrite_command(commands, graph: argparse.ArgumentParser, run, written: str
 
 
 def _method_parameters(parser: argparse.ArgumentParser) -> None:
-    """One flag per method parameter of the registry (match/__init__.py ``parameters``)."""
+    """One flag per method parameter (choices.PARAMETERS, the registry's parameter fields)."""
     group = parser.add_argument_group("method parameters")
-    for parameter in parameters():
-        flag = "--" + parameter.name.replace("_", "-")
-        described = parameter.help
-        if parameter.choices:
-            group.add_argument(flag, choices=parameter.choices, default=parameter.default,
-                               help=f"{described} (default {parameter.default})")
-        elif parameter.default is None:  # a list, one value per model
+    for name, (default, text, methods, allowed) in PARAMETERS.items():
+        flag = "--" + name.replace("_", "-")
+        described = f"{'/'.join(methods)}: {text}"
+        if allowed:
+            group.add_argument(flag, choices=allowed, default=default, help=f"{described} (default {default})")
+        elif default is None:  # a list, one value per model
             group.add_argument(flag, type=float, nargs="+", metavar="W", help=described)
         else:
-            group.add_argument(flag, type=type(parameter.default), default=parameter.default,
-                               help=f"{described} (default {parameter.default})")
+            group.add_argument(flag, type=type(default), default=default, help=f"{described} (default {default})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -277,9 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("models", nargs="+", help="ONNX files; the first is the reference graph")
     merge.add_argument("-o", "--output", required=True, help="merged ONNX file")
     merge.add_argument("--stats", nargs="+", metavar="FILE", help="statistics from onnxmerge calibrate (shards add up)")
-    merge.add_argument("--method", choices=[m.name for m in METHODS],
+    merge.add_argument("--method", choices=list(METHODS),
                        help="default: task-arithmetic with --base, else zip with --calib/--stats, else weight; "
-                            + "; ".join(f"{m.name}: {m.summary}" for m in METHODS))
+                            + "; ".join(f"{name}: {summary}" for name, summary in METHODS.items()))
     merge.add_argument("--base", metavar="BASE.onnx",
                        help="the pre-trained model the MODELS were fine-tuned from: the same-base methods "
                             "(task-arithmetic, ties, dare) add their task vectors (MODEL - BASE) to it; "
@@ -338,11 +368,80 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2), format="%(levelname)s %(name)s: %(message)s")
     set_quiet(args.quiet)
+    signals: list[int] = []  # the signals received while the command ran
     try:
-        return args.run(args)
-    except OnnxMergeError as error:
+        with _signals_raise(signals):
+            status = args.run(args)
+            sys.stdout.flush()  # a reader that went away (| head) shows here, not at exit
+    except KeyboardInterrupt:
+        signals.append(signal.SIGINT)
+    except Terminated:
+        signals.append(signal.SIGTERM)
+    except BrokenPipeError:
+        _stdout_to_devnull()
+        return EXIT_BROKEN_PIPE
+    except Exception as error:
+        if not signals:
+            return _failed(args, error)
+    else:
+        if not signals:
+            return status
+    # A signal whose exception became another on its way (the C extensions of onnxruntime, numpy
+    # and torch turn an interrupted import into an ImportError) or was swallowed (a best-effort
+    # step) still ends the command as that signal.
+    if signals[0] == signal.SIGINT:
+        print("onnxmerge: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print("onnxmerge: terminated", file=sys.stderr)
+    return EXIT_TERMINATED
+
+
+def _failed(args: argparse.Namespace, error: Exception) -> int:
+    """Print the one line for an exception that ended a command; return the exit code."""
+    if isinstance(error, OnnxMergeError):
         print(f"onnxmerge: error: {error}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
+    # the last resort: anything else is a bug in onnxmerge
+    if args.verbose:
+        traceback.print_exception(error)
+    detail = " ".join(str(error).split())
+    print(f"onnxmerge: internal error in {args.command}: {type(error).__name__}"
+          f"{': ' + detail if detail else ''}; this is a bug: please report it with this model and command"
+          f"{'' if args.verbose else ' (-v shows the traceback)'}", file=sys.stderr)
+    return EXIT_BUG
+
+
+@contextlib.contextmanager
+def _signals_raise(received: list[int]) -> Iterator[None]:
+    """While the body runs, SIGTERM raises ``Terminated`` and SIGINT ``KeyboardInterrupt`` (as
+    Python's default does; a SIGINT ignored or handled by the caller stays so), and each signal
+    is appended to ``received``. The previous handlers come back after. Outside the main thread
+    Python cannot set handlers, and the signals keep theirs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt if signum == signal.SIGINT else Terminated
+
+    handled = [signal.SIGTERM]
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        handled.append(signal.SIGINT)
+    previous = {signum: signal.signal(signum, handler) for signum in handled}
+    try:
+        yield
+    finally:
+        for signum, action in previous.items():
+            signal.signal(signum, action)
+
+
+def _stdout_to_devnull() -> None:
+    """Point stdout at the null device, so that the interpreter's last flush does not fail again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is no file (in tests): nothing is flushed to a pipe
+        pass
 
 
 if __name__ == "__main__":

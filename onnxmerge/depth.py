@@ -9,14 +9,14 @@ import numpy as np
 import onnx
 
 from .calib.capture import collect_cka
+from .choices import ALIGNMENTS
 from .errors import RecipeError
 from .graph.canonical import infer_shapes
 from .graph.blocks import BlockStructure, check_stages
 from .graph.spaces import find_spaces
-from .match.align import ALIGNERS, align_stages
+from .match.align import align_stages
 from .rewrite.lift import lift
 
-ALIGNMENTS = ("auto", *ALIGNERS, "none")
 _NEEDS_DATA = {"sma", "lma"}  # the aligners that read the CKA matrix
 
 

@@ -490,14 +490,17 @@ def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
 
 
-def write_atomically(path: str | os.PathLike, suffix: str, write: Callable[[str], object], what: str) -> None:
-    """Call ``write`` on a temporary file beside ``path``, then move it into place: the file
-    appears complete or not at all."""
-    folder = os.path.dirname(os.path.abspath(path))
+def write_atomically(path: str | os.PathLike, write: Callable[[str], object], what: str) -> None:
+    """Call ``write`` on a temporary file beside ``path`` (``.<name>.XXXX.tmp``, as models are
+    written), then move it into place: the file appears complete or not at all, with the mode
+    of any file the user creates (0666 less the umask), and the temporary file is removed
+    whatever goes wrong, an interrupt included."""
+    folder, base = os.path.split(os.path.abspath(path))
     temporary = None
     try:
-        handle, temporary = tempfile.mkstemp(dir=folder, prefix=".onnxmerge-", suffix=suffix)
+        handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{base}.", suffix=".tmp")
         os.close(handle)
+        os.chmod(temporary, _FILE_MODE)  # mkstemp makes it owner-only; give it an ordinary file's mode
         write(temporary)
         os.replace(temporary, path)
     except OSError as error:

@@ -14,7 +14,7 @@ def write_json(data: dict, path: str | os.PathLike) -> None:
         with open(temporary, "w") as stream:
             json.dump(data, stream, indent=2, default=float)
 
-    write_atomically(path, ".json", dump, "report")
+    write_atomically(path, dump, "report")
 
 
 def write_text(text: str, path: str | os.PathLike, what: str) -> None:
@@ -71,8 +71,8 @@ def plot_alignment(alignment, path: str | os.PathLike) -> None:
         axis.set_xlabel(f"{columns} block", fontsize=7)
     figure.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
     try:
-        write_atomically(path, ".png", lambda temporary: figure.savefig(temporary, format="png", dpi=110,
-                                                                         bbox_inches="tight"), "plot")
+        write_atomically(path, lambda temporary: figure.savefig(temporary, format="png", dpi=110, bbox_inches="tight"),
+                         "plot")
     finally:
         plt.close(figure)
 

@@ -18,7 +18,6 @@ from collections.abc import Mapping
 
 import numpy as np
 import onnx
-from scipy.special import log_softmax
 
 from .calib.capture import open_session
 from .errors import CalibrationError, RecipeError
@@ -134,6 +133,7 @@ def _one_scale(heads: list[np.ndarray]) -> list[np.ndarray]:
     scales = [_scale(h) for h in heads]
     if len(set(scales)) == 1:
         return heads
+    from scipy.special import log_softmax  # imported here: scipy.special takes a fifth of a second to load
     tiny = np.finfo(np.float64).tiny
     return [np.log(np.maximum(h.astype(np.float64), tiny)) if scale == "probabilities"
             else log_softmax(h.astype(np.float64), axis=1) if scale == "logits" else h

@@ -172,3 +172,22 @@ def test_other_architectures_and_other_bases_are_refused():
 def test_bad_same_base_settings_give_one_line(settings, words):
     with pytest.raises(onnxmerge.OnnxMergeError, match=words):
         onnxmerge.merge([small(tuned(1)), small(tuned(2))], **settings)
+
+
+def test_the_cli_parameters_are_the_method_dataclasses_fields():
+    """choices.PARAMETERS (what the CLI, the API keywords and recipes offer) names exactly the
+    parameter fields of the registered methods, with their defaults."""
+    from dataclasses import fields
+
+    from onnxmerge import choices, options
+    from onnxmerge.match import METHODS
+
+    declared = {}
+    for method in METHODS:
+        for item in fields(method.params):
+            if item.name not in ("seed", "width"):  # options of their own
+                declared.setdefault(item.name, (item.default, []))[1].append(method.name)
+    assert {name: (default, tuple(methods)) for name, (default, methods) in declared.items()} == {
+        name: (spec[0], spec[2]) for name, spec in choices.PARAMETERS.items()}
+    defaults = {f.name: f.default for f in fields(options.MergeOptions)}
+    assert all(defaults[name] == spec[0] for name, spec in choices.PARAMETERS.items())

@@ -4,23 +4,26 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 import onnx
 import onnx.compose
-import onnxruntime
 
 from ..graph.layout import Atom, Grid, leaves
 from ..graph.spaces import SpaceGraph, tensor_shapes
 from .stats import CKAStats, SpaceStats, to_samples
 
+from ..choices import PROVIDERS
 from ..errors import CalibrationError
 from ..io import default_opset
+from ..runtime import import_onnxruntime
+
+if TYPE_CHECKING:
+    import onnxruntime
 
 log = logging.getLogger(__name__)
 
-PROVIDERS = ("auto", "cpu", "cuda")
 _CUDA, _CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 
 
@@ -52,6 +55,7 @@ def open_session(model: onnx.ModelProto, provider: str = "auto") -> tuple[onnxru
     """
     if provider not in PROVIDERS:
         raise CalibrationError(f"unknown provider {provider!r}; use one of {', '.join(PROVIDERS)}")
+    onnxruntime = import_onnxruntime()  # an extra: without it, one error line names what to install
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
     # spinning worker threads would compete with numpy for the cores between runs

@@ -34,7 +34,6 @@ from ..errors import CalibrationError, UnsupportedGraphError
 
 log = logging.getLogger(__name__)
 
-MIN_SAMPLES = 16  # fewer give correlations and repair statistics that are mostly noise
 _NPY_MAGIC = b"\x93NUMPY"
 _ZIP_MAGIC = b"PK"
 _CHUNK_BYTES = 64 << 20  # value checks read big arrays in slices of about this size

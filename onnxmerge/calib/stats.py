@@ -19,7 +19,6 @@ multiplies in float32 (faster; see ``update``): entries then carry a relative er
 from __future__ import annotations
 
 import json
-import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CalibrationError
+from ..io import write_atomically
 
 DEAD_RTOL = 1e-10
 """A channel is dead (constant) when its variance is at most ``DEAD_RTOL`` times its second
@@ -234,10 +234,11 @@ def save_stats(path: str | Path, stats: dict[str, SpaceStats], meta: dict[str, s
     Layout: ``__format__``, ``__meta__`` (JSON object) and ``__spaces__`` (JSON list of the
     space names, in order) as strings; space k's fields under ``k/count``, ``k/sum``,
     ``k/outer``, ``k/widths`` (numbered, because space names may hold any character).
-    The file is written beside ``path`` under a temporary name and moved into place when
-    complete, so a failed save leaves no partial file.
+    Written atomically (``io.write_atomically``): a failed save leaves no partial file.
+
+    Raises:
+        OnnxMergeError: the file cannot be written.
     """
-    path = Path(path)
     names = list(stats)
     arrays = {_FORMAT_KEY: np.array(_FORMAT), _META_KEY: np.array(json.dumps({k: str(v) for k, v in meta.items()})),
               _SPACES_KEY: np.array(json.dumps(names))}
@@ -245,14 +246,12 @@ def save_stats(path: str | Path, stats: dict[str, SpaceStats], meta: dict[str, s
         space = stats[name]
         arrays.update({f"{index}/count": np.array(space.count, np.int64), f"{index}/sum": space.sum,
                        f"{index}/outer": space.outer, f"{index}/widths": np.array(space.widths, np.int64)})
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+
+    def write(temporary: str) -> None:
         with open(temporary, "wb") as handle:  # a file object, so numpy adds no .npz suffix
             np.savez(handle, **arrays)
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
+
+    write_atomically(path, write, "statistics")
 
 
 def load_stats(path: str | Path) -> tuple[dict[str, SpaceStats], dict[str, str]]:

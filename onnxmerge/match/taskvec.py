@@ -20,48 +20,43 @@ A task vector is ``tuned - base`` (Ilharco et al. 2023).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
+from ..choices import DARE_THEN
 from ..errors import RecipeError
 
-DARE_THEN = ("task-arithmetic", "ties")
 _PARALLEL = 1 - 1e-6  # cosine above which SLERP falls back to linear interpolation
 
 
-def _scale():
-    return field(default=1.0, metadata={"help": "lambda: scale of the task vectors added to the base"})
-
-
+# Parameters of each method; what each means and its range: choices.PARAMETERS.
 @dataclass(frozen=True)
 class TaskArithmeticParams:
-    scale: float = _scale()
+    scale: float = 1.0
 
 
 @dataclass(frozen=True)
 class TiesParams:
-    scale: float = _scale()
-    density: float = field(default=0.2, metadata={"help": "share of each task vector kept (largest magnitudes), (0, 1]"})
+    scale: float = 1.0
+    density: float = 0.2
 
 
 @dataclass(frozen=True)
 class DareParams:
-    scale: float = _scale()
-    drop_rate: float = field(default=0.9, metadata={"help": "share of each task vector dropped at random, [0, 1)"})
-    dare_then: str = field(default="task-arithmetic", metadata={
-        "help": "what follows the drops: task-arithmetic (sum) or ties (sign election, disjoint mean)",
-        "choices": DARE_THEN})
+    scale: float = 1.0
+    drop_rate: float = 0.9
+    dare_then: str = "task-arithmetic"
 
 
 @dataclass(frozen=True)
 class SlerpParams:
-    t: float = field(default=0.5, metadata={"help": "position between model 0 (0) and model 1 (1)"})
+    t: float = 0.5
 
 
 @dataclass(frozen=True)
 class LinearParams:
-    weights: tuple[float, ...] | None = field(default=None, metadata={"help": "one weight per model (default equal)"})
+    weights: tuple[float, ...] | None = None
 
 
 def task_arithmetic(base: np.ndarray, tuned: Sequence[np.ndarray], params, rng=None) -> np.ndarray:
