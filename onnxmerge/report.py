@@ -23,7 +23,7 @@ def write_text(text: str, path: str | os.PathLike, what: str) -> None:
         with open(temporary, "w", encoding="utf-8") as stream:
             stream.write(text)
 
-    write_atomically(path, ".txt", dump, what)
+    write_atomically(path, dump, what)
 
 
 def render_alignment(report: dict) -> str:

@@ -235,4 +235,4 @@ def test_every_output_file_gets_the_mode_the_umask_gives(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
-    assert modes == dict.fromkeys(["m.onnx", "r.json", "s.npz", "p.onnx", "a.png"], 0o640)
+    assert modes == dict.fromkeys(["m.onnx", "m.onnx.recipe.yaml", "r.json", "s.npz", "p.onnx", "a.png"], 0o640)
