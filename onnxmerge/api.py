@@ -32,7 +32,7 @@ from .graph.interface import channels_first_input, check_same_inputs, common_ops
 from .graph.postprocess import PostProcessing, attach_postprocessing, split_postprocessing
 from .graph.spaces import SpaceGraph, find_spaces
 from .io import check_writable, model_sha256, save_model
-from .match import get_method
+from .match import MatchMethod, get_method
 from .match.permute import permute as permute_features
 from .match.permute import require_equal_widths
 from .match.grid import assignments_of, match_grid
@@ -305,11 +305,12 @@ def _merge_prepared(sources: list[Source], prepared: _Prepared, stats: list[str]
     clock = _lap(timings, "analyse", clock)
     if method.needs_calibration and calib is None and not stats:
         raise RecipeError(f"--method {options.method} needs calibration data: pass --calib DATA or --stats FILES")
+    matcher = _matcher(method, options, calib is not None or bool(stats))
     units, unit_stats, provider = ([], [], "none")
-    if (calib is not None or stats) and not method.same_base:  # matching statistics (same-base: none needed)
+    if (calib is not None or stats) and matcher.needs_calibration:
         units, unit_stats, provider = _statistics(members, split, calib, stats, options)
     clock = _lap(timings, "calibrate", clock)
-    matchings, summary = _match(members, split, units, unit_stats if method.needs_calibration else [], method, options)
+    matchings, summary = _match(members, split, units, unit_stats, matcher, options)
     clock = _lap(timings, "match", clock)
     combine = None
     if method.same_base:
@@ -333,6 +334,15 @@ def _merge_prepared(sources: list[Source], prepared: _Prepared, stats: list[str]
     if prepared.depth is not None:
         report["alignment"] = describe_alignment(prepared.depth)
     return MergeResult(merged, report)
+
+
+def _matcher(method: MatchMethod, options: MergeOptions, data: bool) -> MatchMethod:
+    """The method whose matchings the merge uses: ``method`` itself, except for a same-base
+    method with ``align_first``, which first aligns the models by activation matching (with
+    data) or weight matching (Git Re-Basin, Ainsworth et al. 2022)."""
+    if method.same_base and options.align_first:
+        return get_method("permute" if data else "weight")
+    return method
 
 
 def _lap(timings: dict[str, float], stage: str, start: float) -> float:
@@ -417,7 +427,8 @@ def _prepare_same_base(sources: list[Source], data: Data | None, options: MergeO
     post = post[:len(sources)]
     inits = {i.name for i in reference.graph.initializer}
     names = [n for k, node in enumerate(reference.graph.node) if k not in heads for n in node.input if n in inits]
-    check_fine_tunes(members, base_member, list(dict.fromkeys(names)), [s.name for s in sources])
+    if not options.align_first:  # aligned models may come from other bases
+        check_fine_tunes(members, base_member, list(dict.fromkeys(names)), [s.name for s in sources])
     calib = _calibration(data, named[:len(sources)], options) if data is not None else None
     return members, post, bn, calib, None, base_member
 

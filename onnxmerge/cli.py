@@ -314,6 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the pre-trained model the MODELS were fine-tuned from: the same-base methods "
                             "(task-arithmetic, ties, dare) add their task vectors (MODEL - BASE) to it; "
                             "with --base the method defaults to task-arithmetic")
+    merge.add_argument("--align-first", action="store_true",
+                       help="same-base methods: align every model's features to the first model's before combining "
+                            "(activation matching on --calib, else weight matching); for models of one "
+                            "architecture trained apart, or fine-tunes whose features drifted")
     _method_parameters(merge)
     merge.add_argument("--width", type=_multiple, metavar="Fx|min",
                        help="zip: merged width of every space as a multiple of the widest model's, e.g. 1.5x "
