@@ -28,6 +28,7 @@ from .graph.postprocess import PostProcessing, attach_postprocessing, split_post
 from .graph.quantized import read_as_float
 from .graph.spaces import SpaceGraph, find_spaces
 from .io import load_model, model_sha256
+from .limits import MAX_DEEPEN_PER_BLOCK, check_factor, check_memory, check_options, check_range, check_seed
 from .match import get_method
 from .match.permute import permute as permute_features
 from .match.permute import require_equal_widths
@@ -40,7 +41,7 @@ from .rewrite.lift import insert_identities
 from .rewrite.merge import Member, assemble, merged_trunk_parameters, reference_widths, resize_constants
 from .rewrite.repair import REPAIRS, insert_repair, repair_sources, repair_targets, reset_batch_norm, source_moments
 from .rewrite.transform import Permutation
-from .rewrite.widen import widening
+from .rewrite.widen import widening, widening_bytes
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ def permute(model: onnx.ModelProto, *, seed: int = 0, bn: str = "keep") -> onnx.
     Attention heads are permuted as whole heads and, jointly, within heads; grouped channels
     likewise by groups and within groups.
     """
+    check_seed(seed)
     canonical, graph = analyse(model, bn=bn)
     rng = np.random.default_rng(seed)
     orders = {space.id: Permutation(rng.permutation(space.width)) for space in graph.free_spaces}
@@ -82,9 +84,11 @@ def permute(model: onnx.ModelProto, *, seed: int = 0, bn: str = "keep") -> onnx.
 def widen(model: onnx.ModelProto, *, factor: float, seed: int = 0, bn: str = "keep") -> onnx.ModelProto:
     """A function-preserving copy of ``model`` with each widenable space ``factor`` times as wide
     (Net2Net): spaces normalised, reduced or multiplied with other activations stay as they are."""
-    if factor < 1:
-        raise RecipeError(f"--factor {factor} would narrow the model; use a factor of at least 1")
+    check_factor(factor)
+    check_seed(seed)
     canonical, graph = analyse(model, bn=bn)
+    check_memory(widening_bytes(canonical, graph, factor), f"widening by --factor {factor}",
+                 "use a smaller factor")
     transforms = widening(graph, factor, np.random.default_rng(seed))
     wider = transform_parameters(canonical, graph,
                                  lambda space, role: transforms.get(space, (None, None))[role == "consumer"])
@@ -147,6 +151,7 @@ def merge(paths: list[str], *, calibration: str | None = None, stats: list[str] 
         options: see ``MergeOptions``; ``zip_layers="auto"`` chooses the cut (see tradeoff.py).
     """
     clock = time.perf_counter()
+    check_options(options)
     if options.method is None:
         options = replace(options, method="zip" if calibration or stats else "weight")
     if len(paths) < 2:
@@ -372,6 +377,7 @@ def align(paths: list[str], calibration: str | None = None, options: MergeOption
     """Block structure, CKA and the depth alignment of models onto the deepest (``onnxmerge align``)."""
     if len(paths) < 2:
         raise RecipeError("align needs at least two models")
+    check_options(options)
     named, _, _ = _cores(paths, options)
     calib = _calibration(calibration, [m for _, m in named], options) if calibration else None
     return _align(named, _structures(named), calib,
@@ -421,6 +427,7 @@ def calibrate(paths: list[str], calibration: str, options: MergeOptions = MergeO
     if options.zip_layers == "auto":
         raise RecipeError("--zip-layers auto tries several cuts, each with its own statistics; "
                           "give calibrate a number of layers, or merge --zip-layers auto with --calib")
+    check_options(options)
     members, _, _, calib, _ = _prepare(paths, calibration, options)
     split = split_trunk(members[0].model, members[0].graph, heads=options.heads, zip_layers=options.zip_layers)
     units, stats, provider = _statistics(members, split, calib, None, options)
@@ -634,8 +641,10 @@ def deepen(model: onnx.ModelProto, *, blocks: int, seed: int = 0, bn: str = "kee
     Stages whose repeated unit has no exact identity (a max pool, a concat, an activation of
     possibly negative inputs on its only path) are skipped; an error names the first reason
     when no stage has one."""
-    if blocks < 1:
+    if isinstance(blocks, int) and blocks < 1:
         raise RecipeError(f"--blocks {blocks}: insert at least one block")
+    check_range("--blocks", blocks, 1, kind=int)
+    check_seed(seed)
     canonical = canonicalize(model, bn=bn)
     structure = find_blocks(canonical)
     stages = [s for s, (start, stop) in enumerate(structure.stage_ranges()) if stop - start > 1]
@@ -646,6 +655,10 @@ def deepen(model: onnx.ModelProto, *, blocks: int, seed: int = 0, bn: str = "kee
         raise UnsupportedGraphError(f"no stage's repeated block has an exact identity: {reasons[stages[0]]}")
     ranges = structure.stage_ranges()
     candidates = [(s, k) for s in stages if not reasons[s] for k in range(ranges[s][1] - ranges[s][0])]
+    if blocks > MAX_DEEPEN_PER_BLOCK * len(candidates):
+        raise RecipeError(f"--blocks {blocks}: the stages that can be deepened have {len(candidates)} blocks, so insert "
+                          f"at most {MAX_DEEPEN_PER_BLOCK * len(candidates)} ({MAX_DEEPEN_PER_BLOCK} per block); "
+                          "run deepen again on its output for more")
     rng = np.random.default_rng(seed)
     positions = [candidates[i] for i in rng.integers(len(candidates), size=blocks)]
     deeper = infer_shapes(insert_identities(canonical, structure, positions, "deepen"))
