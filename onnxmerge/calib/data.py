@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import mmap
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -31,14 +30,14 @@ import numpy as np
 import onnx
 
 from ..errors import CalibrationError, UnsupportedGraphError
+from .arrays import SINGLE as _SINGLE
+from .arrays import ArrayFile
+from .arrays import describe as _describe
 
 log = logging.getLogger(__name__)
 
 MIN_SAMPLES = 16  # fewer give correlations and repair statistics that are mostly noise
-_NPY_MAGIC = b"\x93NUMPY"
-_ZIP_MAGIC = b"PK"
 _CHUNK_BYTES = 64 << 20  # value checks read big arrays in slices of about this size
-_SINGLE = ""  # array key of a .npy file
 
 
 @dataclass(frozen=True)
@@ -91,41 +90,12 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
-class _Arrays:
-    """The arrays of one file, read only when asked for: a .npy is memory-mapped, a .npz member
-    is loaded on first use (numpy cannot map members of a zip) and kept."""
+class _Arrays(ArrayFile):
+    """The arrays of one file, read only when asked for (see calib/arrays.py): a .npy or an
+    uncompressed .npz member is memory-mapped, a compressed member is loaded on first use and kept."""
 
     def __init__(self, path: str):
-        self.path = path
-        try:
-            with open(path, "rb") as handle:
-                magic = handle.read(len(_NPY_MAGIC))
-        except OSError as error:
-            raise CalibrationError(f"{path}: cannot read ({error.strerror}); give a .npz or .npy file") from error
-        self._npz = None
-        self._loaded: dict[str, np.ndarray] = {}
-        try:
-            if magic.startswith(_NPY_MAGIC):
-                self._loaded[_SINGLE] = np.load(path, mmap_mode="r", allow_pickle=False)
-                self.keys = [_SINGLE]
-            elif magic.startswith(_ZIP_MAGIC):
-                self._npz = np.load(path, allow_pickle=False)
-                self.keys = list(self._npz.files)
-            else:
-                raise CalibrationError(f"{path}: not a .npy or .npz file; "
-                                       "save the inputs with numpy.save or numpy.savez")
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-            raise CalibrationError(f"{path}: cannot read as .npy/.npz ({error}); "
-                                   "save the inputs with numpy.save or numpy.savez") from error
-
-    def get(self, key: str) -> np.ndarray:
-        if key not in self._loaded:
-            try:
-                self._loaded[key] = self._npz[key]
-            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-                raise CalibrationError(f"{self.path}: cannot read array {key!r} ({error}); "
-                                       "save plain numeric arrays with numpy.savez") from error
-        return self._loaded[key]
+        super().__init__(path, "save the inputs with numpy.save or numpy.savez")
 
     def truncate(self, count: int) -> None:
         for key, array in self._loaded.items():
@@ -133,19 +103,9 @@ class _Arrays:
                 # a loaded .npz array is copied so the dropped samples are freed; a memory map stays a view
                 self._loaded[key] = array[:count] if isinstance(array, np.memmap) else array[:count].copy()
 
-    def close(self) -> None:
-        """Close the .npz file once every array in use is loaded."""
-        if self._npz is not None:
-            self._npz.close()
-            self._npz = None
-
 
 def _label(names: list[str] | None, index: int) -> str:
     return f"model {index + 1}" if names is None else names[index]
-
-
-def _describe(key: str) -> str:
-    return "the array" if key == _SINGLE else f"array {key!r}"
 
 
 def _bind(arrays: _Arrays, specs: list[InputSpec], model: str) -> list[tuple[InputSpec, str]]:
