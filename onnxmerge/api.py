@@ -14,7 +14,7 @@ import onnx
 
 from . import __version__, inspection, tradeoff
 from .calib.capture import CaptureUnit, collect_statistics, plan_captures
-from .calib.data import MIN_SAMPLES, CalibrationSet, input_specs, load_calibration
+from .calib.data import MIN_SAMPLES, CalibrationSet, check_variation, input_specs, load_calibration
 from .calib.stats import combine_stats, load_stats
 from .depth import DepthAlignment, align_depths, lift_models, needs_alignment
 from .depth import describe as describe_alignment
@@ -356,6 +356,7 @@ def _calibration(path: str, models: list[onnx.ModelProto], options: MergeOptions
         raise CalibrationError(f"{path}: {calib.num_samples} calibration samples are too few for correlations and "
                                f"repair statistics (at least {MIN_SAMPLES}, a few hundred is typical); "
                                "pass more samples, or --allow-few-samples to go on")
+    check_variation(calib, options.allow_few_samples)
     return calib
 
 

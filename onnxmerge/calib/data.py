@@ -159,14 +159,28 @@ def _release(array: np.ndarray) -> None:
         mapping.madvise(mmap.MADV_DONTNEED)
 
 
-def _check_values(path: str, key: str, array: np.ndarray, targets: set[np.dtype]) -> None:
-    """No NaN or Inf, and every value representable in each dtype the array is cast to."""
+def _check_values(path: str, key: str, array: np.ndarray, targets: set[np.dtype],
+                  seed: int = 0) -> tuple[np.ndarray, object]:
+    """No NaN or Inf, and every value representable in each dtype the array is cast to.
+
+    Returns:
+        A random projection of each sample (equal for equal samples, different for different
+        ones but for chance), and the array's one value when every value is the same, else None.
+    """
     row_bytes = max(1, array[:1].nbytes)
     step = max(1, _CHUNK_BYTES // row_bytes)
     nan = inf = overflow = 0
     low, high = None, None
+    weights = np.random.default_rng(seed).standard_normal(int(np.prod(array.shape[1:])))
+    projection = np.zeros(array.shape[0])
+    smallest = largest = None
     for start in range(0, array.shape[0], step):
         chunk = np.asarray(array[start:start + step])
+        if chunk.size:
+            with np.errstate(all="ignore"):
+                projection[start:start + len(chunk)] = chunk.reshape(len(chunk), -1).astype(np.float64) @ weights
+            smallest = chunk.min() if smallest is None else min(smallest, chunk.min())
+            largest = chunk.max() if largest is None else max(largest, chunk.max())
         if chunk.dtype.kind == "f":
             nan += int(np.isnan(chunk).sum())
             inf += int(np.isinf(chunk).sum())
@@ -191,6 +205,31 @@ def _check_values(path: str, key: str, array: np.ndarray, targets: set[np.dtype]
             if low < info.min or high > info.max:
                 raise CalibrationError(f"{path}: {what} has values in [{low}, {high}] that do not fit {target}; "
                                        f"save the data as {target}")
+    return projection, (smallest.item() if smallest is not None and smallest == largest else None)
+
+
+def check_variation(calib: "CalibrationSet", allow_few: bool = False) -> None:
+    """Refuse calibration data whose statistics would be meaningless: every input constant
+    (all-zero data merges to chance accuracy), or fewer than ``MIN_SAMPLES`` distinct samples
+    (unless ``allow_few``); warn about a floating input that is constant while others vary.
+
+    Raises:
+        CalibrationError: one line naming the file and the array.
+    """
+    constant = calib.constant
+    if constant and len(constant) == len(calib.keys):
+        listed = ", ".join(f"{_describe(key)} is all {value!r}" for key, value in constant.items())
+        raise CalibrationError(f"{calib.path}: the data is constant ({listed}): the models' features would not "
+                               "vary, and a merge on them is near chance accuracy; give real input samples")
+    if calib.distinct_samples < MIN_SAMPLES and not allow_few:
+        raise CalibrationError(f"{calib.path}: only {calib.distinct_samples} distinct samples among "
+                               f"{calib.num_samples} (the others repeat them): correlations and repair statistics "
+                               f"need at least {MIN_SAMPLES} different samples; give more varied samples, or "
+                               "--allow-few-samples to go on")
+    for key, value in constant.items():
+        if calib.dtypes[key].kind == "f":
+            log.warning("%s: %s is all %r while the other inputs vary: the models see no variation there",
+                        calib.path, _describe(key), value)
 
 
 def _common_batch(path: str, specs_per_model: list[list[InputSpec]], names: list[str] | None) -> int | None:
@@ -214,6 +253,9 @@ class CalibrationSet:
         path: the file read.
         num_samples: samples used (after ``max_samples``).
         fixed_batch: the batch size a model fixes (then every model runs with it), or None.
+        keys: the arrays the models read; dtypes: their dtypes in the file.
+        constant: the arrays whose values are all one value, with that value.
+        distinct_samples: how many of the samples differ (all arrays together; see ``check_variation``).
     """
 
     def __init__(self, arrays: _Arrays, bindings: list[list[tuple[InputSpec, str]]],
@@ -224,6 +266,10 @@ class CalibrationSet:
         self._arrays = arrays
         self._bindings = bindings
         self._rows: np.ndarray | None = None  # the file's rows a subset reads, else all
+        self.keys: list[str] = list(dict.fromkeys(key for bound in bindings for _, key in bound))
+        self.dtypes: dict[str, np.dtype] = {}
+        self.constant: dict[str, object] = {}
+        self.distinct_samples = num_samples
 
     def subset(self, rows: np.ndarray) -> "CalibrationSet":
         """The same inputs restricted to ``rows`` (indices of this set's samples, in this order)."""
@@ -326,8 +372,15 @@ def load_calibration(path: str | Path, specs_per_model: list[list[InputSpec]], *
     if fixed_batch is not None and num_samples % fixed_batch:
         log.warning("%s: %d samples are not a multiple of the fixed batch size %d; the last %d are dropped",
                     path, num_samples, fixed_batch, num_samples % fixed_batch)
-    for key in used:
+    joint, constant = np.zeros(num_samples), {}
+    for index, key in enumerate(used):
         targets = {spec.dtype for bound in bindings for spec, bound_key in bound if bound_key == key}
-        _check_values(path, key, arrays.get(key), targets)
+        projection, value = _check_values(path, key, arrays.get(key), targets, seed=index)
+        joint += projection
+        if value is not None:
+            constant[key] = value
     arrays.close()
-    return CalibrationSet(arrays, bindings, num_samples, fixed_batch)
+    calib = CalibrationSet(arrays, bindings, num_samples, fixed_batch)
+    calib.keys, calib.constant, calib.distinct_samples = used, constant, len(np.unique(joint))
+    calib.dtypes = {key: arrays.get(key).dtype for key in used}
+    return calib
