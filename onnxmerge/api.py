@@ -626,9 +626,11 @@ def evaluate(paths: list[str], data: str, *, labels: str = "y", tasks: str | Non
     merged model or an ensemble of two models, ``0-4,5-9``; for one source model, its own
     classes (``0-4``).
     """
-    inputs, truth = load_test_data(data, labels)
     task_lists = parse_tasks(tasks) if tasks else None
-    heads = [run_heads(load_model(path), inputs, provider) for path in paths]
+    models = [load_model(path) for path in paths]
+    inputs, truth = load_test_data(data, [input_specs(m) for m in models], labels, [str(p) for p in paths])
+    heads = [run_heads(model, inputs, provider, index=i, name=str(path))
+             for i, (path, model) in enumerate(zip(paths, models))]
     if ensemble:
         joined = [h for model_heads in heads for h in model_heads]
         return [dict(model="ensemble(" + ", ".join(os.path.basename(str(p)) for p in paths) + ")",

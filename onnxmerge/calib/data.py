@@ -94,8 +94,9 @@ class _Arrays(ArrayFile):
     """The arrays of one file, read only when asked for (see calib/arrays.py): a .npy or an
     uncompressed .npz member is memory-mapped, a compressed member is loaded on first use and kept."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, exclude: tuple[str, ...] = ()):
         super().__init__(path, "save the inputs with numpy.save or numpy.savez")
+        self.keys = [key for key in self.keys if key not in exclude]
 
     def truncate(self, count: int) -> None:
         for key, array in self._loaded.items():
@@ -327,7 +328,8 @@ class CalibrationSet:
 
 
 def load_calibration(path: str | Path, specs_per_model: list[list[InputSpec]], *,
-                     max_samples: int | None = None, model_names: list[str] | None = None) -> CalibrationSet:
+                     max_samples: int | None = None, model_names: list[str] | None = None,
+                     exclude: tuple[str, ...] = (), lockstep: bool = True) -> CalibrationSet:
     """Read calibration inputs and check them against every model's inputs.
 
     Args:
@@ -335,6 +337,9 @@ def load_calibration(path: str | Path, specs_per_model: list[list[InputSpec]], *
         specs_per_model: ``input_specs`` of each model, in merge order.
         max_samples: use only the first this many samples.
         model_names: how error messages name the models (default ``model 1``, ``model 2``, ...).
+        exclude: arrays that are no inputs (labels), never bound nor read.
+        lockstep: the models run in lockstep (a common fixed batch size, see the module
+            docstring); False leaves each model's fixed batch size to the caller (``eval``).
 
     Returns:
         The checked set; every array in use is memory-mapped (.npy) or loaded (.npz).
@@ -345,7 +350,7 @@ def load_calibration(path: str | Path, specs_per_model: list[list[InputSpec]], *
             fix different batch sizes. The message names the file and says what to do.
     """
     path = str(path)
-    arrays = _Arrays(path)
+    arrays = _Arrays(path, exclude)
     bindings = []
     for index, specs in enumerate(specs_per_model):
         model = _label(model_names, index)
@@ -365,7 +370,7 @@ def load_calibration(path: str | Path, specs_per_model: list[list[InputSpec]], *
     if num_samples == 0:
         raise CalibrationError(f"{path}: no samples (axis 0 has length 0); give at least one sample")
     arrays.truncate(num_samples)
-    fixed_batch = _common_batch(path, specs_per_model, model_names)
+    fixed_batch = _common_batch(path, specs_per_model, model_names) if lockstep else None
     if fixed_batch is not None and num_samples < fixed_batch:
         raise CalibrationError(f"{path}: {num_samples} samples but the models run in fixed batches of "
                                f"{fixed_batch}; give at least {fixed_batch} samples")
