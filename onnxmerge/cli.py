@@ -236,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"new width / old width of each widened space (1 to {MAX_MULTIPLE:g})")
     deepen = _rewrite_command(commands, graph, cmd_deepen, "deepened", "random seed choosing the positions (default 0)")
     deepen.add_argument("--blocks", type=argument(int, 1), required=True,
-                        help=f"how many identity blocks to insert (at most {MAX_DEEPEN_PER_BLOCK} per block of the stages deepened)")
+                        help=f"how many identity blocks to insert (at most {MAX_DEEPEN_PER_BLOCK} per block of "
+                             "the stages deepened)")
 
     calibration, plan = _calibration_options(), _plan_options()
     merge = commands.add_parser("merge", parents=[graph, calibration, plan], help=cmd_merge.__doc__,
@@ -280,8 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "needs matplotlib (pip install 'onnxmerge[plot]')")
     align.set_defaults(run=cmd_align)
 
-    calibrate = commands.add_parser("calibrate", parents=[graph, _calibration_options(required=True), plan], help=cmd_calibrate.__doc__,
-                                    description=cmd_calibrate.__doc__)
+    calibrate = commands.add_parser("calibrate", parents=[graph, _calibration_options(required=True), plan],
+                                    help=cmd_calibrate.__doc__, description=cmd_calibrate.__doc__)
     calibrate.add_argument("models", nargs="+", help="the ONNX files of the merge, in the same order")
     calibrate.add_argument("-o", "--output", required=True, help="statistics file (.npz)")
     calibrate.set_defaults(run=cmd_calibrate)

@@ -83,20 +83,19 @@ def check_options(options) -> None:
     check_seed(options.seed)
 
 
-def argument(kind: type, low, high=None, *, low_open: bool = False, special: tuple[str, ...] = ()) -> Callable:
-    """An argparse ``type=`` that reads a ``kind`` in the range (see ``check_range``); the
-    words in ``special`` pass as they are."""
+def argument(kind: type, low, high=None, *, low_open: bool = False) -> Callable:
+    """An argparse ``type=`` that reads a ``kind`` in the range (see ``check_range``)."""
+    noun = "a number" if kind is float else "an integer"
+
     def parse(text: str):
-        if text in special:
-            return text
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'a number' if kind is float else 'an integer'}") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
         try:
             check_range("value", value, low, high, kind=kind, low_open=low_open)
         except RecipeError:
-            raise argparse.ArgumentTypeError(f"{text} is out of range: use {'a finite number' if kind is float else 'an integer'} "
+            raise argparse.ArgumentTypeError(f"{text} is out of range: use {'a finite number' if kind is float else noun} "
                                              f"{_range_text(low, high, low_open)}") from None
         return value
     parse.__name__ = kind.__name__  # argparse names the type in its messages
