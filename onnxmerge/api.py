@@ -19,7 +19,7 @@ import onnx
 from . import __version__, inspection, tradeoff
 from .choices import MIN_SAMPLES, REPAIRS
 from .calib.capture import CaptureUnit, collect_statistics, plan_captures
-from .calib.data import CalibrationSet, input_specs, load_calibration
+from .calib.data import CalibrationSet, check_variation, input_specs, load_calibration
 from .calib.stats import combine_stats, load_stats
 from .depth import DepthAlignment, align_depths, lift_models, needs_alignment
 from .depth import describe as describe_alignment
@@ -32,6 +32,7 @@ from .graph.interface import channels_first_input, check_same_inputs, common_ops
 from .graph.postprocess import PostProcessing, attach_postprocessing, split_postprocessing
 from .graph.spaces import SpaceGraph, find_spaces
 from .io import check_writable, model_sha256, save_model
+from .limits import MAX_DEEPEN_PER_BLOCK, check_factor, check_memory, check_options, check_range, check_seed
 from .match import MatchMethod, get_method
 from .match.permute import permute as permute_features
 from .match.permute import require_equal_widths
@@ -48,7 +49,7 @@ from .rewrite.lift import insert_identities
 from .rewrite.merge import Member, assemble, merged_trunk_parameters, reference_widths, resize_constants
 from .rewrite.repair import insert_repair, repair_sources, repair_targets, reset_batch_norm, source_moments
 from .rewrite.transform import Permutation
-from .rewrite.widen import widening
+from .rewrite.widen import widening, widening_bytes
 from .samebase import check_fine_tunes, check_same_graph, combiner
 from .sources import Data, DataLike, ModelLike, Source, read_data, read_models
 
@@ -96,6 +97,7 @@ def permute(model: ModelLike, *, seed: int = 0, bn: str = "keep") -> onnx.ModelP
         seed: seed of the random permutations.
         bn: ``keep`` or ``fold`` BatchNormalization.
     """
+    check_seed(seed)
     canonical, graph = analyse(load(model), bn=bn)
     rng = np.random.default_rng(seed)
     orders = {space.id: Permutation(rng.permutation(space.width)) for space in graph.free_spaces}
@@ -111,16 +113,19 @@ def widen(model: ModelLike, *, factor: float, seed: int = 0, bn: str = "keep") -
 
     Args:
         model: an ONNX file's path or an ``onnx.ModelProto`` (not modified).
-        factor: new width / old width, at least 1.
+        factor: new width / old width, in [1, 1024].
         seed: seed choosing the copied channels.
         bn: ``keep`` or ``fold`` BatchNormalization.
 
     Raises:
-        RecipeError: ``factor`` below 1.
+        RecipeError: ``factor`` or ``seed`` out of range, or a widening larger than the
+            available memory.
     """
-    if factor < 1:
-        raise RecipeError(f"--factor {factor} would narrow the model; use a factor of at least 1")
+    check_factor(factor)
+    check_seed(seed)
     canonical, graph = analyse(load(model), bn=bn)
+    check_memory(widening_bytes(canonical, graph, factor), f"widening by --factor {factor}",
+                 "use a smaller factor")
     transforms = widening(graph, factor, np.random.default_rng(seed))
     wider = transform_parameters(canonical, graph,
                                  lambda space, role: transforms.get(space, (None, None))[role == "consumer"])
@@ -227,6 +232,7 @@ def merge(models: Sequence[ModelLike], calibration: DataLike | None = None, *, b
     """
     clock = time.perf_counter()
     options = merge_options(options, **settings)
+    check_options(options)
     sources = read_models(models)
     base_source = None if base is None else read_models([base])[0]
     data = None if calibration is None else read_data(calibration)
@@ -535,6 +541,7 @@ def _calibration(data: Data, named: list[tuple[str, onnx.ModelProto]], options: 
         raise CalibrationError(f"{data.name}: {calib.num_samples} calibration samples are too few for correlations and "
                                f"repair statistics (at least {MIN_SAMPLES}, a few hundred is typical); "
                                "pass more samples, or --allow-few-samples to go on")
+    check_variation(calib, options.allow_few_samples)
     return calib
 
 
@@ -570,6 +577,7 @@ def align(models: Sequence[ModelLike], calibration: DataLike | None = None, *, o
     sources = read_models(models)
     if len(sources) < 2:
         raise RecipeError("align needs at least two models")
+    check_options(options)
     named, _, _ = _cores(sources, _layouts_by_file_name(sources, options))
     calib = _calibration(read_data(calibration), named, options) if calibration is not None else None
     return _align(named, _structures(named), calib,
@@ -633,6 +641,7 @@ def calibrate(models: Sequence[ModelLike], calibration: DataLike, *, options: Me
     if options.zip_layers == "auto":
         raise RecipeError("--zip-layers auto tries several cuts, each with its own statistics; "
                           "give calibrate a number of layers, or merge --zip-layers auto with --calib")
+    check_options(options)
     sources = read_models(models)
     members, _, _, calib, depth, _ = _prepare(sources, read_data(calibration), _layouts_by_file_name(sources, options))
     split = split_trunk(members[0].model, members[0].graph, heads=options.heads, zip_layers=options.zip_layers)
@@ -850,10 +859,10 @@ def evaluate(models: Sequence[ModelLike], data: str | os.PathLike | dict, *, lab
         ensemble: score the models' outputs together as one multi-head model.
         provider: onnxruntime provider: auto, cpu or cuda.
     """
-    inputs, truth = load_test_data(data, labels)
     task_lists = parse_tasks(tasks) if tasks else None
     sources = read_models(models)
-    heads = [run_heads(source.model, inputs, provider) for source in sources]
+    inputs, truth = load_test_data(data, [input_specs(s.model) for s in sources], labels, [s.name for s in sources])
+    heads = [run_heads(s.model, inputs, provider, index=i, name=s.name) for i, s in enumerate(sources)]
     if ensemble:
         joined = [h for model_heads in heads for h in model_heads]
         return [dict(model="ensemble(" + ", ".join(s.file_name for s in sources) + ")",
@@ -870,12 +879,15 @@ def deepen(model: ModelLike, *, blocks: int, seed: int = 0, bn: str = "keep") ->
 
     Args:
         model: an ONNX file's path or an ``onnx.ModelProto`` (not modified).
-        blocks: how many identity blocks to insert, at least 1.
+        blocks: how many identity blocks to insert, at least 1 and at most 8 per block of the
+            stages it can deepen.
         seed: seed choosing the positions.
         bn: ``keep`` or ``fold`` BatchNormalization.
     """
-    if blocks < 1:
+    if isinstance(blocks, int) and blocks < 1:
         raise RecipeError(f"--blocks {blocks}: insert at least one block")
+    check_range("--blocks", blocks, 1, kind=int)
+    check_seed(seed)
     canonical = canonicalize(load(model), bn=bn)
     structure = find_blocks(canonical)
     stages = [s for s, (start, stop) in enumerate(structure.stage_ranges()) if stop - start > 1]
@@ -886,6 +898,10 @@ def deepen(model: ModelLike, *, blocks: int, seed: int = 0, bn: str = "keep") ->
         raise UnsupportedGraphError(f"no stage's repeated block has an exact identity: {reasons[stages[0]]}")
     ranges = structure.stage_ranges()
     candidates = [(s, k) for s in stages if not reasons[s] for k in range(ranges[s][1] - ranges[s][0])]
+    if blocks > MAX_DEEPEN_PER_BLOCK * len(candidates):
+        raise RecipeError(f"--blocks {blocks}: the stages that can be deepened have {len(candidates)} blocks, so insert "
+                          f"at most {MAX_DEEPEN_PER_BLOCK * len(candidates)} ({MAX_DEEPEN_PER_BLOCK} per block); "
+                          "run deepen again on its output for more")
     rng = np.random.default_rng(seed)
     positions = [candidates[i] for i in rng.integers(len(candidates), size=blocks)]
     deeper = infer_shapes(insert_identities(canonical, structure, positions, "deepen"))
