@@ -23,7 +23,7 @@ from onnxmerge.calib.data import check_variation, input_specs, load_calibration
 from onnxmerge.calib.stats import CKAStats, SpaceStats, load_stats, save_stats
 from onnxmerge.cli import main
 from onnxmerge.errors import CalibrationError, OnnxMergeError, RecipeError
-from onnxmerge.evaluate import load_test_data, parse_tasks
+from onnxmerge.scoring import load_test_data, parse_tasks
 from onnxmerge.io import load_model
 from onnxmerge.report import render_alignment
 
@@ -95,8 +95,8 @@ API_OPTIONS = {
 def test_the_api_refuses_options_out_of_range_before_any_work(fields):
     option = "--" + next(iter(k for k in fields if k != "method")).replace("_", "-")
     for call in (lambda o: api.merge([VGG_A, VGG_B], options=o),
-                 lambda o: api.calibrate([VGG_A, VGG_B], CALIB, o),
-                 lambda o: api.align([VGG_A_DEEP, VGG_B], None, o)):
+                 lambda o: api.calibrate([VGG_A, VGG_B], CALIB, options=o),
+                 lambda o: api.align([VGG_A_DEEP, VGG_B], None, options=o)):
         with pytest.raises(RecipeError, match=option) as caught:
             call(api.MergeOptions(**fields))
         assert "\n" not in str(caught.value)
@@ -260,7 +260,7 @@ def test_too_few_distinct_samples_are_refused_unless_allowed(tmp_path):
     np.savez(tmp_path / "calib.npz", input=np.tile(x[:3], (100, 1, 1, 1)))
     with pytest.raises(CalibrationError, match="only 3 distinct samples among 300 .*--allow-few-samples"):
         api.calibrate([VGG_A, VGG_B], str(tmp_path / "calib.npz"))
-    stats, meta = api.calibrate([VGG_A, VGG_B], str(tmp_path / "calib.npz"), api.MergeOptions(allow_few_samples=True))
+    stats, meta = api.calibrate([VGG_A, VGG_B], str(tmp_path / "calib.npz"), allow_few_samples=True)
     assert meta["samples"] == "300" and stats
 
 
@@ -340,7 +340,7 @@ def test_align_refuses_undefined_cka_and_suggests_a_data_free_alignment(tmp_path
     with pytest.raises(CalibrationError, match="CKA is undefined for .*vgg_a_deep.onnx blocks 0, .*--method uniform") as caught:
         api.align([VGG_A_DEEP, VGG_B], str(tmp_path / "calib.npz"))
     assert "\n" not in str(caught.value) and "--align uniform" in str(caught.value)
-    alignment = api.align([VGG_A_DEEP, VGG_B], str(tmp_path / "calib.npz"), api.MergeOptions(align="uniform"))
+    alignment = api.align([VGG_A_DEEP, VGG_B], str(tmp_path / "calib.npz"), align="uniform")
     assert alignment.method == "uniform"
 
 
