@@ -17,8 +17,9 @@ import numpy as np
 import onnx
 
 from . import __version__, inspection, tradeoff
+from .choices import MIN_SAMPLES, REPAIRS
 from .calib.capture import CaptureUnit, collect_statistics, plan_captures
-from .calib.data import MIN_SAMPLES, CalibrationSet, input_specs, load_calibration
+from .calib.data import CalibrationSet, check_variation, input_specs, load_calibration
 from .calib.stats import combine_stats, load_stats
 from .depth import DepthAlignment, align_depths, lift_models, needs_alignment
 from .depth import describe as describe_alignment
@@ -31,7 +32,8 @@ from .graph.interface import channels_first_input, check_same_inputs, common_ops
 from .graph.postprocess import PostProcessing, attach_postprocessing, split_postprocessing
 from .graph.spaces import SpaceGraph, find_spaces
 from .io import check_writable, model_sha256, save_model
-from .match import get_method
+from .limits import MAX_DEEPEN_PER_BLOCK, check_factor, check_memory, check_options, check_range, check_seed
+from .match import MatchMethod, get_method
 from .match.permute import permute as permute_features
 from .match.permute import require_equal_widths
 from .match.grid import assignments_of, match_grid
@@ -45,9 +47,9 @@ from .rewrite.apply import transform_parameters
 from .rewrite.heads import split_trunk, weight_layers
 from .rewrite.lift import insert_identities
 from .rewrite.merge import Member, assemble, merged_trunk_parameters, reference_widths, resize_constants
-from .rewrite.repair import REPAIRS, insert_repair, repair_sources, repair_targets, reset_batch_norm, source_moments
+from .rewrite.repair import insert_repair, repair_sources, repair_targets, reset_batch_norm, source_moments
 from .rewrite.transform import Permutation
-from .rewrite.widen import widening
+from .rewrite.widen import widening, widening_bytes
 from .samebase import check_fine_tunes, check_same_graph, combiner
 from .sources import Data, DataLike, ModelLike, Source, read_data, read_models
 
@@ -96,6 +98,7 @@ def permute(model: ModelLike, *, seed: int = 0, bn: str = "keep") -> onnx.ModelP
         seed: seed of the random permutations.
         bn: ``keep`` or ``fold`` BatchNormalization.
     """
+    check_seed(seed)
     canonical, graph = analyse(load(model), bn=bn)
     rng = np.random.default_rng(seed)
     orders = {space.id: Permutation(rng.permutation(space.width)) for space in graph.free_spaces}
@@ -111,17 +114,20 @@ def widen(model: ModelLike, *, factor: float, seed: int = 0, bn: str = "keep") -
 
     Args:
         model: an ONNX file's path or an ``onnx.ModelProto`` (not modified).
-        factor: new width / old width, at least 1.
+        factor: new width / old width, in [1, 1024].
         seed: seed choosing the copied channels.
         bn: ``keep`` or ``fold`` BatchNormalization.
 
     Raises:
-        RecipeError: ``factor`` below 1.
+        RecipeError: ``factor`` or ``seed`` out of range, or a widening larger than the
+            available memory.
     """
-    if factor < 1:
-        raise RecipeError(f"--factor {factor} would narrow the model; use a factor of at least 1")
+    check_factor(factor)
+    check_seed(seed)
     canonical, graph = analyse(load(model), bn=bn)
     check_finite_parameters(canonical)  # copies of channels are computed from the weights
+    check_memory(widening_bytes(canonical, graph, factor), f"widening by --factor {factor}",
+                 "use a smaller factor")
     transforms = widening(graph, factor, np.random.default_rng(seed))
     wider = transform_parameters(canonical, graph,
                                  lambda space, role: transforms.get(space, (None, None))[role == "consumer"])
@@ -228,6 +234,7 @@ def merge(models: Sequence[ModelLike], calibration: DataLike | None = None, *, b
     """
     clock = time.perf_counter()
     options = merge_options(options, **settings)
+    check_options(options)
     sources = read_models(models)
     base_source = None if base is None else read_models([base])[0]
     data = None if calibration is None else read_data(calibration)
@@ -308,11 +315,12 @@ def _merge_prepared(sources: list[Source], prepared: _Prepared, stats: list[str]
     clock = _lap(timings, "analyse", clock)
     if method.needs_calibration and calib is None and not stats:
         raise RecipeError(f"--method {options.method} needs calibration data: pass --calib DATA or --stats FILES")
+    matcher = _matcher(method, options, calib is not None or bool(stats))
     units, unit_stats, provider = ([], [], "none")
-    if (calib is not None or stats) and not method.same_base:  # matching statistics (same-base: none needed)
+    if (calib is not None or stats) and matcher.needs_calibration:
         units, unit_stats, provider = _statistics(members, split, calib, stats, options)
     clock = _lap(timings, "calibrate", clock)
-    matchings, summary = _match(members, split, units, unit_stats if method.needs_calibration else [], method, options)
+    matchings, summary = _match(members, split, units, unit_stats, matcher, options)
     clock = _lap(timings, "match", clock)
     combine = None
     if method.same_base:
@@ -323,7 +331,7 @@ def _merge_prepared(sources: list[Source], prepared: _Prepared, stats: list[str]
     parameters = merged_trunk_parameters(members, split, matchings, combine)
     merged = assemble(members, split, matchings, parameters, heads=options.heads)
     resize_constants(merged, members[0].graph, reference_widths(members[0], matchings))
-    merged, repair, repaired = _repair(merged, members, split, matchings, calib, options, warn=not method.same_base)
+    merged, repair, repaired = _repair(merged, members, split, matchings, calib, options, method.same_base)
     _attach_postprocessing(merged, members, prepared.post, options.heads)
     merged = infer_shapes(merged)
     _lap(timings, "rewrite", clock)
@@ -336,6 +344,15 @@ def _merge_prepared(sources: list[Source], prepared: _Prepared, stats: list[str]
     if prepared.depth is not None:
         report["alignment"] = describe_alignment(prepared.depth)
     return MergeResult(merged, report)
+
+
+def _matcher(method: MatchMethod, options: MergeOptions, data: bool) -> MatchMethod:
+    """The method whose matchings the merge uses: ``method`` itself, except for a same-base
+    method with ``align_first``, which first aligns the models by activation matching (with
+    data) or weight matching (Git Re-Basin, Ainsworth et al. 2022)."""
+    if method.same_base and options.align_first:
+        return get_method("permute" if data else "weight")
+    return method
 
 
 def _lap(timings: dict[str, float], stage: str, start: float) -> float:
@@ -420,7 +437,8 @@ def _prepare_same_base(sources: list[Source], data: Data | None, options: MergeO
     post = post[:len(sources)]
     inits = {i.name for i in reference.graph.initializer}
     names = [n for k, node in enumerate(reference.graph.node) if k not in heads for n in node.input if n in inits]
-    check_fine_tunes(members, base_member, list(dict.fromkeys(names)), [s.name for s in sources])
+    if not options.align_first:  # aligned models may come from other bases
+        check_fine_tunes(members, base_member, list(dict.fromkeys(names)), [s.name for s in sources])
     calib = _calibration(data, named[:len(sources)], options) if data is not None else None
     return members, post, bn, calib, None, base_member
 
@@ -538,6 +556,7 @@ def _calibration(data: Data, named: list[tuple[str, onnx.ModelProto]], options: 
         raise CalibrationError(f"{data.name}: {calib.num_samples} calibration samples are too few for correlations and "
                                f"repair statistics (at least {MIN_SAMPLES}, a few hundred is typical); "
                                "pass more samples, or --allow-few-samples to go on")
+    check_variation(calib, options.allow_few_samples)
     return calib
 
 
@@ -573,6 +592,7 @@ def align(models: Sequence[ModelLike], calibration: DataLike | None = None, *, o
     sources = read_models(models)
     if len(sources) < 2:
         raise RecipeError("align needs at least two models")
+    check_options(options)
     named, _, _ = _cores(sources, _layouts_by_file_name(sources, options))
     calib = _calibration(read_data(calibration), named, options) if calibration is not None else None
     return _align(named, _structures(named), calib,
@@ -636,6 +656,7 @@ def calibrate(models: Sequence[ModelLike], calibration: DataLike, *, options: Me
     if options.zip_layers == "auto":
         raise RecipeError("--zip-layers auto tries several cuts, each with its own statistics; "
                           "give calibrate a number of layers, or merge --zip-layers auto with --calib")
+    check_options(options)
     sources = read_models(models)
     members, _, _, calib, depth, _ = _prepare(sources, read_data(calibration), _layouts_by_file_name(sources, options))
     split = split_trunk(members[0].model, members[0].graph, heads=options.heads, zip_layers=options.zip_layers)
@@ -770,12 +791,14 @@ def _match_features(reference: Member, unit: CaptureUnit, corr: np.ndarray, widt
 
 
 def _repair(merged: onnx.ModelProto, members: list[Member], split, matchings, calib,
-            options: MergeOptions, warn: bool = True) -> tuple[onnx.ModelProto, str, list[str]]:
+            options: MergeOptions, same_base: bool = False) -> tuple[onnx.ModelProto, str, list[str]]:
     """BN reset or REPAIR of the merged model, as ``options.repair`` says (method.md §7); the
-    report's line about it and the tensors REPAIR corrected. ``warn``: say that a merge with
-    no calibration data is not repaired (same-base merges are usually not)."""
+    report's line about it and the tensors REPAIR corrected. A same-base merge (fine-tunes in
+    one basin, as the literature merges them) is repaired only when asked."""
     if options.repair not in REPAIRS:
         raise RecipeError(f"unknown --repair {options.repair!r}; use one of {', '.join(REPAIRS)}")
+    if same_base and options.repair == "auto":
+        return merged, "none (same-base method; --repair reset or repair to repair)", []
     has_bn = any(n.op_type == "BatchNormalization" for n in merged.graph.node)
     mode = options.repair if options.repair != "auto" else ("reset" if has_bn else "repair")
     if mode == "none":
@@ -783,10 +806,9 @@ def _repair(merged: onnx.ModelProto, members: list[Member], split, matchings, ca
     if calib is None:
         if options.repair != "auto":
             raise RecipeError(f"--repair {mode} needs calibration data (--calib)")
-        if warn:
-            log.warning("no calibration data, so the merged model is not repaired (%s) and its accuracy may "
-                        "collapse; pass --calib DATA (a few hundred inputs), or --repair none to silence this",
-                        "BN reset" if mode == "reset" else "REPAIR")
+        log.warning("no calibration data, so the merged model is not repaired (%s) and its accuracy may "
+                    "collapse; pass --calib DATA (a few hundred inputs), or --repair none to silence this",
+                    "BN reset" if mode == "reset" else "REPAIR")
         return merged, "none (no calibration data)", []
     if mode == "reset" and not has_bn:
         raise RecipeError("--repair reset needs BatchNormalization nodes; use --repair repair for BN-free models")
@@ -852,13 +874,13 @@ def evaluate(models: Sequence[ModelLike], data: str | os.PathLike | dict, *, lab
         ensemble: score the models' outputs together as one multi-head model.
         provider: onnxruntime provider: auto, cpu or cuda.
     """
-    inputs, truth = load_test_data(data, labels)
     task_lists = parse_tasks(tasks) if tasks else None
     sources = read_models(models)
+    inputs, truth = load_test_data(data, [input_specs(s.model) for s in sources], labels, [s.name for s in sources])
     heads = []
-    for source in sources:
+    for index, source in enumerate(sources):
         with about(source.name):
-            heads.append(run_heads(source.model, inputs, provider))
+            heads.append(run_heads(source.model, inputs, provider, index=index, name=source.name))
     if ensemble:
         joined = [h for model_heads in heads for h in model_heads]
         return [dict(model="ensemble(" + ", ".join(s.file_name for s in sources) + ")",
@@ -875,12 +897,15 @@ def deepen(model: ModelLike, *, blocks: int, seed: int = 0, bn: str = "keep") ->
 
     Args:
         model: an ONNX file's path or an ``onnx.ModelProto`` (not modified).
-        blocks: how many identity blocks to insert, at least 1.
+        blocks: how many identity blocks to insert, at least 1 and at most 8 per block of the
+            stages it can deepen.
         seed: seed choosing the positions.
         bn: ``keep`` or ``fold`` BatchNormalization.
     """
-    if blocks < 1:
+    if isinstance(blocks, int) and blocks < 1:
         raise RecipeError(f"--blocks {blocks}: insert at least one block")
+    check_range("--blocks", blocks, 1, kind=int)
+    check_seed(seed)
     canonical = canonicalize(load(model), bn=bn)
     check_finite_parameters(canonical)
     structure = find_blocks(canonical)
@@ -892,6 +917,10 @@ def deepen(model: ModelLike, *, blocks: int, seed: int = 0, bn: str = "keep") ->
         raise UnsupportedGraphError(f"no stage's repeated block has an exact identity: {reasons[stages[0]]}")
     ranges = structure.stage_ranges()
     candidates = [(s, k) for s in stages if not reasons[s] for k in range(ranges[s][1] - ranges[s][0])]
+    if blocks > MAX_DEEPEN_PER_BLOCK * len(candidates):
+        raise RecipeError(f"--blocks {blocks}: the stages that can be deepened have {len(candidates)} blocks, so insert "
+                          f"at most {MAX_DEEPEN_PER_BLOCK * len(candidates)} ({MAX_DEEPEN_PER_BLOCK} per block); "
+                          "run deepen again on its output for more")
     rng = np.random.default_rng(seed)
     positions = [candidates[i] for i in rng.integers(len(candidates), size=blocks)]
     deeper = infer_shapes(insert_identities(canonical, structure, positions, "deepen"))

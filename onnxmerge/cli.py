@@ -1,31 +1,48 @@
 """The ``onnxmerge`` command. Parses arguments, calls ``api``, renders results.
 
-Results go to stdout, logs to stderr. An ``OnnxMergeError`` prints ``onnxmerge: error: ...``
-and exits 1; usage errors exit 2; anything else is a bug and keeps its traceback.
+Results go to stdout, logs to stderr. Exit codes: 0 success; 1 an ``OnnxMergeError`` (bad input
+or option), printed as one line ``onnxmerge: error: ...``; 2 a usage error (argparse); 70 any
+other exception, a bug, printed as one line (the traceback with ``-v``); 130 interrupted
+(SIGINT, Ctrl-C); 143 terminated (SIGTERM); 141, silently, when the reader of stdout went away
+(``| head``), as for a tool that SIGPIPE ends. Output files are written atomically, so an
+interrupted command leaves no partial file and no temporary file.
+
+The pipeline (``api`` and what it imports: onnx, onnxruntime, scipy) is imported inside the
+command functions, so that ``--help``, ``--version`` and usage errors answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
+import signal
 import sys
+import threading
+import traceback
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-from . import __version__, api, inspection
-from .errors import OnnxMergeError, about
-from .graph.canonical import BN_MODES
-from .calib.capture import PROVIDERS
-from .calib.data import MIN_SAMPLES
-from .calib.stats import save_stats
-from .io import check_writable, save_model
-from .match import METHODS, parameters
+from . import __version__
+from .choices import ALIGNMENTS, BN_MODES, HEADS, METHODS, MIN_SAMPLES, PARAMETERS, PROVIDERS, REPAIRS
+from .errors import OnnxMergeError
+from .limits import MAX_DEEPEN_PER_BLOCK, MAX_MULTIPLE, MAX_SEED, _range_text, argument
 from .options import OPTION_NAMES, MergeOptions
 from .progress import set_quiet
-from .depth import ALIGNMENTS
-from .depth import describe as describe_alignment
-from .report import plot_alignment, render_alignment
-from .rewrite.heads import HEADS
-from .rewrite.repair import REPAIRS
+
+if TYPE_CHECKING:
+    from .api import MergeResult
+
+EXIT_ERROR, EXIT_BUG = 1, 70
+EXIT_INTERRUPTED, EXIT_BROKEN_PIPE, EXIT_TERMINATED = 130, 141, 143  # 128 + SIGINT, SIGPIPE, SIGTERM as shells report
+
+
+class Terminated(BaseException):
+    """Raised by SIGTERM while a command runs, as SIGINT raises ``KeyboardInterrupt``: the
+    ``finally`` blocks that remove temporary files run. A BaseException, so that no
+    ``except Exception`` on the way swallows it."""
 
 
 def _common_options() -> argparse.ArgumentParser:
@@ -46,6 +63,7 @@ def _graph_options() -> argparse.ArgumentParser:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Show a model's inputs, outputs, ops, feature spaces and barriers."""
+    from . import api, inspection
     report = api.inspect(args.model, bn=args.bn)
     print(json.dumps(report, indent=2) if args.json else inspection.render(report))
     if args.strict and report["barriers"]:
@@ -57,6 +75,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def _rewritten(args: argparse.Namespace, rewrite) -> int:
     """Write ``rewrite()``'s model to ``--output`` (checked writable before the work)."""
+    from .errors import about
+    from .io import check_writable, save_model
     check_writable(args.output, "model", [args.model])
     with about(args.model):
         model = rewrite()
@@ -67,15 +87,17 @@ def _rewritten(args: argparse.Namespace, rewrite) -> int:
 
 def cmd_permute(args: argparse.Namespace) -> int:
     """Randomly permute every free feature space; the outputs stay the same."""
+    from . import api
     return _rewritten(args, lambda: api.permute(api.load(args.model), seed=args.seed, bn=args.bn))
 
 
-def _calibration_options() -> argparse.ArgumentParser:
+def _calibration_options(required: bool = False) -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("calibration")
-    group.add_argument("--calib", metavar="DATA", help=".npz (one array per input name, or one array) or .npy inputs")
-    group.add_argument("--batch-size", type=int, default=64, help="samples per onnxruntime run (default 64)")
-    group.add_argument("--max-samples", type=int, help="use at most this many calibration samples")
+    group.add_argument("--calib", metavar="DATA", required=required,
+                       help=".npz (one array per input name, or one array) or .npy inputs")
+    group.add_argument("--batch-size", type=argument(int, 1), default=64, help="samples per onnxruntime run (default 64)")
+    group.add_argument("--max-samples", type=argument(int, 1), help="use at most this many calibration samples")
     group.add_argument("--allow-few-samples", action="store_true",
                        help=f"accept fewer than {MIN_SAMPLES} calibration samples (refused by default: "
                             "correlations and repair statistics from so few are noise)")
@@ -94,7 +116,7 @@ def _plan_options() -> argparse.ArgumentParser:
                             "the rest stays per model. auto: merge at each cut on 80%% of the --calib samples and "
                             "keep the largest N whose argmax disagreement with the source models on the other "
                             "20%% stays within --max-loss (the curve goes to the report). Default: every layer")
-    group.add_argument("--max-loss", type=float, default=0.05,
+    group.add_argument("--max-loss", type=argument(float, 0.0, 1.0), default=0.05,
                        help="--zip-layers auto: largest share of joint predictions that may differ from the ensemble of the models, 0-1 (default 0.05)")
     group.add_argument("--align", choices=ALIGNMENTS, default="auto",
                        help="depth alignment of models with different numbers of blocks: auto (sma when depths "
@@ -130,23 +152,30 @@ def _multiple(text: str) -> float | str:
         value = float(text[:-1] if text.endswith("x") else text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a multiple like 1.5x") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: the multiple must be positive")
+    if not 0 < value <= MAX_MULTIPLE:  # NaN too
+        raise argparse.ArgumentTypeError(f"{text!r}: the multiple must be a finite number above 0 and at most "
+                                         f"{MAX_MULTIPLE:g}")
     return value
 
 
 def cmd_widen(args: argparse.Namespace) -> int:
     """Widen every free space by duplicating channels (Net2Net); the outputs stay the same."""
+    from . import api
     return _rewritten(args, lambda: api.widen(api.load(args.model), factor=args.factor, seed=args.seed, bn=args.bn))
 
 
 def cmd_deepen(args: argparse.Namespace) -> int:
     """Insert identity blocks at random positions of the model's stages; the outputs stay the same."""
+    from . import api
     return _rewritten(args, lambda: api.deepen(api.load(args.model), blocks=args.blocks, seed=args.seed, bn=args.bn))
 
 
 def cmd_align(args: argparse.Namespace) -> int:
     """Align the blocks of models of different depths onto the deepest, stage by stage (CKA)."""
+    from . import api
+    from .depth import describe as describe_alignment
+    from .io import check_writable
+    from .report import plot_alignment, render_alignment
     if args.plot:
         check_writable(args.plot, "plot", [*args.models, args.calib])
     alignment = api.align(args.models, args.calib, options=_options(args))
@@ -171,6 +200,8 @@ def _options(args: argparse.Namespace) -> MergeOptions:
 def cmd_merge(args: argparse.Namespace) -> int:
     """Merge two or more models of one design (widths and depths may differ) into one ONNX model;
     its recipe goes to OUTPUT.recipe.yaml (re-run it with onnxmerge run)."""
+    from . import api
+    from .io import check_writable
     inputs = [*args.models, args.base, args.calib, *(args.stats or [])]
     outputs = [("merged model", args.output), ("recipe", api.recipe_path(args.output))]
     if args.report:
@@ -185,12 +216,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """Run a recipe (YAML: models, calibration, method, parameters, outputs; docs/recipe.md), such
     as the OUTPUT.recipe.yaml a merge writes: the same files give the same model, byte for byte."""
+    from . import api
     result = api.run(args.recipe)
     _print_merge(result, [path for path in (result.recipe.output, result.recipe.report) if path])
     return 0
 
 
-def _print_merge(result: api.MergeResult, written: list[str]) -> None:
+def _print_merge(result: MergeResult, written: list[str]) -> None:
     report = result.report
     alignment = report.get("alignment")
     lifted = "" if alignment is None else (
@@ -206,6 +238,9 @@ def _identities(alignment: dict) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """Compute the statistics a merge needs and save them (combine shards with merge --stats)."""
+    from . import api
+    from .calib.stats import save_stats
+    from .io import check_writable
     if not args.calib:
         raise OnnxMergeError("calibrate needs --calib DATA")
     check_writable(args.output, "statistics", [*args.models, args.calib])
@@ -217,6 +252,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Accuracy of models (joint, per task, average); --ensemble scores their output ensemble."""
+    from . import api
     results = api.evaluate(args.models, args.data, labels=args.labels, tasks=args.tasks,
                            ensemble=args.ensemble, provider=args.provider)
     if args.json:
@@ -234,25 +270,26 @@ def _rewrite_command(commands, graph: argparse.ArgumentParser, run, written: str
     parser = commands.add_parser(name, parents=[graph], help=run.__doc__, description=run.__doc__)
     parser.add_argument("model", help="ONNX file")
     parser.add_argument("-o", "--output", required=True, help=f"where to write the {written} model")
-    parser.add_argument("--seed", type=int, default=0, help=seed_help)
+    parser.add_argument("--seed", type=argument(int, 0, MAX_SEED), default=0, help=seed_help)
     parser.set_defaults(run=run)
     return parser
 
 
 def _method_parameters(parser: argparse.ArgumentParser) -> None:
-    """One flag per method parameter of the registry (match/__init__.py ``parameters``)."""
+    """One flag per method parameter (choices.PARAMETERS, the registry's parameter fields)."""
     group = parser.add_argument_group("method parameters")
-    for parameter in parameters():
-        flag = "--" + parameter.name.replace("_", "-")
-        described = parameter.help
-        if parameter.choices:
-            group.add_argument(flag, choices=parameter.choices, default=parameter.default,
-                               help=f"{described} (default {parameter.default})")
-        elif parameter.default is None:  # a list, one value per model
-            group.add_argument(flag, type=float, nargs="+", metavar="W", help=described)
+    for name, (default, text, methods, allowed, bounds) in PARAMETERS.items():
+        flag = "--" + name.replace("_", "-")
+        described = f"{'/'.join(methods)}: {text}"
+        if allowed:
+            group.add_argument(flag, choices=allowed, default=default, help=f"{described} (default {default})")
+        elif default is None:  # a list, one value per model
+            group.add_argument(flag, type=argument(float, 0.0), nargs="+", metavar="W", help=described)
         else:
-            group.add_argument(flag, type=type(parameter.default), default=parameter.default,
-                               help=f"{described} (default {parameter.default})")
+            low, high, low_open, high_open = bounds
+            where = "" if low is None and high is None else f", {_range_text(low, high, low_open, high_open)}"
+            group.add_argument(flag, type=argument(float, low, high, low_open=low_open, high_open=high_open),
+                               default=default, help=f"{described}{where} (default {default})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -269,9 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     _rewrite_command(commands, graph, cmd_permute, "permuted", "random seed (default 0)")
     widen = _rewrite_command(commands, graph, cmd_widen, "widened", "random seed choosing the copied channels (default 0)")
-    widen.add_argument("--factor", type=float, required=True, help="new width / old width of each widened space")
+    widen.add_argument("--factor", type=argument(float, 1.0, MAX_MULTIPLE), required=True,
+                       help=f"new width / old width of each widened space (1 to {MAX_MULTIPLE:g})")
     deepen = _rewrite_command(commands, graph, cmd_deepen, "deepened", "random seed choosing the positions (default 0)")
-    deepen.add_argument("--blocks", type=int, required=True, help="how many identity blocks to insert")
+    deepen.add_argument("--blocks", type=argument(int, 1), required=True,
+                        help=f"how many identity blocks to insert (at most {MAX_DEEPEN_PER_BLOCK} per block of "
+                             "the stages deepened)")
 
     calibration, plan = _calibration_options(), _plan_options()
     merge = commands.add_parser("merge", parents=[graph, calibration, plan], help=cmd_merge.__doc__,
@@ -279,13 +319,17 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("models", nargs="+", help="ONNX files; the first is the reference graph")
     merge.add_argument("-o", "--output", required=True, help="merged ONNX file")
     merge.add_argument("--stats", nargs="+", metavar="FILE", help="statistics from onnxmerge calibrate (shards add up)")
-    merge.add_argument("--method", choices=[m.name for m in METHODS],
+    merge.add_argument("--method", choices=list(METHODS),
                        help="default: task-arithmetic with --base, else zip with --calib/--stats, else weight; "
-                            + "; ".join(f"{m.name}: {m.summary}" for m in METHODS))
+                            + "; ".join(f"{name}: {summary}" for name, summary in METHODS.items()))
     merge.add_argument("--base", metavar="BASE.onnx",
                        help="the pre-trained model the MODELS were fine-tuned from: the same-base methods "
                             "(task-arithmetic, ties, dare) add their task vectors (MODEL - BASE) to it; "
                             "with --base the method defaults to task-arithmetic")
+    merge.add_argument("--align-first", action="store_true",
+                       help="same-base methods: align every model's features to the first model's before combining "
+                            "(activation matching on --calib, else weight matching); for models of one "
+                            "architecture trained apart, or fine-tunes whose features drifted")
     _method_parameters(merge)
     merge.add_argument("--width", type=_multiple, metavar="Fx|min",
                        help="zip: merged width of every space as a multiple of the widest model's, e.g. 1.5x "
@@ -298,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--strict", action="store_true",
                        help="exit 1 instead of warning when a full merge leaves more than half of the weight "
                             "layers per model (barriers near the input)")
-    merge.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    merge.add_argument("--seed", type=argument(int, 0, MAX_SEED), default=0, help="random seed (default 0)")
     merge.add_argument("--report", metavar="JSON", help="write the matching summary, timings and provider")
     merge.set_defaults(run=cmd_merge)
 
@@ -317,8 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("recipe", help="recipe file (.yaml)")
     run.set_defaults(run=cmd_run)
 
-    calibrate = commands.add_parser("calibrate", parents=[graph, calibration, plan], help=cmd_calibrate.__doc__,
-                                    description=cmd_calibrate.__doc__)
+    calibrate = commands.add_parser("calibrate", parents=[graph, _calibration_options(required=True), plan],
+                                    help=cmd_calibrate.__doc__, description=cmd_calibrate.__doc__)
     calibrate.add_argument("models", nargs="+", help="the ONNX files of the merge, in the same order")
     calibrate.add_argument("-o", "--output", required=True, help="statistics file (.npz)")
     calibrate.set_defaults(run=cmd_calibrate)
@@ -340,11 +384,80 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2), format="%(levelname)s %(name)s: %(message)s")
     set_quiet(args.quiet)
+    signals: list[int] = []  # the signals received while the command ran
     try:
-        return args.run(args)
-    except OnnxMergeError as error:
+        with _signals_raise(signals):
+            status = args.run(args)
+            sys.stdout.flush()  # a reader that went away (| head) shows here, not at exit
+    except KeyboardInterrupt:
+        signals.append(signal.SIGINT)
+    except Terminated:
+        signals.append(signal.SIGTERM)
+    except BrokenPipeError:
+        _stdout_to_devnull()
+        return EXIT_BROKEN_PIPE
+    except Exception as error:
+        if not signals:
+            return _failed(args, error)
+    else:
+        if not signals:
+            return status
+    # A signal whose exception became another on its way (the C extensions of onnxruntime, numpy
+    # and torch turn an interrupted import into an ImportError) or was swallowed (a best-effort
+    # step) still ends the command as that signal.
+    if signals[0] == signal.SIGINT:
+        print("onnxmerge: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print("onnxmerge: terminated", file=sys.stderr)
+    return EXIT_TERMINATED
+
+
+def _failed(args: argparse.Namespace, error: Exception) -> int:
+    """Print the one line for an exception that ended a command; return the exit code."""
+    if isinstance(error, OnnxMergeError):
         print(f"onnxmerge: error: {error}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
+    # the last resort: anything else is a bug in onnxmerge
+    if args.verbose:
+        traceback.print_exception(error)
+    detail = " ".join(str(error).split())
+    print(f"onnxmerge: internal error in {args.command}: {type(error).__name__}"
+          f"{': ' + detail if detail else ''}; this is a bug: please report it with this model and command"
+          f"{'' if args.verbose else ' (-v shows the traceback)'}", file=sys.stderr)
+    return EXIT_BUG
+
+
+@contextlib.contextmanager
+def _signals_raise(received: list[int]) -> Iterator[None]:
+    """While the body runs, SIGTERM raises ``Terminated`` and SIGINT ``KeyboardInterrupt`` (as
+    Python's default does; a SIGINT ignored or handled by the caller stays so), and each signal
+    is appended to ``received``. The previous handlers come back after. Outside the main thread
+    Python cannot set handlers, and the signals keep theirs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt if signum == signal.SIGINT else Terminated
+
+    handled = [signal.SIGTERM]
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        handled.append(signal.SIGINT)
+    previous = {signum: signal.signal(signum, handler) for signum in handled}
+    try:
+        yield
+    finally:
+        for signum, action in previous.items():
+            signal.signal(signum, action)
+
+
+def _stdout_to_devnull() -> None:
+    """Point stdout at the null device, so that the interpreter's last flush does not fail again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is no file (in tests): nothing is flushed to a pipe
+        pass
 
 
 if __name__ == "__main__":

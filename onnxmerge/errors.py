@@ -2,7 +2,7 @@
 
 Every message says what is wrong, where (file, node, op, tensor, axis) and what to do.
 The CLI prints them as one line ``onnxmerge: error: ...`` and exits 1; any other
-exception is a bug and keeps its traceback.
+exception is a bug: one line naming the command and the error, exit 70 (the traceback with -v).
 """
 
 from __future__ import annotations
@@ -29,6 +29,10 @@ class CalibrationError(OnnxMergeError):
 
 class RecipeError(OnnxMergeError):
     """Options or a recipe are inconsistent."""
+
+
+class MissingDependencyError(OnnxMergeError):
+    """A package onnxmerge needs for this step is not installed; the message says what to install."""
 
 
 @contextlib.contextmanager

@@ -12,10 +12,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import os
-import struct
 import tempfile
-import zipfile
-import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import BinaryIO
 
@@ -39,10 +36,6 @@ ALIGNMENT = 1 << 16
 MIN_OPSET = 7
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 _HASH_CHUNK = 1 << 20
-# What numpy raises reading a cut or corrupt .npy/.npz: the zip, zlib and header layers, and
-# sizes a corrupt header makes up. Readers of data files turn them into one error line.
-DATA_READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error,
-                    NotImplementedError, struct.error, MemoryError, OverflowError)
 _MESSAGE_DETAIL = 200
 
 
@@ -378,6 +371,9 @@ def check_loaded_model(name: str, model: onnx.ModelProto) -> None:
         UnsupportedGraphError: the IR version or the default-domain opset is not supported.
     """
     _check_in_memory(name, model)
+    where = _not_utf8(model)
+    if where is not None:
+        raise InvalidModelError(f"{name}: the string field {where} is not UTF-8 text; give names as text")
     _check_versions(name, model)
     _sort_nodes(model.graph)
     _check_model(name, model)
@@ -574,15 +570,17 @@ def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
 
 
-def write_atomically(path: str | os.PathLike, suffix: str, write: Callable[[str], object], what: str) -> None:
-    """Call ``write`` on a temporary file beside ``path``, then move it into place: the file
-    appears complete or not at all."""
-    folder = os.path.dirname(os.path.abspath(path))
+def write_atomically(path: str | os.PathLike, write: Callable[[str], object], what: str) -> None:
+    """Call ``write`` on a temporary file beside ``path`` (``.<name>.XXXX.tmp``, as models are
+    written), then move it into place: the file appears complete or not at all, with the mode
+    of any file the user creates (0666 less the umask), and the temporary file is removed
+    whatever goes wrong, an interrupt included."""
+    folder, base = os.path.split(os.path.abspath(path))
     temporary = None
     try:
-        handle, temporary = tempfile.mkstemp(dir=folder, prefix=".onnxmerge-", suffix=suffix)
+        handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{base}.", suffix=".tmp")
         os.close(handle)
-        os.chmod(temporary, _FILE_MODE)  # an ordinary file's mode, as save_model gives
+        os.chmod(temporary, _FILE_MODE)  # mkstemp makes it owner-only; give it an ordinary file's mode
         write(temporary)
         os.replace(temporary, path)
     except OSError as error:

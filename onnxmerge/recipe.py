@@ -14,13 +14,15 @@ import os
 from dataclasses import asdict, dataclass, fields
 
 from . import __version__
+from . import choices
+from .choices import PARAMETERS as METHOD_PARAMETERS
 from .errors import RecipeError
 from .options import MergeOptions, merge_options
 
 _HEADER = "# onnxmerge recipe: re-run with `onnxmerge run FILE`; paths are relative to this file's folder\n"
-PARAMETERS = ("alpha", "beta", "width", "zip_layers", "max_loss", "scale", "density", "drop_rate", "dare_then", "t",
-              "weights")
-"""Options written under ``parameters``: the methods' (match/__init__.py) and the partial-zipping cut's."""
+PARAMETERS = (*METHOD_PARAMETERS, "width", "zip_layers", "max_loss")
+"""Options written under ``parameters``: the methods' (choices.PARAMETERS), the zip width and the
+partial-zipping cut's."""
 TOP_LEVEL = ("method", "heads", "repair", "align")
 """Options written as top-level keys; every other option goes under ``options``."""
 _KEYS = ("onnxmerge", "base", "models", "calibration", "stats", *TOP_LEVEL, "parameters", "options", "output", "report")
@@ -262,24 +264,16 @@ _OPTIONS = tuple(f.name for f in fields(MergeOptions) if f.name not in (*PARAMET
 _OPTIONAL = ("method", "width", "zip_layers", "max_samples", "repair_samples", "weights")
 _WORDS = {"width": ("min",), "zip_layers": ("auto",)}
 _EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-_TYPES = {"alpha": float, "beta": float, "width": float, "zip_layers": int, "max_loss": float, "batch_size": int,
-          "max_samples": int, "repair_samples": int, "seed": int, "allow_few_samples": bool, "strict": bool,
-          "scale": float, "density": float, "drop_rate": float, "t": float, "weights": list}
+_TYPES = {**{f.name: type(f.default) for f in fields(MergeOptions) if f.default not in (None, ())},
+          "width": float, "zip_layers": int, "max_samples": int, "repair_samples": int, "weights": list}
+"""The type of each option's value: its default's, or the one given where the default is None."""
 
 
 def _choices() -> dict[str, tuple[str, ...]]:
-    """The allowed values of the options that are names (read from the modules that own them)."""
-    from .calib.capture import PROVIDERS
-    from .depth import ALIGNMENTS
-    from .graph.canonical import BN_MODES
-    from .match import METHODS
-    from .rewrite.heads import HEADS
-    from .rewrite.repair import REPAIRS
-
-    from .match.taskvec import DARE_THEN
-
-    return {"method": tuple(m.name for m in METHODS), "heads": HEADS, "repair": REPAIRS, "align": ALIGNMENTS,
-            "bn": BN_MODES, "provider": PROVIDERS, "dare_then": DARE_THEN}
+    """The allowed values of the options that are names."""
+    return {"method": tuple(choices.METHODS), "heads": choices.HEADS, "repair": choices.REPAIRS,
+            "align": choices.ALIGNMENTS, "bn": choices.BN_MODES, "provider": choices.PROVIDERS,
+            "dare_then": choices.DARE_THEN}
 
 
 def _group(name: str) -> str | None:

@@ -14,7 +14,7 @@ def write_json(data: dict, path: str | os.PathLike) -> None:
         with open(temporary, "w") as stream:
             json.dump(data, stream, indent=2, default=float)
 
-    write_atomically(path, ".json", dump, "report")
+    write_atomically(path, dump, "report")
 
 
 def write_text(text: str, path: str | os.PathLike, what: str) -> None:
@@ -23,7 +23,7 @@ def write_text(text: str, path: str | os.PathLike, what: str) -> None:
         with open(temporary, "w", encoding="utf-8") as stream:
             stream.write(text)
 
-    write_atomically(path, ".txt", dump, what)
+    write_atomically(path, dump, what)
 
 
 def render_alignment(report: dict) -> str:
@@ -39,7 +39,10 @@ def render_alignment(report: dict) -> str:
             lines.append(f"  stage {stage['stage']}: {placed}{objective}")
         if name in report.get("cka", {}):
             lines.append(f"  CKA (rows: {report['deep']} blocks, columns: {name} blocks)")
-            lines.extend("    " + " ".join(f"{v:5.2f}" for v in row) for row in report["cka"][name])
+            lines.extend("    " + " ".join("undef" if v is None else f"{v:5.2f}" for v in row)
+                         for row in report["cka"][name])
+            if any(v is None for row in report["cka"][name] for v in row):
+                lines.append("  undef: CKA undefined (the block output does not vary over the samples)")
     return "\n".join(lines)
 
 
@@ -71,8 +74,8 @@ def plot_alignment(alignment, path: str | os.PathLike) -> None:
         axis.set_xlabel(f"{columns} block", fontsize=7)
     figure.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
     try:
-        write_atomically(path, ".png", lambda temporary: figure.savefig(temporary, format="png", dpi=110,
-                                                                         bbox_inches="tight"), "plot")
+        write_atomically(path, lambda temporary: figure.savefig(temporary, format="png", dpi=110, bbox_inches="tight"),
+                         "plot")
     finally:
         plt.close(figure)
 

@@ -1,15 +1,30 @@
-"""onnxruntime, imported where it is first needed (it is slow to import), with telemetry off."""
+"""onnxruntime, imported where a command first runs or folds a model.
+
+onnxruntime comes with an extra, ``[cpu]`` (onnxruntime) or ``[gpu]`` (onnxruntime-gpu), never
+both. Without it ``import onnxmerge`` and ``onnxmerge --help`` work, and a command that needs it
+stops with one line saying what to install.
+"""
 
 from __future__ import annotations
 
+from types import ModuleType
 
-def runtime():
-    """The onnxruntime module, its telemetry events disabled before any session exists.
+from .errors import MissingDependencyError
 
-    Every session onnxmerge opens goes through ``calib.capture.open_session``, which calls
-    this; so does canonicalisation before onnx-graphsurgeon folds constants in onnxruntime.
+INSTALL = "pip install 'onnxmerge[cpu]' (or 'onnxmerge[gpu]' on a CUDA machine; never both)"
+
+
+def import_onnxruntime() -> ModuleType:
+    """The onnxruntime module.
+
+    Raises:
+        MissingDependencyError: onnxruntime cannot be imported; the message names the extra.
     """
-    import onnxruntime
-
-    onnxruntime.disable_telemetry_events()  # no usage events queued from users' machines
+    try:
+        import onnxruntime
+    except ImportError as error:
+        raise MissingDependencyError(f"onnxruntime is not installed ({error}); {INSTALL}") from None
+    # every session onnxmerge opens, and graphsurgeon's constant folding, import it here first:
+    # no usage events are queued from users' machines
+    onnxruntime.disable_telemetry_events()
     return onnxruntime

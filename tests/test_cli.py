@@ -228,3 +228,26 @@ def test_a_merge_of_models_with_unnamed_nodes_cut_after_a_barrier(tmp_path):
                        options=api.MergeOptions(repair="none"))
     expected = run_all(proto, x)
     outputs_close(expected + expected, run_all(merged.model, x))
+
+
+def test_the_cli_choices_are_the_registries():
+    """The CLI offers the names of choices.py without importing the pipeline; the registries
+    that implement them must list the same names."""
+    from onnxmerge import choices
+    from onnxmerge.match import METHODS
+    from onnxmerge.match.align import ALIGNERS
+    assert {m.name: m.summary for m in METHODS} == choices.METHODS
+    assert choices.ALIGNMENTS == ("auto", *ALIGNERS, "none")
+
+
+def test_help_and_version_do_not_import_the_pipeline():
+    """--help and --version answer without onnx, onnxruntime, scipy or torch (start-up time)."""
+    code = ("import sys\nfrom onnxmerge.cli import main\n"
+            "for argv in (['--help'], ['--version'], ['merge', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "heavy = sorted(m for m in ('onnx', 'onnxruntime', 'scipy', 'torch', 'numpy', 'onnxmerge.api')"
+            " if m in sys.modules)\n"
+            "print('imported:', heavy, file=sys.stderr)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip().endswith("imported: []")

@@ -130,3 +130,16 @@ def test_the_json_schema_lists_the_keys_and_choices_the_reader_takes():
     assert [m for m in properties["method"]["enum"] if m] == list(choices["method"])
     for name in ("bn", "provider"):
         assert properties["options"]["properties"][name]["enum"] == list(choices[name])
+
+
+def test_a_same_base_merge_records_its_base_and_runs_again(folder, tmp_path):
+    out = folder / "ta.onnx"
+    a = str(folder / "models/resnet_a.onnx")
+    assert cli.main(["merge", a, a, "--base", a, "--method", "ties", "--density", "0.5", "-o", str(out)]) == 0
+    recipe = yaml.safe_load(Path(f"{out}.recipe.yaml").read_text())
+    assert recipe["base"]["path"] == "models/resnet_a.onnx" and recipe["method"] == "ties"
+    assert recipe["parameters"]["density"] == 0.5
+    expected = _sha(out)
+    out.unlink()
+    assert cli.main(["run", f"{out}.recipe.yaml"]) == 0
+    assert _sha(out) == expected

@@ -10,20 +10,20 @@ import numpy as np
 import onnx
 import onnx.compose
 
-if TYPE_CHECKING:
-    import onnxruntime
-
 from ..graph.layout import Atom, Grid, leaves
 from ..graph.spaces import SpaceGraph, tensor_shapes
 from .stats import CKAStats, SpaceStats, to_samples
 
+from ..choices import PROVIDERS
 from ..errors import CalibrationError
 from ..io import default_opset
-from ..runtime import runtime
+from ..runtime import import_onnxruntime
+
+if TYPE_CHECKING:
+    import onnxruntime
 
 log = logging.getLogger(__name__)
 
-PROVIDERS = ("auto", "cpu", "cuda")
 _CUDA, _CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 
 
@@ -74,15 +74,15 @@ def open_session(model: onnx.ModelProto, provider: str = "auto") -> tuple[Sessio
     """
     if provider not in PROVIDERS:
         raise CalibrationError(f"unknown provider {provider!r}; use one of {', '.join(PROVIDERS)}")
-    ort = runtime()
-    options = ort.SessionOptions()
+    onnxruntime = import_onnxruntime()  # an extra: without it, one error line names what to install
+    options = onnxruntime.SessionOptions()
     options.log_severity_level = 4  # fatal only: a failed run raises, and its error line is ours
     # spinning worker threads would compete with numpy for the cores between runs
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     data = model.SerializeToString()
-    if provider in ("auto", "cuda") and _CUDA in ort.get_available_providers():
+    if provider in ("auto", "cuda") and _CUDA in onnxruntime.get_available_providers():
         try:
-            session = ort.InferenceSession(data, options, providers=[_CUDA, _CPU])
+            session = onnxruntime.InferenceSession(data, options, providers=[_CUDA, _CPU])
         except Exception as error:  # onnxruntime's error classes share no base but Exception
             if provider == "cuda":
                 raise CalibrationError(f"onnxruntime cannot run the model on CUDA ({_first_line(error)}); "
@@ -95,7 +95,7 @@ def open_session(model: onnx.ModelProto, provider: str = "auto") -> tuple[Sessio
         raise CalibrationError("the CUDA provider is not usable here (onnxruntime-gpu and a GPU are needed); "
                                "use --provider cpu or auto")
     try:
-        return Session(ort.InferenceSession(data, options, providers=[_CPU])), "cpu"
+        return Session(onnxruntime.InferenceSession(data, options, providers=[_CPU])), "cpu"
     except Exception as error:
         raise CalibrationError(f"onnxruntime cannot run the model ({_first_line(error)}); "
                                "check it with onnx.checker and onnxruntime") from error

@@ -10,6 +10,7 @@ outputs as the input model; the caller's ModelProto is never modified.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import tempfile
@@ -18,11 +19,11 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime
 from onnx_graphsurgeon.logger import G_LOGGER
-from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
+from ..choices import BN_MODES
 from ..errors import UnsupportedGraphError
+from ..runtime import import_onnxruntime
 from .layers import (CONVOLUTIONS, canonical_attributes, explicit_conv_biases, flatten_reshapes, fold_affine,
                      global_pools, matmul_to_gemm, normalize_gemm, output_channels, scale_output_channels)
 from .merged_axes import gemm_on_merged_rows, heads_through_batch
@@ -35,7 +36,6 @@ from .transposes import (compose_transposes, is_noop_reshape, layout_transposes_
 log = logging.getLogger(__name__)
 
 MAX_ROUNDS = 8
-BN_MODES = ("keep", "fold")
 INITIALIZERS_APART_IR = 4  # the first IR version whose initializers need not be graph inputs
 
 
@@ -63,11 +63,8 @@ def _is_alias(node: gs.Node) -> bool:
 
 def fold_constants(graph: gs.Graph) -> int:
     """Evaluate subgraphs whose inputs are all constant (ConstantOfShape weights, shape math)."""
-    from ..runtime import runtime
-
-    runtime()  # telemetry off before graphsurgeon opens its sessions
     before = len(graph.nodes)
-    onnxruntime.set_default_logger_severity(3)  # its graph optimiser warns about partial folds
+    import_onnxruntime().set_default_logger_severity(3)  # its graph optimiser warns about partial folds
     graph.fold_constants(error_ok=True).cleanup()
     return before - len(graph.nodes)
 
@@ -292,7 +289,7 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         raise UnsupportedGraphError(f"shape inference failed: {str(error).splitlines()[0]}") from error
     known = {v.name for v in list(inferred.graph.value_info) + list(inferred.graph.output)
              if v.type.tensor_type.HasField("shape")}
-    if not all(name in known for node in inferred.graph.node for name in node.output if name):
+    if not all(name in known for node in inferred.graph.node for name in node.output if name) and _symbolic():
         try:
             inferred = _symbolic_shapes(skeleton)
         except Exception as error:  # best effort: the rules report what stays unknown
@@ -311,12 +308,27 @@ def _unshaped(info: onnx.ValueInfoProto) -> bool:
     return info.type.WhichOneof("value") == "tensor_type" and not info.type.tensor_type.HasField("shape")
 
 
+@functools.cache
+def _symbolic() -> type | None:
+    """onnxruntime's ``SymbolicShapeInference``, or None (with one warning) when it cannot be
+    imported: it needs sympy, which comes with the ``[cpu]`` and ``[gpu]`` extras (and torch).
+    Imported on first use because ``onnxruntime.tools`` imports torch when torch is installed,
+    which costs over a second, and most models never need it."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    except ImportError as error:
+        log.warning("onnxruntime's symbolic shape inference is not available (%s); shapes that ONNX's own "
+                    "inference leaves unknown stay unknown", error)
+        return None
+    return SymbolicShapeInference
+
+
 def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """onnxruntime's symbolic shape inference, run in a private folder: when it cannot infer
     every shape it saves ``sym_shape_infer_temp.onnx`` and uuid-named data files in the working
     directory (or through a symlink there), and onnxmerge writes nothing but its outputs."""
     with tempfile.TemporaryDirectory(prefix="onnxmerge-") as folder, _working_directory(folder):
-        return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+        return _symbolic().infer_shapes(model, auto_merge=True)
 
 
 @contextlib.contextmanager

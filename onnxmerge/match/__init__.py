@@ -1,14 +1,17 @@
 """Merge-method registry: every method ``--method`` accepts, its parameters and capabilities.
 
-``METHODS`` is the one explicit list; the CLI's choices, recipe validation and the tests read
-it. Adding a method = one function, one parameter dataclass and one entry here.
+``METHODS`` is the one explicit list; recipe validation and the tests read it. Its names and
+summaries come from ``choices.METHODS``, which the CLI reads without importing the methods.
+Adding a method = one function, one parameter dataclass, one entry here and its name and
+summary there.
 """
 
 from __future__ import annotations
 
-from dataclasses import Field, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Callable
 
+from ..choices import METHODS as SUMMARIES
 from ..errors import OnnxMergeError
 from .permute import NoParams, average, permute
 from .regmean import RegMeanParams
@@ -65,80 +68,36 @@ class MatchMethod:
 
 
 METHODS: tuple[MatchMethod, ...] = (
-    MatchMethod("zip", "elastic zipping of correlated features, within and across models",
+    MatchMethod("zip", SUMMARIES["zip"],
                 "Stoica et al. 2023 (ZipIt!); Xu et al. 2024 (Training-free Heterogeneous Model Merging)",
                 ZipParams, needs_calibration=True, unequal_widths=True, function=zip_clusters),
-    MatchMethod("permute", "one-to-one activation matching (Hungarian on correlation)",
+    MatchMethod("permute", SUMMARIES["permute"],
                 "Ainsworth et al. 2022 (Git Re-Basin, activation matching)",
                 NoParams, needs_calibration=True, unequal_widths=False, function=permute),
-    MatchMethod("weight", "data-free weight matching by coordinate descent (used without --calib)",
+    MatchMethod("weight", SUMMARIES["weight"],
                 "Ainsworth et al. 2022 (Git Re-Basin, weight matching)",
                 WeightParams, needs_calibration=False, unequal_widths=False, function=match_weights, graph_level=True),
-    MatchMethod("average", "plain weight averaging, no matching", "Wortsman et al. 2022",
+    MatchMethod("average", SUMMARIES["average"], "Wortsman et al. 2022",
                 NoParams, needs_calibration=False, unequal_widths=False, function=average),
-    MatchMethod("task-arithmetic", "same base: base + scale * sum of task vectors (needs --base)",
+    MatchMethod("task-arithmetic", SUMMARIES["task-arithmetic"],
                 "Ilharco et al. 2023 (Editing models with task arithmetic)",
                 TaskArithmeticParams, needs_calibration=False, unequal_widths=False, function=average,
                 combine=task_arithmetic, needs_base=True),
-    MatchMethod("ties", "same base: trimmed task vectors, elected signs, disjoint mean (needs --base)",
+    MatchMethod("ties", SUMMARIES["ties"],
                 "Yadav et al. 2023 (TIES-Merging)",
                 TiesParams, needs_calibration=False, unequal_widths=False, function=average,
                 combine=ties, needs_base=True),
-    MatchMethod("dare", "same base: randomly dropped, rescaled task vectors, then task arithmetic or TIES "
-                "(needs --base)", "Yu et al. 2024 (Language models are Super Mario)",
+    MatchMethod("dare", SUMMARIES["dare"], "Yu et al. 2024 (Language models are Super Mario)",
                 DareParams, needs_calibration=False, unequal_widths=False, function=average,
                 combine=dare, needs_base=True),
-    MatchMethod("slerp", "same base: spherical interpolation of two models at --t",
+    MatchMethod("slerp", SUMMARIES["slerp"],
                 "Shoemake 1985; White 2016 (Sampling generative networks)",
                 SlerpParams, needs_calibration=False, unequal_widths=False, function=average, combine=slerp),
-    MatchMethod("linear", "same base: weighted average (--weights), the model soup", "Wortsman et al. 2022",
+    MatchMethod("linear", SUMMARIES["linear"], "Wortsman et al. 2022",
                 LinearParams, needs_calibration=False, unequal_widths=False, function=average, combine=linear),
-    MatchMethod("regmean", "same base: per weight layer the least-squares fit of every model's outputs "
-                "(input Gram matrices on --calib)", "Jin et al. 2023 (Dataless knowledge fusion, RegMean)",
+    MatchMethod("regmean", SUMMARIES["regmean"], "Jin et al. 2023 (Dataless knowledge fusion, RegMean)",
                 RegMeanParams, needs_calibration=False, unequal_widths=False, function=average, needs_grams=True),
 )
-
-
-@dataclass(frozen=True)
-class Parameter:
-    """A method parameter a user sets: a CLI flag (``--drop-rate``), an API keyword and a recipe
-    key under ``parameters`` (``drop_rate``), declared once in a method's parameter dataclass.
-
-    Attributes:
-        name: the field name.
-        default: its default.
-        help: what it is, from the fields' metadata, prefixed by the methods reading it.
-        methods: the methods that read it.
-        choices: the allowed values of a named parameter, else empty.
-    """
-
-    name: str
-    default: object
-    help: str
-    methods: tuple[str, ...]
-    choices: tuple[str, ...] = ()
-
-
-def parameters() -> list[Parameter]:
-    """Every documented parameter of the registered methods, once each, in registry order
-    (fields without help, such as the width target and the seed, are options of their own);
-    ``help`` starts with the methods that read it."""
-    found: dict[str, list[tuple[str, Field]]] = {}
-    for method in METHODS:
-        for item in fields(method.params):
-            if "help" in item.metadata:
-                found.setdefault(item.name, []).append((method.name, item))
-    result = []
-    for name, uses in found.items():
-        texts = dict.fromkeys(item.metadata["help"] for _, item in uses)
-        methods = tuple(method for method, _ in uses)
-        if len(texts) == 1:
-            text = f"{'/'.join(methods)}: {next(iter(texts))}"
-        else:
-            text = "; ".join(f"{method}: {item.metadata['help']}" for method, item in uses)
-        first = uses[0][1]
-        result.append(Parameter(name, first.default, text, methods, first.metadata.get("choices", ())))
-    return result
 
 
 def get_method(name: str) -> MatchMethod:

@@ -13,9 +13,8 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
-from .matching import Matching
+from .matching import Matching, max_assignment
 
 MatchFn = Callable[[np.ndarray, Sequence[int]], Matching]
 
@@ -35,7 +34,7 @@ def block_scores(cross: np.ndarray, blocks: int) -> np.ndarray:
     for a in range(blocks):
         for b in range(blocks):
             block = cross[a * rows_per:(a + 1) * rows_per, b * cols_per:(b + 1) * cols_per]
-            rows, cols = linear_sum_assignment(block, maximize=True)
+            rows, cols = max_assignment(block)
             score[a, b] = block[rows, cols].sum()
     return score
 
@@ -46,7 +45,7 @@ def assign_blocks(corr: np.ndarray, blocks: int, inners: list[int]) -> list[np.n
     assignments = [np.arange(blocks)]
     for i in range(1, len(inners)):
         cross = corr[offsets[0]:offsets[1], offsets[i]:offsets[i + 1]]
-        rows, cols = linear_sum_assignment(block_scores(cross, blocks), maximize=True)
+        rows, cols = max_assignment(block_scores(cross, blocks))
         assignments.append(cols[np.argsort(rows)])
     return assignments
 

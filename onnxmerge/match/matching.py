@@ -10,6 +10,14 @@ import numpy as np
 from ..errors import CalibrationError
 
 
+def max_assignment(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and columns of the one-to-one assignment with the largest total score (scipy's
+    Hungarian solver; imported here, on first use, because scipy.optimize takes a quarter of a
+    second to import and inspect, permute, widen, deepen and eval never match)."""
+    from scipy.optimize import linear_sum_assignment
+    return linear_sum_assignment(scores, maximize=True)
+
+
 @dataclass(frozen=True)
 class Matching:
     """Merge/unmerge matrices per model for one space of width r after merging.

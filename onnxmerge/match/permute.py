@@ -7,10 +7,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 from ..errors import RecipeError
-from .matching import Matching, checked_correlation
+from .matching import Matching, checked_correlation, max_assignment
 
 
 @dataclass(frozen=True)
@@ -66,7 +65,7 @@ def permute(corr: np.ndarray, widths: Sequence[int], params: NoParams = NoParams
     labels, joined = [np.arange(d)], []
     for i in range(1, len(widths)):
         block = corr[:d, i * d:(i + 1) * d]
-        rows, cols = linear_sum_assignment(block, maximize=True)
+        rows, cols = max_assignment(block)
         own = np.empty(d, dtype=np.int64)
         own[cols] = rows  # model i's feature cols[k] joins model 0's feature rows[k]
         labels.append(own)

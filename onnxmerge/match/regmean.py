@@ -15,7 +15,7 @@ Every other parameter (biases, norms, grouped convolutions) is averaged.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -27,7 +27,7 @@ _KINDS = ("MatMul", "Gemm", "Conv")
 class RegMeanParams:
     """alpha: scale of the Gram matrices' off-diagonal entries, in [0, 1]."""
 
-    alpha: float = field(default=0.5, metadata={"help": "scale of the Gram matrices' off-diagonal entries, 0-1"})
+    alpha: float = 0.5
 
 
 @dataclass(frozen=True)

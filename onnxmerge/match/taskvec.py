@@ -20,48 +20,42 @@ A task vector is ``tuned - base`` (Ilharco et al. 2023).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import RecipeError
 
-DARE_THEN = ("task-arithmetic", "ties")
 _PARALLEL = 1 - 1e-6  # cosine above which SLERP falls back to linear interpolation
 
 
-def _scale():
-    return field(default=1.0, metadata={"help": "lambda: scale of the task vectors added to the base"})
-
-
+# Parameters of each method; what each means and its range: choices.PARAMETERS.
 @dataclass(frozen=True)
 class TaskArithmeticParams:
-    scale: float = _scale()
+    scale: float = 1.0
 
 
 @dataclass(frozen=True)
 class TiesParams:
-    scale: float = _scale()
-    density: float = field(default=0.2, metadata={"help": "share of each task vector kept (largest magnitudes), (0, 1]"})
+    scale: float = 1.0
+    density: float = 0.2
 
 
 @dataclass(frozen=True)
 class DareParams:
-    scale: float = _scale()
-    drop_rate: float = field(default=0.9, metadata={"help": "share of each task vector dropped at random, [0, 1)"})
-    dare_then: str = field(default="task-arithmetic", metadata={
-        "help": "what follows the drops: task-arithmetic (sum) or ties (sign election, disjoint mean)",
-        "choices": DARE_THEN})
+    scale: float = 1.0
+    drop_rate: float = 0.9
+    dare_then: str = "task-arithmetic"
 
 
 @dataclass(frozen=True)
 class SlerpParams:
-    t: float = field(default=0.5, metadata={"help": "position between model 0 (0) and model 1 (1)"})
+    t: float = 0.5
 
 
 @dataclass(frozen=True)
 class LinearParams:
-    weights: tuple[float, ...] | None = field(default=None, metadata={"help": "one weight per model (default equal)"})
+    weights: tuple[float, ...] | None = None
 
 
 def task_arithmetic(base: np.ndarray, tuned: Sequence[np.ndarray], params, rng=None) -> np.ndarray:
@@ -114,24 +108,13 @@ def linear(base: np.ndarray | None, tuned: Sequence[np.ndarray], params, rng=Non
     return sum(w * t for w, t in zip(weights, tuned)) / weights.sum()
 
 
-_RANGES = {
-    "scale": (lambda v: bool(np.isfinite(v)), "give a finite number"),
-    "density": (lambda v: 0 < v <= 1, "give a share in (0, 1]"),
-    "drop_rate": (lambda v: 0 <= v < 1, "give a share in [0, 1)"),
-    "dare_then": (lambda v: v in DARE_THEN, f"use one of {', '.join(DARE_THEN)}"),
-    "t": (lambda v: 0 <= v <= 1, "give a position in [0, 1]"),
-}
-
-
 def check_params(method: str, params, models: int) -> None:
-    """Refuse parameter values outside their ranges, and model counts a method cannot take.
+    """Refuse model counts a method cannot take and weights that do not fit them (the ranges of
+    single values are checked with every option: limits.check_options).
 
     Raises:
-        RecipeError: naming the option, its value and the range.
+        RecipeError: naming the option and what to give.
     """
-    for name, (valid, what) in _RANGES.items():
-        if hasattr(params, name) and not valid(getattr(params, name)):
-            raise RecipeError(f"--{name.replace('_', '-')} {getattr(params, name)}: {what}")
     if method == "slerp" and models != 2:
         raise RecipeError(f"--method slerp interpolates two models; {models} were given")
     weights = getattr(params, "weights", None)

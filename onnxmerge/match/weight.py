@@ -17,13 +17,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 from ..graph.layout import Atom, Concat, Grid, Interleave, Layout, layout_width, leaves
 from ..rewrite.apply import transformed_arrays
 from ..rewrite.transform import Linear, Permutation, Transform
 from .grid import block_scores
-from .matching import Matching
+from .matching import Matching, max_assignment
 
 MAX_SWEEPS = 50
 
@@ -85,7 +84,7 @@ def _best_order(members, ours: dict[str, np.ndarray], i: int, space: int, uses, 
         rows = _rows(ours[use.name], use.axis, use.layout, space, _widths(reference, fixed))
         their_rows = _rows(theirs[other.name], other.axis, other.layout, member.space_of(space), _widths(member, fixed))
         similarity += rows @ their_rows.T
-    assigned, cols = linear_sum_assignment(similarity, maximize=True)
+    assigned, cols = max_assignment(similarity)
     return cols[np.argsort(assigned)]
 
 

@@ -35,7 +35,7 @@ though still vectorised (about 3x faster than the reference at 2 x 1024 instead 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -50,8 +50,8 @@ class ZipParams:
     beta: scale of the within-model merge budgets (>= 0); width: target width r
     (max d_i .. sum d_i, default max d_i)."""
 
-    alpha: float = field(default=0.5, metadata={"help": "correlation decay of joined clusters, 0-1"})
-    beta: float = field(default=1.0, metadata={"help": "scale of the within-model merge budgets, >= 0"})
+    alpha: float = 0.5
+    beta: float = 1.0
     width: int | None = None
 
 

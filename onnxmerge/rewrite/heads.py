@@ -19,12 +19,12 @@ from dataclasses import dataclass
 
 import onnx
 
+from ..choices import HEADS
 from ..errors import RecipeError
 from ..graph.layout import leaves
 from ..graph.rules import RULES
 from ..graph.spaces import SpaceGraph, node_label
 
-HEADS = ("separate", "shared")
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,6 @@ from ..match.matching import Matching
 from .heads import TrunkSplit, weight_layers
 from .merge import Member, merge_matrix
 
-REPAIRS = ("auto", "none", "reset", "repair")
 Batches = Callable[[], Iterable[dict[str, np.ndarray]]]
 _REPAIRABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # weight layers whose output has a channel axis
 
