@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 from math import prod
 
@@ -27,6 +28,10 @@ import numpy as np
 
 from ..errors import CalibrationError
 from ..limits import available_memory, format_bytes
+
+# what a cut or corrupt .npy/.npz raises on the way through zipfile, zlib and numpy's header reader
+_CORRUPT = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, struct.error, NotImplementedError,
+            RuntimeError)
 
 NPY_MAGIC = b"\x93NUMPY"
 ZIP_MAGIC = b"PK"
@@ -87,7 +92,7 @@ class ArrayFile:
             self.kind = "npz"
             try:
                 self._zip = zipfile.ZipFile(self.path)
-            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+            except _CORRUPT as error:
                 raise self._error(f"cannot read as .npz ({error})") from error
             self._infos = {(info.filename[:-4] if info.filename.endswith(".npy") else info.filename): info
                            for info in self._zip.infolist() if not info.is_dir()}
@@ -104,8 +109,7 @@ class ArrayFile:
         if key not in self._members:
             try:
                 member = self._npy_member() if self.kind == "npy" else self._zip_member(key)
-            except (OSError, ValueError, EOFError, zipfile.BadZipFile, struct.error, NotImplementedError,
-                    RuntimeError) as error:
+            except _CORRUPT as error:
                 raise self._error(f"cannot read the array header ({error})", key) from error
             self._members[key] = member
         return self._members[key]
@@ -182,7 +186,7 @@ class ArrayFile:
             member = self.member(key)
             try:
                 self._loaded[key] = self._read(member)
-            except (OSError, ValueError, EOFError, zipfile.BadZipFile, RuntimeError) as error:
+            except _CORRUPT as error:
                 raise self._error(f"cannot read the array ({error})", key) from error
         return self._loaded[key]
 
