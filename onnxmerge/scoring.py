@@ -196,6 +196,8 @@ def _collect(session, heads: list[str], feeds, count: int, name: str) -> list[np
     for feed in feeds:
         try:
             outputs.append(session.run(heads, feed))
+        except CalibrationError:  # open_session's sessions say so in one line already
+            raise
         except Exception as error:  # onnxruntime's error classes share no base but Exception
             raise CalibrationError(f"{name}: onnxruntime cannot run the model on the test data "
                                    f"({_first_line(error)}); check the data's shapes and dtypes against the "
