@@ -313,3 +313,24 @@ def test_the_same_merge_twice_gives_identical_bytes(tmp_path, capsys):
                      "--max-samples", "64", "-o", str(out)]) == 0
         outputs.append(out.read_bytes())
     assert outputs[0] == outputs[1]
+
+
+@pytest.mark.parametrize("command", [
+    ["merge", "A", "B", "--stats", "STATS", "-o", "STATS"],
+    ["merge", "A", "B", "--base", "BASE", "-o", "BASE"],
+    ["merge", "A", "B", "--calib", "CALIB", "-o", "OUT", "--report", "CALIB"],
+    ["align", "A", "B", "--calib", "CALIB", "--plot", "CALIB"],
+    ["calibrate", "A", "B", "--calib", "CALIB", "-o", "B"],
+    ["deepen", "A", "-o", "A", "--blocks", "1"],
+], ids=["stats", "base", "report-calib", "plot-calib", "calibrate-model", "deepen"])
+def test_every_input_is_protected_from_every_output(tmp_path, capsys, command):
+    a = _save(cnn(), tmp_path / "a.onnx")
+    b = _save(cnn(seed=1), tmp_path / "b.onnx")
+    base = _save(cnn(seed=2), tmp_path / "base.onnx")
+    calib, _ = _data(tmp_path)
+    (tmp_path / "stats.npz").write_bytes(b"not read: the output check comes first")
+    names = {"A": a, "B": b, "BASE": base, "CALIB": calib, "STATS": str(tmp_path / "stats.npz"),
+             "OUT": str(tmp_path / "out.onnx")}
+    before = _listing(tmp_path)
+    _refused([names.get(arg, arg) for arg in command], capsys, "would overwrite")
+    assert _listing(tmp_path) == before
