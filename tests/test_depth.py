@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from onnxmerge import api
+from onnxmerge.stages.prepare import align_models, block_structures, cores
 from onnxmerge.sources import read_models
 from onnxmerge.errors import RecipeError, UnsupportedGraphError
 from onnxmerge.graph.blocks import find_blocks
@@ -314,8 +315,8 @@ def test_a_lone_transformer_layer_merged_with_itself_lifted_gives_it_back(tmp_pa
     from onnxmerge.depth import lift_models
     deep_path, lone_path, x = transformers(tmp_path, 3, 1)
     calib = str(tmp_path / "calib.npy")
-    named, _, _ = api._cores(read_models([deep_path, lone_path]), api.MergeOptions())
-    alignment = api._align(named, api._structures(named), None, api.MergeOptions(align="head-tail"))
+    named, _, _ = cores(read_models([deep_path, lone_path]), api.MergeOptions())
+    alignment = align_models(named, block_structures(named), None, api.MergeOptions(align="head-tail"))
     lifted = tmp_path / "lone_lifted.onnx"
     save_model(lift_models(named, alignment)[1], lifted)
     expected = run_all(load_model(lone_path), x)

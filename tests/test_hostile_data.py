@@ -19,6 +19,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from onnxmerge import api, limits
+from onnxmerge.stages import prepare
 from onnxmerge.calib.data import check_variation, input_specs, load_calibration
 from onnxmerge.calib.stats import CKAStats, SpaceStats, load_stats, save_stats
 from onnxmerge.cli import main
@@ -336,7 +337,7 @@ def test_cka_of_a_tensor_that_does_not_vary_is_undefined_and_the_rest_in_0_1():
 
 def test_align_refuses_undefined_cka_and_suggests_a_data_free_alignment(tmp_path, monkeypatch):
     np.savez(tmp_path / "calib.npz", input=np.zeros((64, 1, 8, 8), np.float32))
-    monkeypatch.setattr(api, "check_variation", lambda *args, **kwargs: None)  # as if the data looked varied
+    monkeypatch.setattr(prepare, "check_variation", lambda *args, **kwargs: None)  # as if the data looked varied
     with pytest.raises(CalibrationError, match="CKA is undefined for .*vgg_a_deep.onnx blocks 0, .*--method uniform") as caught:
         api.align([VGG_A_DEEP, VGG_B], str(tmp_path / "calib.npz"))
     assert "\n" not in str(caught.value) and "--align uniform" in str(caught.value)
