@@ -124,6 +124,21 @@ def export(model: nn.Module, path: Path) -> None:
                       training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False)
 
 
+def export_folded(model: nn.Module, path: Path, size: int = 8) -> None:
+    """Eval-mode export, as users export: the legacy exporter folds each BatchNormalization into
+    its conv (the hard and fine-tunes samples)."""
+    torch.onnx.export(model, (torch.zeros(2, 1, size, size),), path, dynamo=False, opset_version=17,
+                      input_names=["input"], output_names=["output"],
+                      dynamic_axes={"input": {0: "N"}, "output": {0: "N"}})
+
+
+def save_data(out: Path, x_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray) -> None:
+    """calib.npz (500 training images drawn with seed 0, array "input") and test.npz."""
+    pick = np.random.default_rng(0).choice(len(x_train), 500, replace=False)
+    np.savez_compressed(out / "calib.npz", input=x_train[pick])
+    np.savez_compressed(out / "test.npz", input=x_test, y=y_test)
+
+
 def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, classes: list[int]) -> float:
     mask = np.isin(y, classes)
     with torch.no_grad():
@@ -141,9 +156,7 @@ def main() -> None:
         model = train(build(), x_train, y_train, TASKS[task], seed)
         export(model, args.out / f"{name}.onnx")
         print(f"{name}: task accuracy {accuracy(model, x_test, y_test, TASKS[task]):.3f}")
-    pick = np.random.default_rng(0).choice(len(x_train), 500, replace=False)
-    np.savez_compressed(args.out / "calib.npz", input=x_train[pick])
-    np.savez_compressed(args.out / "test.npz", input=x_test, y=y_test)
+    save_data(args.out, x_train, x_test, y_test)
 
 
 if __name__ == "__main__":

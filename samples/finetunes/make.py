@@ -43,12 +43,6 @@ def fine_tune(base: nn.Module, x: np.ndarray, y: np.ndarray, classes: list[int],
     return DIGITS.train(model, x, y, classes, seed, epochs=TUNE_EPOCHS)
 
 
-def export(model: nn.Module, path: Path) -> None:
-    torch.onnx.export(model, (torch.zeros(2, 1, 8, 8),), path, dynamo=False, opset_version=17,
-                      input_names=["input"], output_names=["output"],
-                      dynamic_axes={"input": {0: "N"}, "output": {0: "N"}})
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=HERE)
@@ -58,15 +52,13 @@ def main() -> None:
     torch.manual_seed(0)
     base = DIGITS.train(DIGITS.ResNet(width=16, blocks=1, classes=10), x_train, y_train, list(range(10)), 0,
                         epochs=BASE_EPOCHS)
-    export(base, args.out / "base.onnx")
+    DIGITS.export_folded(base, args.out / "base.onnx")
     print(f"base: accuracy {DIGITS.accuracy(base, x_test, y_test, list(range(10))):.3f}")
     for name, (classes, seed) in TUNES.items():
         model = fine_tune(base, x_train, y_train, classes, seed)
-        export(model, args.out / f"{name}.onnx")
+        DIGITS.export_folded(model, args.out / f"{name}.onnx")
         print(f"{name}: task accuracy {DIGITS.accuracy(model, x_test, y_test, classes):.3f}")
-    pick = np.random.default_rng(0).choice(len(x_train), 500, replace=False)
-    np.savez_compressed(args.out / "calib.npz", input=x_train[pick])
-    np.savez_compressed(args.out / "test.npz", input=x_test, y=y_test)
+    DIGITS.save_data(args.out, x_train, x_test, y_test)
 
 
 if __name__ == "__main__":

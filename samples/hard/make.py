@@ -94,13 +94,6 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, classes: list[int], se
     return model.eval()
 
 
-def export(model: nn.Module, path: Path) -> None:
-    """Eval-mode export: the legacy exporter folds each BatchNormalization into its conv."""
-    torch.onnx.export(model, (torch.zeros(2, 1, SIZE, SIZE),), path, dynamo=False, opset_version=17,
-                      input_names=["input"], output_names=["output"],
-                      dynamic_axes={"input": {0: "N"}, "output": {0: "N"}})
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=HERE)
@@ -111,11 +104,9 @@ def main() -> None:
     for name, (task, seed) in MODELS.items():
         torch.manual_seed(seed)
         model = train(ResNet(), x_train, y_train, TASKS[task], seed)
-        export(model, args.out / f"{name}.onnx")
+        DIGITS.export_folded(model, args.out / f"{name}.onnx", SIZE)
         print(f"{name}: task accuracy {accuracy(model, x_test, y_test, TASKS[task]):.3f}", flush=True)
-    pick = np.random.default_rng(0).choice(len(x_train), 500, replace=False)
-    np.savez_compressed(args.out / "calib.npz", input=x_train[pick])
-    np.savez_compressed(args.out / "test.npz", input=x_test, y=y_test)
+    DIGITS.save_data(args.out, x_train, x_test, y_test)
 
 
 if __name__ == "__main__":
