@@ -38,7 +38,7 @@ from .match.permute import require_equal_widths
 from .match.grid import assignments_of, match_grid
 from .match.matching import Matching
 from .match.weight import WeightParams, match_weights
-from .options import MergeOptions, merge_options
+from .options import MergeOptions, merge_options, recorded
 from .progress import progress
 from .recipe import Recipe, read_recipe
 from .report import write_json, write_text
@@ -591,8 +591,13 @@ def _statistics(members: list[Member], split, calib, stats_files, options: Merge
     fingerprint = _fingerprint(members, units)
     shards, provider = [], "none"
     if calib is not None:
-        computed, provider = collect_statistics([m.model for m in members], per_model,
-                                                _batches(calib, len(members), options.batch_size), widths, options.provider)
+        if options.ray is not None:  # shards of the samples on Ray workers (docs/scale.md)
+            from .calib.distributed import collect_on_ray
+            computed, provider = collect_on_ray([m.model for m in members], per_model, calib, widths, options)
+        else:
+            computed, provider = collect_statistics([m.model for m in members], per_model,
+                                                    _batches(calib, len(members), options.batch_size), widths,
+                                                    options.provider)
         shards.append(({_stats_key(u): s for u, s in zip(units, computed)}, {"fingerprint": fingerprint}))
     shards.extend(load_stats(path) for path in stats_files or [])
     if not shards:
@@ -813,7 +818,7 @@ def _record(model: onnx.ModelProto, sources: list[Source], recipe: Recipe) -> No
     """Store what produced the merged model in its metadata: file names and sha256 only,
     never folders."""
     entries = {"onnxmerge.version": __version__, "onnxmerge.method": recipe.options.method,
-               "onnxmerge.options": json.dumps(asdict(recipe.options), sort_keys=True)}
+               "onnxmerge.options": json.dumps(recorded(recipe.options), sort_keys=True)}
     for index, source in enumerate(sources):
         entries[f"onnxmerge.input{index}.sha256"] = source.sha256
         entries[f"onnxmerge.input{index}.name"] = source.file_name
