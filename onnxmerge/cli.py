@@ -122,8 +122,8 @@ def _ray_scope(args: argparse.Namespace) -> contextlib.AbstractContextManager:
         if args.ray_shards is not None:
             raise OnnxMergeError("--ray-shards splits the samples for Ray workers; add --ray [ADDRESS]")
         return contextlib.nullcontext()
-    from .calib.distributed import check_address, held, import_ray
-    check_address(args.ray)
+    from .calib.distributed import check, held, import_ray
+    check(args.ray, args.ray_shards)
     import_ray()
     return held()
 

@@ -57,14 +57,17 @@ def import_ray() -> ModuleType:
     return ray
 
 
-def check_address(address: object) -> str:
+def check(address: object, shards: int | None = None) -> str:
     """``address`` when it can be a Ray address: ``local``, ``auto``, ``host:port``,
-    ``ray://host:port``. A file's name is refused: ``--ray`` takes an optional value, so
-    ``--ray A.onnx B.onnx`` would read the first model as the address.
+    ``ray://host:port``, and ``shards`` when it is None or positive. A file's name is refused:
+    ``--ray`` takes an optional value, so ``--ray A.onnx B.onnx`` would read the first model as
+    the address.
 
     Raises:
-        RecipeError: an empty address or the name of a file.
+        RecipeError: an empty address, the name of a file, or fewer than one shard.
     """
+    if shards is not None and shards < 1:
+        raise RecipeError(f"--ray-shards {shards}: use at least 1 shard")
     if not isinstance(address, str) or not address.strip():
         raise RecipeError(f"--ray {address!r}: give a Ray address (auto, host:6379, ray://host:10001) or local")
     if address.endswith((".onnx", ".npz", ".npy")) or os.path.isfile(address):
@@ -108,9 +111,7 @@ def collect_on_ray(models: list[onnx.ModelProto], units: list[list[CaptureUnit]]
         CalibrationError: no Ray cluster at the address, or a worker failed.
         OnnxMergeError: what a run in one process raises for these data, from the worker.
     """
-    address = check_address(options.ray)
-    if options.ray_shards is not None and options.ray_shards < 1:
-        raise RecipeError(f"--ray-shards {options.ray_shards}: use at least 1 shard")
+    address = check(options.ray, options.ray_shards)
     if not widths:  # nothing is merged (--zip-layers 0)
         return [], "none"
     gpu = options.provider == "cuda"
@@ -225,6 +226,9 @@ def _connected(address: str) -> Iterator[ModuleType]:
     if not ray.is_initialized():
         _init(ray, address)
         _owned = True
+    elif not _owned and address not in (LOCAL, "auto"):
+        log.warning("Ray is already running in this process (ray.init()); the statistics are computed there, "
+                    "not at --ray %s", address)
     try:
         yield ray
     finally:
