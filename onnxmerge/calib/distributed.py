@@ -129,14 +129,11 @@ def collect_on_ray(models: list[onnx.ModelProto], units: list[list[CaptureUnit]]
         refs = [task.remote(payload, units, widths, calib.shard(start, stop), options.batch_size, options.provider,
                             None if gpu else 1) for start, stop in ranges]
         try:
-            results = _gather(ray, refs, ranges)
-        finally:
-            for ref in refs:  # after a failure or an interrupt, what still runs is not wanted
-                with contextlib.suppress(Exception):
-                    ray.cancel(ref)
-    shards = [({str(k): stats for k, stats in enumerate(computed)}, {}) for computed, _ in results]
-    combined = combine_stats(shards, sources=[f"Ray shard {start}:{stop}" for start, stop in ranges])
-    return [combined[str(k)] for k in range(len(widths))], "+".join(sorted({ran for _, ran in results}))
+            total, providers = _reduce(ray, refs, ranges)
+        except BaseException:  # a failure or an interrupt: what still runs is not wanted
+            _cancel(ray, refs)
+            raise
+    return total, "+".join(sorted(providers))
 
 
 def shard_statistics(models: list[bytes], units: list[list[CaptureUnit]], widths: list[list[int]],
@@ -167,8 +164,11 @@ def shard_ranges(calib: CalibrationSet, batch_size: int, count: int) -> list[tup
     return ranges
 
 
-def _gather(ray: ModuleType, refs: list, ranges: list[tuple[int, int]]) -> list:
-    """Each task's result, in shard order, with a progress bar over the shards as they finish."""
+def _reduce(ray: ModuleType, refs: list, ranges: list[tuple[int, int]]) -> tuple[list[SpaceStats], set[str]]:
+    """The shards' statistics added in shard order as the tasks finish (the sums of
+    ``combine_stats`` over all shards, in its order), holding only the running total and the
+    shards that finished before their turn; and the providers that ran. A progress bar counts
+    the finished shards."""
     position = {ref: index for index, ref in enumerate(refs)}
 
     def finished() -> Iterator:
@@ -177,11 +177,26 @@ def _gather(ray: ModuleType, refs: list, ranges: list[tuple[int, int]]) -> list:
             done, pending = ray.wait(pending, num_returns=1)
             yield from done
 
-    results = [None] * len(refs)
+    total, providers, early, turn = None, set(), {}, 0
     for ref in progress(finished(), "statistics on Ray", len(refs), "shard"):
         index = position[ref]
-        results[index] = _result(ray, ref, ranges[index])
-    return results
+        early[index] = _result(ray, ref, ranges[index])
+        while turn in early:
+            stats, ran = early.pop(turn)
+            providers.add(ran)
+            if total is not None:
+                added = combine_stats([(dict(enumerate(total)), {}), (dict(enumerate(stats)), {})])
+                stats = [added[k] for k in range(len(total))]
+            total, turn = stats, turn + 1
+    return total, providers
+
+
+def _cancel(ray: ModuleType, refs: list) -> None:
+    """Cancel the tasks that have not finished (never a finished one: Ray may abort then)."""
+    with contextlib.suppress(Exception):
+        _, pending = ray.wait(refs, num_returns=len(refs), timeout=0)
+        for ref in pending:
+            ray.cancel(ref)
 
 
 def _result(ray: ModuleType, ref, samples: tuple[int, int]):
