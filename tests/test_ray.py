@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import pickle
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -42,7 +43,9 @@ def cluster():
     """One local Ray instance with two workers for the module."""
     import ray
 
+    handler = signal.getsignal(signal.SIGTERM)
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR)
+    signal.signal(signal.SIGTERM, handler)  # Ray sets its own; the other tests expect pytest's
     yield ray
     ray.shutdown()
 

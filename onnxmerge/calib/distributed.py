@@ -25,6 +25,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import onnx
 
@@ -33,6 +34,9 @@ from ..progress import progress
 from .capture import CaptureUnit, collect_statistics
 from .data import CalibrationSet
 from .stats import SpaceStats, combine_stats
+
+if TYPE_CHECKING:
+    from ..options import MergeOptions
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +97,7 @@ def held() -> Iterator[None]:
 
 
 def collect_on_ray(models: list[onnx.ModelProto], units: list[list[CaptureUnit]], calib: CalibrationSet,
-                   widths: list[list[int]], options) -> tuple[list[SpaceStats], str]:
+                   widths: list[list[int]], options: MergeOptions) -> tuple[list[SpaceStats], str]:
     """``collect_statistics`` of ``calib`` in shards on Ray workers (the module docstring):
     one ``SpaceStats`` per unit and the provider(s) that ran.
 
