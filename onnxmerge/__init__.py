@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 # Public name -> the module defining it, imported on first use so that `import onnxmerge` and
 # `onnxmerge --help` stay fast (the pipeline pulls in onnxruntime, scipy and graph tools).
 _LAZY = {
-    "merge": "api", "run": "api", "inspect": "api", "permute": "api", "widen": "api", "deepen": "api",
+    "merge": "api", "run": "api", "inspect": "models", "permute": "models", "widen": "models", "deepen": "models",
     "align": "api", "calibrate": "api", "evaluate": "api", "MergeResult": "api",
     "MergeOptions": "options", "Recipe": "recipe", "read_recipe": "recipe",
     "describe_alignment": "depth", "save_stats": "calib.stats", "load_stats": "calib.stats",

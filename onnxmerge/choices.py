@@ -31,17 +31,19 @@ METHODS = {
 DARE_THEN = ("task-arithmetic", "ties")  # match/taskvec.py: what follows DARE's drops
 
 # method parameter (a field of the methods' parameter dataclasses in match/) -> (default, help,
-# the methods that read it, allowed values); the CLI flag is --name-with-dashes, the API keyword
+# the methods that read it, allowed values, range (low, high, low open, high open) of a number:
+# None bounds only ask for a finite value); the CLI flag is --name-with-dashes, the API keyword
 # and the recipe key under `parameters` the name; the tests check them against the dataclasses
 PARAMETERS = {
-    "alpha": (0.5, "zip: correlation decay of joined clusters, 0-1; regmean: scale of the Gram matrices' "
-                   "off-diagonal entries, 0-1", ("zip", "regmean"), ()),
-    "beta": (1.0, "scale of the within-model merge budgets, >= 0", ("zip",), ()),
-    "scale": (1.0, "lambda: scale of the task vectors added to the base", ("task-arithmetic", "ties", "dare"), ()),
-    "density": (0.2, "share of each task vector kept (largest magnitudes), (0, 1]", ("ties",), ()),
-    "drop_rate": (0.9, "share of each task vector dropped at random, [0, 1)", ("dare",), ()),
+    "alpha": (0.5, "zip: correlation decay of joined clusters; regmean: scale of the Gram matrices' "
+                   "off-diagonal entries", ("zip", "regmean"), (), (0.0, 1.0, False, False)),
+    "beta": (1.0, "scale of the within-model merge budgets", ("zip",), (), (0.0, None, False, False)),
+    "scale": (1.0, "lambda: scale of the task vectors added to the base (negative: subtract them)",
+              ("task-arithmetic", "ties", "dare"), (), (None, None, False, False)),
+    "density": (0.2, "share of each task vector kept (largest magnitudes)", ("ties",), (), (0.0, 1.0, True, False)),
+    "drop_rate": (0.9, "share of each task vector dropped at random", ("dare",), (), (0.0, 1.0, False, True)),
     "dare_then": ("task-arithmetic", "what follows the drops: task-arithmetic (sum) or ties (sign election, "
-                                     "disjoint mean)", ("dare",), DARE_THEN),
-    "t": (0.5, "position between model 0 (0) and model 1 (1)", ("slerp",), ()),
-    "weights": (None, "one weight per model (default equal)", ("linear",), ()),
+                                     "disjoint mean)", ("dare",), DARE_THEN, None),
+    "t": (0.5, "position between model 0 (0) and model 1 (1)", ("slerp",), (), (0.0, 1.0, False, False)),
+    "weights": (None, "one non-negative weight per model (default equal)", ("linear",), (), None),
 }

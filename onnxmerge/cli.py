@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 from . import __version__
 from .choices import ALIGNMENTS, BN_MODES, HEADS, METHODS, MIN_SAMPLES, PARAMETERS, PROVIDERS, REPAIRS
 from .errors import OnnxMergeError
+from .limits import MAX_DEEPEN_PER_BLOCK, MAX_MULTIPLE, MAX_SEED, _range_text, argument
 from .options import OPTION_NAMES, MergeOptions
 from .progress import set_quiet
 
@@ -74,9 +75,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def _rewritten(args: argparse.Namespace, rewrite) -> int:
     """Write ``rewrite()``'s model to ``--output`` (checked writable before the work)."""
+    from .errors import about
     from .io import check_writable, save_model
     check_writable(args.output, "model", [args.model])
-    save_model(rewrite(), args.output)
+    with about(args.model):
+        model = rewrite()
+    save_model(model, args.output)
     print(f"wrote {args.output}")
     return 0
 
@@ -87,12 +91,13 @@ def cmd_permute(args: argparse.Namespace) -> int:
     return _rewritten(args, lambda: api.permute(api.load(args.model), seed=args.seed, bn=args.bn))
 
 
-def _calibration_options() -> argparse.ArgumentParser:
+def _calibration_options(required: bool = False) -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("calibration")
-    group.add_argument("--calib", metavar="DATA", help=".npz (one array per input name, or one array) or .npy inputs")
-    group.add_argument("--batch-size", type=int, default=64, help="samples per onnxruntime run (default 64)")
-    group.add_argument("--max-samples", type=int, help="use at most this many calibration samples")
+    group.add_argument("--calib", metavar="DATA", required=required,
+                       help=".npz (one array per input name, or one array) or .npy inputs")
+    group.add_argument("--batch-size", type=argument(int, 1), default=64, help="samples per onnxruntime run (default 64)")
+    group.add_argument("--max-samples", type=argument(int, 1), help="use at most this many calibration samples")
     group.add_argument("--allow-few-samples", action="store_true",
                        help=f"accept fewer than {MIN_SAMPLES} calibration samples (refused by default: "
                             "correlations and repair statistics from so few are noise)")
@@ -109,7 +114,7 @@ def _ray_options() -> argparse.ArgumentParser:
                             "Ray instance started on this machine for the command (one worker per core), with it "
                             "on the cluster there (auto, host:6379, ray://host:10001); the same result as without. "
                             "Needs pip install 'onnxmerge[ray]'")
-    group.add_argument("--ray-shards", type=int, metavar="N",
+    group.add_argument("--ray-shards", type=argument(int, 1), metavar="N",
                        help="with --ray: split the calibration samples into N shards (Ray tasks) of whole batches "
                             "(default: one per CPU of the cluster)")
     return parent
@@ -138,7 +143,7 @@ def _plan_options() -> argparse.ArgumentParser:
                             "the rest stays per model. auto: merge at each cut on 80%% of the --calib samples and "
                             "keep the largest N whose argmax disagreement with the source models on the other "
                             "20%% stays within --max-loss (the curve goes to the report). Default: every layer")
-    group.add_argument("--max-loss", type=float, default=0.05,
+    group.add_argument("--max-loss", type=argument(float, 0.0, 1.0), default=0.05,
                        help="--zip-layers auto: largest share of joint predictions that may differ from the ensemble of the models, 0-1 (default 0.05)")
     group.add_argument("--align", choices=ALIGNMENTS, default="auto",
                        help="depth alignment of models with different numbers of blocks: auto (sma when depths "
@@ -174,8 +179,9 @@ def _multiple(text: str) -> float | str:
         value = float(text[:-1] if text.endswith("x") else text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a multiple like 1.5x") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: the multiple must be positive")
+    if not 0 < value <= MAX_MULTIPLE:  # NaN too
+        raise argparse.ArgumentTypeError(f"{text!r}: the multiple must be a finite number above 0 and at most "
+                                         f"{MAX_MULTIPLE:g}")
     return value
 
 
@@ -295,7 +301,7 @@ def _rewrite_command(commands, graph: argparse.ArgumentParser, run, written: str
     parser = commands.add_parser(name, parents=[graph], help=run.__doc__, description=run.__doc__)
     parser.add_argument("model", help="ONNX file")
     parser.add_argument("-o", "--output", required=True, help=f"where to write the {written} model")
-    parser.add_argument("--seed", type=int, default=0, help=seed_help)
+    parser.add_argument("--seed", type=argument(int, 0, MAX_SEED), default=0, help=seed_help)
     parser.set_defaults(run=run)
     return parser
 
@@ -303,15 +309,18 @@ def _rewrite_command(commands, graph: argparse.ArgumentParser, run, written: str
 def _method_parameters(parser: argparse.ArgumentParser) -> None:
     """One flag per method parameter (choices.PARAMETERS, the registry's parameter fields)."""
     group = parser.add_argument_group("method parameters")
-    for name, (default, text, methods, allowed) in PARAMETERS.items():
+    for name, (default, text, methods, allowed, bounds) in PARAMETERS.items():
         flag = "--" + name.replace("_", "-")
         described = f"{'/'.join(methods)}: {text}"
         if allowed:
             group.add_argument(flag, choices=allowed, default=default, help=f"{described} (default {default})")
         elif default is None:  # a list, one value per model
-            group.add_argument(flag, type=float, nargs="+", metavar="W", help=described)
+            group.add_argument(flag, type=argument(float, 0.0), nargs="+", metavar="W", help=described)
         else:
-            group.add_argument(flag, type=type(default), default=default, help=f"{described} (default {default})")
+            low, high, low_open, high_open = bounds
+            where = "" if low is None and high is None else f", {_range_text(low, high, low_open, high_open)}"
+            group.add_argument(flag, type=argument(float, low, high, low_open=low_open, high_open=high_open),
+                               default=default, help=f"{described}{where} (default {default})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -328,9 +337,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     _rewrite_command(commands, graph, cmd_permute, "permuted", "random seed (default 0)")
     widen = _rewrite_command(commands, graph, cmd_widen, "widened", "random seed choosing the copied channels (default 0)")
-    widen.add_argument("--factor", type=float, required=True, help="new width / old width of each widened space")
+    widen.add_argument("--factor", type=argument(float, 1.0, MAX_MULTIPLE), required=True,
+                       help=f"new width / old width of each widened space (1 to {MAX_MULTIPLE:g})")
     deepen = _rewrite_command(commands, graph, cmd_deepen, "deepened", "random seed choosing the positions (default 0)")
-    deepen.add_argument("--blocks", type=int, required=True, help="how many identity blocks to insert")
+    deepen.add_argument("--blocks", type=argument(int, 1), required=True,
+                        help=f"how many identity blocks to insert (at most {MAX_DEEPEN_PER_BLOCK} per block of "
+                             "the stages deepened)")
 
     calibration, plan, distributed = _calibration_options(), _plan_options(), _ray_options()
     merge = commands.add_parser("merge", parents=[graph, calibration, plan, distributed], help=cmd_merge.__doc__,
@@ -345,6 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the pre-trained model the MODELS were fine-tuned from: the same-base methods "
                             "(task-arithmetic, ties, dare) add their task vectors (MODEL - BASE) to it; "
                             "with --base the method defaults to task-arithmetic")
+    merge.add_argument("--align-first", action="store_true",
+                       help="same-base methods: align every model's features to the first model's before combining "
+                            "(activation matching on --calib, else weight matching); for models of one "
+                            "architecture trained apart, or fine-tunes whose features drifted")
     _method_parameters(merge)
     merge.add_argument("--width", type=_multiple, metavar="Fx|min",
                        help="zip: merged width of every space as a multiple of the widest model's, e.g. 1.5x "
@@ -357,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--strict", action="store_true",
                        help="exit 1 instead of warning when a full merge leaves more than half of the weight "
                             "layers per model (barriers near the input)")
-    merge.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    merge.add_argument("--seed", type=argument(int, 0, MAX_SEED), default=0, help="random seed (default 0)")
     merge.add_argument("--report", metavar="JSON", help="write the matching summary, timings and provider")
     merge.set_defaults(run=cmd_merge)
 
@@ -376,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("recipe", help="recipe file (.yaml)")
     run.set_defaults(run=cmd_run)
 
-    calibrate = commands.add_parser("calibrate", parents=[graph, calibration, plan, distributed],
+    calibrate = commands.add_parser("calibrate",
+                                    parents=[graph, _calibration_options(required=True), plan, distributed],
                                     help=cmd_calibrate.__doc__, description=cmd_calibrate.__doc__)
     calibrate.add_argument("models", nargs="+", help="the ONNX files of the merge, in the same order")
     calibrate.add_argument("-o", "--output", required=True, help="statistics file (.npz)")

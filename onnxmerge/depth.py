@@ -10,7 +10,7 @@ import onnx
 
 from .calib.capture import collect_cka
 from .choices import ALIGNMENTS
-from .errors import RecipeError
+from .errors import CalibrationError, RecipeError
 from .graph.canonical import infer_shapes
 from .graph.blocks import BlockStructure, check_stages
 from .graph.spaces import find_spaces
@@ -82,6 +82,7 @@ def align_depths(named: list[tuple[str, onnx.ModelProto]], structures: list[Bloc
         tensors = [[u.output for u in s.units] for s in structures]
         stats, result.provider = collect_cka([m for _, m in named], tensors, batches, provider)
         result.cka = stats.cka()
+        _check_defined(result, method)
     for i, structure in enumerate(structures):
         if i == deep:
             result.maps[i] = list(range(sizes[deep]))
@@ -94,6 +95,21 @@ def align_depths(named: list[tuple[str, onnx.ModelProto]], structures: list[Bloc
             mapping[l] = k
         result.maps[i] = mapping
     return result
+
+
+def _check_defined(alignment: DepthAlignment, method: str) -> None:
+    """Refuse to align on undefined CKA (NaN: a block output that does not vary over the samples)."""
+    undefined = np.isnan(np.diag(alignment.cka))
+    if not undefined.any():
+        return
+    offsets, found = alignment.offsets(), []
+    for i, (name, structure) in enumerate(zip(alignment.names, alignment.structures)):
+        blocks = [k for k in range(len(structure.units)) if undefined[offsets[i] + k]]
+        if blocks:
+            found.append(f"{name} block{'s' if len(blocks) > 1 else ''} {', '.join(map(str, blocks))}")
+    raise CalibrationError(f"CKA is undefined for {'; '.join(found)}: their outputs do not vary over the calibration "
+                           f"samples, so {method} cannot compare blocks; give varied calibration data, or align "
+                           "without data: --align uniform (merge) or --method uniform (align)")
 
 
 def lift_models(named: list[tuple[str, onnx.ModelProto]], alignment: DepthAlignment) -> list[onnx.ModelProto]:
@@ -127,6 +143,8 @@ def describe(alignment: DepthAlignment) -> dict:
                            "objective": alignment.objectives.get(i, [None] * len(deep.stages))[s]})
         report["maps"][alignment.names[i]] = stages
     if alignment.cka is not None:
-        report["cka"] = {alignment.names[i]: np.round(alignment.cross(alignment.deep, i), 4).tolist()
+        # undefined CKA (NaN: a block output that does not vary) is null in the JSON report
+        report["cka"] = {alignment.names[i]: [[None if np.isnan(v) else v for v in row]
+                                              for row in np.round(alignment.cross(alignment.deep, i), 4).tolist()]
                          for i in range(len(alignment.names)) if i != alignment.deep}
     return report

@@ -5,6 +5,11 @@ The CLI prints them as one line ``onnxmerge: error: ...`` and exits 1; any other
 exception is a bug: one line naming the command and the error, exit 70 (the traceback with -v).
 """
 
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
 
 class OnnxMergeError(Exception):
     """Base class of all user-facing onnxmerge errors."""
@@ -28,3 +33,16 @@ class RecipeError(OnnxMergeError):
 
 class MissingDependencyError(OnnxMergeError):
     """A package onnxmerge needs for this step is not installed; the message says what to install."""
+
+
+@contextlib.contextmanager
+def about(name: str) -> Iterator[None]:
+    """Name the file in an error the body raises without it (the graph code knows no paths):
+    ``node conv2: ...`` becomes ``model.onnx: node conv2: ...``."""
+    try:
+        yield
+    except OnnxMergeError as error:
+        text = str(error)
+        if name in text or len(error.args) != 1 or isinstance(error, MissingDependencyError):
+            raise  # a missing extra is no fault of the file
+        raise type(error)(f"{name}: {text}") from error

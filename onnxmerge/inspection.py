@@ -20,7 +20,29 @@ FORMAT = "onnxmerge.inspect/1"
 def _value_info(info: onnx.ValueInfoProto) -> dict:
     tensor = info.type.tensor_type
     shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim]
-    return {"name": info.name, "shape": shape, "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name}
+    return {"name": info.name, "shape": shape, "dtype": _type_name(info.type)}
+
+
+def _type_name(proto: onnx.TypeProto) -> str:
+    """A tensor's element type as numpy names it (float32); other types spelled out around it:
+    sequence(float32), map(int64, float32), optional(...), sparse(float32)."""
+    kind = proto.WhichOneof("value")
+    if kind == "sequence_type":
+        return f"sequence({_type_name(proto.sequence_type.elem_type)})"
+    if kind == "optional_type":
+        return f"optional({_type_name(proto.optional_type.elem_type)})"
+    if kind == "map_type":
+        return f"map({_element_name(proto.map_type.key_type)}, {_type_name(proto.map_type.value_type)})"
+    if kind == "sparse_tensor_type":
+        return f"sparse({_element_name(proto.sparse_tensor_type.elem_type)})"
+    return _element_name(proto.tensor_type.elem_type) if kind == "tensor_type" else "unknown"
+
+
+def _element_name(elem_type: int) -> str:
+    try:
+        return onnx.helper.tensor_dtype_to_np_dtype(elem_type).name
+    except (KeyError, ValueError, TypeError):
+        return "unknown"
 
 
 def _use(use: ParamUse) -> dict:

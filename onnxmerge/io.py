@@ -117,7 +117,41 @@ def _read_model_proto(name: str) -> onnx.ModelProto:
     if model.ir_version <= 0 or not model.HasField("graph"):
         raise InvalidModelError(f"{name}: not an ONNX model (no IR version or no graph); "
                                 "check the file is a complete .onnx export")
+    where = _not_utf8(model)
+    if where is not None:
+        raise InvalidModelError(f"{name}: not an ONNX model (the string field {where} is not UTF-8 text); "
+                                "check the file is a complete, uncorrupted .onnx export")
     return model
+
+
+def _not_utf8(message) -> str | None:
+    """The first string field of a parsed message that is not UTF-8 text (``NodeProto.name``),
+    or None. Protobuf decodes strings only when read (as bytes, or raising, when they are not
+    text), so a corrupt byte would otherwise surface anywhere later; bytes fields (tensor data)
+    are not read."""
+    for field in message.DESCRIPTOR.fields:
+        if field.type == field.TYPE_STRING:
+            try:
+                value = getattr(message, field.name)
+                values = list(value) if _repeated(field) else [value]
+            except UnicodeDecodeError:
+                values = [b""]
+            if any(isinstance(v, bytes) for v in values):
+                return f"{message.DESCRIPTOR.name}.{field.name}"
+        elif field.type == field.TYPE_MESSAGE:
+            children = getattr(message, field.name) if _repeated(field) else (
+                [getattr(message, field.name)] if message.HasField(field.name) else [])
+            for child in children:
+                where = _not_utf8(child)
+                if where is not None:
+                    return where
+    return None
+
+
+def _repeated(field) -> bool:
+    # protobuf 6 has is_repeated and dropped label; older versions have only label
+    repeated = getattr(field, "is_repeated", None)
+    return field.label == field.LABEL_REPEATED if repeated is None else bool(repeated)
 
 
 def _check_versions(name: str, model: onnx.ModelProto) -> None:
@@ -198,17 +232,53 @@ def _load_external(name: str, model: onnx.ModelProto) -> None:
                                     "regular file") from error
 
 
+def _check_tensors(name: str, model: onnx.ModelProto) -> None:
+    """Refuse a tensor whose data does not decode as its type and dims say (onnx.checker does
+    not compare them): a wrong count of values, an unknown data type."""
+    for tensor in _iter_model_tensors(model):
+        try:
+            array = numpy_helper.to_array(tensor)
+            whole = int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
+            fits = array.size == whole
+        except Exception as error:  # numpy and onnx raise several types for bad data
+            fits, array = False, error
+        if not fits:
+            shape = list(tensor.dims)
+            got = f"{array.size} values" if isinstance(array, np.ndarray) else _detail(array)
+            raise InvalidModelError(f"{name}: tensor {tensor.name!r} ({_type_text(tensor.data_type)}, dims {shape}) "
+                                    f"does not hold its data ({got}); the file is corrupt, re-export the model")
+
+
+def _type_text(data_type: int) -> str:
+    try:
+        return onnx.helper.tensor_dtype_to_string(data_type).removeprefix("TensorProto.").lower()
+    except (KeyError, ValueError):
+        return f"unknown data type {data_type}"
+
+
 def _check_model(name: str, model: onnx.ModelProto) -> None:
-    """onnx.checker (not full_check) on the self-contained model."""
+    """onnx.checker's full check (strict shape and type inference) on the self-contained model,
+    then what the checker lets through but onnxruntime refuses or nothing can use: a graph with
+    no outputs, two nodes of one name, a tensor whose data does not fit its dims."""
     try:
         if model.ByteSize() > PROTOBUF_LIMIT:
             # The checker cannot take a proto this big; its path form re-reads the file instead.
-            onnx.checker.check_model(name)
+            onnx.checker.check_model(name, full_check=True)
         else:
-            onnx.checker.check_model(model)
-    except (onnx.checker.ValidationError, ValueError) as error:
+            onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as error:
         raise InvalidModelError(f"{name}: not a valid ONNX model (onnx.checker: {_detail(error)}); "
                                 "check the file is a complete, valid .onnx export") from error
+    if not model.graph.output:
+        raise InvalidModelError(f"{name}: the graph has no outputs, so it computes nothing; "
+                                "export the model with its outputs")
+    seen: dict[str, str] = {}
+    for node in model.graph.node:
+        if node.name and node.name in seen:
+            raise InvalidModelError(f"{name}: two nodes are named {node.name!r} ({seen[node.name]} and "
+                                    f"{node.op_type}), which onnxruntime refuses; give every node its own name")
+        seen.setdefault(node.name, node.op_type)
+    _check_tensors(name, model)
 
 
 def _sort_nodes(graph: onnx.GraphProto) -> None:
@@ -275,7 +345,9 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
 
     Raises:
         InvalidModelError: the file is missing, unreadable, not a (complete) ONNX model, fails
-            ``onnx.checker``, or has unsafe, missing or truncated external data.
+            ``onnx.checker``'s full check (strict shape and type inference), has no outputs,
+            two nodes of one name or a tensor whose data does not fit its dims, or has
+            unsafe, missing or truncated external data.
         UnsupportedGraphError: the IR version or the default-domain opset is outside what the
             installed onnx supports (opsets ``MIN_OPSET`` up to ``onnx.defs.onnx_opset_version()``).
     """
@@ -299,6 +371,9 @@ def check_loaded_model(name: str, model: onnx.ModelProto) -> None:
         UnsupportedGraphError: the IR version or the default-domain opset is not supported.
     """
     _check_in_memory(name, model)
+    where = _not_utf8(model)
+    if where is not None:
+        raise InvalidModelError(f"{name}: the string field {where} is not UTF-8 text; give names as text")
     _check_versions(name, model)
     _sort_nodes(model.graph)
     _check_model(name, model)
@@ -468,16 +543,21 @@ def _remove_quietly(path: str) -> None:
 
 
 def check_writable(path: str | os.PathLike, what: str, taken: Sequence[str | os.PathLike | None] = ()) -> None:
-    """Raise unless ``path``'s folder exists and is writable, ``path`` is no folder, and it is
-    none of the files in ``taken`` (the command's inputs and other outputs, compared by real
-    path and by inode, so links count): checked before a command works, so that it fails at
-    once, never overwrites an input and never leaves some of its outputs written."""
+    """Raise unless ``path``'s folder exists and is writable, ``path`` is no folder and no other
+    non-regular file (``/dev/null``, a FIFO), and it is none of the files in ``taken`` (the
+    command's inputs and other outputs, compared by real path and by inode, so links count):
+    checked before a command works, so that it fails at once, never overwrites an input and
+    never leaves some of its outputs written."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         raise OnnxMergeError(f"{path}: cannot write the {what}: the folder {folder} does not exist or is not "
                              "writable; create it or choose another path")
     if os.path.isdir(path):
         raise OnnxMergeError(f"{path}: cannot write the {what}: it is a folder; give a file name")
+    if os.path.exists(path) and not os.path.isfile(path):
+        # a device, FIFO or socket: the atomic save would replace it with a regular file
+        raise OnnxMergeError(f"{path}: cannot write the {what}: it exists and is not a regular file (a device, "
+                             "pipe or socket); give the path of a regular file")
     for other in (t for t in taken if t is not None):
         if _same_file(path, other):
             raise OnnxMergeError(f"{path}: the {what} would overwrite {other}, which the command reads or writes; "

@@ -33,6 +33,8 @@ class MergeOptions:
         dare_then: dare: ``task-arithmetic`` or ``ties`` (sign election, disjoint mean).
         t: slerp: position between model 0 (0) and model 1 (1).
         weights: linear: one weight per model (None: equal).
+        align_first: same-base methods: first align every model's features to model 0's
+            (activation matching on the calibration data, else weight matching), then combine.
         repair: auto, none, reset (BatchNorm statistics) or repair (REPAIR, Jordan et al. 2023).
         bn: keep BatchNormalization nodes, or fold them into the convolutions.
         input_layout: (model file name, layout such as ``NHWC``) pairs of channels-last models.
@@ -65,6 +67,7 @@ class MergeOptions:
     dare_then: str = "task-arithmetic"
     t: float = 0.5
     weights: tuple[float, ...] | None = None
+    align_first: bool = False
     repair: str = "auto"
     bn: str = "keep"
     input_layout: tuple[tuple[str, str], ...] = ()

@@ -264,9 +264,10 @@ _OPTIONS = tuple(f.name for f in fields(MergeOptions) if f.name not in (*PARAMET
 _OPTIONAL = ("method", "width", "zip_layers", "max_samples", "repair_samples", "weights", "ray", "ray_shards")
 _WORDS = {"width": ("min",), "zip_layers": ("auto",)}
 _EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-_TYPES = {**{name: list if spec[0] is None else type(spec[0]) for name, spec in METHOD_PARAMETERS.items()},
-          "width": float, "zip_layers": int, "max_loss": float, "batch_size": int, "max_samples": int,
-          "repair_samples": int, "seed": int, "allow_few_samples": bool, "strict": bool, "ray_shards": int}
+_TYPES = {**{f.name: type(f.default) for f in fields(MergeOptions) if f.default not in (None, ())},
+          "width": float, "zip_layers": int, "max_samples": int, "repair_samples": int, "weights": list,
+          "ray_shards": int}
+"""The type of each option's value: its default's, or the one given where the default is None."""
 
 
 def _choices() -> dict[str, tuple[str, ...]]:

@@ -39,7 +39,10 @@ def render_alignment(report: dict) -> str:
             lines.append(f"  stage {stage['stage']}: {placed}{objective}")
         if name in report.get("cka", {}):
             lines.append(f"  CKA (rows: {report['deep']} blocks, columns: {name} blocks)")
-            lines.extend("    " + " ".join(f"{v:5.2f}" for v in row) for row in report["cka"][name])
+            lines.extend("    " + " ".join("undef" if v is None else f"{v:5.2f}" for v in row)
+                         for row in report["cka"][name])
+            if any(v is None for row in report["cka"][name] for v in row):
+                lines.append("  undef: CKA undefined (the block output does not vary over the samples)")
     return "\n".join(lines)
 
 

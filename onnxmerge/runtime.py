@@ -24,4 +24,7 @@ def import_onnxruntime() -> ModuleType:
         import onnxruntime
     except ImportError as error:
         raise MissingDependencyError(f"onnxruntime is not installed ({error}); {INSTALL}") from None
+    # every session onnxmerge opens, and graphsurgeon's constant folding, import it here first:
+    # no usage events are queued from users' machines
+    onnxruntime.disable_telemetry_events()
     return onnxruntime

@@ -87,7 +87,7 @@ def check_fine_tunes(members: list[Member], base: Member | None, names: list[str
             raise UnsupportedGraphError(
                 f"{label}: its weight tensors differ from {against}'s by a median {drift:.0%} of their norm, so it "
                 f"is no fine-tune of {against} (fine-tunes stay well under {DRIFT_LIMIT:.0%}); merge models trained "
-                "apart with --method zip, permute or weight")
+                "apart with --method zip, permute or weight, or pass --align-first to align them first")
 
 
 def combiner(method: MatchMethod, params, members: list[Member], base: Member | None, trunk_nodes: list[int],

@@ -8,6 +8,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxmerge import api
+from onnxmerge.rewrite.heads import split_trunk
+from onnxmerge.stages.prepare import lockstep_batches, prepare
+from onnxmerge.stages.statistics import plan_units
 from onnxmerge.sources import read_data, read_models
 from onnxmerge.graph.canonical import canonicalize
 from tests.test_rules import model, run_all, weights, with_opset
@@ -274,12 +277,12 @@ def test_folded_statistics_in_the_graph_equal_numpy(tmp_path):
     decoder, stats = transposed_decoder(), []
     for opset in (17, 12):
         save_model(with_opset(decoder, opset), tmp_path / f"d{opset}.onnx")
-        members, _, _, calib, _, _ = api._prepare(read_models([str(tmp_path / f"d{opset}.onnx")] * 2), read_data(str(tmp_path / "calib.npy")),
+        members, _, _, calib, _, _ = prepare(read_models([str(tmp_path / f"d{opset}.onnx")] * 2), read_data(str(tmp_path / "calib.npy")),
                                                api.MergeOptions())
-        split = api.split_trunk(members[0].model, members[0].graph, heads="separate", zip_layers=None)
-        units, per_model, widths = api._plan(members, split)
+        split = split_trunk(members[0].model, members[0].graph, heads="separate", zip_layers=None)
+        units, per_model, widths = plan_units(members, split)
         assert any(u.fold == (2, 1) for u in units)
-        stats.append(collect_statistics([m.model for m in members], per_model, api._batches(calib, 2, 16), widths,
+        stats.append(collect_statistics([m.model for m in members], per_model, lockstep_batches(calib, 2, 16), widths,
                                         "cpu")[0])
     for fused, copied in zip(*stats):
         assert fused.count == copied.count

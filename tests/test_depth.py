@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from onnxmerge import api
+from onnxmerge.graph.canonical import canonicalize
+from onnxmerge.stages.prepare import align_models, block_structures, cores
 from onnxmerge.sources import read_models
 from onnxmerge.errors import RecipeError, UnsupportedGraphError
 from onnxmerge.graph.blocks import find_blocks
@@ -25,7 +27,7 @@ DEEPEN = [("mlp", "legacy_folded"), ("mlp", "dynamo"), ("vgg_bn", "legacy_bn"), 
 
 
 def _units_per_stage(model) -> list[int]:
-    return [len(stage.units) for stage in find_blocks(api.canonicalize(model)).stages]
+    return [len(stage.units) for stage in find_blocks(canonicalize(model)).stages]
 
 
 @pytest.mark.parametrize("name,exporter,expected", [
@@ -38,7 +40,7 @@ def test_stages(zoo_files, name, exporter, expected):
 
 def test_transformer_units_are_layers(zoo_files):
     path, _ = zoo_files.get("transformer", "dynamo")
-    model = api.canonicalize(load_model(path))
+    model = canonicalize(load_model(path))
     stage = find_blocks(model).stages[0]
     # embedding, then two layers of (attention block, MLP block)
     assert [len(u.blocks) for u in stage.units] == [1, 2, 2]
@@ -50,7 +52,7 @@ def test_transformer_units_are_layers(zoo_files):
 def test_cuts_are_dominators(zoo_files):
     """Removing a cut's producer disconnects the output: every input-to-output path goes through it."""
     path, _ = zoo_files.get("resnet_basic", "dynamo")
-    model = api.canonicalize(load_model(path))
+    model = canonicalize(load_model(path))
     structure = find_blocks(model)
     producers = {o: n for n in model.graph.node for o in n.output}
     for cut in structure.cuts[1:]:
@@ -198,7 +200,7 @@ def test_align_errors_are_one_line(zoo_files, tmp_path, capsys):
     path, deep = _resnet_and_deeper(zoo_files, tmp_path)
     assert main(["align", path, str(deep)]) == 1
     error = capsys.readouterr().err
-    assert error.startswith("onnxmerge: error: --align sma") and error.count("\n") == 1
+    assert error.startswith("onnxmerge: error: the sma alignment") and "align --method uniform" in error and error.count("\n") == 1
     out = tmp_path / "merged.onnx"
     assert main(["merge", path, str(deep), "-o", str(out), "--align", "sma"]) == 1
     assert not out.exists()
@@ -314,8 +316,8 @@ def test_a_lone_transformer_layer_merged_with_itself_lifted_gives_it_back(tmp_pa
     from onnxmerge.depth import lift_models
     deep_path, lone_path, x = transformers(tmp_path, 3, 1)
     calib = str(tmp_path / "calib.npy")
-    named, _, _ = api._cores(read_models([deep_path, lone_path]), api.MergeOptions())
-    alignment = api._align(named, api._structures(named), None, api.MergeOptions(align="head-tail"))
+    named, _, _ = cores(read_models([deep_path, lone_path]), api.MergeOptions())
+    alignment = align_models(named, block_structures(named), None, api.MergeOptions(align="head-tail"))
     lifted = tmp_path / "lone_lifted.onnx"
     save_model(lift_models(named, alignment)[1], lifted)
     expected = run_all(load_model(lone_path), x)
@@ -354,5 +356,5 @@ def test_deepen_skips_stages_whose_block_has_no_identity(tmp_path):
     x = np.random.default_rng(0).standard_normal((4, 3, 16, 16)).astype(np.float32)
     for seed in range(4):  # seeds 1 and 2 drew the max-pool stage before
         deeper = api.deepen(model, blocks=2, seed=seed)
-        assert len(deeper.graph.node) > len(api.canonicalize(model).graph.node)
+        assert len(deeper.graph.node) > len(canonicalize(model).graph.node)
         outputs_close(run_all(model, x), run_all(deeper, x))

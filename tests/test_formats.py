@@ -266,7 +266,7 @@ def test_float16_merge_repairs_in_float16(zoo_files, tmp_path, bn, repair):
                        options=api.MergeOptions(bn=bn, repair=repair)).model
     assert {t.data_type for t in merged.graph.initializer if t.data_type != TensorProto.INT64} == {TensorProto.FLOAT16}
     if repair == "repair":  # a permuted copy: REPAIR changes nothing beyond float16 rounding
-        expected = run_all(api.canonicalize(api.load(path), bn="fold"), x)
+        expected = run_all(canonicalize(api.load(path), bn="fold"), x)
         outputs_close(expected + expected, run_all(merged, x), tolerance=1e-2)
     else:
         assert all(np.isfinite(o).all() for o in run_all(merged, x))

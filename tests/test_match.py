@@ -252,12 +252,12 @@ def test_permuted_copy_with_constant_and_collinear_features_is_recovered(name):
 def test_near_constant_space_keeps_a_model_whose_copy_falls_under_the_dead_threshold():
     # one nearly constant channel is live in model 0 and dead in its permuted copy: model 1 is
     # no featureless model (method.md §5.5) and must be matched, not spread round-robin
-    from onnxmerge import api
     from onnxmerge.calib.capture import CaptureUnit
     from tests.test_stats import near_constant_copies
 
     stats, perm = near_constant_copies()
-    matched = api._match_unit(None, CaptureUnit((0,), "t", 1), stats, zip_clusters, {}, set())
+    from onnxmerge.stages.matching import match_unit
+    matched = match_unit(None, CaptureUnit((0,), "t", 1), stats, zip_clusters, {}, set())
     np.testing.assert_array_equal(matched[0].clusters[8:], matched[0].clusters[perm])
 
 

@@ -151,14 +151,20 @@ def test_without_ray_the_cli_says_which_extra_to_install(monkeypatch, capsys, tm
 @pytest.mark.parametrize("argv, words", [
     (["merge", "--ray", *PAIR, "-o", "m.onnx"], "put --ray after the models"),
     (["merge", *PAIR, "-o", "m.onnx", "--ray-shards", "2"], "add --ray"),
-    (["calibrate", *PAIR, "--calib", str(DIGITS / "calib.npz"), "-o", "s.npz", "--ray", "local", "--ray-shards", "0"],
-     "--ray-shards 0"),
 ])
 def test_ray_options_that_cannot_work_are_one_line(tmp_path, monkeypatch, capsys, argv, words):
     monkeypatch.chdir(tmp_path)
     assert cli.main(argv) == 1
     err = capsys.readouterr().err
     assert words in err and err.count("\n") == 1, err
+
+
+def test_shards_are_at_least_one(samples, capsys):
+    with pytest.raises(SystemExit) as usage:
+        cli.main(["calibrate", *PAIR, "--calib", str(DIGITS / "calib.npz"), "-o", "s.npz", "--ray", "--ray-shards", "0"])
+    assert usage.value.code == 2 and "--ray-shards: 0 is out of range" in capsys.readouterr().err
+    with pytest.raises(onnxmerge.RecipeError, match="--ray-shards"):
+        onnxmerge.calibrate(PAIR, samples, ray="local", ray_shards=0)
 
 
 def test_shards_are_whole_batches_that_cover_the_samples():

@@ -191,3 +191,21 @@ def test_the_cli_parameters_are_the_method_dataclasses_fields():
         name: (spec[0], spec[2]) for name, spec in choices.PARAMETERS.items()}
     defaults = {f.name: f.default for f in fields(options.MergeOptions)}
     assert all(defaults[name] == spec[0] for name, spec in choices.PARAMETERS.items())
+
+
+@pytest.mark.parametrize("data", [False, True])
+def test_align_first_undoes_a_permutation_before_combining(tmp_path, data):
+    """A fine-tune and its permuted copy are refused as fine-tunes of one base, and with
+    --align-first (weight matching, or activation matching with data) merge back into it."""
+    a = str(DIGITS / "resnet_a.onnx")
+    permuted = onnxmerge.permute(a, seed=5)
+    calib = np.load(DIGITS / "calib.npz")["input"][:64] if data else None
+    with pytest.raises(onnxmerge.UnsupportedGraphError, match="--align-first"):
+        onnxmerge.merge([a, permuted], calib, method="linear")
+    merged = onnxmerge.merge([a, permuted], calib, method="linear", align_first=True, heads="shared").model
+    x = np.load(DIGITS / "test.npz")["input"][:50]
+    session = ort.InferenceSession(onnx.load(a).SerializeToString(), providers=["CPUExecutionProvider"])
+    expected = session.run(None, {"input": x})[0]
+    actual = ort.InferenceSession(merged.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x})[0]
+    np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4)

@@ -160,7 +160,7 @@ def test_no_samples_raises():
     ([np.zeros((3, 6))], "2 models"),
     ([np.zeros((3, 6)), np.zeros((3, 9))], "model 1 gave features of shape"),
     ([np.zeros((3, 6)), np.zeros((4, 10))], "different numbers of feature rows"),
-    ([np.zeros((3, 6)), np.full((3, 10), np.nan)], "model 2 produced NaN"),
+    ([np.zeros((3, 6)), np.full((3, 10), np.nan)], "model 1 produced NaN"),
 ], ids=["model-count", "width", "rows", "nan"])
 def test_bad_batches_raise(features, message):
     with pytest.raises(CalibrationError, match=message):

@@ -46,8 +46,27 @@ def expose(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
     return exposed
 
 
+class Session:
+    """An onnxruntime session whose ``run`` fails with one line (``CalibrationError``) instead
+    of onnxruntime's own exceptions: a model that loads may still fail on data (a weight that
+    does not fit its input, a shape the data breaks). Everything else is the session's."""
+
+    def __init__(self, session: onnxruntime.InferenceSession):
+        self._session = session
+
+    def run(self, names, feed, *args, **kwargs):
+        try:
+            return self._session.run(names, feed, *args, **kwargs)
+        except Exception as error:  # onnxruntime's error classes share no base but Exception
+            raise CalibrationError(f"onnxruntime failed running the model ({_first_line(error)}); check that "
+                                   "the model runs in onnxruntime and that the data fits its inputs") from error
+
+    def __getattr__(self, name: str):
+        return getattr(self._session, name)
+
+
 def open_session(model: onnx.ModelProto, provider: str = "auto", *,
-                 threads: int | None = None) -> tuple[onnxruntime.InferenceSession, str]:
+                 threads: int | None = None) -> tuple[Session, str]:
     """An inference session and the provider that really runs it.
 
     ``auto`` uses CUDA when a session actually runs on it and falls back to CPU; ``cuda``
@@ -60,7 +79,7 @@ def open_session(model: onnx.ModelProto, provider: str = "auto", *,
         raise CalibrationError(f"unknown provider {provider!r}; use one of {', '.join(PROVIDERS)}")
     onnxruntime = import_onnxruntime()  # an extra: without it, one error line names what to install
     options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: a failed run raises, and its error line is ours
     # spinning worker threads would compete with numpy for the cores between runs
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
@@ -76,15 +95,26 @@ def open_session(model: onnx.ModelProto, provider: str = "auto", *,
             log.warning("onnxruntime cannot run the model on CUDA (%s); running on CPU", _first_line(error))
         else:
             if session.get_providers()[0] == _CUDA:
-                return session, "cuda"
+                return Session(session), "cuda"
     if provider == "cuda":
         raise CalibrationError("the CUDA provider is not usable here (onnxruntime-gpu and a GPU are needed); "
                                "use --provider cpu or auto")
     try:
-        return onnxruntime.InferenceSession(data, options, providers=[_CPU]), "cpu"
+        return Session(onnxruntime.InferenceSession(data, options, providers=[_CPU])), "cpu"
     except Exception as error:
         raise CalibrationError(f"onnxruntime cannot run the model ({_first_line(error)}); "
                                "check it with onnx.checker and onnxruntime") from error
+
+
+def require_finite(values: dict[str, np.ndarray], model: int | None = None) -> None:
+    """Refuse NaN or infinite activations: statistics, correlations and CKA of them are NaN.
+    ``model`` is the model's position (None: tensor names carry it, ``m<i>_``)."""
+    for name, value in values.items():
+        if value.dtype.kind in "fc" and not np.isfinite(value).all():
+            where = f"model {model} (in command-line order from 0)" if model is not None else "a model"
+            raise CalibrationError(f"tensor {name!r} of {where} holds NaN or infinite values on the calibration "
+                                   "data (the data holds them, or huge weights overflow); check the data and "
+                                   "the model's weights")
 
 
 def _first_line(error: Exception) -> str:
@@ -187,6 +217,7 @@ def collect_statistics(models: list[onnx.ModelProto], units: list[list[CaptureUn
         for feeds in batches:
             feed = {f"m{i}_{name}": value for i, model_feed in enumerate(feeds) for name, value in model_feed.items()}
             values = dict(zip(names, session.run(names, feed)))
+            require_finite(values)
             for k, unit_stats in enumerate(stats):
                 count, total, outer, shift = _assemble_moments(values, k, len(models))
                 unit_stats.add_moments(count // widths[k][0], total, outer, shift)
@@ -201,6 +232,7 @@ def collect_statistics(models: list[onnx.ModelProto], units: list[list[CaptureUn
         for session, model_units, feed in zip(sessions, units, feeds):
             names = list(dict.fromkeys(u.tensor for u in model_units))
             values = dict(zip(names, session.run(names, feed)))
+            require_finite(values, len(outputs))
             outputs.append([to_samples(values[u.tensor], u.axis, u.fold) for u in model_units])
         for k, unit_stats in enumerate(stats):
             # float32 products of centred rows, float64 accumulation: ~1e-7 relative error, twice as fast
@@ -322,7 +354,8 @@ def collect_cka(models: list[onnx.ModelProto], tensors: list[list[str]],
     stats = CKAStats(sum(len(names) for names in tensors))
     for feeds in batches:
         features = []
-        for session, names, feed in zip(sessions, tensors, feeds):
+        for index, (session, names, feed) in enumerate(zip(sessions, tensors, feeds)):
             features.extend(session.run(names, feed))
+            require_finite(dict(zip(names, features[-len(names):])), index)
         stats.update(features)
     return stats, "+".join(sorted(used))

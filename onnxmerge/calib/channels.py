@@ -16,6 +16,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..io import default_opset
+from .capture import require_finite
 
 SHAPES = {"moments_flat": [0, 0, -1], "moments_vector": [-1]}
 
@@ -104,6 +105,7 @@ def measure(session, outputs: dict[str, tuple[str, str]], batches: Iterable[dict
     for feed in batches:
         size = len(next(iter(feed.values())))
         values = dict(zip(names, session.run(names, {**feed, **(extra or {})})))
+        require_finite(values)  # huge activations overflow the float32 moments
         for tensor, (mean, var) in outputs.items():
             moments[tensor].add(size, values[mean], values[var])
     return moments

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import mmap
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -31,13 +30,14 @@ import numpy as np
 import onnx
 
 from ..errors import CalibrationError, UnsupportedGraphError
+from .arrays import SINGLE as _SINGLE
+from .arrays import ArrayFile
+from .arrays import describe as _describe
 
 log = logging.getLogger(__name__)
 
-_NPY_MAGIC = b"\x93NUMPY"
-_ZIP_MAGIC = b"PK"
+from ..choices import MIN_SAMPLES
 _CHUNK_BYTES = 64 << 20  # value checks read big arrays in slices of about this size
-_SINGLE = ""  # array key of a .npy file
 
 
 @dataclass(frozen=True)
@@ -90,41 +90,13 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
-class _Arrays:
-    """The arrays of one file, read only when asked for: a .npy is memory-mapped, a .npz member
-    is loaded on first use (numpy cannot map members of a zip) and kept."""
+class _Arrays(ArrayFile):
+    """The arrays of one file, read only when asked for (see calib/arrays.py): a .npy or an
+    uncompressed .npz member is memory-mapped, a compressed member is loaded on first use and kept."""
 
-    def __init__(self, path: str):
-        self.path = path
-        try:
-            with open(path, "rb") as handle:
-                magic = handle.read(len(_NPY_MAGIC))
-        except OSError as error:
-            raise CalibrationError(f"{path}: cannot read ({error.strerror}); give a .npz or .npy file") from error
-        self._npz = None
-        self._loaded: dict[str, np.ndarray] = {}
-        try:
-            if magic.startswith(_NPY_MAGIC):
-                self._loaded[_SINGLE] = np.load(path, mmap_mode="r", allow_pickle=False)
-                self.keys = [_SINGLE]
-            elif magic.startswith(_ZIP_MAGIC):
-                self._npz = np.load(path, allow_pickle=False)
-                self.keys = list(self._npz.files)
-            else:
-                raise CalibrationError(f"{path}: not a .npy or .npz file; "
-                                       "save the inputs with numpy.save or numpy.savez")
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-            raise CalibrationError(f"{path}: cannot read as .npy/.npz ({error}); "
-                                   "save the inputs with numpy.save or numpy.savez") from error
-
-    def get(self, key: str) -> np.ndarray:
-        if key not in self._loaded:
-            try:
-                self._loaded[key] = self._npz[key]
-            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-                raise CalibrationError(f"{self.path}: cannot read array {key!r} ({error}); "
-                                       "save plain numeric arrays with numpy.savez") from error
-        return self._loaded[key]
+    def __init__(self, path: str, exclude: tuple[str, ...] = ()):
+        super().__init__(path, "save the inputs with numpy.save or numpy.savez")
+        self.keys = [key for key in self.keys if key not in exclude]
 
     def truncate(self, count: int) -> None:
         for key, array in self._loaded.items():
@@ -132,20 +104,15 @@ class _Arrays:
                 # a loaded .npz array is copied so the dropped samples are freed; a memory map stays a view
                 self._loaded[key] = array[:count] if isinstance(array, np.memmap) else array[:count].copy()
 
-    def close(self) -> None:
-        """Close the .npz file once every array in use is loaded."""
-        if self._npz is not None:
-            self._npz.close()
-            self._npz = None
-
 
 class _InMemory:
     """Arrays given in memory (the Python API), with the interface of ``_Arrays``; ``path``
     is what messages call them."""
 
-    def __init__(self, arrays: Mapping[str, np.ndarray], label: str = "calibration arrays"):
+    def __init__(self, arrays: Mapping[str, np.ndarray], exclude: tuple[str, ...] = (),
+                 label: str = "calibration arrays"):
         self.path = label
-        self._loaded = {key: np.asarray(value) for key, value in arrays.items()}
+        self._loaded = {key: np.asarray(value) for key, value in arrays.items() if key not in exclude}
         self.keys = list(self._loaded)
 
     def get(self, key: str) -> np.ndarray:
@@ -160,10 +127,6 @@ class _InMemory:
 
 def _label(names: list[str] | None, index: int) -> str:
     return f"model {index}" if names is None else names[index]
-
-
-def _describe(key: str) -> str:
-    return "the array" if key == _SINGLE else f"array {key!r}"
 
 
 def _bind(arrays: _Arrays, specs: list[InputSpec], model: str) -> list[tuple[InputSpec, str]]:
@@ -217,14 +180,28 @@ def _release(array: np.ndarray) -> None:
         mapping.madvise(mmap.MADV_DONTNEED)
 
 
-def _check_values(path: str, key: str, array: np.ndarray, targets: set[np.dtype]) -> None:
-    """No NaN or Inf, and every value representable in each dtype the array is cast to."""
+def _check_values(path: str, key: str, array: np.ndarray, targets: set[np.dtype],
+                  seed: int = 0) -> tuple[np.ndarray, object]:
+    """No NaN or Inf, and every value representable in each dtype the array is cast to.
+
+    Returns:
+        A random projection of each sample (equal for equal samples, different for different
+        ones but for chance), and the array's one value when every value is the same, else None.
+    """
     row_bytes = max(1, array[:1].nbytes)
     step = max(1, _CHUNK_BYTES // row_bytes)
     nan = inf = overflow = 0
     low, high = None, None
+    weights = np.random.default_rng(seed).standard_normal(int(np.prod(array.shape[1:])))
+    projection = np.zeros(array.shape[0])
+    smallest = largest = None
     for start in range(0, array.shape[0], step):
         chunk = np.asarray(array[start:start + step])
+        if chunk.size:
+            with np.errstate(all="ignore"):
+                projection[start:start + len(chunk)] = chunk.reshape(len(chunk), -1).astype(np.float64) @ weights
+            smallest = chunk.min() if smallest is None else min(smallest, chunk.min())
+            largest = chunk.max() if largest is None else max(largest, chunk.max())
         if chunk.dtype.kind == "f":
             nan += int(np.isnan(chunk).sum())
             inf += int(np.isinf(chunk).sum())
@@ -249,6 +226,31 @@ def _check_values(path: str, key: str, array: np.ndarray, targets: set[np.dtype]
             if low < info.min or high > info.max:
                 raise CalibrationError(f"{path}: {what} has values in [{low}, {high}] that do not fit {target}; "
                                        f"save the data as {target}")
+    return projection, (smallest.item() if smallest is not None and smallest == largest else None)
+
+
+def check_variation(calib: "CalibrationSet", allow_few: bool = False) -> None:
+    """Refuse calibration data whose statistics would be meaningless: every input constant
+    (all-zero data merges to chance accuracy), or fewer than ``MIN_SAMPLES`` distinct samples
+    (unless ``allow_few``); warn about a floating input that is constant while others vary.
+
+    Raises:
+        CalibrationError: one line naming the file and the array.
+    """
+    constant = calib.constant
+    if constant and len(constant) == len(calib.keys):
+        listed = ", ".join(f"{_describe(key)} is all {value!r}" for key, value in constant.items())
+        raise CalibrationError(f"{calib.path}: the data is constant ({listed}): the models' features would not "
+                               "vary, and a merge on them is near chance accuracy; give real input samples")
+    if calib.distinct_samples < MIN_SAMPLES and not allow_few:
+        raise CalibrationError(f"{calib.path}: only {calib.distinct_samples} distinct samples among "
+                               f"{calib.num_samples} (the others repeat them): correlations and repair statistics "
+                               f"need at least {MIN_SAMPLES} different samples; give more varied samples, or "
+                               "--allow-few-samples to go on")
+    for key, value in constant.items():
+        if calib.dtypes[key].kind == "f":
+            log.warning("%s: %s is all %r while the other inputs vary: the models see no variation there",
+                        calib.path, _describe(key), value)
 
 
 def _common_batch(path: str, specs_per_model: list[list[InputSpec]], names: list[str] | None) -> int | None:
@@ -272,6 +274,9 @@ class CalibrationSet:
         path: the file read.
         num_samples: samples used (after ``max_samples``).
         fixed_batch: the batch size a model fixes (then every model runs with it), or None.
+        keys: the arrays the models read; dtypes: their dtypes in the file.
+        constant: the arrays whose values are all one value, with that value.
+        distinct_samples: how many of the samples differ (all arrays together; see ``check_variation``).
     """
 
     def __init__(self, arrays: _Arrays, bindings: list[list[tuple[InputSpec, str]]],
@@ -282,6 +287,10 @@ class CalibrationSet:
         self._arrays = arrays
         self._bindings = bindings
         self._rows: np.ndarray | None = None  # the file's rows a subset reads, else all
+        self.keys: list[str] = list(dict.fromkeys(key for bound in bindings for _, key in bound))
+        self.dtypes: dict[str, np.dtype] = {}
+        self.constant: dict[str, object] = {}
+        self.distinct_samples = num_samples
 
     def subset(self, rows: np.ndarray) -> "CalibrationSet":
         """The same inputs restricted to ``rows`` (indices of this set's samples, in this order)."""
@@ -302,8 +311,10 @@ class CalibrationSet:
             source = self._arrays.get(key)
             arrays[key] = np.array(source[rows])  # a copy of these rows only
             _release(source)
-        return CalibrationSet(_InMemory(arrays, f"{self.path} [samples {start}:{stop}]"), self._bindings,
+        part = CalibrationSet(_InMemory(arrays, label=f"{self.path} [samples {start}:{stop}]"), self._bindings,
                               stop - start, self.fixed_batch)
+        part.dtypes, part.constant = self.dtypes, self.constant  # hold for any rows of the set
+        return part
 
     @property
     def num_models(self) -> int:
@@ -355,7 +366,8 @@ class CalibrationSet:
 
 
 def load_calibration(path: str | Path | Mapping[str, np.ndarray], specs_per_model: list[list[InputSpec]], *,
-                     max_samples: int | None = None, model_names: list[str] | None = None) -> CalibrationSet:
+                     max_samples: int | None = None, model_names: list[str] | None = None,
+                     exclude: tuple[str, ...] = (), lockstep: bool = True) -> CalibrationSet:
     """Read calibration inputs and check them against every model's inputs.
 
     Args:
@@ -364,7 +376,11 @@ def load_calibration(path: str | Path | Mapping[str, np.ndarray], specs_per_mode
             read, not copied.
         specs_per_model: ``input_specs`` of each model, in merge order.
         max_samples: use only the first this many samples.
-        model_names: how error messages name the models (default ``model 0``, ``model 1``, ..., as outputs are suffixed ``_m0``, ``_m1``).
+        model_names: how error messages name the models (default ``model 0``, ``model 1``, ..., as outputs are
+            suffixed ``_m0``, ``_m1``).
+        exclude: arrays that are no inputs (labels), never bound nor read.
+        lockstep: the models run in lockstep (a common fixed batch size, see the module
+            docstring); False leaves each model's fixed batch size to the caller (``eval``).
 
     Returns:
         The checked set; every array in use is memory-mapped (.npy) or loaded (.npz).
@@ -374,7 +390,7 @@ def load_calibration(path: str | Path | Mapping[str, np.ndarray], specs_per_mode
             differing sample counts, NaN/Inf or overflowing values, no samples, or models that
             fix different batch sizes. The message names the file and says what to do.
     """
-    arrays = _InMemory(path) if isinstance(path, Mapping) else _Arrays(str(path))
+    arrays = _InMemory(path, exclude) if isinstance(path, Mapping) else _Arrays(str(path), exclude)
     path = arrays.path
     bindings = []
     for index, specs in enumerate(specs_per_model):
@@ -395,15 +411,22 @@ def load_calibration(path: str | Path | Mapping[str, np.ndarray], specs_per_mode
     if num_samples == 0:
         raise CalibrationError(f"{path}: no samples (axis 0 has length 0); give at least one sample")
     arrays.truncate(num_samples)
-    fixed_batch = _common_batch(path, specs_per_model, model_names)
+    fixed_batch = _common_batch(path, specs_per_model, model_names) if lockstep else None
     if fixed_batch is not None and num_samples < fixed_batch:
         raise CalibrationError(f"{path}: {num_samples} samples but the models run in fixed batches of "
                                f"{fixed_batch}; give at least {fixed_batch} samples")
     if fixed_batch is not None and num_samples % fixed_batch:
         log.warning("%s: %d samples are not a multiple of the fixed batch size %d; the last %d are dropped",
                     path, num_samples, fixed_batch, num_samples % fixed_batch)
-    for key in used:
+    joint, constant = np.zeros(num_samples), {}
+    for index, key in enumerate(used):
         targets = {spec.dtype for bound in bindings for spec, bound_key in bound if bound_key == key}
-        _check_values(path, key, arrays.get(key), targets)
+        projection, value = _check_values(path, key, arrays.get(key), targets, seed=index)
+        joint += projection
+        if value is not None:
+            constant[key] = value
     arrays.close()
-    return CalibrationSet(arrays, bindings, num_samples, fixed_batch)
+    calib = CalibrationSet(arrays, bindings, num_samples, fixed_batch)
+    calib.keys, calib.constant, calib.distinct_samples = used, constant, len(np.unique(joint))
+    calib.dtypes = {key: arrays.get(key).dtype for key in used}
+    return calib

@@ -19,7 +19,6 @@ multiplies in float32 (faster; see ``update``): entries then carry a relative er
 from __future__ import annotations
 
 import json
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import numpy as np
 
 from ..errors import CalibrationError
 from ..io import write_atomically
+from .arrays import ArrayFile
 
 DEAD_RTOL = 1e-10
 """A channel is dead (constant) when its variance is at most ``DEAD_RTOL`` times its second
@@ -46,6 +46,13 @@ whatever their correlation: a nearly constant feature (a pooled squeeze-excite o
 16 samples) varies at the level of the rounding that tells it from its copy, so their
 correlation is noise and one of them may even fall under ``DEAD_RTOL`` while the other does not.
 ``SpaceStats.similarity`` ranks such pairs by agreement like affine ones."""
+
+CKA_RTOL = 1e-12
+"""A tensor's CKA is undefined when its HSIC(K, K) is at most ``CKA_RTOL`` of the trace term
+it is computed from (``CKAStats``): what float64 cancellation leaves of a tensor that does not
+vary (up to about 1e-13 for batches of 500), below a varying tensor's (one whose mean is 100
+times its standard deviation still gives 1e-11; above that, the uncentred Gram products lose
+the variation to rounding anyway)."""
 
 _FORMAT = "onnxmerge-stats-1"
 _META_KEY, _SPACES_KEY, _FORMAT_KEY = "__meta__", "__spaces__", "__format__"
@@ -234,10 +241,11 @@ def save_stats(path: str | Path, stats: dict[str, SpaceStats], meta: dict[str, s
     Layout: ``__format__``, ``__meta__`` (JSON object) and ``__spaces__`` (JSON list of the
     space names, in order) as strings; space k's fields under ``k/count``, ``k/sum``,
     ``k/outer``, ``k/widths`` (numbered, because space names may hold any character).
-    Written atomically (``io.write_atomically``): a failed save leaves no partial file.
+    The file is written beside ``path`` under a temporary name and moved into place when
+    complete, so a failed save leaves no partial file.
 
     Raises:
-        OnnxMergeError: the file cannot be written.
+        OnnxMergeError: the file cannot be written (a folder, no space left...), in one line.
     """
     names = list(stats)
     arrays = {_FORMAT_KEY: np.array(_FORMAT), _META_KEY: np.array(json.dumps({k: str(v) for k, v in meta.items()})),
@@ -258,14 +266,15 @@ def load_stats(path: str | Path) -> tuple[dict[str, SpaceStats], dict[str, str]]
     """Statistics and metadata written by ``save_stats``.
 
     Raises:
-        CalibrationError: the file is missing, not a statistics file, or inconsistent.
+        CalibrationError: the file is missing, not a statistics file, or inconsistent: a value
+            that is not finite, shapes that do not fit the widths, a count below 1 (see ``_space_from``),
+            or no variation at any space (statistics of constant calibration data).
     """
+    file = ArrayFile(path, "give a file written by onnxmerge calibrate")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        raise CalibrationError(f"{path}: cannot read statistics ({error}); "
-                               "give a file written by onnxmerge calibrate") from error
+        arrays = {key: np.array(file.get(key)) for key in file.keys}
+    finally:
+        file.close()
     if str(arrays.get(_FORMAT_KEY, "")) != _FORMAT:
         raise CalibrationError(f"{path}: not an onnxmerge statistics file (no {_FORMAT} marker); "
                                "give a file written by onnxmerge calibrate")
@@ -278,15 +287,37 @@ def load_stats(path: str | Path) -> tuple[dict[str, SpaceStats], dict[str, str]]
     except (KeyError, ValueError, TypeError) as error:
         raise CalibrationError(f"{path}: damaged statistics file ({error}); "
                                "recompute it with onnxmerge calibrate") from error
+    if stats and not any(space.live().any() for space in stats.values()):
+        raise CalibrationError(f"{path}: no feature varies at any of the {len(stats)} spaces: the statistics were "
+                               "computed from constant calibration data; recompute them with onnxmerge calibrate "
+                               "on real samples")
     return stats, meta
 
 
 def _space_from(arrays: dict[str, np.ndarray], index: int) -> SpaceStats:
+    """Space ``index``'s statistics, checked as calibration data is: integer count of at least
+    one sample and positive widths, shapes that fit the widths, finite sums, and second moments
+    that are possible (non-negative, at least the squared mean).
+
+    Raises:
+        ValueError: what is wrong, naming the space.
+    """
     count, total, outer, widths = (arrays[f"{index}/{field}"] for field in _FIELDS)
+    where = f"space {index}"
+    if count.shape != () or count.dtype.kind not in "iu" or widths.ndim != 1 or widths.dtype.kind not in "iu":
+        raise ValueError(f"{where}: the count must be one integer and the widths a list of integers")
+    if int(count) < 1 or not len(widths) or (widths < 1).any():
+        raise ValueError(f"{where}: count {int(count)} and widths {widths.tolist()} must be positive")
     widths = tuple(int(w) for w in widths)
     n = sum(widths)
-    if count.shape != () or int(count) < 0 or total.shape != (n,) or outer.shape != (n, n):
-        raise ValueError(f"space {index}: shapes {total.shape}, {outer.shape} do not fit widths {widths}")
+    if total.shape != (n,) or outer.shape != (n, n) or total.dtype.kind != "f" or outer.dtype.kind != "f":
+        raise ValueError(f"{where}: shapes {total.shape}, {outer.shape} do not fit widths {widths}")
+    for name, values in (("sum", total), ("outer", outer)):
+        if not np.isfinite(values).all():
+            raise ValueError(f"{where}: {int((~np.isfinite(values)).sum())} NaN or infinite values in its {name}")
+    power, mean = np.diag(outer) / int(count), total / int(count)
+    if (power < mean ** 2 * (1 - 1e-6) - 1e-300).any():  # E[x^2] >= E[x]^2 up to rounding
+        raise ValueError(f"{where}: second moments below the squared means (negative variances)")
     return SpaceStats(int(count), total.astype(np.float64), outer.astype(np.float64), widths)
 
 
@@ -337,10 +368,16 @@ class CKAStats:
     Per batch of n samples each tensor's linear Gram matrix K = X X^T (X flattened per sample) is
     formed once; the unbiased HSIC (Song et al. 2012) of every pair of tensors is summed in float64.
     CKA = mean HSIC(K, L) / sqrt(mean HSIC(K, K) mean HSIC(L, L)).
+
+    CKA is undefined (NaN) for a tensor that does not vary over the samples: its HSIC(K, K) is 0
+    up to rounding, i.e. at most ``CKA_RTOL`` times the size of the products it is computed
+    from (a constant tensor's Gram terms cancel exactly, so what is left is rounding noise,
+    whose ratios are meaningless: values like 2.5 or -3.8).
     """
 
     def __init__(self, count: int):
         self.hsic = np.zeros((count, count))
+        self.scale = np.zeros(count)  # per tensor: the summed trace term of its HSIC(K, K)
         self.batches = 0
 
     def update(self, features: list[np.ndarray]) -> None:
@@ -352,21 +389,30 @@ class CKAStats:
         flat = grams.reshape(len(features), -1)
         rows = grams.sum(axis=2)
         totals = rows.sum(axis=1)
-        hsic = (flat @ flat.T + np.outer(totals, totals) / ((n - 1) * (n - 2))
+        products = flat @ flat.T
+        hsic = (products + np.outer(totals, totals) / ((n - 1) * (n - 2))
                 - 2.0 / (n - 2) * rows @ rows.T) / (n * (n - 3))
         self.hsic += hsic
+        self.scale += np.diag(products) / (n * (n - 3))
         self.batches += 1
 
+    def undefined(self) -> np.ndarray:
+        """(count,) bool: the tensor does not vary, so its CKA with anything is undefined."""
+        return np.diag(self.hsic) <= CKA_RTOL * self.scale
+
     def cka(self) -> np.ndarray:
-        """The CKA matrix; 0 where a tensor has no variation."""
+        """The CKA matrix, clipped into [0, 1]; NaN in the rows and columns of tensors that do
+        not vary (``undefined``)."""
         if not self.batches:
             raise CalibrationError("CKA needs at least one batch of 4 or more samples; pass more calibration data")
-        scale = np.sqrt(np.clip(np.diag(self.hsic), 0, None))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            result = self.hsic / np.outer(scale, scale)
+        undefined = self.undefined()
+        scale = np.sqrt(np.where(undefined, 1.0, np.diag(self.hsic)))
+        result = np.clip(self.hsic / np.outer(scale, scale), 0.0, 1.0)
+        result[undefined, :] = np.nan
+        result[:, undefined] = np.nan
         # rounded so that blocks with identical outputs tie exactly (the products sum identical
         # rows in different orders) and alignment's earliest-block rule decides, not rounding noise
-        return np.round(np.nan_to_num(result, nan=0.0, posinf=0.0, neginf=0.0), 9)
+        return np.round(result, 9)
 
 
 def _zero_diagonal(x: np.ndarray) -> np.ndarray:

@@ -212,8 +212,10 @@ def canonicalize(model: onnx.ModelProto, *, bn: str = "keep") -> onnx.ModelProto
     source = with_layer_norm_opset(infer_shapes(_constant_initializers(model)))
     proto = source
     passes = PASSES + ((fold_batch_norm,) if bn == "fold" else ())
-    # graphsurgeon warns about every non-tensor value (skl2onnx's ZipMap maps); they are fine
-    with G_LOGGER.suppress(G_LOGGER.ERROR):
+    # graphsurgeon warns about every non-tensor value (skl2onnx's ZipMap maps); they are fine.
+    # Folding huge or non-finite weights overflows quietly: merges refuse what results
+    # (check_finite_parameters), and a function-preserving rewrite carries it along.
+    with G_LOGGER.suppress(G_LOGGER.ERROR), np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         for _ in range(MAX_ROUNDS):
             # passes read inferred shapes (gs folds Shape ops only where they are known), and a
             # round's rewrites can make more shapes known: infer again between rounds
@@ -294,9 +296,16 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
             log.info("symbolic shape inference failed: %s", error)
     del model.graph.value_info[:]
     model.graph.value_info.extend(inferred.graph.value_info)
+    # symbolic inference drops a declared output shape it cannot derive (a sequence input's items)
+    declared = {o.name: o for o in model.graph.output}
+    outputs = [declared.get(o.name, o) if _unshaped(o) else o for o in inferred.graph.output]
     del model.graph.output[:]
-    model.graph.output.extend(inferred.graph.output)
+    model.graph.output.extend(outputs)
     return model
+
+
+def _unshaped(info: onnx.ValueInfoProto) -> bool:
+    return info.type.WhichOneof("value") == "tensor_type" and not info.type.tensor_type.HasField("shape")
 
 
 @functools.cache
@@ -332,3 +341,27 @@ def _working_directory(folder: str) -> Iterator[None]:
         yield
     finally:
         os.chdir(previous)
+
+
+# ops whose constant inputs after the first are parameters (weights, biases, norm scales)
+PARAMETER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "LayerNormalization",
+                           "GroupNormalization", "InstanceNormalization", "PRelu"})
+_FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+                          onnx.TensorProto.BFLOAT16})
+
+
+def check_finite_parameters(model: onnx.ModelProto) -> None:
+    """Refuse NaN in any floating-point initializer and infinities in a parameter (an input
+    after the first of a weight layer or normalisation): matching, alignment and repair
+    compute on them. A mask's -inf, which an Add or Where reads, is left alone."""
+    params = {name for node in model.graph.node if node.op_type in PARAMETER_OPS for name in node.input[1:]}
+    for init in model.graph.initializer:
+        if init.data_type not in _FLOAT_TYPES:
+            continue
+        values = onnx.numpy_helper.to_array(init)
+        bad = ~np.isfinite(values) if init.name in params else np.isnan(values)
+        if bad.any():
+            kind = "NaN" if np.isnan(values).any() else "infinite"
+            raise UnsupportedGraphError(f"initializer {init.name!r} holds {int(bad.sum())} {kind} value(s), which "
+                                        "cannot be matched, aligned, averaged or widened; fix the model first (did "
+                                        "its training diverge?)")

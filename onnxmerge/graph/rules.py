@@ -476,7 +476,7 @@ class _Symbol:
 def _regroup(ctx: Context, stream: list, src: tuple, dst: tuple) -> dict[int, Layout]:
     static_in = int(np.prod([d for d in src if isinstance(d, int)]))
     static_out = int(np.prod([d for d in dst if isinstance(d, int)]))
-    if static_in % static_out:
+    if not static_out or static_in % static_out:  # an empty tensor (a size-0 axis) has no channels to map
         raise LayoutConflict(f"cannot map reshape {src} -> {dst}")
     absorb = static_in // static_out  # extra size the first unknown output dim takes
     result: dict[int, Layout] = {}

@@ -10,6 +10,7 @@ import onnx
 from onnx import numpy_helper
 
 from .layout import Atom, Concat, Grid, Layout, LayoutConflict, SpaceTable, StackBody, Stacked, leaves, nested
+from ..errors import InvalidModelError
 from ..io import default_opset
 from .rules import RULES
 
@@ -214,6 +215,14 @@ class _Walk:
             raise LayoutConflict(f"parameter {name!r} is not a constant")
         if any(isinstance(v, Stacked | StackBody) for v in nested(self.table.resolve(layout))):
             raise LayoutConflict(f"parameter {name!r} varies along a stacked axis")
+        dims = self.initializers[name].dims
+        if axis >= len(dims) or dims[axis] != self.table.width(layout):
+            # onnx's checks let a weight that does not fit its input through; onnxruntime fails on it
+            size = dims[axis] if axis < len(dims) else "no"
+            raise InvalidModelError(
+                f"node {self.node}: parameter {name!r} has {size} entries on axis {axis} where the tensor it "
+                f"meets has {self.table.width(layout)} channels, so onnxruntime cannot run the model; fix the "
+                "model's weight shapes (re-export it)")
         self.touched.append(layout)
         self.params.append(ParamUse(name, axis, layout, role, self.node))
 

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..choices import DARE_THEN
 from ..errors import RecipeError
 
 _PARALLEL = 1 - 1e-6  # cosine above which SLERP falls back to linear interpolation
@@ -109,24 +108,13 @@ def linear(base: np.ndarray | None, tuned: Sequence[np.ndarray], params, rng=Non
     return sum(w * t for w, t in zip(weights, tuned)) / weights.sum()
 
 
-_RANGES = {
-    "scale": (lambda v: bool(np.isfinite(v)), "give a finite number"),
-    "density": (lambda v: 0 < v <= 1, "give a share in (0, 1]"),
-    "drop_rate": (lambda v: 0 <= v < 1, "give a share in [0, 1)"),
-    "dare_then": (lambda v: v in DARE_THEN, f"use one of {', '.join(DARE_THEN)}"),
-    "t": (lambda v: 0 <= v <= 1, "give a position in [0, 1]"),
-}
-
-
 def check_params(method: str, params, models: int) -> None:
-    """Refuse parameter values outside their ranges, and model counts a method cannot take.
+    """Refuse model counts a method cannot take and weights that do not fit them (the ranges of
+    single values are checked with every option: limits.check_options).
 
     Raises:
-        RecipeError: naming the option, its value and the range.
+        RecipeError: naming the option and what to give.
     """
-    for name, (valid, what) in _RANGES.items():
-        if hasattr(params, name) and not valid(getattr(params, name)):
-            raise RecipeError(f"--{name.replace('_', '-')} {getattr(params, name)}: {what}")
     if method == "slerp" and models != 2:
         raise RecipeError(f"--method slerp interpolates two models; {models} were given")
     weights = getattr(params, "weights", None)

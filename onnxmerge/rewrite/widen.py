@@ -4,7 +4,10 @@ the copies, so every consumer's input sum is unchanged."""
 
 from __future__ import annotations
 
+from math import prod
+
 import numpy as np
+import onnx
 
 from ..graph.layout import Atom, Grid, Interleave, Layout, layout_width, leaves
 from ..graph.spaces import SpaceGraph
@@ -55,6 +58,32 @@ def _interleaves(graph: SpaceGraph) -> set[tuple[Layout, ...]]:
     for use in graph.params:
         visit(use.layout)
     return found
+
+
+def widening_bytes(model: onnx.ModelProto, graph: SpaceGraph, factor: float) -> int:
+    """Estimated peak memory of widening ``model`` (whose spaces ``graph`` holds) by ``factor``,
+    computed from shapes before anything is allocated: each widened space's producer and
+    consumer matrices, every parameter at its new size (the arrays, the model holding them and
+    its checked copy) and the largest parameter's float64 work arrays."""
+    chosen = set(widenable(graph, factor))
+
+    def new_width(space: int) -> int:
+        width = graph.table.widths[space]
+        return wider_width(width, factor) if space in chosen else width
+
+    total = sum(2 * 8 * new_width(s) * graph.table.widths[s] for s in chosen)
+    axes: dict[str, dict[int, int]] = {}
+    for use in graph.params:
+        axes.setdefault(use.name, {})[use.axis] = layout_width(use.layout, new_width)
+    largest = 0
+    for init in model.graph.initializer:
+        if init.name not in axes:
+            continue
+        dims = [axes[init.name].get(axis, dim) for axis, dim in enumerate(init.dims)]
+        count = prod(dims)
+        total += 3 * count * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
+        largest = max(largest, count)
+    return total + 2 * 8 * largest
 
 
 def widening(graph: SpaceGraph, factor: float, rng: np.random.Generator) -> dict[int, tuple[Linear, Linear]]:

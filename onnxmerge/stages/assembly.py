@@ -1,0 +1,69 @@
+"""Stage 4 of a merge: the merged graph. Trunk parameters carried through the matchings and
+averaged (or combined tensor by tensor by a same-base method), heads per model or shared,
+width-bearing constants resized, and each model's post-processing attached to its outputs."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+
+import onnx
+
+from ..calib.data import CalibrationSet
+from ..errors import UnsupportedGraphError
+from ..graph.postprocess import PostProcessing, attach_postprocessing
+from ..match import MatchMethod
+from ..options import MergeOptions
+from ..rewrite.merge import Member, assemble, merged_trunk_parameters, reference_widths, resize_constants
+from .prepare import lockstep_batches
+from ..samebase import combiner
+
+
+log = logging.getLogger(__name__)
+
+
+def check_coverage(reference: Member, split, options: MergeOptions) -> None:
+    """A full merge that leaves most weight layers per model writes an ensemble, not a merged
+    model: say so and name the first barriers (``--strict``: refuse)."""
+    if options.zip_layers is not None or 2 * split.zipped_layers >= split.total_layers:
+        return
+    barriers = ", ".join(f"{b.node!r} ({b.op}: {b.reason})" for b in reference.graph.barriers[:3])
+    message = (f"only {split.zipped_layers} of {split.total_layers} weight layers are merged, the rest stays per model; "
+               f"first barriers: {barriers or 'none (fixed spaces reach into the trunk)'}; see onnxmerge inspect")
+    if options.strict:
+        raise UnsupportedGraphError(f"{message}; drop --strict to write it anyway")
+    log.warning(message)
+
+
+def attach_model_postprocessing(merged: onnx.ModelProto, members: list[Member], post: list[PostProcessing],
+                           heads: str) -> None:
+    """Each model's post-processing (skl2onnx labels, ZipMap) reads that model's own scores
+    (model 0's alone with shared heads); each model's outputs keep their order."""
+    order = []
+    for index, (member, tail) in enumerate(zip(members[:1] if heads == "shared" else members, post)):
+        def rename(name: str, index=index) -> str:
+            return name if heads == "shared" else f"{name}_m{index}"
+
+        attach_postprocessing(merged, tail, rename)
+        order += [rename(name) for name in tail.output_names(member.model)]
+    outputs = {o.name: o for o in merged.graph.output}
+    reordered = [outputs[name] for name in order]
+    del merged.graph.output[:]
+    merged.graph.output.extend(reordered)
+
+
+def assemble_merged(members: list[Member], split, matchings: dict, base: Member | None, method: MatchMethod,
+                    options: MergeOptions, calib: CalibrationSet | None) -> onnx.ModelProto:
+    """The merged graph before repair: trunk parameters averaged through the matchings (or
+    combined by a same-base method, samebase.py), heads per model or shared, and width-bearing
+    constants (reshape targets, split sizes, slices) following the merged widths."""
+    combine = None
+    if method.same_base:
+        trunk = [k for k in range(len(members[0].model.graph.node)) if k not in split.head_nodes]
+        batches = None if calib is None else lambda what: lockstep_batches(calib, len(members), options.batch_size, what)
+        combine = combiner(method, method.make_params(**asdict(options)), members, base, trunk, batches,
+                           options.provider, options.seed)
+    parameters = merged_trunk_parameters(members, split, matchings, combine)
+    merged = assemble(members, split, matchings, parameters, heads=options.heads)
+    resize_constants(merged, members[0].graph, reference_widths(members[0], matchings))
+    return merged

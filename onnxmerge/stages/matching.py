@@ -1,0 +1,144 @@
+"""Stage 3 of a merge: a matching (merge and unmerge matrices) for every merged feature space,
+keyed by model 0's space ids (docs/method.md §3). Spaces are matched unit by unit from their
+statistics with the chosen method; block spaces (heads, groups) one to one whatever the method;
+spaces no statistics reach from the weights."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, replace
+
+import numpy as np
+
+from ..calib.capture import CaptureUnit
+from ..errors import RecipeError, UnsupportedGraphError
+from ..match import MatchMethod, get_method
+from ..match.permute import permute as permute_features
+from ..match.permute import require_equal_widths
+from ..match.grid import assignments_of, match_grid
+from ..match.matching import Matching
+from ..match.weight import WeightParams, match_weights
+from ..options import MergeOptions
+from ..progress import progress
+from ..rewrite.merge import Member
+
+
+log = logging.getLogger(__name__)
+
+
+def matching_method(method: MatchMethod, options: MergeOptions, data: bool) -> MatchMethod:
+    """The method whose matchings the merge uses: ``method`` itself, except for a same-base
+    method with ``align_first``, which first aligns the models by activation matching (with
+    data) or weight matching (Git Re-Basin, Ainsworth et al. 2022)."""
+    if method.same_base and options.align_first:
+        return get_method("permute" if data else "weight")
+    return method
+
+
+def match_spaces(members: list[Member], split, units: list[CaptureUnit], stats: list, method, options: MergeOptions):
+    """Matchings keyed by model 0's space ids, and the per-space report rows."""
+    reference = members[0]
+    params = method.make_params(**asdict(options))
+    run = _space_matcher(method, params, options.width)
+    _check_widths(members, split.zipped, method)
+    matchings: dict[int, Matching] = {}
+    if method.graph_level:
+        matchings.update(method.function(members, sorted(split.zipped), params))
+    elif not method.needs_calibration:  # average: no statistics, but the same width checks
+        for space in sorted(split.zipped):
+            widths = [m.graph.table.widths[m.space_of(space)] for m in members]
+            matchings[space] = method.function(None, widths, params, space=reference.graph.space(space).name)
+    tensors, blocks = {}, reference.graph.block_spaces()
+    for unit, unit_stats in progress(zip(units, stats), "matching", len(stats), "unit"):
+        for space, matching in match_unit(reference, unit, unit_stats, run, matchings, blocks).items():
+            matchings.setdefault(space, matching)
+            tensors.setdefault(space, unit.tensor)
+    matchings.update(_match_from_weights(members, sorted(set(split.zipped) - set(matchings)), matchings, options))
+    rows = [{"space": reference.graph.space(space).name, "tensor": tensors.get(space),
+             "widths": [m.graph.table.widths[m.space_of(space)] for m in members],
+             "merged_width": matching.width,
+             "mean_correlation": None if np.isnan(matching.mean_correlation) else matching.mean_correlation,
+             "within_model_merges": list(matching.within_model_merges)} for space, matching in sorted(matchings.items())]
+    return matchings, rows
+
+
+def _match_from_weights(members: list[Member], spaces: list[int], matchings: dict[int, Matching],
+                        options: MergeOptions) -> dict[int, Matching]:
+    """Spaces no statistics matched (no capturable tensor shows them) are matched from the
+    weights, every other space's matching fixed: never left as the identity, which would
+    merge unrelated features."""
+    for space in spaces:
+        widths = [m.graph.table.widths[m.space_of(space)] for m in members]
+        if len(set(widths)) > 1:
+            raise UnsupportedGraphError(
+                f"space {members[0].graph.space(space).name} appears in no tensor the calibration can read, so it "
+                f"is matched from the weights, which needs equal widths, and the models have {widths}; merge "
+                "models of equal widths there")
+    return match_weights(members, spaces, WeightParams(seed=options.seed), fixed=matchings) if spaces else {}
+
+
+def _check_widths(members: list[Member], spaces, method) -> None:
+    """Refuse, before any matching, widths that differ where they must agree: at a block space
+    (conv groups, attention heads: matched one to one whatever the method) and, for methods
+    that keep the width, everywhere."""
+    reference = members[0]
+    blocks = reference.graph.block_layers()
+    for space in sorted(spaces):
+        widths = [m.graph.table.widths[m.space_of(space)] for m in members]
+        name = reference.graph.space(space).name
+        if space in blocks and len(set(widths)) > 1:
+            raise RecipeError(
+                f"space {name}: the models have {widths} groups (or attention heads, or padded channels) at node "
+                f"{blocks[space]!r}; groups, heads and padded channels are matched one to one whatever --method, so "
+                "their counts must agree; merge models of equal widths there (a depthwise conv with a channel "
+                "multiplier has one group per input channel)")
+        if not method.unequal_widths:
+            require_equal_widths(widths, method.name, name)
+
+
+def _space_matcher(method, params, width: float | str | None):
+    """The method on one space's correlation, with ``--width`` (a multiple of the widest
+    model's width, or ``min``: the narrowest model's) turned into that space's target width."""
+    def run(corr: np.ndarray, widths: list[int]) -> Matching:
+        if width is None or not method.unequal_widths:
+            return method.function(corr, widths, params)
+        target = min(widths) if width == "min" else min(sum(widths), max(1, round(width * max(widths))))
+        if max(widths) == 1:  # a one-channel axis may broadcast against wider ones: it stays one
+            target = 1
+        return method.function(corr, widths, replace(params, width=target))
+    return run
+
+
+def match_unit(reference: Member, unit: CaptureUnit, unit_stats, run, known: dict, blocks: set[int]) -> dict:
+    """Matchings of the spaces of one capture unit. Models with no features there (channels
+    constant, as inside a lifted identity block: ``SpaceStats.models_vary``) are matched among
+    the others only (method.md §5.5)."""
+    corr = unit_stats.similarity()
+    widths = list(unit_stats.widths)
+    bounds = np.cumsum([0, *widths])
+    live = [int(i) for i in np.flatnonzero(unit_stats.models_vary())]
+    if not live or len(live) == len(widths):
+        return _match_features(reference, unit, corr, widths, run, known, blocks)
+    keep = np.concatenate([np.arange(bounds[i], bounds[i + 1]) for i in live])
+    matched = _match_features(reference, unit, corr[np.ix_(keep, keep)], [widths[i] for i in live], run,
+                              {}, blocks)
+    per_space = {unit.spaces[0]: widths}
+    if len(unit.spaces) == 2:  # a grid: block counts agree, blocks are w / count wide
+        count = reference.graph.table.widths[unit.spaces[0]]
+        per_space = {unit.spaces[0]: [count] * len(widths), unit.spaces[1]: [w // count for w in widths]}
+    return {space: matching.spread(per_space[space], live) for space, matching in matched.items()}
+
+
+def _match_features(reference: Member, unit: CaptureUnit, corr: np.ndarray, widths: list[int], run, known: dict,
+                    blocks: set[int]) -> dict:
+    """Block spaces (heads, groups) keep their count: they are assigned one to one whatever the method."""
+    if len(unit.spaces) == 2:
+        outer, inner = unit.spaces
+        count = reference.graph.table.widths[outer]
+        assignments = assignments_of(known[outer]) if outer in known else None
+        block, within = match_grid(corr, count, [w // count for w in widths], run, assignments)
+        return {outer: block, inner: within}
+    (space,) = unit.spaces
+    if space in blocks:
+        return {space: permute_features(corr, widths, space=reference.graph.space(space).name)}
+    return {space: run(corr, widths)}

@@ -1,0 +1,75 @@
+"""Stage 2 of a merge: the feature statistics each merged space is matched on (docs/method.md
+§2), computed on the calibration data and/or read from statistics files (``calibrate``), whose
+fingerprint must be that of the same models and plan."""
+
+from __future__ import annotations
+
+import logging
+import hashlib
+from dataclasses import replace
+
+import numpy as np
+
+from ..calib.capture import CaptureUnit, collect_statistics, plan_captures
+from ..calib.stats import combine_stats, load_stats
+from ..errors import CalibrationError
+from ..options import MergeOptions
+from ..rewrite.merge import Member
+
+
+from .prepare import lockstep_batches
+
+log = logging.getLogger(__name__)
+
+
+def plan_units(members: list[Member], split):
+    """Capture units of model 0, the same units in every model, and their widths."""
+    reference = members[0]
+    units, missing = plan_captures(reference.model, reference.graph, set(split.zipped))
+    for space in sorted(missing):
+        log.info("space %s appears in no capturable tensor; it is matched from the weights",
+                 reference.graph.space(space).name)
+    per_model = [[replace(u, spaces=tuple(m.space_of(s) for s in u.spaces), tensor=m.correspondence.tensors[u.tensor])
+                  for u in units] for m in members]
+    widths = [[int(np.prod([m.graph.table.widths[s] for s in mine.spaces])) for m, mine in zip(members, column)]
+              for column in zip(*per_model)]
+    return units, per_model, widths
+
+
+def statistics(members: list[Member], split, calib, stats_files, options: MergeOptions):
+    """Capture units of model 0, their statistics (computed and/or loaded), the provider used."""
+    units, per_model, widths = plan_units(members, split)
+    fingerprint = plan_fingerprint(members, units)
+    shards, provider = [], "none"
+    if calib is not None:
+        if options.ray is not None:  # shards of the samples on Ray workers (docs/scale.md)
+            from ..calib.distributed import collect_on_ray
+            computed, provider = collect_on_ray([m.model for m in members], per_model, calib, widths, options)
+        else:
+            computed, provider = collect_statistics([m.model for m in members], per_model,
+                                                    lockstep_batches(calib, len(members), options.batch_size), widths,
+                                                    options.provider)
+        shards.append(({stats_key(u): s for u, s in zip(units, computed)}, {"fingerprint": fingerprint}))
+    shards.extend(load_stats(path) for path in stats_files or [])
+    if not shards:
+        return units, [], provider
+    for path, (_, meta) in zip(stats_files or [], shards[-len(stats_files or []):]):
+        if meta.get("fingerprint") != fingerprint:
+            raise CalibrationError(f"{path}: statistics of other models or options; recompute them with "
+                                   "onnxmerge calibrate on the same models and --bn/--heads/--zip-layers")
+    combined = combine_stats(shards)
+    return units, [combined[stats_key(u)] for u in units], provider
+
+
+def stats_key(unit: CaptureUnit) -> str:
+    return f"{unit.tensor}:{unit.axis}"
+
+
+def plan_fingerprint(members: list[Member], units: list[CaptureUnit]) -> str:
+    """Identifies the statistics a plan needs, so shards of other models are refused."""
+    digest = hashlib.sha256()
+    for member in members:
+        for init in member.model.graph.initializer:
+            digest.update(init.raw_data[:4096])
+    digest.update(";".join(stats_key(u) for u in units).encode())
+    return digest.hexdigest()[:16]
