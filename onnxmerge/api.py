@@ -24,7 +24,7 @@ from .graph.canonical import infer_shapes
 from .io import check_writable, model_sha256, save_model
 from .limits import check_options
 from .match import get_method
-from .options import MergeOptions, merge_options
+from .options import MergeOptions, merge_options, recorded
 from .progress import progress
 from .recipe import Recipe, read_recipe
 from .report import write_json, write_text
@@ -312,7 +312,7 @@ def _record(model: onnx.ModelProto, sources: list[Source], recipe: Recipe) -> No
     """Store what produced the merged model in its metadata: file names and sha256 only,
     never folders."""
     entries = {"onnxmerge.version": __version__, "onnxmerge.method": recipe.options.method,
-               "onnxmerge.options": json.dumps(asdict(recipe.options), sort_keys=True)}
+               "onnxmerge.options": json.dumps(recorded(recipe.options), sort_keys=True)}
     for index, source in enumerate(sources):
         entries[f"onnxmerge.input{index}.sha256"] = source.sha256
         entries[f"onnxmerge.input{index}.name"] = source.file_name

@@ -106,6 +106,33 @@ def _calibration_options(required: bool = False) -> argparse.ArgumentParser:
     return parent
 
 
+def _ray_options() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("distributed calibration (docs/scale.md)")
+    group.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                       help="compute the calibration statistics in shards on Ray workers: without ADDRESS on a "
+                            "Ray instance started on this machine for the command (one worker per core), with it "
+                            "on the cluster there (auto, host:6379, ray://host:10001); the same result as without. "
+                            "Needs pip install 'onnxmerge[ray]'")
+    group.add_argument("--ray-shards", type=argument(int, 1), metavar="N",
+                       help="with --ray: split the calibration samples into N shards (Ray tasks) of whole batches "
+                            "(default: one per CPU of the cluster)")
+    return parent
+
+
+def _ray_scope(args: argparse.Namespace) -> contextlib.AbstractContextManager:
+    """With ``--ray``: Ray checked before any work, and one Ray instance (or connection) for
+    every statistics pass of the command, shut down at its end."""
+    if args.ray is None:
+        if args.ray_shards is not None:
+            raise OnnxMergeError("--ray-shards splits the samples for Ray workers; add --ray [ADDRESS]")
+        return contextlib.nullcontext()
+    from .calib.distributed import check, held, import_ray
+    check(args.ray, args.ray_shards)
+    import_ray()
+    return held()
+
+
 def _plan_options() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("what is merged")
@@ -202,13 +229,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
     its recipe goes to OUTPUT.recipe.yaml (re-run it with onnxmerge run)."""
     from . import api
     from .io import check_writable
+    scope = _ray_scope(args)
     inputs = [*args.models, args.base, args.calib, *(args.stats or [])]
     outputs = [("merged model", args.output), ("recipe", api.recipe_path(args.output))]
     if args.report:
         outputs.append(("report", args.report))
     for index, (what, path) in enumerate(outputs):  # before any work
         check_writable(path, what, [*inputs, *(p for _, p in outputs[:index])])
-    result = api.merge(args.models, args.calib, base=args.base, stats=args.stats, options=_options(args))
+    with scope:
+        result = api.merge(args.models, args.calib, base=args.base, stats=args.stats, options=_options(args))
     _print_merge(result, result.save(args.output, report=args.report))
     return 0
 
@@ -243,8 +272,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .io import check_writable
     if not args.calib:
         raise OnnxMergeError("calibrate needs --calib DATA")
+    scope = _ray_scope(args)
     check_writable(args.output, "statistics", [*args.models, args.calib])
-    stats, meta = api.calibrate(args.models, args.calib, options=_options(args))
+    with scope:
+        stats, meta = api.calibrate(args.models, args.calib, options=_options(args))
     save_stats(args.output, stats, meta)
     print(f"wrote {args.output}: {len(stats)} statistics over {meta['samples']} samples, provider {meta['provider']}")
     return 0
@@ -313,8 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"how many identity blocks to insert (at most {MAX_DEEPEN_PER_BLOCK} per block of "
                              "the stages deepened)")
 
-    calibration, plan = _calibration_options(), _plan_options()
-    merge = commands.add_parser("merge", parents=[graph, calibration, plan], help=cmd_merge.__doc__,
+    calibration, plan, distributed = _calibration_options(), _plan_options(), _ray_options()
+    merge = commands.add_parser("merge", parents=[graph, calibration, plan, distributed], help=cmd_merge.__doc__,
                                 description=cmd_merge.__doc__)
     merge.add_argument("models", nargs="+", help="ONNX files; the first is the reference graph")
     merge.add_argument("-o", "--output", required=True, help="merged ONNX file")
@@ -361,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("recipe", help="recipe file (.yaml)")
     run.set_defaults(run=cmd_run)
 
-    calibrate = commands.add_parser("calibrate", parents=[graph, _calibration_options(required=True), plan],
+    calibrate = commands.add_parser("calibrate",
+                                    parents=[graph, _calibration_options(required=True), plan, distributed],
                                     help=cmd_calibrate.__doc__, description=cmd_calibrate.__doc__)
     calibrate.add_argument("models", nargs="+", help="the ONNX files of the merge, in the same order")
     calibrate.add_argument("-o", "--output", required=True, help="statistics file (.npz)")

@@ -87,7 +87,8 @@ def check_options(options) -> None:
     check_width(options.width)
     check_range("--max-loss", options.max_loss, 0.0, 1.0)
     check_range("--batch-size", options.batch_size, 1, kind=int)
-    for name, value in (("--max-samples", options.max_samples), ("--repair-samples", options.repair_samples)):
+    for name, value in (("--max-samples", options.max_samples), ("--repair-samples", options.repair_samples),
+                        ("--ray-shards", options.ray_shards)):
         if value is not None:
             check_range(name, value, 1, kind=int)
     if options.zip_layers not in (None, "auto"):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 from .errors import RecipeError
 
@@ -46,6 +46,12 @@ class MergeOptions:
         align: depth alignment: auto (sma when depths differ), sma, lma, uniform, head-tail, none.
         allow_few_samples: accept fewer than 16 calibration samples.
         strict: refuse a full merge that leaves most weight layers per model.
+        ray: compute the calibration statistics on Ray (docs/scale.md): ``"local"`` starts a
+            local Ray instance, anything else is the address of a running cluster (``auto``,
+            ``host:6379``, ``ray://host:10001``); None computes them in this process. An
+            instance already started in this process (``ray.init()``) is used as it is.
+        ray_shards: with ``ray``, the number of shards (Ray tasks) the calibration samples are
+            split into; None: one per CPU of the Ray cluster (per GPU with ``provider="cuda"``).
     """
 
     method: str | None = None
@@ -73,9 +79,20 @@ class MergeOptions:
     align: str = "auto"
     allow_few_samples: bool = False
     strict: bool = False
+    ray: str | None = None
+    ray_shards: int | None = None
 
 
 OPTION_NAMES = tuple(f.name for f in fields(MergeOptions))
+EXECUTION = ("ray", "ray_shards")
+"""Options that say where the work runs, not what is computed: a merge gives the same model
+with or without them, so the merged model's metadata and its recipe do not record them."""
+
+
+def recorded(options: MergeOptions) -> dict:
+    """The options as the merged model's metadata and recipe record them: every field but the
+    ``EXECUTION`` ones."""
+    return {name: value for name, value in asdict(options).items() if name not in EXECUTION}
 
 
 def merge_options(base: MergeOptions | None = None, **settings) -> MergeOptions:

@@ -11,13 +11,13 @@ default; the sha256 entries, when present, must match the files.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 from . import __version__
 from . import choices
 from .choices import PARAMETERS as METHOD_PARAMETERS
 from .errors import RecipeError
-from .options import MergeOptions, merge_options
+from .options import MergeOptions, merge_options, recorded
 
 _HEADER = "# onnxmerge recipe: re-run with `onnxmerge run FILE`; paths are relative to this file's folder\n"
 PARAMETERS = (*METHOD_PARAMETERS, "width", "zip_layers", "max_loss")
@@ -105,7 +105,7 @@ class Recipe:
         beside the model); without, file names only (the model's metadata)."""
         import yaml  # PyYAML: only recipes need it
 
-        values = asdict(self.options)
+        values = recorded(self.options)  # where it ran (ray) is not recorded: the same merge anywhere
         document = {"onnxmerge": __version__}
         if self.base is not None:
             document["base"] = self.base.to_dict(folder)
@@ -261,11 +261,12 @@ def _number(text: str) -> float | str:
 
 
 _OPTIONS = tuple(f.name for f in fields(MergeOptions) if f.name not in (*PARAMETERS, *TOP_LEVEL))
-_OPTIONAL = ("method", "width", "zip_layers", "max_samples", "repair_samples", "weights")
+_OPTIONAL = ("method", "width", "zip_layers", "max_samples", "repair_samples", "weights", "ray", "ray_shards")
 _WORDS = {"width": ("min",), "zip_layers": ("auto",)}
 _EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 _TYPES = {**{f.name: type(f.default) for f in fields(MergeOptions) if f.default not in (None, ())},
-          "width": float, "zip_layers": int, "max_samples": int, "repair_samples": int, "weights": list}
+          "width": float, "zip_layers": int, "max_samples": int, "repair_samples": int, "weights": list,
+          "ray_shards": int}
 """The type of each option's value: its default's, or the one given where the default is None."""
 
 

@@ -241,11 +241,11 @@ def test_the_cli_choices_are_the_registries():
 
 
 def test_help_and_version_do_not_import_the_pipeline():
-    """--help and --version answer without onnx, onnxruntime, scipy or torch (start-up time)."""
+    """--help and --version answer without onnx, onnxruntime, scipy, torch or ray (start-up time)."""
     code = ("import sys\nfrom onnxmerge.cli import main\n"
             "for argv in (['--help'], ['--version'], ['merge', '--help']):\n"
             "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
-            "heavy = sorted(m for m in ('onnx', 'onnxruntime', 'scipy', 'torch', 'numpy', 'onnxmerge.api')"
+            "heavy = sorted(m for m in ('onnx', 'onnxruntime', 'scipy', 'torch', 'numpy', 'ray', 'onnxmerge.api')"
             " if m in sys.modules)\n"
             "print('imported:', heavy, file=sys.stderr)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -65,12 +65,15 @@ class Session:
         return getattr(self._session, name)
 
 
-def open_session(model: onnx.ModelProto, provider: str = "auto") -> tuple[Session, str]:
+def open_session(model: onnx.ModelProto, provider: str = "auto", *,
+                 threads: int | None = None) -> tuple[Session, str]:
     """An inference session and the provider that really runs it.
 
     ``auto`` uses CUDA when a session actually runs on it and falls back to CPU; ``cuda``
     raises when it does not. onnxruntime silently falls back to CPU when CUDA is requested
-    without a usable GPU, so the answer comes from ``session.get_providers()``.
+    without a usable GPU, so the answer comes from ``session.get_providers()``. ``threads``
+    caps onnxruntime's intra-op threads (default: one per physical core), e.g. to the CPUs a
+    Ray task holds.
     """
     if provider not in PROVIDERS:
         raise CalibrationError(f"unknown provider {provider!r}; use one of {', '.join(PROVIDERS)}")
@@ -79,6 +82,8 @@ def open_session(model: onnx.ModelProto, provider: str = "auto") -> tuple[Sessio
     options.log_severity_level = 4  # fatal only: a failed run raises, and its error line is ours
     # spinning worker threads would compete with numpy for the cores between runs
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        options.intra_op_num_threads = threads
     data = model.SerializeToString()
     if provider in ("auto", "cuda") and _CUDA in onnxruntime.get_available_providers():
         try:
@@ -187,7 +192,7 @@ def _unit_key(layout) -> tuple[tuple[int, ...], tuple[int, int]] | None:
 
 def collect_statistics(models: list[onnx.ModelProto], units: list[list[CaptureUnit]],
                        batches: Iterable[list[dict[str, np.ndarray]]], widths: list[list[int]],
-                       provider: str = "auto") -> tuple[list[SpaceStats], str]:
+                       provider: str = "auto", *, threads: int | None = None) -> tuple[list[SpaceStats], str]:
     """Stream the calibration batches through every model and accumulate unit statistics.
 
     Args:
@@ -196,6 +201,7 @@ def collect_statistics(models: list[onnx.ModelProto], units: list[list[CaptureUn
         batches: per step, one feed dict per model (the same samples).
         widths: for each unit, each model's feature width there.
         provider: ``auto``, ``cpu`` or ``cuda``.
+        threads: onnxruntime intra-op threads (default: one per physical core).
 
     Returns:
         One ``SpaceStats`` per unit (features of all models concatenated) and the provider
@@ -206,7 +212,7 @@ def collect_statistics(models: list[onnx.ModelProto], units: list[list[CaptureUn
         return stats, "none"
     fused = moments_model(models, units, widths)
     if fused is not None:
-        session, ran = open_session(fused, provider)
+        session, ran = open_session(fused, provider, threads=threads)
         names = [o.name for o in fused.graph.output]
         for feeds in batches:
             feed = {f"m{i}_{name}": value for i, model_feed in enumerate(feeds) for name, value in model_feed.items()}
@@ -218,7 +224,7 @@ def collect_statistics(models: list[onnx.ModelProto], units: list[list[CaptureUn
         return stats, ran
     sessions, used = [], set()
     for model, model_units in zip(models, units):
-        session, ran = open_session(expose(model, [u.tensor for u in model_units]), provider)
+        session, ran = open_session(expose(model, [u.tensor for u in model_units]), provider, threads=threads)
         sessions.append(session)
         used.add(ran)
     for feeds in batches:

@@ -298,6 +298,24 @@ class CalibrationSet:
         part._rows = np.asarray(rows) if self._rows is None else self._rows[np.asarray(rows)]
         return part
 
+    def shard(self, start: int, stop: int) -> "CalibrationSet":
+        """Samples ``start:stop`` of this set (in its order) as a set of their own that holds
+        just those rows in memory, nothing of the file: what is sent to another process
+        (calib/distributed.py). The rows keep their dtype; ``batches`` casts as for this set."""
+        if not 0 <= start < stop <= self.num_samples:
+            raise CalibrationError(f"{self.path}: samples {start}:{stop} of {self.num_samples}; "
+                                   "give a non-empty range within the set")
+        rows = slice(start, stop) if self._rows is None else self._rows[start:stop]
+        arrays = {}
+        for key in dict.fromkeys(key for bound in self._bindings for _, key in bound):
+            source = self._arrays.get(key)
+            arrays[key] = np.array(source[rows])  # a copy of these rows only
+            _release(source)
+        part = CalibrationSet(_InMemory(arrays, label=f"{self.path} [samples {start}:{stop}]"), self._bindings,
+                              stop - start, self.fixed_batch)
+        part.dtypes, part.constant = self.dtypes, self.constant  # hold for any rows of the set
+        return part
+
     @property
     def num_models(self) -> int:
         return len(self._bindings)

@@ -42,8 +42,13 @@ def statistics(members: list[Member], split, calib, stats_files, options: MergeO
     fingerprint = plan_fingerprint(members, units)
     shards, provider = [], "none"
     if calib is not None:
-        computed, provider = collect_statistics([m.model for m in members], per_model,
-                                                lockstep_batches(calib, len(members), options.batch_size), widths, options.provider)
+        if options.ray is not None:  # shards of the samples on Ray workers (docs/scale.md)
+            from ..calib.distributed import collect_on_ray
+            computed, provider = collect_on_ray([m.model for m in members], per_model, calib, widths, options)
+        else:
+            computed, provider = collect_statistics([m.model for m in members], per_model,
+                                                    lockstep_batches(calib, len(members), options.batch_size), widths,
+                                                    options.provider)
         shards.append(({stats_key(u): s for u, s in zip(units, computed)}, {"fingerprint": fingerprint}))
     shards.extend(load_stats(path) for path in stats_files or [])
     if not shards:
