@@ -18,8 +18,7 @@ from onnxmerge import api
 from onnxmerge.graph.layout import Concat
 from onnxmerge.inspection import describe
 from onnxmerge.io import load_model, save_model
-from tests.test_rules import run_all
-from tests.test_zoo_oracles import outputs_close
+from tests.helpers import run_all, outputs_close
 
 D, HEADS = 32, 4
 

@@ -13,7 +13,7 @@ from onnxmerge.stages.prepare import lockstep_batches, prepare
 from onnxmerge.stages.statistics import plan_units
 from onnxmerge.sources import read_data, read_models
 from onnxmerge.graph.canonical import canonicalize
-from tests.test_rules import model, run_all, weights, with_opset
+from tests.helpers import model, run_all, weights, with_opset
 
 
 def test_weights_computed_from_constants_are_folded_and_permutable():
@@ -237,7 +237,7 @@ def test_grouped_layer_reading_a_fixed_input_permutes_exactly():
 
 def test_transposed_decoder_merged_with_its_permuted_copy_gives_it_back(tmp_path):
     from onnxmerge.io import load_model, save_model
-    from tests.test_zoo_oracles import outputs_close
+    from tests.helpers import outputs_close
     decoder = transposed_decoder(encoder=True)
     save_model(decoder, tmp_path / "a.onnx")
     save_model(api.permute(load_model(tmp_path / "a.onnx"), seed=3, bn="fold"), tmp_path / "b.onnx")
@@ -256,7 +256,7 @@ def test_grouped_layer_on_a_fixed_input_merges_with_its_permuted_copy(tmp_path, 
     as more samples (not as identity, which would average misaligned channels). The decoder's
     ops (ConvTranspose, BN, Relu, Mul, Add) mean the same at opsets 12 and 17."""
     from onnxmerge.io import save_model
-    from tests.test_zoo_oracles import outputs_close
+    from tests.helpers import outputs_close
     decoder = with_opset(transposed_decoder(), opset)
     save_model(decoder, tmp_path / "a.onnx")
     save_model(api.permute(decoder, seed=3), tmp_path / "b.onnx")

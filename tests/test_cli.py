@@ -10,8 +10,7 @@ import pytest
 
 from onnxmerge.cli import main
 from onnxmerge.io import load_model
-from tests.test_rules import model, run_all
-from tests.test_zoo_oracles import outputs_close
+from tests.helpers import model, run_all, outputs_close
 
 
 def onnxmerge(*args: str) -> subprocess.CompletedProcess:
@@ -251,3 +250,14 @@ def test_help_and_version_do_not_import_the_pipeline():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip().endswith("imported: []")
+
+
+def test_test_modules_import_helpers_not_each_other():
+    """Shared test code lives in tests/helpers.py (or conftest fixtures): a test module that
+    imports another would run or collect it twice and couple their random draws."""
+    from pathlib import Path
+
+    importing = [(path.name, line) for path in Path(__file__).parent.glob("test_*.py")
+                 for line in path.read_text().splitlines() if line.strip().startswith(("from tests.test_",
+                                                                                      "import tests.test_"))]
+    assert importing == []

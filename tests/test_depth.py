@@ -17,8 +17,7 @@ from onnxmerge.errors import RecipeError, UnsupportedGraphError
 from onnxmerge.graph.blocks import find_blocks
 from onnxmerge.io import load_model, save_model
 from tests import zoo
-from tests.test_rules import run_all
-from tests.test_zoo_oracles import outputs_close, zoo_cases
+from tests.helpers import run_all, outputs_close, zoo_cases
 
 DEEPEN = [("mlp", "legacy_folded"), ("mlp", "dynamo"), ("vgg_bn", "legacy_bn"), ("vgg_bn", "dynamo"),
           ("resnet_basic", "legacy_bn"), ("resnet_basic", "dynamo"), ("resnet_bottleneck", "legacy_bn"),

@@ -15,9 +15,7 @@ from onnxmerge.rewrite.apply import transform_parameters
 from onnxmerge.rewrite.heads import feature_outputs
 from onnxmerge.rewrite.transform import Permutation
 from tests import zoo
-from tests.test_merge import permuted_copies
-from tests.test_rules import run_all
-from tests.test_zoo_oracles import outputs_close
+from tests.helpers import permuted_copies, run_all, outputs_close
 
 def layer_counts(report: dict) -> tuple[int, int]:
     merged = report["weight_layers"]

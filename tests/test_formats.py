@@ -16,8 +16,7 @@ from onnxmerge import api
 from onnxmerge.cli import main
 from onnxmerge.graph.canonical import canonicalize
 from onnxmerge.io import load_model, save_model
-from tests.test_rules import model, run_all
-from tests.test_zoo_oracles import outputs_close
+from tests.helpers import run_all, outputs_close, with_domain_op
 
 N = helper.make_node
 
@@ -211,14 +210,6 @@ def test_ir3_opset8_file_inspects_permutes_and_merges(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------ nothing written but the outputs
-
-
-def with_domain_op(domain: str, op: str) -> onnx.ModelProto:
-    """A conv net around one op no shape inference knows; its first weight (2 KiB) is large
-    enough for onnxruntime's symbolic shape inference to save it in a data file."""
-    m = model([N(op, ["y"], ["z"], domain=domain)], [], in_shape=("N", 32, 4, 4))
-    m.opset_import.append(helper.make_opsetid(domain, 1))
-    return m
 
 
 LITTER_CASES = {

@@ -14,9 +14,7 @@ from onnxmerge import api
 from onnxmerge.calib.capture import open_session
 from onnxmerge.errors import CalibrationError
 from onnxmerge.io import load_model
-from tests.test_merge import permuted_copies
-from tests.test_rules import run_all
-from tests.test_zoo_oracles import outputs_close
+from tests.helpers import permuted_copies, run_all, outputs_close
 
 
 def _cuda_usable() -> bool:

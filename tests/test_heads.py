@@ -19,8 +19,7 @@ from onnxmerge.cli import main
 from onnxmerge.scoring import score
 from onnxmerge.io import load_model, save_model
 from tests import zoo
-from tests.test_rules import run_all
-from tests.test_zoo_oracles import outputs_close
+from tests.helpers import run_all, outputs_close
 
 TAILS = {"Softmax": lambda z: softmax(z, axis=1), "LogSoftmax": lambda z: log_softmax(z, axis=1), "Sigmoid": expit}
 

@@ -253,7 +253,7 @@ def test_near_constant_space_keeps_a_model_whose_copy_falls_under_the_dead_thres
     # one nearly constant channel is live in model 0 and dead in its permuted copy: model 1 is
     # no featureless model (method.md §5.5) and must be matched, not spread round-robin
     from onnxmerge.calib.capture import CaptureUnit
-    from tests.test_stats import near_constant_copies
+    from tests.helpers import near_constant_copies
 
     stats, perm = near_constant_copies()
     from onnxmerge.stages.matching import match_unit

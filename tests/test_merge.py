@@ -11,22 +11,9 @@ import pytest
 from onnxmerge import api
 from onnxmerge.errors import OnnxMergeError
 from onnxmerge.io import load_model, save_model
-from tests.test_rules import run_all, with_opset
-from tests.test_zoo_oracles import ALL, CASES, IDS, outputs_close
+from tests.helpers import run_all, with_opset, ALL, CASES, IDS, outputs_close, permuted_copies
 
 NO_REPAIR = api.MergeOptions(repair="none", method="permute")
-
-
-def permuted_copies(zoo_files, tmp_path, name, exporter, seeds=(1,)):
-    path, x = zoo_files.get(name, exporter)
-    calib = tmp_path / "calib.npy"
-    np.save(calib, x)
-    copies = []
-    for seed in seeds:
-        copy = tmp_path / f"permuted{seed}.onnx"
-        save_model(api.permute(load_model(path), seed=seed), copy)
-        copies.append(str(copy))
-    return path, x, str(calib), copies
 
 
 @pytest.mark.parametrize("method", ["permute", "zip"])

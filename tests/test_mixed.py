@@ -34,7 +34,7 @@ from onnxmerge.graph.canonical import canonicalize
 from onnxmerge.graph.interface import channels_first_input
 from onnxmerge.graph.postprocess import split_postprocessing
 from onnxmerge.io import load_model, save_model
-from tests.test_rules import run_all
+from tests.helpers import run_all
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "converters"

@@ -15,7 +15,7 @@ import onnx
 import pytest
 
 from onnxmerge import cli, io
-from tests.test_formats import with_domain_op
+from tests.helpers import with_domain_op
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "samples" / "digits"

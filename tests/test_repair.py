@@ -12,8 +12,7 @@ from onnxmerge.calib.capture import expose, open_session
 from onnxmerge.graph.canonical import canonicalize
 from onnxmerge.io import load_model, save_model
 from onnxmerge.rewrite.repair import reset_batch_norm, train_mode
-from tests.test_rules import run_all, with_opset
-from tests.test_zoo_oracles import outputs_close
+from tests.helpers import run_all, with_opset, outputs_close
 
 
 def bn_input_stats(model: onnx.ModelProto, x: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:

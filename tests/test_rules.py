@@ -9,43 +9,15 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxmerge import api
 from onnxmerge.graph.rules import BINARY, RULES, UNARY
+from tests.helpers import const, weights, model, run_all
 
 RNG = np.random.default_rng(0)
 C = 16
-
-
-def const(name: str, value) -> onnx.TensorProto:
-    return numpy_helper.from_array(np.asarray(value), name)
-
-
-def weights(shape) -> np.ndarray:
-    return RNG.standard_normal(shape).astype(np.float32) * 0.5
-
-
-def model(nodes, inits, *, in_shape=("N", 8, 4, 4), out_shape=None, opset=18, head="pool") -> onnx.ModelProto:
-    """x -> Conv(8->16) -> y; ``nodes`` map y to z; z -> head -> output."""
-    body = [helper.make_node("Conv", ["x", "w1", "b1"], ["y"], kernel_shape=[1, 1], name="conv1")] + nodes
-    inits = [const("w1", weights((C, in_shape[1], 1, 1))), const("b1", weights(C))] + inits
-    if head == "pool":  # z [N, C', H, W] -> Conv 1x1 -> GlobalAveragePool -> Flatten
-        width = (out_shape or (None, C))[1]
-        body += [helper.make_node("Conv", ["z", "w2"], ["c2"], kernel_shape=[1, 1], name="conv2"),
-                 helper.make_node("GlobalAveragePool", ["c2"], ["p"]),
-                 helper.make_node("Flatten", ["p"], ["out"])]
-        inits.append(const("w2", weights((5, width, 1, 1))))
-    else:  # z [N, K] -> Gemm
-        body += [helper.make_node("Gemm", ["z", "w2"], ["out"], transB=1, name="fc")]
-        inits.append(const("w2", weights((5, out_shape[1]))))
-    graph = helper.make_graph(body, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(in_shape))],
-                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 5])], inits)
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    m.ir_version = 8
-    return m
 
 
 def unary(op: str, **attrs):
@@ -212,25 +184,6 @@ def all_cases() -> dict[str, onnx.ModelProto]:
 
 
 CASES = all_cases()
-
-
-def with_opset(m: onnx.ModelProto, version: int) -> onnx.ModelProto:
-    """A copy of ``m`` labelled with another default-domain opset (for models whose ops mean the
-    same at both versions; the callers say why theirs do)."""
-    relabelled = onnx.ModelProto()
-    relabelled.CopyFrom(m)
-    for opset in relabelled.opset_import:
-        if opset.domain in ("", "ai.onnx"):
-            opset.version = version
-    return relabelled
-
-
-def run_all(m: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
-    """Every output of a single-input model in onnxruntime (CPU)."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run(None, {session.get_inputs()[0].name: x})
 
 
 def run(m: onnx.ModelProto, x: np.ndarray) -> np.ndarray:

@@ -13,8 +13,7 @@ from onnx import helper
 from onnxmerge import api
 from onnxmerge.io import load_model, save_model
 from tests import zoo
-from tests.test_rules import run_all
-from tests.test_zoo_oracles import outputs_close
+from tests.helpers import run_all, outputs_close
 
 EXPORTERS = ["legacy_folded", "legacy_bn"]
 

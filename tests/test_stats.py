@@ -5,6 +5,7 @@ import pytest
 
 from onnxmerge.calib.stats import (AFFINE_BAND, SpaceStats, combine_stats, load_stats, save_stats, to_samples)
 from onnxmerge.errors import CalibrationError
+from tests.helpers import near_constant_copies
 
 WIDTHS = (6, 10)
 
@@ -110,25 +111,6 @@ def test_similarity_ranks_affine_pairs_by_how_nearly_equal_they_are():
     for same, other in [((2, 4), (2, 3)), ((5, 7), (5, 6))]:
         assert similarity[same] > 1 - 1e-12 and 1 - 1e-6 > similarity[other] >= 1 - AFFINE_BAND
     assert (similarity[:5, 5:] == 0).all()
-
-
-def near_constant_copies(seed: int = 9) -> tuple[SpaceStats, np.ndarray]:
-    """Statistics of 8 nearly constant features (variance 1e-12 of E[x^2], 16 samples, as a
-    pooled squeeze-excite tensor of a random network) and a permuted copy whose channel 0 varies
-    at half the amplitude: live in model 0 (variance 2e-10 of E[x^2]), dead in model 1."""
-    rng = np.random.default_rng(seed)
-    level = rng.uniform(0.5, 2.0, 8) * rng.choice([-1.0, 1.0], 8)
-    ratio = np.full(8, 1e-12)
-    ratio[0] = 2e-10
-    wiggle = rng.standard_normal((16, 8))
-    wiggle = (wiggle - wiggle.mean(axis=0)) / wiggle.std(axis=0)
-    first = level + wiggle * np.abs(level) * np.sqrt(ratio)
-    copy = first.copy()
-    copy[:, 0] = level[0] + 0.5 * (first[:, 0] - level[0])
-    perm = rng.permutation(8)
-    stats = SpaceStats.empty((8, 8))
-    stats.update([first, copy[:, perm]])
-    return stats, perm
 
 
 def test_similarity_pairs_a_near_constant_feature_with_its_copy_across_the_dead_threshold():

@@ -9,8 +9,7 @@ from onnxmerge import api, tradeoff
 from onnxmerge.calib.data import input_specs, load_calibration
 from onnxmerge.cli import main
 from onnxmerge.io import load_model, save_model
-from tests.test_rules import run_all
-from tests.test_zoo_oracles import outputs_close
+from tests.helpers import run_all, outputs_close
 
 
 def test_a_permuted_copy_loses_nothing_at_any_cut_so_every_layer_is_merged(zoo_files, tmp_path):

@@ -9,8 +9,7 @@ import pytest
 from onnxmerge import api
 from onnxmerge.errors import RecipeError
 from onnxmerge.io import load_model, save_model
-from tests.test_rules import run_all
-from tests.test_zoo_oracles import CASES, outputs_close
+from tests.helpers import run_all, CASES, outputs_close
 
 
 @pytest.mark.parametrize("name,exporter", CASES)
@@ -121,7 +120,7 @@ def _one_channel_gate():
     """conv -> Split([1, 15]): a 1-channel score broadcast over the other 15 (MobileViTv2's
     linear attention: key * softmax(query)) -> conv."""
     from onnx import helper
-    from tests.test_rules import const, model
+    from tests.helpers import const, model
     nodes = [helper.make_node("Split", ["y", "sizes"], ["q", "k"], axis=1),
              helper.make_node("Sigmoid", ["q"], ["score"]),
              helper.make_node("Mul", ["k", "score"], ["z"])]

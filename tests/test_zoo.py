@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from tests import zoo
-from tests.test_zoo_oracles import zoo_cases
+from tests.helpers import zoo_cases
 
 BATCHES = (2, 3)
 
