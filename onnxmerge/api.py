@@ -137,9 +137,13 @@ def merge(models: Sequence[ModelLike], calibration: DataLike | None = None, *, b
     if options.method is None:
         default = "task-arithmetic" if base is not None else "zip" if data is not None or stats else "weight"
         options = replace(options, method=default)
-    if base is not None and not get_method(options.method).same_base:
-        raise RecipeError(f"--base is the pre-trained model of the same-base methods; --method {options.method} "
-                          "does not read it: drop --base or use task-arithmetic, ties or dare")
+    chosen = get_method(options.method)
+    if base is not None and not chosen.needs_base:
+        raise RecipeError(f"--base is the pre-trained model that task-arithmetic, ties and dare add task vectors to; "
+                          f"--method {options.method} does not read it: drop --base or use one of those")
+    if options.align_first and not chosen.same_base:
+        raise RecipeError(f"--align-first aligns models before a same-base method combines them; --method "
+                          f"{options.method} aligns by itself (zip, permute, weight) or not at all (average): drop it")
     if len(sources) < (1 if get_method(options.method).same_base else 2):
         raise RecipeError("merge needs at least two models (one fine-tune with --base for the same-base methods)")
     if options.repair_samples is not None and options.repair_samples < 1:
@@ -213,7 +217,7 @@ def _merge_prepared(sources: list[Source], prepared: Prepared, stats: list[str],
     report = {"format": "onnxmerge.merge/1", "models": [s.name for s in sources], "method": options.method,
               "options": asdict(options), "bn": prepared.bn, "provider": provider, "repair": repair,
               "repaired_tensors": repaired,
-              "layers": f"{split.zipped_layers} of {split.total_layers} layers zipped",
+              "layers": f"{split.zipped_layers} of {split.total_layers} layers {'merged' if method.same_base else 'zipped'}",
               "weight_layers": {"merged": split.zipped_layers, "total": split.total_layers},
               "spaces": summary, "timings": timings}
     if prepared.depth is not None:

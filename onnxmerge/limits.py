@@ -108,8 +108,9 @@ def argument(kind: type, low, high=None, *, low_open: bool = False, high_open: b
         try:
             check_range("value", value, low, high, kind=kind, low_open=low_open, high_open=high_open)
         except RecipeError:
-            raise argparse.ArgumentTypeError(f"{text} is out of range: use {'a finite number' if kind is float else noun} "
-                                             f"{_range_text(low, high, low_open, high_open)}") from None
+            where = "" if low is None and high is None else " " + _range_text(low, high, low_open, high_open)
+            raise argparse.ArgumentTypeError(f"{text} is out of range: use {'a finite number' if kind is float else noun}"
+                                             f"{where}") from None
         return value
     parse.__name__ = kind.__name__  # argparse names the type in its messages
     return parse

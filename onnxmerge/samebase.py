@@ -39,26 +39,28 @@ def check_same_graph(named: list[tuple[str, onnx.ModelProto]], heads: frozenset[
         problem = _difference(first, model, heads)
         if problem:
             raise UnsupportedGraphError(
-                f"{name}: {problem} where {first_name} differs; the same-base methods merge fine-tunes of one "
-                "base with the same graph: merge models that only share an architecture with --method zip, "
+                f"{name} and {first_name} have different graphs: {problem}; the same-base methods merge fine-tunes "
+                "of one base with the same graph: merge models that only share an architecture with --method zip, "
                 "permute or weight")
 
 
 def _difference(a: onnx.ModelProto, b: onnx.ModelProto, heads: frozenset[int]) -> str | None:
-    if len(a.graph.node) != len(b.graph.node):
-        return f"the graph has {len(b.graph.node)} nodes, not {len(a.graph.node)},"
+    """The first difference of ``b`` from ``a``, naming ``b``'s node, or None."""
     shapes_a = {i.name: tuple(i.dims) for i in a.graph.initializer}
     shapes_b = {i.name: tuple(i.dims) for i in b.graph.initializer}
     for index, (x, y) in enumerate(zip(a.graph.node, b.graph.node)):
         label = f"node {index} {y.name or y.op_type!r}"
         if x.op_type != y.op_type:
-            return f"{label} is a {y.op_type}, not a {x.op_type},"
+            return f"{label} is a {y.op_type}, not a {x.op_type}"
         if [(t.name, onnx.helper.get_attribute_value(t)) for t in x.attribute] != [
                 (t.name, onnx.helper.get_attribute_value(t)) for t in y.attribute]:
             return f"{label} ({y.op_type}) has other attributes"
         for position, (p, q) in enumerate(zip(x.input, y.input)):
             if (p in shapes_a) != (q in shapes_b) or index not in heads and shapes_a.get(p) != shapes_b.get(q):
-                return f"{label} ({y.op_type}) input {position} has shape {shapes_b.get(q)}, not {shapes_a.get(p)},"
+                return f"{label} ({y.op_type}) input {position} has shape {shapes_b.get(q)}, not {shapes_a.get(p)}"
+    if len(a.graph.node) != len(b.graph.node):
+        shorter = min(len(a.graph.node), len(b.graph.node))
+        return f"one graph ends after node {shorter - 1}, the other has {abs(len(a.graph.node) - len(b.graph.node))} more"
     return None
 
 

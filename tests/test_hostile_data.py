@@ -463,3 +463,14 @@ def test_statistics_into_a_folder_or_a_full_disk_fail_in_one_line(tmp_path, caps
     assert main(["calibrate", VGG_A, VGG_B, "--calib", CALIB, "-o", str(out)]) == 1
     _one_line_error(capsys, "cannot write the statistics", "No space left on device")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_statistics_file_with_an_asymmetric_second_moment_is_refused(tmp_path):
+    """A sum of x x^T is symmetric: a file where it is not was damaged or forged."""
+    space = SpaceStats.empty((2, 2))
+    x = np.random.default_rng(0).standard_normal((32, 4))
+    space.update([x[:, :2], x[:, 2:]])
+    space.outer[0, 1] += 1e3
+    save_stats(tmp_path / "s.npz", {"t:1": space}, {"fingerprint": "x"})
+    with pytest.raises(CalibrationError, match="not symmetric"):
+        load_stats(tmp_path / "s.npz")

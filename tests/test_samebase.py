@@ -209,3 +209,25 @@ def test_align_first_undoes_a_permutation_before_combining(tmp_path, data):
     actual = ort.InferenceSession(merged.SerializeToString(), providers=["CPUExecutionProvider"]).run(
         None, {"input": x})[0]
     np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_scale_that_overflows_the_weights_is_refused_in_one_line():
+    with pytest.raises(onnxmerge.RecipeError, match="overflows float32 .*use a smaller --scale") as caught:
+        onnxmerge.merge([small(tuned(1))], base=small(BASE), method="task-arithmetic", scale=1e300)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("settings, words", [
+    (dict(method="slerp", base="BASE"), "--method slerp does not read it"),
+    (dict(method="zip", align_first=True), "--align-first aligns models before a same-base method"),
+])
+def test_options_a_method_would_ignore_are_refused(settings, words):
+    if settings.get("base") == "BASE":
+        settings = {**settings, "base": small(BASE)}
+    with pytest.raises(onnxmerge.RecipeError, match=words):
+        onnxmerge.merge([small(tuned(1)), small(tuned(2))], X, **settings)
+
+
+def test_the_report_says_merged_not_zipped_for_same_base_methods():
+    result = onnxmerge.merge([small(tuned(1)), small(tuned(2))], method="linear")
+    assert result.report["layers"].endswith("layers merged")

@@ -315,6 +315,9 @@ def _space_from(arrays: dict[str, np.ndarray], index: int) -> SpaceStats:
     for name, values in (("sum", total), ("outer", outer)):
         if not np.isfinite(values).all():
             raise ValueError(f"{where}: {int((~np.isfinite(values)).sum())} NaN or infinite values in its {name}")
+    scale = max(float(np.abs(outer).max()), 1e-300)
+    if np.abs(outer - outer.T).max() > 1e-9 * scale:  # a sum of x x^T is symmetric up to rounding
+        raise ValueError(f"{where}: its sum of x x^T is not symmetric")
     power, mean = np.diag(outer) / int(count), total / int(count)
     if (power < mean ** 2 * (1 - 1e-6) - 1e-300).any():  # E[x^2] >= E[x]^2 up to rounding
         raise ValueError(f"{where}: second moments below the squared means (negative variances)")

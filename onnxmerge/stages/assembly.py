@@ -7,10 +7,11 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict
 
+import numpy as np
 import onnx
 
 from ..calib.data import CalibrationSet
-from ..errors import UnsupportedGraphError
+from ..errors import RecipeError, UnsupportedGraphError
 from ..graph.postprocess import PostProcessing, attach_postprocessing
 from ..match import MatchMethod
 from ..options import MergeOptions
@@ -63,7 +64,18 @@ def assemble_merged(members: list[Member], split, matchings: dict, base: Member 
         batches = None if calib is None else lambda what: lockstep_batches(calib, len(members), options.batch_size, what)
         combine = combiner(method, method.make_params(**asdict(options)), members, base, trunk, batches,
                            options.provider, options.seed)
-    parameters = merged_trunk_parameters(members, split, matchings, combine)
+    with np.errstate(over="ignore", invalid="ignore"):  # checked below, in one line
+        parameters = merged_trunk_parameters(members, split, matchings, combine)
+    _check_finite(parameters, options)
     merged = assemble(members, split, matchings, parameters, heads=options.heads)
     resize_constants(merged, members[0].graph, reference_widths(members[0], matchings))
     return merged
+
+
+def _check_finite(parameters: dict[str, np.ndarray], options: MergeOptions) -> None:
+    """Refuse merged parameters that overflowed (a huge ``--scale``, weights near the dtype's
+    limit): the model would compute NaN."""
+    for name, value in parameters.items():
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            raise RecipeError(f"the merged parameter {name!r} overflows {value.dtype} ({int((~np.isfinite(value)).sum())} "
+                              f"non-finite values) with --method {options.method}; use a smaller --scale or weights")
