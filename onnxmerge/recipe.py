@@ -17,6 +17,7 @@ from . import __version__
 from . import choices
 from .choices import PARAMETERS as METHOD_PARAMETERS
 from .errors import RecipeError
+from .limits import check_options
 from .options import MergeOptions, merge_options, recorded
 
 _HEADER = "# onnxmerge recipe: re-run with `onnxmerge run FILE`; paths are relative to this file's folder\n"
@@ -200,6 +201,11 @@ class _Reader:
             options = merge_options(**checked)
         except RecipeError as error:
             raise self.fail(("options", "input_layout"), str(error)) from None
+        try:
+            check_options(options)
+        except RecipeError as error:  # "--batch-size -3 is out of range ...": name the key it came from
+            name = str(error).split()[0].lstrip("-").replace("-", "_")
+            raise self.fail((_group(name), name) if _group(name) else (name,), str(error)) from None
         base = document.get("base")
         return Recipe(tuple(self.entry(("models", i), m) for i, m in enumerate(models)),
                       None if calibration is None else self.entry(("calibration",), calibration),
@@ -222,14 +228,15 @@ class _Reader:
         sha256 = value.get("sha256")
         if sha256 is not None and not (isinstance(sha256, str) and len(sha256) == 64):
             raise self.fail((*key, "sha256"), "a sha256 is 64 hex digits; remove it to accept any file")
-        return Entry(os.path.join(self.folder, value["path"]), os.path.basename(value["path"]), sha256)
+        return Entry(os.path.normpath(os.path.join(self.folder, value["path"])), os.path.basename(value["path"]),
+                     sha256)
 
     def output(self, key: str, value) -> str | None:
         if value is None:
             return None
         if not isinstance(value, str) or not value:
             raise self.fail((key,), "give a file path")
-        return os.path.join(self.folder, value)
+        return os.path.normpath(os.path.join(self.folder, value))
 
     def value(self, name: str, value):
         """One option's value, checked against its type and choices (ranges are checked by

@@ -10,7 +10,8 @@ log-softmax of logits). A head's rows are probabilities when they are non-negati
 log-probabilities when their exponentials do.
 Per-task accuracy: on the samples of task i, argmax within head i. Average: mean over tasks.
 Tasks may share classes (an ensemble of two models of classes 5-9): every task is scored, and
-tasks of the same classes are named by their head (``5-9 (head 2)``).
+tasks of the same classes are named by their head, counted from 0 as the outputs ``_m0``,
+``_m1`` are (``5-9 (head 1)``).
 
 The test data is checked like calibration data (calib/data.py: no NaN, shapes and dtypes that
 fit every model's inputs) and streamed in batches: ``.npy`` members of an uncompressed ``.npz``
@@ -243,7 +244,7 @@ def score(heads: list[np.ndarray], labels: np.ndarray, tasks: list[list[int]] | 
         mask = np.isin(labels, task)
         if mask.any():
             predicted = np.asarray(task)[head[mask].argmax(1)]
-            name = names[index] if names.count(names[index]) == 1 else f"{names[index]} (head {index + 1})"
+            name = names[index] if names.count(names[index]) == 1 else f"{names[index]} (head {index})"
             result["tasks"][name] = float((predicted == labels[mask]).mean())
     result["average"] = float(np.mean(list(result["tasks"].values()))) if result["tasks"] else float("nan")
     return result

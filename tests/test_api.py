@@ -178,3 +178,10 @@ def test_calibrate_then_merge_stats_aligns_models_of_different_depths_without_da
 
     assert maps(from_stats) == maps(direct)
     assert _graph(from_stats.model) == _graph(direct.model)
+
+
+def test_merge_stats_refuses_an_alignment_other_than_the_stored_one(calib, tmp_path):
+    deep = str(DIGITS / "resnet_a_deep.onnx")
+    onnxmerge.save_stats(tmp_path / "s.npz", *onnxmerge.calibrate([deep, B], calib))
+    with pytest.raises(onnxmerge.RecipeError, match="aligned by sma, not lma; pass --align sma"):
+        onnxmerge.merge([deep, B], stats=[str(tmp_path / "s.npz")], repair="none", align="lma")

@@ -143,3 +143,12 @@ def test_a_same_base_merge_records_its_base_and_runs_again(folder, tmp_path):
     out.unlink()
     assert cli.main(["run", f"{out}.recipe.yaml"]) == 0
     assert _sha(out) == expected
+
+
+def test_an_out_of_range_value_names_the_recipe_line_and_key(folder, capsys):
+    path = folder / "range.yaml"
+    path.write_text("models: [models/resnet_a.onnx, models/resnet_b.onnx]\noutput: x.onnx\noptions:\n"
+                    "  batch_size: -3\n")
+    assert cli.main(["run", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert ":4: options.batch_size: --batch-size -3 is out of range" in err and err.count("\n") == 1, err

@@ -16,6 +16,8 @@ the producing Conv/Gemm.
 
 from __future__ import annotations
 
+import logging
+
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -34,6 +36,8 @@ from ..io import default_opset
 from ..match.matching import Matching
 from .heads import TrunkSplit, weight_layers
 from .merge import Member, merge_matrix
+
+log = logging.getLogger(__name__)
 
 Batches = Callable[[], Iterable[dict[str, np.ndarray]]]
 _REPAIRABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # weight layers whose output has a channel axis
@@ -127,6 +131,7 @@ def insert_repair(model: onnx.ModelProto, targets: list[RepairTarget], batches: 
         moments = measure(session, outputs, batches(), feed)
         updated = {t.tensor: _correction(t, moments[t.tensor]) for t in targets}
         change = max(_change(t, corrections[t.tensor], updated[t.tensor]) for t in targets)
+        log.debug("REPAIR pass: the largest correction moved by %.2e (done below %.0e)", change, TOLERANCE)
         corrections = updated
         if change < TOLERANCE:
             break

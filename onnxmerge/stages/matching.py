@@ -59,6 +59,9 @@ def match_spaces(members: list[Member], split, units: list[CaptureUnit], stats: 
              "merged_width": matching.width,
              "mean_correlation": None if np.isnan(matching.mean_correlation) else matching.mean_correlation,
              "within_model_merges": list(matching.within_model_merges)} for space, matching in sorted(matchings.items())]
+    for row in rows:
+        log.debug("space %s (%s): widths %s -> %d, mean correlation %s", row["space"], row["tensor"] or "weights",
+                  row["widths"], row["merged_width"], row["mean_correlation"])
     return matchings, rows
 
 

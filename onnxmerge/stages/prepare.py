@@ -65,7 +65,7 @@ def prepare(sources: list[Source], data: Data | None, options: MergeOptions, sta
     depth = None
     structures = [] if options.align == "none" else block_structures(named)
     if needs_alignment(structures, options.align):
-        stored = _stored_alignment(named, structures, stats) if calib is None else None
+        stored = _stored_alignment(named, structures, stats, options.align) if calib is None else None
         depth = stored or align_models(named, structures, calib, options)
         named = list(zip([name for name, _ in named], lift_models(named, depth)))
     return members_of(named), post, bn, calib, depth, None
@@ -91,13 +91,18 @@ def _prepare_same_base(sources: list[Source], data: Data | None, options: MergeO
 
 
 def _stored_alignment(named: list[tuple[str, onnx.ModelProto]], structures: list[BlockStructure],
-                      stats: Sequence[str]) -> DepthAlignment | None:
+                      stats: Sequence[str], method: str) -> DepthAlignment | None:
     """The depth alignment ``calibrate`` stored in the first statistics file, or None. A file
-    of other models is refused later by its fingerprint (lifting changes what is captured)."""
+    of other models is refused later by its fingerprint (lifting changes what is captured);
+    one aligned by another method than ``method`` (``--align``; auto takes any) is refused."""
     text = load_stats(stats[0])[1].get("alignment") if stats else None
     if not text:
         return None
     stored = json.loads(text)
+    if method not in ("auto", stored["method"]):
+        raise RecipeError(f"{stats[0]}: its statistics were computed on models aligned by {stored['method']}, not "
+                          f"{method}; pass --align {stored['method']} (or auto), or recompute them with "
+                          f"onnxmerge calibrate --align {method}")
     sizes = [len(s.units) for s in structures]
     maps = {int(i): mapping for i, mapping in stored["maps"].items()}
     if sorted(maps) != list(range(len(named))) or any(len(m) != max(sizes) for m in maps.values()):
