@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 import onnx
 
+from ..runtime import import_optional
 from ..errors import CalibrationError, MissingDependencyError, OnnxMergeError, RecipeError, UnsupportedGraphError
 from ..progress import progress
 from .capture import CaptureUnit, collect_statistics
@@ -54,11 +55,7 @@ def import_ray() -> ModuleType:
     Raises:
         MissingDependencyError: Ray is not installed; the message names the extra.
     """
-    try:
-        import ray
-    except ImportError as error:
-        raise MissingDependencyError(f"--ray needs Ray, which is not installed ({error}); {INSTALL}") from None
-    return ray
+    return import_optional("ray", "--ray needs Ray, which is not installed", INSTALL)
 
 
 def check(address: object, shards: int | None = None) -> str:
