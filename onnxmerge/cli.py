@@ -35,6 +35,7 @@ from .progress import set_quiet
 if TYPE_CHECKING:
     from .api import MergeResult
 
+DEFAULTS = MergeOptions()  # every merge option's default, declared once in options.py
 EXIT_ERROR, EXIT_BUG = 1, 70
 EXIT_INTERRUPTED, EXIT_BROKEN_PIPE, EXIT_TERMINATED = 130, 141, 143  # 128 + SIGINT, SIGPIPE, SIGTERM as shells report
 
@@ -56,8 +57,8 @@ def _common_options() -> argparse.ArgumentParser:
 
 def _graph_options() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False, parents=[_common_options()])
-    parent.add_argument("--bn", choices=BN_MODES, default="keep",
-                        help="keep BatchNormalization nodes or fold them into the Conv before (default keep)")
+    parent.add_argument("--bn", choices=BN_MODES, default=DEFAULTS.bn,
+                        help=f"keep BatchNormalization nodes or fold them into the Conv before (default {DEFAULTS.bn})")
     return parent
 
 
@@ -96,13 +97,15 @@ def _calibration_options(required: bool = False) -> argparse.ArgumentParser:
     group = parent.add_argument_group("calibration")
     group.add_argument("--calib", metavar="DATA", required=required,
                        help=".npz (one array per input name, or one array) or .npy inputs")
-    group.add_argument("--batch-size", type=argument(int, 1), default=64, help="samples per onnxruntime run (default 64)")
+    group.add_argument("--batch-size", type=argument(int, 1), default=DEFAULTS.batch_size,
+                       help=f"samples per onnxruntime run (default {DEFAULTS.batch_size})")
     group.add_argument("--max-samples", type=argument(int, 1), help="use at most this many calibration samples")
     group.add_argument("--allow-few-samples", action="store_true",
                        help=f"accept fewer than {MIN_SAMPLES} calibration samples (refused by default: "
                             "correlations and repair statistics from so few are noise)")
-    group.add_argument("--provider", choices=PROVIDERS, default="auto",
-                       help="onnxruntime provider: auto uses CUDA when a session really runs on it (default auto)")
+    group.add_argument("--provider", choices=PROVIDERS, default=DEFAULTS.provider,
+                       help=f"onnxruntime provider: auto uses CUDA when a session really runs on it "
+                            f"(default {DEFAULTS.provider})")
     return parent
 
 
@@ -136,19 +139,21 @@ def _ray_scope(args: argparse.Namespace) -> contextlib.AbstractContextManager:
 def _plan_options() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("what is merged")
-    group.add_argument("--heads", choices=HEADS, default="separate",
-                       help="separate: one head per model, outputs suffixed _m<i>; shared: heads averaged (default separate)")
+    group.add_argument("--heads", choices=HEADS, default=DEFAULTS.heads,
+                       help=f"separate: one head per model, outputs suffixed _m<i>; shared: heads averaged "
+                            f"(default {DEFAULTS.heads})")
     group.add_argument("--zip-layers", type=_zip_layers, metavar="N|auto",
                        help="merge only the spaces of the first N weight layers (Conv/Gemm/MatMul in graph order); "
                             "the rest stays per model. auto: merge at each cut on 80%% of the --calib samples and "
                             "keep the largest N whose argmax disagreement with the source models on the other "
                             "20%% stays within --max-loss (the curve goes to the report). Default: every layer")
-    group.add_argument("--max-loss", type=argument(float, 0.0, 1.0), default=0.05,
-                       help="--zip-layers auto: largest share of joint predictions that may differ from the ensemble of the models, 0-1 (default 0.05)")
-    group.add_argument("--align", choices=ALIGNMENTS, default="auto",
-                       help="depth alignment of models with different numbers of blocks: auto (sma when depths "
-                            "differ), sma, lma, uniform, head-tail, none (default auto); calibrate stores it in "
-                            "the statistics, so merge --stats needs no data")
+    group.add_argument("--max-loss", type=argument(float, 0.0, 1.0), default=DEFAULTS.max_loss,
+                       help=f"--zip-layers auto: largest share of joint predictions that may differ from the ensemble "
+                            f"of the models, 0-1 (default {DEFAULTS.max_loss})")
+    group.add_argument("--align", choices=ALIGNMENTS, default=DEFAULTS.align,
+                       help=f"depth alignment of models with different numbers of blocks: auto (sma when depths "
+                            f"differ), sma, lma, uniform, head-tail, none (default {DEFAULTS.align}); calibrate "
+                            "stores it in the statistics, so merge --stats needs no data")
     group.add_argument("--input-layout", action="append", type=_layout_spec, metavar="MODEL=LAYOUT",
                        help="MODEL (its path as given or file name) takes a channels-last input, e.g. NHWC: "
                             "a transpose is inserted so it reads the channels-first input (NCHW) of the others; "
@@ -365,15 +370,17 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--width", type=_multiple, metavar="Fx|min",
                        help="zip: merged width of every space as a multiple of the widest model's, e.g. 1.5x "
                             "(capped at the sum of the widths; default 1x), or min: the narrowest model's")
-    merge.add_argument("--repair", choices=REPAIRS, default="auto",
-                       help="auto: BN reset when the graph has BatchNormalization, REPAIR otherwise")
+    merge.add_argument("--repair", choices=REPAIRS, default=DEFAULTS.repair,
+                       help=f"auto: BN reset when the graph has BatchNormalization, REPAIR otherwise; same-base "
+                            f"methods: none (default {DEFAULTS.repair})")
     merge.add_argument("--repair-samples", type=int, metavar="N",
                        help="measure the repair on N calibration samples drawn at random with --seed "
                             "(default: all); the statistics for matching always use all")
     merge.add_argument("--strict", action="store_true",
                        help="exit 1 instead of warning when a full merge leaves more than half of the weight "
                             "layers per model (barriers near the input)")
-    merge.add_argument("--seed", type=argument(int, 0, MAX_SEED), default=0, help="random seed (default 0)")
+    merge.add_argument("--seed", type=argument(int, 0, MAX_SEED), default=DEFAULTS.seed,
+                       help=f"random seed (default {DEFAULTS.seed})")
     merge.add_argument("--report", metavar="JSON", help="write the matching summary, timings and provider")
     merge.set_defaults(run=cmd_merge)
 
