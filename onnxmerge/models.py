@@ -16,10 +16,10 @@ from .graph.blocks import BlockStructure, find_blocks
 from .graph.canonical import canonicalize, check_finite_parameters, infer_shapes
 from .graph.spaces import SpaceGraph, find_spaces
 from .limits import MAX_DEEPEN_PER_BLOCK, check_factor, check_memory, check_range, check_seed
-from .rewrite.apply import transform_parameters
+from .graph.apply import transform_parameters
 from .rewrite.lift import insert_identities
 from .rewrite.merge import resize_constants
-from .rewrite.transform import Permutation
+from .graph.transform import Permutation
 from .rewrite.widen import widening, widening_bytes
 from .sources import ModelLike, read_models
 

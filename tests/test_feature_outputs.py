@@ -11,9 +11,9 @@ import torch
 
 from onnxmerge import api
 from onnxmerge.io import load_model, save_model
-from onnxmerge.rewrite.apply import transform_parameters
+from onnxmerge.graph.apply import transform_parameters
 from onnxmerge.rewrite.heads import feature_outputs
-from onnxmerge.rewrite.transform import Permutation
+from onnxmerge.graph.transform import Permutation
 from tests import zoo
 from tests.helpers import permuted_copies, run_all, outputs_close
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..graph.layout import Atom, Concat, Grid, Interleave, Layout, layout_width, leaves
-from ..rewrite.apply import transformed_arrays
-from ..rewrite.transform import Linear, Permutation, Transform
+from ..graph.apply import transformed_arrays
+from ..graph.transform import Linear, Permutation, Transform
 from .grid import block_scores
 from .matching import Matching, max_assignment
 

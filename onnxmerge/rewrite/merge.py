@@ -21,9 +21,9 @@ from ..graph.layout import Concat, Layout, layout_width, leaves
 from ..graph.rules import RULES, attr
 from ..graph.spaces import SpaceGraph
 from ..match.matching import Matching
-from .apply import transformed_arrays
+from ..graph.apply import transformed_arrays
 from .heads import TrunkSplit
-from .transform import Linear, transform_axis
+from ..graph.transform import Linear, transform_axis
 
 
 @dataclass(frozen=True)

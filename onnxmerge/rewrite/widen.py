@@ -11,7 +11,7 @@ import onnx
 
 from ..graph.layout import Atom, Grid, Interleave, Layout, layout_width, leaves
 from ..graph.spaces import SpaceGraph
-from .transform import Linear
+from ..graph.transform import Linear
 
 
 def widenable(graph: SpaceGraph, factor: float) -> list[int]:

@@ -7,7 +7,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from ..graph.layout import Atom, Concat, Grid, Interleave, Layout
+from .layout import Atom, Concat, Grid, Interleave, Layout
 
 
 class Transform(Protocol):

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..graph.spaces import SpaceGraph
+from .spaces import SpaceGraph
 from .transform import Transform, transform_axis
 
 TransformFor = Callable[[int, str], "Transform | None"]
