@@ -1,4 +1,5 @@
 """The ``onnxmerge`` command. Parses arguments, calls ``api``, renders results.
+(Long because of the argument declarations of ten commands and the signal handling.)
 
 Results go to stdout, logs to stderr. Exit codes: 0 success; 1 an ``OnnxMergeError`` (bad input
 or option), printed as one line ``onnxmerge: error: ...``; 2 a usage error (argparse); 70 any

@@ -1,4 +1,5 @@
 """Reading and writing ONNX model files.
+(Long because untrusted files need many checks: each is a few lines, and they belong together.)
 
 ``load_model`` treats every file as untrusted: it refuses anything that is not a complete,
 checkable ONNX model, external data that points outside the model's folder or past the end

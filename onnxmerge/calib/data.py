@@ -1,4 +1,5 @@
 """Calibration inputs: read a .npz/.npy file, check it against every model's inputs, feed batches.
+(Long because each rule below is a check with its own message.)
 
 Rules (method.md §2 runs every model on the same samples):
 

@@ -1,4 +1,5 @@
 """Streaming sufficient statistics of the features at one space (method.md §2).
+(Long because the file format, its validation and CKA share the statistics' representation.)
 
 For each space the features of all models are concatenated (model 0's d_0 channels, then model
 1's, ...), giving n = sum d_i features per sample. ``SpaceStats`` keeps, in float64, the sample

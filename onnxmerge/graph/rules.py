@@ -1,4 +1,5 @@
 """The op-rule table: for each ONNX op, how channel axes flow from inputs to outputs.
+(Long by design: one row and one small handler per op family, kept together as the one table.)
 
 This is the only module that knows what an ONNX op does to channels. Each row names the op
 (default domain), the kind of flow and the handler that applies it to a ``Context``

@@ -1,5 +1,6 @@
 """Depth lifting (method.md §5.4): exact identity blocks, and models rewritten into a deeper
-model's topology.
+model's topology. (Long because identity parameters differ per op family; issue 15 moves
+those op facts into the rule table.)
 
 An identity block is built from a block's own structure by choosing its parameters:
 - a residual block ``x + f(x)`` gets every weight of ``f`` zeroed; that ``f`` then returns
