@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 # `onnxmerge --help` stay fast (the pipeline pulls in onnxruntime, scipy and graph tools).
 _LAZY = {
     "merge": "api", "run": "api", "inspect": "models", "permute": "models", "widen": "models", "deepen": "models",
-    "align": "api", "calibrate": "api", "evaluate": "api", "MergeResult": "api",
+    "align": "api", "calibrate": "api", "evaluate": "api", "MergeResult": "results",
     "MergeOptions": "options", "Recipe": "recipe", "read_recipe": "recipe",
     "describe_alignment": "depth", "save_stats": "calib.stats", "load_stats": "calib.stats",
     "load_model": "io", "save_model": "io",

@@ -10,25 +10,22 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 
-import onnx
 
-from . import __version__, tradeoff
+from . import tradeoff
 from .calib.data import input_specs
 from .depth import DepthAlignment
 from .depth import describe as describe_alignment
 from .errors import RecipeError, about
 from .scoring import load_test_data, parse_tasks, run_heads, score
 from .graph.canonical import infer_shapes
-from .io import check_writable, model_sha256, save_model
+from .io import check_writable, model_sha256
 from .limits import check_options
 from .match import get_method
-from .options import MergeOptions, merge_options, recorded
-from .progress import progress
+from .options import MergeOptions, merge_options
 from .recipe import Recipe, read_recipe
-from .report import write_json, write_text
-from .rewrite.heads import split_trunk, weight_layers
+from .rewrite.heads import split_trunk
 from .sources import DataLike, ModelLike, Source, read_data, read_models
 
 from .stages.assembly import assemble_merged, attach_model_postprocessing, check_coverage
@@ -39,57 +36,9 @@ from .stages.statistics import plan_fingerprint, statistics, stats_key
 
 from .models import analyse, check, deepen, inspect, load, permute, widen  # noqa: F401 (public API)
 
+from .results import MergeResult, recipe_path, record  # noqa: F401 (MergeResult, recipe_path: public API)
+
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class MergeResult:
-    """A merged model with what describes it.
-
-    Attributes:
-        model: the merged ``onnx.ModelProto`` (checked with ``onnx.checker``; its
-            metadata_props hold the onnxmerge version, the inputs' file names and sha256, the
-            options and the recipe).
-        report: the JSON-ready report (docs/report-json.md).
-        recipe: what reproduces the merge (``onnxmerge run``); ``recipe.runnable`` is False
-            when a model or the calibration data was given in memory.
-    """
-
-    model: onnx.ModelProto
-    report: dict = field(default_factory=dict)
-    recipe: Recipe | None = None
-
-    def save(self, path: str | os.PathLike, *, report: str | os.PathLike | None = None,
-             recipe: bool = True) -> list[str]:
-        """Write the model to ``path`` (atomically, external data over 2 GB), its recipe to
-        ``<path>.recipe.yaml`` when it is runnable and ``recipe`` is true, and the report as
-        JSON to ``report`` when given; returns the paths written.
-
-        Raises:
-            OnnxMergeError: a path is not writable, or names an input or another output.
-        """
-        path = os.fspath(path)
-        inputs = [] if self.recipe is None else self.recipe.input_paths()
-        targets = {"merged model": path}
-        if recipe and self.recipe is not None and self.recipe.runnable:
-            targets["recipe"] = recipe_path(path)
-        if report is not None:
-            targets["report"] = os.fspath(report)
-        written = list(targets.values())
-        for index, (what, target) in enumerate(targets.items()):
-            check_writable(target, what, [*inputs, *written[:index]])
-        save_model(self.model, path)
-        if "recipe" in targets:
-            write_text(self.recipe.to_yaml(folder=os.path.dirname(os.path.abspath(path)), output=path,
-                                           report=targets.get("report")), targets["recipe"], "recipe")
-        if report is not None:
-            write_json(self.report, targets["report"])
-        return written
-
-
-def recipe_path(output: str | os.PathLike) -> str:
-    """Where a merge writes its recipe: ``<output>.recipe.yaml`` beside the model."""
-    return f"{os.fspath(output)}.recipe.yaml"
 
 
 def merge(models: Sequence[ModelLike], calibration: DataLike | None = None, *, base: ModelLike | None = None,
@@ -151,11 +100,12 @@ def merge(models: Sequence[ModelLike], calibration: DataLike | None = None, *, b
     options = layouts_by_file_name(sources, options)
     prepared = Prepared(*prepare(sources, data, options, stats, base_source))
     if options.zip_layers == "auto":
-        result = _merge_auto(sources, prepared, stats, options)
+        result = tradeoff.merge_auto(prepared, bool(stats), options,
+                                     lambda at, cut: _merge_prepared(sources, at, stats, cut))
     else:
         result = _merge_prepared(sources, prepared, stats, options, time.perf_counter() - clock)
     result.recipe = Recipe.of(sources, data, stats, options, base_source)
-    _record(result.model, sources, result.recipe)
+    record(result.model, sources, result.recipe)
     check(result.model, "merged model")
     return result
 
@@ -234,31 +184,6 @@ def _lap(timings: dict[str, float], stage: str, start: float) -> float:
     return now
 
 
-def _merge_auto(sources: list[Source], prepared: Prepared, stats: list[str], options: MergeOptions) -> MergeResult:
-    """``--zip-layers auto``: merge at every candidate cut on most calibration samples, measure
-    each merge's loss on the held-back rest, and merge at the largest cut within ``max_loss``
-    on all samples; the report's ``zip_layers_auto`` holds the measured curve."""
-    if prepared.calib is None or stats:
-        raise RecipeError("--zip-layers auto measures each cut on held-back calibration samples; "
-                          "pass --calib DATA (and no --stats)")
-    fit, held = tradeoff.split_samples(prepared.calib, options.seed)
-    reference = prepared.members[0]
-    ensemble = tradeoff.ensemble([m.model for m in prepared.members], held, options.batch_size, options.provider)
-    points = []
-    cuts = tradeoff.candidates(len(weight_layers(reference.model, reference.graph)))
-    for cut in progress(cuts, "--zip-layers auto", len(cuts), "cut"):
-        trial = _merge_prepared(sources, replace(prepared, calib=fit), stats, replace(options, zip_layers=cut))
-        loss = tradeoff.loss(trial.model, ensemble, held, options.batch_size, options.provider,
-                             lambda name, index: f"{name}_m{index}")
-        points.append(tradeoff.Point(cut, loss, tradeoff.parameters(trial.model)))
-        log.info("--zip-layers %d: loss %.4f on %d held-back samples", cut, loss, held.num_samples)
-    chosen = tradeoff.choose(points, options.max_loss)
-    result = _merge_prepared(sources, prepared, stats, replace(options, zip_layers=chosen.zip_layers))
-    result.report["zip_layers_auto"] = {"max_loss": options.max_loss, "held_out_samples": held.num_samples,
-                                        "chosen": chosen.zip_layers, "curve": [asdict(p) for p in points]}
-    return result
-
-
 def align(models: Sequence[ModelLike], calibration: DataLike | None = None, *, options: MergeOptions | None = None,
           **settings) -> DepthAlignment:
     """Block structure, CKA and the depth alignment of models onto the deepest (``onnxmerge align``;
@@ -310,19 +235,6 @@ def calibrate(models: Sequence[ModelLike], calibration: DataLike, *, options: Me
     if depth is not None:  # merge --stats without data lifts the models the same way
         meta["alignment"] = json.dumps({"method": depth.method, "maps": {str(i): m for i, m in depth.maps.items()}})
     return {stats_key(u): s for u, s in zip(units, stats)}, meta
-
-
-def _record(model: onnx.ModelProto, sources: list[Source], recipe: Recipe) -> None:
-    """Store what produced the merged model in its metadata: file names and sha256 only,
-    never folders."""
-    entries = {"onnxmerge.version": __version__, "onnxmerge.method": recipe.options.method,
-               "onnxmerge.options": json.dumps(recorded(recipe.options), sort_keys=True)}
-    for index, source in enumerate(sources):
-        entries[f"onnxmerge.input{index}.sha256"] = source.sha256
-        entries[f"onnxmerge.input{index}.name"] = source.file_name
-    entries["onnxmerge.recipe"] = recipe.to_yaml()
-    for key, value in entries.items():
-        model.metadata_props.add(key=key, value=value)
 
 
 def evaluate(models: Sequence[ModelLike], data: str | os.PathLike | dict, *, labels: str = "y",

@@ -12,7 +12,8 @@ largest N whose loss stays within ``--max-loss``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -21,6 +22,10 @@ import onnx
 from .calib.capture import open_session
 from .calib.data import CalibrationSet
 from .errors import RecipeError
+from .progress import progress
+from .rewrite.heads import weight_layers
+
+log = logging.getLogger(__name__)
 
 HOLD_OUT = 0.2  # share of the calibration samples held back to measure the loss
 MAX_POINTS = 16  # candidate cuts measured at most (evenly spaced over the weight layers)
@@ -115,3 +120,36 @@ def choose(points: list[Point], max_loss: float) -> Point:
     """The largest cut whose loss is within ``max_loss`` (the smallest cut when none is)."""
     within = [p for p in points if p.loss <= max_loss]
     return max(within, key=lambda p: p.zip_layers) if within else min(points, key=lambda p: p.zip_layers)
+
+
+def merge_auto(prepared, stats: bool, options, merge_at: Callable):
+    """``--zip-layers auto``: merge at every candidate cut on most calibration samples, measure
+    each merge's loss on the held-back rest, and merge at the largest cut within ``max_loss``
+    on all samples; the report's ``zip_layers_auto`` holds the measured curve.
+
+    Args:
+        prepared: the merge's ``stages.prepare.Prepared``.
+        stats: whether statistics files were given (refused: each cut needs its own).
+        options: the merge's ``MergeOptions``.
+        merge_at: ``merge_at(prepared, options) -> MergeResult``, the merge at
+            ``options.zip_layers`` on ``prepared`` (its calibration set replaced by the fitting part).
+    """
+    if prepared.calib is None or stats:
+        raise RecipeError("--zip-layers auto measures each cut on held-back calibration samples; "
+                          "pass --calib DATA (and no --stats)")
+    fit, held = split_samples(prepared.calib, options.seed)
+    reference = prepared.members[0]
+    sources = ensemble([m.model for m in prepared.members], held, options.batch_size, options.provider)
+    points = []
+    cuts = candidates(len(weight_layers(reference.model, reference.graph)))
+    for cut in progress(cuts, "--zip-layers auto", len(cuts), "cut"):
+        trial = merge_at(replace(prepared, calib=fit), replace(options, zip_layers=cut))
+        measured = loss(trial.model, sources, held, options.batch_size, options.provider,
+                        lambda name, index: f"{name}_m{index}")
+        points.append(Point(cut, measured, parameters(trial.model)))
+        log.info("--zip-layers %d: loss %.4f on %d held-back samples", cut, measured, held.num_samples)
+    chosen = choose(points, options.max_loss)
+    result = merge_at(prepared, replace(options, zip_layers=chosen.zip_layers))
+    result.report["zip_layers_auto"] = {"max_loss": options.max_loss, "held_out_samples": held.num_samples,
+                                        "chosen": chosen.zip_layers, "curve": [asdict(p) for p in points]}
+    return result
