@@ -12,31 +12,28 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, replace
 
-
 from . import tradeoff
 from .calib.data import input_specs
 from .depth import DepthAlignment
 from .depth import describe as describe_alignment
 from .errors import RecipeError, about
-from .scoring import load_test_data, parse_tasks, run_heads, score
 from .graph.canonical import infer_shapes
 from .io import check_writable, model_sha256
 from .limits import check_options
 from .match import get_method
+from .models import analyse, check, deepen, inspect, load, permute, widen  # noqa: F401 (the public API)
 from .options import MergeOptions, merge_options
 from .recipe import Recipe, read_recipe
+from .results import MergeResult, recipe_path, record  # noqa: F401 (the public API)
 from .rewrite.heads import split_trunk
+from .scoring import load_test_data, parse_tasks, run_heads, score
 from .sources import DataLike, ModelLike, Source, read_data, read_models
-
 from .stages.assembly import assemble_merged, attach_model_postprocessing, check_coverage
 from .stages.matching import match_spaces, matching_method
-from .stages.prepare import Prepared, align_models, block_structures, calibration_set, cores, layouts_by_file_name, prepare
+from .stages.prepare import (Prepared, align_models, block_structures, calibration_set, cores, layouts_by_file_name,
+                             prepare)
 from .stages.repair import repair_merged
 from .stages.statistics import plan_fingerprint, statistics, stats_key
-
-from .models import analyse, check, deepen, inspect, load, permute, widen  # noqa: F401 (public API)
-
-from .results import MergeResult, recipe_path, record  # noqa: F401 (MergeResult, recipe_path: public API)
 
 log = logging.getLogger(__name__)
 
