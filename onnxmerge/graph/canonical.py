@@ -23,6 +23,7 @@ from onnx_graphsurgeon.logger import G_LOGGER
 
 from ..choices import BN_MODES
 from ..errors import UnsupportedGraphError
+from ..io import model_file, too_big
 from ..runtime import import_onnxruntime
 from .layers import (CONVOLUTIONS, canonical_attributes, explicit_conv_biases, flatten_reshapes, fold_affine,
                      global_pools, matmul_to_gemm, normalize_gemm, output_channels, scale_output_channels)
@@ -284,7 +285,7 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """
     skeleton = _skeleton(model)
     try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
+        inferred = _onnx_shapes(skeleton)
     except Exception as error:  # onnx raises several types; all mean the same to the user
         raise UnsupportedGraphError(f"shape inference failed: {str(error).splitlines()[0]}") from error
     known = {v.name for v in list(inferred.graph.value_info) + list(inferred.graph.output)
@@ -302,6 +303,17 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     del model.graph.output[:]
     model.graph.output.extend(outputs)
     return model
+
+
+def _onnx_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX shape inference, in memory, or by path for a model too big for one protobuf (huge
+    Constant nodes: the skeleton holds no large initializer)."""
+    if not too_big(model):
+        return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    with model_file(model) as path:
+        inferred = path + ".inferred.onnx"
+        onnx.shape_inference.infer_shapes_path(path, inferred, strict_mode=False, data_prop=True)
+        return onnx.load(inferred, load_external_data=False)
 
 
 def _unshaped(info: onnx.ValueInfoProto) -> bool:
