@@ -210,8 +210,10 @@ def canonicalize(model: onnx.ModelProto, *, bn: str = "keep") -> onnx.ModelProto
     """
     if bn not in BN_MODES:
         raise UnsupportedGraphError(f"unknown BatchNormalization mode {bn!r}; use one of {BN_MODES}")
-    source = with_layer_norm_opset(infer_shapes(_constant_initializers(model)))
-    proto = source
+    proto = with_layer_norm_opset(infer_shapes(_constant_initializers(model)))
+    # what export_like copies from the source, without its weights: a model's worth less memory
+    source = onnx.ModelProto(ir_version=proto.ir_version, opset_import=proto.opset_import,
+                             metadata_props=proto.metadata_props)
     passes = PASSES + ((fold_batch_norm,) if bn == "fold" else ())
     # graphsurgeon warns about every non-tensor value (skl2onnx's ZipMap maps); they are fine.
     # Folding huge or non-finite weights overflows quietly: merges refuse what results
@@ -221,12 +223,15 @@ def canonicalize(model: onnx.ModelProto, *, bn: str = "keep") -> onnx.ModelProto
             # passes read inferred shapes (gs folds Shape ops only where they are known), and a
             # round's rewrites can make more shapes known: infer again between rounds
             graph = gs.import_onnx(infer_shapes(proto))
+            del proto  # the graph's constants hold its weights: one copy of them, not two
             changed = sum(p(graph) for p in passes)
             graph.cleanup().toposort()
             proto = export_like(graph, source)
+            del graph  # before the next round imports another
             if not changed:
                 break
         graph = gs.import_onnx(proto)
+        del proto
         untie_initializers(graph)
         graph.cleanup().toposort()
         return infer_shapes(export_like(graph, source))
