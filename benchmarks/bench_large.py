@@ -8,7 +8,9 @@ is its own, from os.wait4): ``inspect A``, ``permute A``, a same-base merge
 and prints wall time, peak RSS and the ratio of peak RSS to the inputs' size (the files the
 command reads). The issue's targets: same-base merge under 1.5 GB, aligned merge under 1.5x
 its inputs.
-Run: python benchmarks/bench_large.py [--size-mb 300] [--rows 256] [--keep DIR]
+``--only session`` runs just onnxruntime's session on one graph of two MLPs (an aligned
+merge's capture graph, the step that failed past 2 GB) in a child.
+Run: python benchmarks/bench_large.py [--size-mb 300] [--rows 256] [--keep DIR] [--only NAME ...]
 (``--size-mb 1100`` is the issue's 1.07 GB case: two of those pass protobuf's 2 GB limit.)
 """
 
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.compose
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxmerge.io import save_model
@@ -37,8 +40,20 @@ def width_for(size_mb: float) -> int:
     return max(64, int(round((size_mb * 1e6 / (4 * LAYERS)) ** 0.5 / 64)) * 64)
 
 
-def mlp(width: int, seed: int, base: onnx.ModelProto | None = None) -> onnx.ModelProto:
-    """x [N, W] -> (Gemm -> Relu) x (LAYERS - 1) -> Gemm; random weights, or ``base``'s plus 1 % noise."""
+def mlp(width: int, seed: int, base: onnx.ModelProto | None = None, copies: int = 1) -> onnx.ModelProto:
+    """x [N, W] -> (Gemm -> Relu) x (LAYERS - 1) -> Gemm; random weights, or ``base``'s plus 1 % noise.
+    ``copies`` > 1: that many such MLPs side by side in one graph (inputs x, x1, ...; outputs y, y1, ...)."""
+    if copies > 1:
+        parts = [mlp(width, seed + k) for k in range(copies)]
+        graph = parts[0].graph
+        for k, part in enumerate(parts[1:], 1):
+            part = onnx.compose.add_prefix(part, f"m{k}_")
+            graph.node.extend(part.graph.node)
+            graph.initializer.extend(part.graph.initializer)
+            graph.input.extend(part.graph.input)
+            graph.output.extend(part.graph.output)
+            del part
+        return parts[0]
     rng = np.random.default_rng(seed)
     nodes, inits = [], []
     current = "x"
@@ -72,11 +87,13 @@ def files_size(*paths: Path) -> int:
 
 
 def measure(command: list[str], limit_gb: float) -> tuple[float, int, int]:
-    """Run ``python -m onnxmerge COMMAND`` as a child: (wall s, peak RSS bytes, exit status).
-    The child is stopped when its RSS passes ``limit_gb`` (the machine is shared)."""
+    """Run ``python -m onnxmerge COMMAND`` (or ``python COMMAND[1:]`` when COMMAND[0] is
+    ``python``) as a child: (wall s, peak RSS bytes, exit status). The child is stopped when
+    its RSS passes ``limit_gb`` (the machine is shared)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + [os.environ.get("PYTHONPATH", "")]))
     start = time.perf_counter()
-    child = subprocess.Popen([sys.executable, "-m", "onnxmerge", *command], env=env,
+    argv = command[1:] if command[0] == "python" else ["-m", "onnxmerge", *command]
+    child = subprocess.Popen([sys.executable, *argv], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     killed = False
     while True:
@@ -108,15 +125,36 @@ def _rss(pid: int) -> int:
     return 0
 
 
+def session_check(width: int, rows: int) -> None:
+    """The step that failed past 2 GB (issue 18): an onnxruntime session for calibration on one
+    graph holding two MLPs (the capture graph of an aligned merge holds both models), run on
+    ``rows`` rows. Run in a child by ``main``."""
+    from onnxmerge.calib.capture import open_session
+    from onnxmerge.io import serialized_size
+
+    model = mlp(width, 0, copies=2)
+    size = serialized_size(model)
+    session, _ = open_session(model, "cpu")
+    del model
+    x = np.random.default_rng(3).standard_normal((rows, width), dtype=np.float32)
+    outputs = session.run(None, {"x": x, "m1_x": x})
+    print(f"session on {size / 1e9:.2f} GB of two MLPs ran: outputs {[o.shape for o in outputs]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=float, default=300, help="size of each model (default 300)")
     parser.add_argument("--rows", type=int, default=256, help="calibration rows (default 256)")
     parser.add_argument("--limit-gb", type=float, default=12, help="stop a command past this RSS (default 12)")
     parser.add_argument("--keep", help="build the models in this folder and keep them (default: a temporary one)")
-    parser.add_argument("--only", nargs="*", help="run only these commands (inspect permute same-base aligned)")
+    parser.add_argument("--only", nargs="*", help="run only these commands (inspect permute same-base aligned "
+                        "session: open_session on one graph of two MLPs, as an aligned merge's capture)")
+    parser.add_argument("--session-check", action="store_true", help=argparse.SUPPRESS)  # the session run's child
     args = parser.parse_args()
     width = width_for(args.size_mb)
+    if args.session_check:
+        session_check(width, args.rows)
+        return
     with tempfile.TemporaryDirectory(prefix="bench_large-") as tmp:
         folder = Path(args.keep or tmp)
         folder.mkdir(parents=True, exist_ok=True)
@@ -138,10 +176,12 @@ def main() -> None:
             "same-base": (["merge", str(a), str(a2), "--method", "linear", "-o", str(folder / "L.onnx")], [a, a2]),
             "aligned": (["merge", str(a), str(b), "--method", "zip", "--calib", str(calib),
                          "-o", str(folder / "Z.onnx")], [a, b]),
+            "session": (["python", __file__, "--session-check", "--size-mb", str(args.size_mb),
+                         "--rows", str(args.rows)], [a, b]),
         }
         print(f"{'command':10} {'wall s':>7} {'peak RSS GB':>12} {'inputs GB':>10} {'RSS/inputs':>11}  status")
         for name, (command, inputs) in runs.items():
-            if args.only and name not in args.only:
+            if (args.only is not None and name not in args.only) or (args.only is None and name == "session"):
                 continue
             wall, peak, status = measure(command, args.limit_gb)
             size = files_size(*inputs)
