@@ -221,6 +221,7 @@ def collect_statistics(models: list[onnx.ModelProto], units: list[list[CaptureUn
     if fused is not None:
         session, ran = open_session(fused, provider, threads=threads)
         names = [o.name for o in fused.graph.output]
+        del fused  # a copy of every model's weights; the session has its own
         for feeds in batches:
             feed = {f"m{i}_{name}": value for i, model_feed in enumerate(feeds) for name, value in model_feed.items()}
             values = dict(zip(names, session.run(names, feed)))
