@@ -348,12 +348,14 @@ def _space_from(arrays: dict[str, np.ndarray], index: int) -> SpaceStats:
 
 
 def combine_stats(shards: list[tuple[dict[str, SpaceStats], dict[str, str]]], *,
-                  sources: list[str] | None = None) -> dict[str, SpaceStats]:
+                  sources: list[str] | None = None, consume: bool = False) -> dict[str, SpaceStats]:
     """Add shards of statistics (as ``load_stats`` returns them) into one.
 
     Args:
         shards: (statistics, meta) pairs.
         sources: names of the shards for error messages (default ``shard 1``, ...).
+        consume: add into the first shard's arrays (the same numbers) instead of new ones, for a
+            caller that drops the shards: statistics of wide spaces are as large as the models.
 
     Raises:
         CalibrationError: no shards, or shards that differ in spaces, widths or a
@@ -378,10 +380,19 @@ def combine_stats(shards: list[tuple[dict[str, SpaceStats], dict[str, str]]], *,
                 raise CalibrationError(f"{where} differ in the widths of space {space!r} "
                                        f"({space_stats.widths} vs {first_stats[space].widths}); "
                                        "compute every shard with the same models")
-    return {space: _sum_of([stats[space] for stats, _ in shards]) for space in first_stats}
+    return {space: _sum_of([stats[space] for stats, _ in shards], consume) for space in first_stats}
 
 
-def _sum_of(parts: list[SpaceStats]) -> SpaceStats:
+def _sum_of(parts: list[SpaceStats], consume: bool = False) -> SpaceStats:
+    if consume:  # in place, in the order below: 0 + first (which only turns -0.0 into 0.0) + ...
+        total = parts[0]
+        total.sum += 0.0
+        total.outer += 0.0
+        for part in parts[1:]:
+            total.count += part.count
+            total.sum += part.sum
+            total.outer += part.outer
+        return total
     total = SpaceStats(0, np.zeros_like(parts[0].sum), np.zeros_like(parts[0].outer), parts[0].widths)
     for part in parts:
         total = combine(total, part)
