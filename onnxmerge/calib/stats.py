@@ -384,7 +384,9 @@ def combine_stats(shards: list[tuple[dict[str, SpaceStats], dict[str, str]]], *,
 
 
 def _sum_of(parts: list[SpaceStats], consume: bool = False) -> SpaceStats:
-    if consume:  # in place, in the order below: 0 + first (which only turns -0.0 into 0.0) + ...
+    if consume and parts[0].sum.flags.writeable and parts[0].outer.flags.writeable:
+        # in place (not into arrays shared read-only, as Ray's results are), in the order
+        # below: 0 + first (which only turns -0.0 into 0.0) + ...
         total = parts[0]
         total.sum += 0.0
         total.outer += 0.0
