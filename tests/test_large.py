@@ -150,3 +150,32 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     return copy
+
+
+def _random_stats(seed: int):
+    from onnxmerge.calib.stats import SpaceStats
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((64, 6)).astype(np.float32)
+    b = np.concatenate([a[:, :3] * 2 + 1, np.zeros((64, 2), np.float32), rng.standard_normal((64, 1))], 1)
+    stats = SpaceStats.empty((6, 6))
+    stats.update([a, b.astype(np.float32)], precise=False)
+    return stats
+
+
+def test_statistics_added_in_place_are_the_same_numbers():
+    """The memory-saving in-place forms give the numbers of the plain formulas."""
+    from onnxmerge.calib.stats import AFFINE_BAND, EQUAL_RTOL, combine_stats
+    shards = [({"s": _random_stats(seed)}, {}) for seed in (1, 2, 3)]
+    plain = combine_stats(shards)["s"]
+    shards[2][0]["s"].outer.flags.writeable = False  # a read-only shard (as Ray returns) is only read
+    in_place = combine_stats(shards, consume=True)["s"]
+    assert in_place.count == plain.count
+    np.testing.assert_array_equal(in_place.outer, plain.outer)
+    np.testing.assert_array_equal(in_place.sum, plain.sum)
+    stats = in_place
+    corr, dead = stats.correlation(), ~stats.live()
+    second = stats.outer / stats.count
+    power = np.diag(second)[:, None] + np.diag(second)[None, :]
+    agreement = np.clip(np.divide(2.0 * second, power, out=np.ones_like(second), where=power > 0), 0.0, 1.0)
+    affine = (corr >= 1.0 - AFFINE_BAND) | np.outer(dead, dead) | (agreement >= 1.0 - EQUAL_RTOL)
+    np.testing.assert_array_equal(stats.similarity(), np.where(affine, 1.0 - AFFINE_BAND * (1.0 - agreement), corr))
