@@ -10,6 +10,7 @@ at or beside the target. Neither function modifies its input (file or ``ModelPro
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import heapq
 import os
@@ -19,13 +20,16 @@ from typing import BinaryIO
 
 import numpy as np
 import onnx
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, EncodeError
 from onnx import external_data_helper, numpy_helper
 
 from .errors import InvalidModelError, OnnxMergeError, UnsupportedGraphError
 
 # Protobuf cannot serialize (or parse) a message of 2 GiB or more; bigger models need external data.
+# Read at each use (too_big), so that tests can lower it to send small models down the large path.
 PROTOBUF_LIMIT = 2**31 - 1
+# Per entry of a repeated or length-delimited field: its tag and length varints at most.
+_FIELD_OVERHEAD = 16
 # Tensors smaller than this stay inside the model file when saving with external data
 # (onnx's own default threshold): moving tiny tensors out saves nothing.
 EXTERNAL_DATA_THRESHOLD = 1024
@@ -257,16 +261,13 @@ def _type_text(data_type: int) -> str:
         return f"unknown data type {data_type}"
 
 
-def _check_model(name: str, model: onnx.ModelProto) -> None:
+def _check_model(name: str, model: onnx.ModelProto, path: str | None = None) -> None:
     """onnx.checker's full check (strict shape and type inference) on the self-contained model,
     then what the checker lets through but onnxruntime refuses or nothing can use: a graph with
-    no outputs, two nodes of one name, a tensor whose data does not fit its dims."""
+    no outputs, two nodes of one name, a tensor whose data does not fit its dims. ``path``: the
+    file the model was read from, which the checker re-reads when the model is too big for it."""
     try:
-        if model.ByteSize() > PROTOBUF_LIMIT:
-            # The checker cannot take a proto this big; its path form re-reads the file instead.
-            onnx.checker.check_model(name, full_check=True)
-        else:
-            onnx.checker.check_model(model, full_check=True)
+        check_model(model, path)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as error:
         raise InvalidModelError(f"{name}: not a valid ONNX model (onnx.checker: {_detail(error)}); "
                                 "check the file is a complete, valid .onnx export") from error
@@ -358,7 +359,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     _load_external(name, model)
     _sort_nodes(model.graph)
     # Checked only now: the checker resolves external locations against the working directory.
-    _check_model(name, model)
+    _check_model(name, model, name)
     return model
 
 
@@ -418,28 +419,65 @@ def _iter_initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
                 yield from _iter_initializers(subgraph)
 
 
-def _write_sidecar(model: onnx.ModelProto, file: BinaryIO, location: str) -> None:
-    """Move the large initializers of ``model`` (a copy) into the open binary ``file``.
+def _write_sidecar(model: onnx.ModelProto, file: BinaryIO, location: str) -> onnx.ModelProto:
+    """Write the large initializers of ``model`` into the open binary ``file``; the model to
+    save beside it, whose moved tensors refer to ``location`` with their offset and length.
 
-    Each moved tensor then refers to ``location`` with its offset and length.
+    ``model`` is not modified and never copied whole: the result is built from its weightless
+    shell and one initializer at a time, so saving needs memory for one tensor, not a model.
     """
     offset = 0
-    for tensor in _iter_initializers(model.graph):
+
+    def place(tensor: onnx.TensorProto, target: onnx.TensorProto) -> None:
+        """``tensor`` into ``target``, its data moved to the sidecar when large."""
+        nonlocal offset
         data = _tensor_bytes(tensor)
         if data is None or len(data) < EXTERNAL_DATA_THRESHOLD:
-            continue
+            if target is not tensor:
+                target.CopyFrom(tensor)
+            return
         if len(data) >= ALIGN_THRESHOLD:
             padding = -offset % ALIGNMENT
             file.write(b"\0" * padding)
             offset += padding
         file.write(data)
-        for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
-            tensor.ClearField(field)
-        del tensor.external_data[:]
+        if target is not tensor:
+            _copy_fields(tensor, target, _DATA_FIELDS)
+        for field in _DATA_FIELDS:
+            target.ClearField(field)
         for key, value in (("location", location), ("offset", offset), ("length", len(data))):
-            tensor.external_data.add(key=key, value=str(value))
-        tensor.data_location = onnx.TensorProto.EXTERNAL
+            target.external_data.add(key=key, value=str(value))
+        target.data_location = onnx.TensorProto.EXTERNAL
         offset += len(data)
+
+    copy = onnx.ModelProto()
+    _copy_fields(model, copy, ("graph",))
+    _copy_fields(model.graph, copy.graph, ("initializer",))  # everything but the main graph's weights
+    for tensor in model.graph.initializer:
+        place(tensor, copy.graph.initializer.add())
+    for node in copy.graph.node:  # subgraphs' initializers: in the copy already, moved in place
+        for attribute in node.attribute:
+            for subgraph in [attribute.g] * attribute.HasField("g") + list(attribute.graphs):
+                for tensor in _iter_initializers(subgraph):
+                    place(tensor, tensor)
+    return copy
+
+
+def _copy_fields(source, target, skip: tuple[str, ...]) -> None:
+    """Copy the set fields of protobuf message ``source`` into ``target``, except ``skip``."""
+    for field, value in source.ListFields():
+        if field.name in skip:
+            continue
+        if _repeated(field):
+            getattr(target, field.name).extend(value)
+        elif field.type == field.TYPE_MESSAGE:
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
+
+
+_DATA_FIELDS = ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data",
+                "external_data", "data_location")
 
 
 def _write_temp(target: str, write: Callable[[BinaryIO], object], temps: list[str]) -> str:
@@ -469,7 +507,7 @@ def _check_in_memory(name: str, model: onnx.ModelProto) -> None:
 
 def _plan(name: str, model: onnx.ModelProto, external_data: bool | None) -> bool:
     """Whether to save with external data; refuses a single file protobuf cannot hold."""
-    size = model.ByteSize()  # computed without serializing
+    size = serialized_size(model)
     if external_data is None:
         return size > PROTOBUF_LIMIT
     if not external_data and size > PROTOBUF_LIMIT:
@@ -505,10 +543,11 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *,
     try:
         if _plan(name, model, external_data):
             sidecar = name + ".data"
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model)
             location = os.path.basename(sidecar)
-            sidecar_temp = _write_temp(sidecar, lambda file: _write_sidecar(copy, file, location), temps)
+            written: list[onnx.ModelProto] = []
+            sidecar_temp = _write_temp(sidecar, lambda file: written.append(_write_sidecar(model, file, location)),
+                                       temps)
+            copy = written[0]
             _check_fits(name, copy)
             model_temp = _write_temp(name, lambda file: file.write(copy.SerializeToString()), temps)
             os.replace(sidecar_temp, sidecar)
@@ -528,7 +567,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *,
 
 def _check_fits(name: str, model: onnx.ModelProto) -> None:
     """Refuse a model that exceeds protobuf's limit even with its large tensors moved out."""
-    size = model.ByteSize()
+    size = serialized_size(model)
     if size > PROTOBUF_LIMIT:
         raise OnnxMergeError(f"{name}: even with external data the model is {size} bytes, over "
                              f"protobuf's {PROTOBUF_LIMIT}-byte limit (too many small tensors or "
@@ -590,3 +629,80 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], object], wh
     finally:
         if temporary is not None and os.path.exists(temporary):
             os.unlink(temporary)
+
+
+def serialized_size(model: onnx.ModelProto) -> int:
+    """An upper bound, within a few bytes per tensor and node, of the size of ``model``
+    serialized, computed piece by piece: protobuf's own ``ByteSize`` serializes the whole
+    message (a copy of the model) and raises past ``PROTOBUF_LIMIT``."""
+    return _size_of(model, 2)
+
+
+def _size_of(message, depth: int) -> int:
+    """The model and its graph field by field (``depth`` levels), anything below as a whole."""
+    if depth == 0:
+        try:
+            return message.ByteSize()
+        except EncodeError:  # one tensor or node over the limit
+            return PROTOBUF_LIMIT + 1
+    total = 0
+    for field, value in message.ListFields():
+        items = list(value) if _repeated(field) else [value]
+        for item in items:
+            if field.type == field.TYPE_MESSAGE:
+                size = _size_of(item, depth - 1 if isinstance(item, (onnx.ModelProto, onnx.GraphProto)) else 0)
+            elif isinstance(item, (bytes, str)):
+                size = len(item.encode() if isinstance(item, str) else item)
+            else:
+                size = 0
+            total += size + _FIELD_OVERHEAD
+    return total
+
+
+def too_big(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` cannot be one protobuf message (over ``PROTOBUF_LIMIT``): then it cannot
+    be serialized to bytes, parsed, handed to onnxruntime as bytes or to onnx.checker and shape
+    inference in memory; ``model_file`` gives a path they can read instead."""
+    return serialized_size(model) > PROTOBUF_LIMIT
+
+
+@contextlib.contextmanager
+def model_file(model: onnx.ModelProto) -> Iterator[str]:
+    """The path of ``model`` saved with external data in a private temporary folder, removed
+    on exit: what onnxruntime, onnx.checker and shape inference read when the model is
+    ``too_big`` for one protobuf message. ``model`` is not modified."""
+    with tempfile.TemporaryDirectory(prefix="onnxmerge-") as folder:
+        path = os.path.join(folder, "model.onnx")
+        save_model(model, path, external_data=True)
+        yield path
+
+
+def check_model(model: onnx.ModelProto, path: str | None = None) -> None:
+    """``onnx.checker.check_model(model, full_check=True)`` for a model of any size: in memory
+    when it fits one protobuf message, else by path: ``path`` when the model was just read from
+    it unchanged, a temporary copy (``model_file``) otherwise.
+
+    Raises:
+        onnx.checker.ValidationError, onnx.shape_inference.InferenceError: as the checker does.
+    """
+    if not too_big(model):
+        onnx.checker.check_model(model, full_check=True)
+    elif path is not None:
+        onnx.checker.check_model(path, full_check=True)
+    else:
+        with model_file(model) as temporary:
+            onnx.checker.check_model(temporary, full_check=True)
+
+
+def model_sha256_in_memory(model: onnx.ModelProto) -> str:
+    """Hex sha256 of ``model`` serialized; of its model file and sidecar (``model_file``) when
+    it is ``too_big`` to serialize."""
+    if not too_big(model):
+        return hashlib.sha256(model.SerializeToString()).hexdigest()
+    digest = hashlib.sha256()
+    with model_file(model) as path:
+        for name in (path, path + ".data"):
+            with open(name, "rb") as file:
+                for chunk in iter(lambda: file.read(_HASH_CHUNK), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()

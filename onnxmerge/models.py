@@ -15,6 +15,7 @@ from .errors import InvalidModelError, RecipeError, UnsupportedGraphError, about
 from .graph.blocks import BlockStructure, find_blocks
 from .graph.canonical import canonicalize, check_finite_parameters, infer_shapes
 from .graph.spaces import SpaceGraph, find_spaces
+from .io import check_model
 from .limits import MAX_DEEPEN_PER_BLOCK, check_factor, check_memory, check_range, check_seed
 from .graph.apply import transform_parameters
 from .rewrite.lift import insert_identities
@@ -113,7 +114,7 @@ def check(model: onnx.ModelProto, what: str) -> None:
     """Full ONNX checks on a model onnxmerge produced; a failure here is an onnxmerge bug
     unless the input was already invalid, so name both."""
     try:
-        onnx.checker.check_model(model, full_check=True)
+        check_model(model)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
         raise InvalidModelError(f"{what} fails onnx.checker: {str(error).splitlines()[0]}; "
                                 "check the input with onnx.checker, else report this") from error

@@ -64,26 +64,37 @@ def _difference(a: onnx.ModelProto, b: onnx.ModelProto, heads: frozenset[int]) -
     return None
 
 
-def _weights(member: Member, names: list[str]) -> list[np.ndarray]:
-    """``member``'s float weight tensors (two or more axes) at the reference's ``names``."""
-    inits = {i.name: i for i in member.model.graph.initializer}
-    arrays = [numpy_helper.to_array(inits[member.correspondence.params[name]]) for name in names]
-    return [a.astype(np.float64) for a in arrays if a.dtype.kind == "f" and a.ndim >= 2]
+def _weight(member: Member, inits: dict[str, onnx.TensorProto], name: str) -> np.ndarray | None:
+    """``member``'s tensor (of its ``inits`` by name) at the reference's ``name`` in float64
+    when it is a float weight (two or more axes), else None."""
+    array = numpy_helper.to_array(inits[member.correspondence.params[name]])
+    return array.astype(np.float64) if array.dtype.kind == "f" and array.ndim >= 2 else None
 
 
 def check_fine_tunes(members: list[Member], base: Member | None, names: list[str], labels: list[str]) -> None:
     """Refuse models whose weights are too far from the base's (or, without a base, from model
-    0's) to be fine-tunes of one base (``DRIFT_LIMIT``).
+    0's) to be fine-tunes of one base (``DRIFT_LIMIT``). Tensor by tensor: a float64 copy of
+    one weight per model at a time, not of every model.
 
     Raises:
         UnsupportedGraphError: names the model and its relative distance.
     """
-    reference = _weights(base or members[0], names)
-    if not reference:
+    reference_member = base or members[0]
+    inits = [{i.name: i for i in m.model.graph.initializer} for m in [reference_member, *members]]
+    drifts: list[list[float]] = [[] for _ in members]
+    for name in names:
+        reference = _weight(reference_member, inits[0], name)
+        if reference is None:
+            continue
+        scale = np.linalg.norm(reference) or 1.0
+        for member_drifts, member, member_inits in zip(drifts, members, inits[1:]):
+            weight = _weight(member, member_inits, name)
+            if weight is not None:
+                member_drifts.append(np.linalg.norm(weight - reference) / scale)
+    if not any(drifts):
         return
-    for member, label in zip(members, labels):
-        drift = float(np.median([np.linalg.norm(m - r) / (np.linalg.norm(r) or 1.0)
-                                 for m, r in zip(_weights(member, names), reference)]))
+    for member_drifts, label in zip(drifts, labels):
+        drift = float(np.median(member_drifts))
         if drift > DRIFT_LIMIT:
             against = "the base" if base is not None else "model 0"
             raise UnsupportedGraphError(

@@ -20,7 +20,7 @@ import onnx
 
 from .errors import CalibrationError, InvalidModelError
 from .graph.quantized import read_as_float
-from .io import check_loaded_model, load_model, model_sha256
+from .io import check_loaded_model, load_model, model_sha256, model_sha256_in_memory
 
 ModelLike = Union[str, os.PathLike, onnx.ModelProto]
 DataLike = Union[str, os.PathLike, np.ndarray, Mapping, Iterable]
@@ -67,7 +67,7 @@ def read_models(models: Iterable[ModelLike]) -> list[Source]:
             copy.CopyFrom(item)
             check_loaded_model(name, copy)
             read_as_float(name, copy)
-            sources.append(Source(name, copy, hashlib.sha256(item.SerializeToString()).hexdigest(), None))
+            sources.append(Source(name, copy, model_sha256_in_memory(item), None))
         elif isinstance(item, (str, os.PathLike)):
             path = os.fspath(item)
             key = os.path.realpath(path)

@@ -16,7 +16,7 @@ from .stats import CKAStats, SpaceStats, to_samples
 
 from ..choices import PROVIDERS
 from ..errors import CalibrationError
-from ..io import default_opset
+from ..io import default_opset, model_file, too_big
 from ..runtime import import_onnxruntime
 
 if TYPE_CHECKING:
@@ -84,10 +84,17 @@ def open_session(model: onnx.ModelProto, provider: str = "auto", *,
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads = threads
-    data = model.SerializeToString()
+    if too_big(model):  # past protobuf's limit: onnxruntime reads a file with external data
+        with model_file(model) as path:
+            return _session(onnxruntime, path, options, provider)
+    return _session(onnxruntime, model.SerializeToString(), options, provider)
+
+
+def _session(onnxruntime, source: bytes | str, options, provider: str) -> tuple[Session, str]:
+    """open_session's session from serialized bytes or a path."""
     if provider in ("auto", "cuda") and _CUDA in onnxruntime.get_available_providers():
         try:
-            session = onnxruntime.InferenceSession(data, options, providers=[_CUDA, _CPU])
+            session = onnxruntime.InferenceSession(source, options, providers=[_CUDA, _CPU])
         except Exception as error:  # onnxruntime's error classes share no base but Exception
             if provider == "cuda":
                 raise CalibrationError(f"onnxruntime cannot run the model on CUDA ({_first_line(error)}); "
@@ -100,7 +107,7 @@ def open_session(model: onnx.ModelProto, provider: str = "auto", *,
         raise CalibrationError("the CUDA provider is not usable here (onnxruntime-gpu and a GPU are needed); "
                                "use --provider cpu or auto")
     try:
-        return Session(onnxruntime.InferenceSession(data, options, providers=[_CPU])), "cpu"
+        return Session(onnxruntime.InferenceSession(source, options, providers=[_CPU])), "cpu"
     except Exception as error:
         raise CalibrationError(f"onnxruntime cannot run the model ({_first_line(error)}); "
                                "check it with onnx.checker and onnxruntime") from error
@@ -214,6 +221,7 @@ def collect_statistics(models: list[onnx.ModelProto], units: list[list[CaptureUn
     if fused is not None:
         session, ran = open_session(fused, provider, threads=threads)
         names = [o.name for o in fused.graph.output]
+        del fused  # a copy of every model's weights; the session has its own
         for feeds in batches:
             feed = {f"m{i}_{name}": value for i, model_feed in enumerate(feeds) for name, value in model_feed.items()}
             values = dict(zip(names, session.run(names, feed)))

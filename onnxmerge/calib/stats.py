@@ -127,12 +127,22 @@ class SpaceStats:
         Raises:
             CalibrationError: a model produced NaN/Inf features.
         """
-        total, outer = np.asarray(total, np.float64), np.asarray(outer, np.float64)
+        total = np.asarray(total, np.float64)
         if shift is not None:
+            # outer + cross + cross.T + count * shift shift^T, added in that order (the same
+            # numbers) into one copy of outer: two (n, n) arrays at a time, not five
             shift = np.asarray(shift, np.float64)
+            outer = np.array(outer, np.float64)
             cross = np.outer(shift, total)
-            outer = outer + cross + cross.T + count * np.outer(shift, shift)
+            outer += cross
+            outer += cross.T
+            np.outer(shift, shift, out=cross)
+            cross *= count
+            outer += cross
+            del cross
             total = total + count * shift
+        else:
+            outer = np.asarray(outer, np.float64)
         if not np.isfinite(total).all():
             bad = np.flatnonzero(~np.isfinite(total))
             model = int(np.searchsorted(np.cumsum(self.widths), bad[0], side="right"))
@@ -216,12 +226,25 @@ class SpaceStats:
         """
         corr = self.correlation(dead_rtol=dead_rtol)
         dead = ~self.live(dead_rtol=dead_rtol)
+        # the (n, n) arithmetic in place, in the order of the plain expressions (the same
+        # numbers): four such arrays at a time, not seven, as n is both models' widths
         second = self.outer / self.count
-        power = np.diag(second)[:, None] + np.diag(second)[None, :]
+        diagonal = np.diag(second).copy()
+        power = diagonal[:, None] + diagonal[None, :]
+        second *= 2.0
         # two channels that are 0 on every sample are equal
-        agreement = np.clip(np.divide(2.0 * second, power, out=np.ones_like(second), where=power > 0), 0.0, 1.0)
-        affine = (corr >= 1.0 - AFFINE_BAND) | np.outer(dead, dead) | (agreement >= 1.0 - EQUAL_RTOL)
-        return np.where(affine, 1.0 - AFFINE_BAND * (1.0 - agreement), corr)
+        agreement = np.ones_like(second)
+        np.divide(second, power, out=agreement, where=power > 0)
+        del second, power
+        np.clip(agreement, 0.0, 1.0, out=agreement)
+        affine = corr >= 1.0 - AFFINE_BAND
+        affine |= np.outer(dead, dead)
+        affine |= agreement >= 1.0 - EQUAL_RTOL
+        np.subtract(1.0, agreement, out=agreement)
+        agreement *= AFFINE_BAND
+        np.subtract(1.0, agreement, out=agreement)
+        np.copyto(corr, agreement, where=affine)
+        return corr
 
 
 def combine(a: SpaceStats, b: SpaceStats) -> SpaceStats:
@@ -326,12 +349,14 @@ def _space_from(arrays: dict[str, np.ndarray], index: int) -> SpaceStats:
 
 
 def combine_stats(shards: list[tuple[dict[str, SpaceStats], dict[str, str]]], *,
-                  sources: list[str] | None = None) -> dict[str, SpaceStats]:
+                  sources: list[str] | None = None, consume: bool = False) -> dict[str, SpaceStats]:
     """Add shards of statistics (as ``load_stats`` returns them) into one.
 
     Args:
         shards: (statistics, meta) pairs.
         sources: names of the shards for error messages (default ``shard 1``, ...).
+        consume: add into the first shard's arrays (the same numbers) instead of new ones, for a
+            caller that drops the shards: statistics of wide spaces are as large as the models.
 
     Raises:
         CalibrationError: no shards, or shards that differ in spaces, widths or a
@@ -356,10 +381,21 @@ def combine_stats(shards: list[tuple[dict[str, SpaceStats], dict[str, str]]], *,
                 raise CalibrationError(f"{where} differ in the widths of space {space!r} "
                                        f"({space_stats.widths} vs {first_stats[space].widths}); "
                                        "compute every shard with the same models")
-    return {space: _sum_of([stats[space] for stats, _ in shards]) for space in first_stats}
+    return {space: _sum_of([stats[space] for stats, _ in shards], consume) for space in first_stats}
 
 
-def _sum_of(parts: list[SpaceStats]) -> SpaceStats:
+def _sum_of(parts: list[SpaceStats], consume: bool = False) -> SpaceStats:
+    if consume and parts[0].sum.flags.writeable and parts[0].outer.flags.writeable:
+        # in place (not into arrays shared read-only, as Ray's results are), in the order
+        # below: 0 + first (which only turns -0.0 into 0.0) + ...
+        total = parts[0]
+        total.sum += 0.0
+        total.outer += 0.0
+        for part in parts[1:]:
+            total.count += part.count
+            total.sum += part.sum
+            total.outer += part.outer
+        return total
     total = SpaceStats(0, np.zeros_like(parts[0].sum), np.zeros_like(parts[0].outer), parts[0].widths)
     for part in parts:
         total = combine(total, part)

@@ -23,6 +23,7 @@ from onnx_graphsurgeon.logger import G_LOGGER
 
 from ..choices import BN_MODES
 from ..errors import UnsupportedGraphError
+from ..io import model_file, too_big
 from ..runtime import import_onnxruntime
 from .layers import (CONVOLUTIONS, canonical_attributes, explicit_conv_biases, flatten_reshapes, fold_affine,
                      global_pools, matmul_to_gemm, normalize_gemm, output_channels, scale_output_channels)
@@ -209,8 +210,10 @@ def canonicalize(model: onnx.ModelProto, *, bn: str = "keep") -> onnx.ModelProto
     """
     if bn not in BN_MODES:
         raise UnsupportedGraphError(f"unknown BatchNormalization mode {bn!r}; use one of {BN_MODES}")
-    source = with_layer_norm_opset(infer_shapes(_constant_initializers(model)))
-    proto = source
+    proto = with_layer_norm_opset(infer_shapes(_constant_initializers(model)))
+    # what export_like copies from the source, without its weights: a model's worth less memory
+    source = onnx.ModelProto(ir_version=proto.ir_version, opset_import=proto.opset_import,
+                             metadata_props=proto.metadata_props)
     passes = PASSES + ((fold_batch_norm,) if bn == "fold" else ())
     # graphsurgeon warns about every non-tensor value (skl2onnx's ZipMap maps); they are fine.
     # Folding huge or non-finite weights overflows quietly: merges refuse what results
@@ -220,12 +223,15 @@ def canonicalize(model: onnx.ModelProto, *, bn: str = "keep") -> onnx.ModelProto
             # passes read inferred shapes (gs folds Shape ops only where they are known), and a
             # round's rewrites can make more shapes known: infer again between rounds
             graph = gs.import_onnx(infer_shapes(proto))
+            del proto  # the graph's constants hold its weights: one copy of them, not two
             changed = sum(p(graph) for p in passes)
             graph.cleanup().toposort()
             proto = export_like(graph, source)
+            del graph  # before the next round imports another
             if not changed:
                 break
         graph = gs.import_onnx(proto)
+        del proto
         untie_initializers(graph)
         graph.cleanup().toposort()
         return infer_shapes(export_like(graph, source))
@@ -284,7 +290,7 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """
     skeleton = _skeleton(model)
     try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
+        inferred = _onnx_shapes(skeleton)
     except Exception as error:  # onnx raises several types; all mean the same to the user
         raise UnsupportedGraphError(f"shape inference failed: {str(error).splitlines()[0]}") from error
     known = {v.name for v in list(inferred.graph.value_info) + list(inferred.graph.output)
@@ -302,6 +308,17 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     del model.graph.output[:]
     model.graph.output.extend(outputs)
     return model
+
+
+def _onnx_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX shape inference, in memory, or by path for a model too big for one protobuf (huge
+    Constant nodes: the skeleton holds no large initializer)."""
+    if not too_big(model):
+        return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    with model_file(model) as path:
+        inferred = path + ".inferred.onnx"
+        onnx.shape_inference.infer_shapes_path(path, inferred, strict_mode=False, data_prop=True)
+        return onnx.load(inferred, load_external_data=False)
 
 
 def _unshaped(info: onnx.ValueInfoProto) -> bool:

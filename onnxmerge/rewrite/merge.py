@@ -51,31 +51,58 @@ def merged_trunk_parameters(members: list[Member], split: TrunkSplit, matchings:
     trunk_inputs = {name for k, node in enumerate(reference.graph.node) if k not in split.head_nodes for name in node.input}
     names = [init.name for init in reference.graph.initializer if init.name in trunk_inputs]
     count = len(members)
+    dtypes = {init.name: helper.tensor_dtype_to_np_dtype(init.data_type) for init in reference.graph.initializer}
+    if combine is not None:
+        return _combined_parameters(members, names, matchings, combine, dtypes)
     merged: dict[str, np.ndarray] = {}
-    collected: dict[str, list[np.ndarray]] = {}  # with combine: every model's floats
     for i, member in enumerate(members):
-        back = member.correspondence.reference_spaces
-
-        def transform_for(space: int, role: str, i=i, back=back):
-            matching = matchings.get(back[space])
-            if matching is None:
-                return None
-            # producers carry count * M_i so that the final division by count averages
-            return Linear(matching.merge[i] * count) if role == "producer" else Linear(matching.unmerge[i].T)
-
         mine = [member.correspondence.params[name] for name in names]
-        arrays = transformed_arrays(member.model, member.graph, transform_for, mine)
+        arrays = transformed_arrays(member.model, member.graph, _transform_for(member, i, matchings, count), mine)
         for name, my_name in zip(names, mine):
             value = arrays[my_name]
             if value.dtype.kind != "f":  # shapes, axes, indices: identical across models
                 merged.setdefault(name, value)
-            elif combine is not None:
-                collected.setdefault(name, []).append(value.astype(np.float64))
             else:
                 merged[name] = merged.get(name, 0.0) + value.astype(np.float64) / count
-    merged.update({name: combine(name, floats) for name, floats in collected.items()})
-    dtypes = {init.name: helper.tensor_dtype_to_np_dtype(init.data_type) for init in reference.graph.initializer}
     return {name: np.asarray(value).astype(dtypes[name]) for name, value in merged.items()}
+
+
+def _transform_for(member: Member, i: int, matchings: dict[int, Matching], count: int):
+    """The parameter transforms of model ``i``: into the merged spaces of ``matchings``."""
+    back = member.correspondence.reference_spaces
+
+    def transform_for(space: int, role: str):
+        matching = matchings.get(back[space])
+        if matching is None:
+            return None
+        # producers carry count * M_i so that the final division by count averages
+        return Linear(matching.merge[i] * count) if role == "producer" else Linear(matching.unmerge[i].T)
+    return transform_for
+
+
+def _combined_parameters(members: list[Member], names: list[str], matchings: dict[int, Matching],
+                         combine: Callable[[str, list[np.ndarray]], np.ndarray],
+                         dtypes: dict[str, np.dtype]) -> dict[str, np.ndarray]:
+    """``merged_trunk_parameters`` with ``combine``, tensor by tensor: the float64 values of one
+    tensor of every model at a time, not of every tensor (same-base models are as large as
+    they come). The same numbers, and ``combine`` called in the same order."""
+    count = len(members)
+    transforms = [_transform_for(member, i, matchings, count) for i, member in enumerate(members)]
+    fixed: dict[str, np.ndarray] = {}
+    combined: dict[str, np.ndarray] = {}
+    for name in names:
+        floats = []
+        for member, transform_for in zip(members, transforms):
+            my_name = member.correspondence.params[name]
+            value = transformed_arrays(member.model, member.graph, transform_for, [my_name])[my_name]
+            if value.dtype.kind != "f":  # shapes, axes, indices: identical across models
+                fixed.setdefault(name, value)
+            else:
+                floats.append(value.astype(np.float64))
+            del value
+        if floats:
+            combined[name] = np.asarray(combine(name, floats)).astype(dtypes[name])
+    return {**{name: np.asarray(value).astype(dtypes[name]) for name, value in fixed.items()}, **combined}
 
 
 def merged_width(member: Member, layout: Layout | int, matchings: dict[int, Matching]) -> int:

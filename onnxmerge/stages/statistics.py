@@ -57,7 +57,7 @@ def statistics(members: list[Member], split, calib, stats_files, options: MergeO
         if meta.get("fingerprint") != fingerprint:
             raise CalibrationError(f"{path}: statistics of other models or options; recompute them with "
                                    "onnxmerge calibrate on the same models and --bn/--heads/--zip-layers")
-    combined = combine_stats(shards)
+    combined = combine_stats(shards, consume=True)  # the shards are dropped: no second copy
     return units, [combined[stats_key(u)] for u in units], provider
 
 
