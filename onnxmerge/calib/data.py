@@ -38,7 +38,7 @@ from .arrays import describe as _describe
 log = logging.getLogger(__name__)
 
 from ..choices import MIN_SAMPLES
-_CHUNK_BYTES = 64 << 20  # value checks read big arrays in slices of about this size
+_CHUNK_BYTES = 8 << 20  # value checks read big arrays in slices of about this size (their float64 copies stay small)
 
 
 @dataclass(frozen=True)
