@@ -599,9 +599,27 @@ def check_writable(path: str | os.PathLike, what: str, taken: Sequence[str | os.
         raise OnnxMergeError(f"{path}: cannot write the {what}: it exists and is not a regular file (a device, "
                              "pipe or socket); give the path of a regular file")
     for other in (t for t in taken if t is not None):
-        if _same_file(path, other):
-            raise OnnxMergeError(f"{path}: the {what} would overwrite {other}, which the command reads or writes; "
-                                 "choose another output path")
+        for read in (other, *_external_files(other)):
+            if _same_file(path, read):
+                raise OnnxMergeError(f"{path}: the {what} would overwrite {read}, which the command reads or "
+                                     "writes; choose another output path")
+
+
+def _external_files(path: str | os.PathLike) -> list[str]:
+    """The external-data files an ``.onnx`` input reads (inside its folder), so that no output
+    replaces them; none for other files, or for a model that cannot be parsed (its load
+    reports that)."""
+    name = os.fspath(path)
+    if not name.endswith(".onnx") or not os.path.isfile(name) or os.path.getsize(name) > PROTOBUF_LIMIT:
+        return []
+    try:
+        model = _read_model_proto(name)
+    except OnnxMergeError:
+        return []
+    folder = os.path.dirname(os.path.abspath(name))
+    locations = {entry.value for tensor in _iter_model_tensors(model) if _is_external(tensor)
+                 for entry in tensor.external_data if entry.key == "location"}
+    return [target for target in (_resolve_inside(folder, location) for location in locations) if target]
 
 
 def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:

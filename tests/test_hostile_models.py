@@ -334,3 +334,21 @@ def test_every_input_is_protected_from_every_output(tmp_path, capsys, command):
     before = _listing(tmp_path)
     _refused([names.get(arg, arg) for arg in command], capsys, "would overwrite")
     assert _listing(tmp_path) == before
+
+
+def test_an_output_is_refused_when_it_is_an_input_models_external_data(tmp_path, capsys):
+    """``-o a.onnx.data`` would replace the weights input a.onnx reads from its sidecar."""
+    from pathlib import Path
+
+    from onnxmerge.cli import main as run_cli
+
+    model = onnx.load(str(Path(__file__).resolve().parent.parent / "samples" / "digits" / "resnet_a.onnx"))
+    onnx.save_model(model, str(tmp_path / "a.onnx"), save_as_external_data=True, location="a.onnx.data",
+                     size_threshold=0)
+    sidecar = tmp_path / "a.onnx.data"
+    before = sidecar.read_bytes()
+    for args in (["permute", str(tmp_path / "a.onnx"), "-o", str(sidecar)],
+                 ["merge", str(tmp_path / "a.onnx"), str(tmp_path / "a.onnx"), "-o", str(sidecar)]):
+        assert run_cli(args) == 1
+        assert "would overwrite" in capsys.readouterr().err
+    assert sidecar.read_bytes() == before
