@@ -13,6 +13,7 @@ import hashlib
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Union
 
 import numpy as np
@@ -33,14 +34,20 @@ class Source:
     Attributes:
         name: the path as given, or ``model <i>`` for a model given in memory (messages, report).
         model: the checked model, never modified by onnxmerge.
-        sha256: hex sha256 of the file, or of the serialized ModelProto.
         path: the file it was read from, None for a model given in memory.
+        given: the ModelProto as the caller gave it (what ``sha256`` hashes), None for a file.
     """
 
     name: str
     model: onnx.ModelProto
-    sha256: str
     path: str | None
+    given: onnx.ModelProto | None = None
+
+    @cached_property
+    def sha256(self) -> str:
+        """Hex sha256 of the file, or of the ModelProto as given; computed when first asked
+        (only a merge records it), since hashing reads the whole file again."""
+        return model_sha256(self.path) if self.path else model_sha256_in_memory(self.given)
 
     @property
     def file_name(self) -> str:
@@ -59,7 +66,7 @@ def read_models(models: Iterable[ModelLike]) -> list[Source]:
     if isinstance(models, (str, os.PathLike, onnx.ModelProto)):
         raise InvalidModelError("models: give a list of models (paths or onnx.ModelProto), not a single one")
     sources: list[Source] = []
-    read: dict[str, Source] = {}
+    read: dict[str, onnx.ModelProto] = {}  # by real path
     for index, item in enumerate(models):
         if isinstance(item, onnx.ModelProto):
             name = f"model {index}"
@@ -67,15 +74,15 @@ def read_models(models: Iterable[ModelLike]) -> list[Source]:
             copy.CopyFrom(item)
             check_loaded_model(name, copy)
             read_as_float(name, copy)
-            sources.append(Source(name, copy, model_sha256_in_memory(item), None))
+            sources.append(Source(name, copy, None, item))
         elif isinstance(item, (str, os.PathLike)):
             path = os.fspath(item)
             key = os.path.realpath(path)
             if key not in read:
                 model = load_model(path)
                 read_as_float(path, model)
-                read[key] = Source(path, model, model_sha256(path), path)
-            sources.append(Source(path, read[key].model, read[key].sha256, path))
+                read[key] = model
+            sources.append(Source(path, read[key], path))
         else:
             raise InvalidModelError(f"model {index}: a {type(item).__name__} is neither a path nor an onnx.ModelProto; "
                                     "give the .onnx file's path or the loaded model")
