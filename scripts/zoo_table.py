@@ -144,17 +144,23 @@ def render(results: dict, models: list[str], exporters: list[str], command: str,
         "| model | exporter | export | " + " | ".join(COLUMNS.values()) + " | zipped | s |",
         "|---|---|---|" + "---|" * len(COLUMNS) + "---|---|",
     ]
+    return "\n".join(lines + _table_rows(results, models, exporters)) + "\n"
+
+
+def _table_rows(results: dict, models: list[str], exporters: list[str], extra=lambda row: []) -> list[str]:
+    """One table line per model and exporter with results: export and oracle cells, the zipped
+    layer count, ``extra(row)``'s cells, the seconds."""
+    lines = []
     for model in models:
         for exporter in exporters:
             row = results.get((model, exporter))
             if row is None:
                 continue
-            cells = _row_cells(row)
             zipped = (row.get("merge_random") or {}).get("zipped") or "-"
             seconds = sum(r.get("seconds", 0) for r in row.values() if isinstance(r, dict))
-            lines.append(f"| {model} | {exporter} | " + " | ".join(cells)
-                         + f" | {zipped.replace(' layers zipped', '')} | {seconds:.0f} |")
-    return "\n".join(lines) + "\n"
+            cells = [*_row_cells(row), zipped.replace(" layers zipped", ""), *extra(row), f"{seconds:.0f}"]
+            lines.append(f"| {model} | {exporter} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _row_cells(row: dict) -> list[str]:
@@ -205,28 +211,19 @@ def render_transformers(results: dict, models: list[str], exporters: list[str], 
         "| model | exporter | export | " + " | ".join(COLUMNS.values()) + " | zipped | free | barriers | s |",
         "|---|---|---|" + "---|" * len(COLUMNS) + "---|---|---|---|",
     ]
-    for model in models:
-        for exporter in exporters:
-            row = results.get((model, exporter))
-            if row is None:
-                continue
-            cells = _row_cells(row)
-            zipped = (row.get("merge_random") or {}).get("zipped") or "-"
-            found = row.get("inspect") or {}
-            if found.get("status") == "ok":
-                free = f"{found['free']} of {found['spaces']}"
-                barriers = str(found["barriers"])
-                if found.get("first_barrier"):
-                    text = found["first_barrier"].replace("|", "\\|").replace("\n", " ")
-                    barriers += ": " + (text if len(text) <= 160 else text[:157] + "...")
-            elif found:
-                free, barriers = "-", cell(found)
-            else:
-                free = barriers = "-"
-            seconds = sum(r.get("seconds", 0) for r in row.values() if isinstance(r, dict))
-            lines.append(f"| {model} | {exporter} | " + " | ".join(cells)
-                         + f" | {zipped.replace(' layers zipped', '')} | {free} | {barriers} | {seconds:.0f} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _table_rows(results, models, exporters, _inspect_cells)) + "\n"
+
+
+def _inspect_cells(row: dict) -> list[str]:
+    """The ``free`` and ``barriers`` cells of a transformer row, from its inspect record."""
+    found = row.get("inspect") or {}
+    if found.get("status") != "ok":
+        return ["-", cell(found)] if found else ["-", "-"]
+    barriers = str(found["barriers"])
+    if found.get("first_barrier"):
+        text = found["first_barrier"].replace("|", "\\|").replace("\n", " ")
+        barriers += ": " + (text if len(text) <= 160 else text[:157] + "...")
+    return [f"{found['free']} of {found['spaces']}", barriers]
 
 
 def write_section(out: Path, family: str, text: str) -> None:
