@@ -74,26 +74,6 @@ def data(seed: int = 0):
             augment(x_test, 1, seed=2), y_test)
 
 
-def train(model: nn.Module, x: np.ndarray, y: np.ndarray, classes: list[int], seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    mask = np.isin(y, classes)
-    inputs = torch.from_numpy(x[mask])
-    targets = torch.from_numpy(np.searchsorted(classes, y[mask]))
-    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
-    steps = EPOCHS * math.ceil(len(inputs) / 64)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=3e-3, total_steps=steps)
-    model.train()
-    for _ in range(EPOCHS):
-        order = torch.randperm(len(inputs))
-        for start in range(0, len(order), 64):
-            batch = order[start:start + 64]
-            optimiser.zero_grad()
-            nn.functional.cross_entropy(model(inputs[batch]), targets[batch]).backward()
-            optimiser.step()
-            schedule.step()
-    return model.eval()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=HERE)
@@ -103,7 +83,7 @@ def main() -> None:
     x_train, y_train, x_test, y_test = data()
     for name, (task, seed) in MODELS.items():
         torch.manual_seed(seed)
-        model = train(ResNet(), x_train, y_train, TASKS[task], seed)
+        model = DIGITS.train(ResNet(), x_train, y_train, TASKS[task], seed, epochs=EPOCHS, one_cycle=True)
         DIGITS.export_folded(model, args.out / f"{name}.onnx", SIZE)
         print(f"{name}: task accuracy {accuracy(model, x_test, y_test, TASKS[task]):.3f}", flush=True)
     DIGITS.save_data(args.out, x_train, x_test, y_test)
