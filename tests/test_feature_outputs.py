@@ -76,15 +76,6 @@ def test_shared_feature_output_has_the_merged_width(zoo_files, tmp_path):
     assert features.shape == (len(x), 48)
 
 
-@pytest.mark.parametrize("layers", [1, 5])
-def test_partial_zip_of_an_encoder_cuts_where_asked(zoo_files, tmp_path, layers):
-    path, x, calib, (copy,) = permuted_copies(zoo_files, tmp_path, "transformer_encoder", "legacy_folded")
-    result = api.merge([path, copy], calibration=calib, options=api.MergeOptions(zip_layers=layers, repair="none"))
-    assert result.report["layers"].startswith(f"{layers} of ")
-    expected = run_all(load_model(path), x)
-    outputs_close(expected + expected, run_all(result.model, x))
-
-
 def test_a_classifier_keeps_its_task_head_per_model(zoo_files, tmp_path):
     """Logits are only written, never read by the graph: the classifier stays per model."""
     path, x, calib, (copy,) = permuted_copies(zoo_files, tmp_path, "transformer", "legacy_folded")

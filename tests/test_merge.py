@@ -53,9 +53,12 @@ def test_shared_heads_and_self_average(zoo_files, tmp_path, name):
     outputs_close(expected + expected, run_all(average.model, x))
 
 
-@pytest.mark.parametrize("layers", [0, 3, 6])
-def test_partial_zip_with_permuted_self(zoo_files, tmp_path, layers):
-    path, x, calib, (copy,) = permuted_copies(zoo_files, tmp_path, "resnet_basic", "legacy_folded")
+@pytest.mark.parametrize("name, layers", [("resnet_basic", 0), ("resnet_basic", 3), ("resnet_basic", 6),
+                                          ("transformer_encoder", 1), ("transformer_encoder", 5)])
+def test_partial_zip_with_permuted_self(zoo_files, tmp_path, name, layers):
+    """A partial merge with a permuted copy gives the model back from both heads, wherever the
+    cut falls (for an encoder too, whose feature output is zipped)."""
+    path, x, calib, (copy,) = permuted_copies(zoo_files, tmp_path, name, "legacy_folded")
     result = api.merge([path, copy], calibration=calib, options=api.MergeOptions(zip_layers=layers, repair="none"))
     assert result.report["layers"].startswith(f"{layers} of ")
     expected = run_all(load_model(path), x)
