@@ -11,6 +11,7 @@ at or beside the target. Neither function modifies its input (file or ``ModelPro
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import heapq
 import os
@@ -605,21 +606,29 @@ def check_writable(path: str | os.PathLike, what: str, taken: Sequence[str | os.
                                      "writes; choose another output path")
 
 
-def _external_files(path: str | os.PathLike) -> list[str]:
+def _external_files(path: str | os.PathLike) -> tuple[str, ...]:
     """The external-data files an ``.onnx`` input reads (inside its folder), so that no output
     replaces them; none for other files, or for a model that cannot be parsed (its load
-    reports that)."""
+    reports that). A command checks each output against each input: the file is parsed once
+    while it stays unchanged."""
     name = os.fspath(path)
     if not name.endswith(".onnx") or not os.path.isfile(name) or os.path.getsize(name) > PROTOBUF_LIMIT:
-        return []
+        return ()
+    status = os.stat(name)
+    return _external_files_of(os.path.realpath(name), status.st_mtime_ns, status.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _external_files_of(name: str, mtime_ns: int, size: int) -> tuple[str, ...]:
+    """``_external_files`` of the file ``name`` as it is at ``mtime_ns`` and ``size`` (the key)."""
     try:
         model = _read_model_proto(name)
     except OnnxMergeError:
-        return []
-    folder = os.path.dirname(os.path.abspath(name))
+        return ()
+    folder = os.path.dirname(name)
     locations = {entry.value for tensor in _iter_model_tensors(model) if _is_external(tensor)
                  for entry in tensor.external_data if entry.key == "location"}
-    return [target for target in (_resolve_inside(folder, location) for location in locations) if target]
+    return tuple(target for target in (_resolve_inside(folder, location) for location in locations) if target)
 
 
 def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
