@@ -77,9 +77,10 @@ def _prepare_same_base(sources: list[Source], data: Data | None, options: MergeO
     everything = [*sources, *([base] if base else [])]
     named, post, bn = cores(everything, options)
     reference = named[0][1]
-    heads = split_trunk(reference, _spaces(named[0][0], reference), heads=options.heads).head_nodes
+    reference_graph = _spaces(named[0][0], reference)
+    heads = split_trunk(reference, reference_graph, heads=options.heads).head_nodes
     check_same_graph(named, heads)  # heads kept per model may have other label counts
-    members = members_of(named)
+    members = members_of(named, reference_graph)
     base_member = members.pop() if base else None
     post = post[:len(sources)]
     inits = {i.name for i in reference.graph.initializer}
@@ -111,8 +112,11 @@ def _stored_alignment(named: list[tuple[str, onnx.ModelProto]], structures: list
     return DepthAlignment(stored["method"], [name for name, _ in named], structures, int(np.argmax(sizes)), maps)
 
 
-def members_of(named: list[tuple[str, onnx.ModelProto]]) -> list[Member]:
-    analysed = [(name, model, _spaces(name, model)) for name, model in named]
+def members_of(named: list[tuple[str, onnx.ModelProto]], reference_graph: SpaceGraph | None = None) -> list[Member]:
+    """Each model with its feature spaces, lined up with model 0's (``reference_graph``: model
+    0's spaces when already found)."""
+    graphs = [reference_graph or _spaces(*named[0]), *(_spaces(name, model) for name, model in named[1:])]
+    analysed = [(name, model, graph) for (name, model), graph in zip(named, graphs)]
     return [Member(model, graph, correspond(analysed[0], (path, model, graph))) for path, model, graph in analysed]
 
 
