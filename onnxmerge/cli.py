@@ -234,15 +234,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
     """Merge two or more models of one design (widths and depths may differ) into one ONNX model;
     its recipe goes to OUTPUT.recipe.yaml (re-run it with onnxmerge run)."""
     from . import api
-    from .io import check_writable
+    from .results import check_outputs
     scope = _ray_scope(args)
-    inputs = [*args.models, args.base, args.calib, *(args.stats or [])]
-    outputs = [("merged model", args.output), ("recipe", api.recipe_path(args.output))]
-    if args.report:
-        outputs.append(("report", args.report))
-    for index, (what, path) in enumerate(outputs):  # before any work
-        check_writable(path, what, [*inputs, *(p for _, p in outputs[:index])])
-    with scope:
+    check_outputs(args.output, args.report, True, [*args.models, args.base, args.calib, *(args.stats or [])])
+    with scope:  # the outputs are checked before any work
         result = api.merge(args.models, args.calib, base=args.base, stats=args.stats, options=_options(args))
     _print_merge(result, result.save(args.output, report=args.report))
     return 0

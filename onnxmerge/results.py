@@ -45,21 +45,33 @@ class MergeResult:
         """
         path = os.fspath(path)
         inputs = [] if self.recipe is None else self.recipe.input_paths()
-        targets = {"merged model": path}
-        if recipe and self.recipe is not None and self.recipe.runnable:
-            targets["recipe"] = recipe_path(path)
-        if report is not None:
-            targets["report"] = os.fspath(report)
-        written = list(targets.values())
-        for index, (what, target) in enumerate(targets.items()):
-            check_writable(target, what, [*inputs, *written[:index]])
+        targets = check_outputs(path, report, recipe and self.recipe is not None and self.recipe.runnable, inputs)
         save_model(self.model, path)
         if "recipe" in targets:
             write_text(self.recipe.to_yaml(folder=os.path.dirname(os.path.abspath(path)), output=path,
                                            report=targets.get("report")), targets["recipe"], "recipe")
         if report is not None:
             write_json(self.report, targets["report"])
-        return written
+        return list(targets.values())
+
+
+def check_outputs(path: str | os.PathLike, report: str | os.PathLike | None, recipe: bool,
+                  inputs: list) -> dict[str, str]:
+    """The files a merge writes (merged model, recipe when ``recipe``, report when given), by
+    what they are, each checked writable and none an input or another of them.
+
+    Raises:
+        OnnxMergeError: the first output that is not writable or would overwrite a file read or written.
+    """
+    targets = {"merged model": os.fspath(path)}
+    if recipe:
+        targets["recipe"] = recipe_path(path)
+    if report is not None:
+        targets["report"] = os.fspath(report)
+    written = list(targets.values())
+    for index, (what, target) in enumerate(targets.items()):
+        check_writable(target, what, [*inputs, *written[:index]])
+    return targets
 
 
 def recipe_path(output: str | os.PathLike) -> str:
