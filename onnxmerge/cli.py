@@ -145,7 +145,10 @@ def _plan_options() -> argparse.ArgumentParser:
                             f"(default {DEFAULTS.heads})")
     group.add_argument("--zip-layers", type=_zip_layers, metavar="N|auto",
                        help="merge only the spaces of the first N weight layers (Conv/Gemm/MatMul in graph order); "
-                            "the rest stays per model. auto: merge at each cut on 80%% of the --calib samples and "
+                            "the rest stays per model. A space is merged when its first weight layer is among the N, "
+                            "so a residual stream opened before the cut stays merged with the layers that write "
+                            "into it: a cut inside such a block gives the model of the cut at the block's end "
+                            "(the report's layers line counts the layers merged). auto: merge at each cut on 80%% of the --calib samples and "
                             "keep the largest N whose argmax disagreement with the source models on the other "
                             "20%% stays within --max-loss (the curve goes to the report). Default: every layer")
     group.add_argument("--max-loss", type=argument(float, 0.0, 1.0), default=DEFAULTS.max_loss,

@@ -44,9 +44,9 @@ DIGITS = digits_sample.load("make")
 accuracy = DIGITS.accuracy  # a model's accuracy on its own task's test images
 
 
-def ResNet() -> nn.Module:  # noqa: N802 (a model class of the digits sample, at other widths)
-    """stem -> stages of 2 blocks at WIDTHS (stride 2 from the second) -> pool -> linear (5 classes)."""
-    return DIGITS.ResNet(widths=WIDTHS)
+def ResNet(widths: tuple[int, ...] = WIDTHS) -> nn.Module:  # noqa: N802 (the digits sample's model class)
+    """stem -> stages of 2 blocks at ``widths`` (stride 2 from the second) -> pool -> linear (5 classes)."""
+    return DIGITS.ResNet(widths=widths)
 
 
 def augment(images: np.ndarray, copies: int, seed: int) -> np.ndarray:
@@ -77,13 +77,16 @@ def data(seed: int = 0):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=HERE)
+    parser.add_argument("--widths", default=",".join(map(str, WIDTHS)),
+                        help="channels of the stem and stages, comma-separated (default %(default)s)")
     args = parser.parse_args()
+    widths = tuple(int(w) for w in args.widths.split(","))
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     x_train, y_train, x_test, y_test = data()
     for name, (task, seed) in MODELS.items():
         torch.manual_seed(seed)
-        model = DIGITS.train(ResNet(), x_train, y_train, TASKS[task], seed, epochs=EPOCHS, one_cycle=True)
+        model = DIGITS.train(ResNet(widths), x_train, y_train, TASKS[task], seed, epochs=EPOCHS, one_cycle=True)
         DIGITS.export_folded(model, args.out / f"{name}.onnx", SIZE)
         print(f"{name}: task accuracy {accuracy(model, x_test, y_test, TASKS[task]):.3f}", flush=True)
     DIGITS.save_data(args.out, x_train, x_test, y_test)
