@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -349,3 +350,14 @@ def test_unequal_widths_at_a_space_no_tensor_shows_are_one_error(zoo_files, tmp_
     np.save(tmp_path / "calib.npy", x)
     with pytest.raises(OnnxMergeError, match="no tensor the calibration can read.*equal widths"):
         api.merge([path, str(tmp_path / "wide.onnx")], calibration=str(tmp_path / "calib.npy"))
+
+
+def test_a_cut_inside_a_residual_block_reaches_the_block_end():
+    """--help's promise: a residual stream opened before the cut stays merged with the layers
+    writing into it, so on the digits ResNet (stem, block conv1, conv2, ...) a cut after the
+    first block's conv1 gives the model of the cut at that block's end."""
+    digits = Path(__file__).resolve().parent.parent / "samples" / "digits"
+    models = [str(digits / "resnet_a.onnx"), str(digits / "resnet_b.onnx")]
+    inside, end = (api.merge(models, method="weight", repair="none", zip_layers=n) for n in (2, 3))
+    assert inside.report["weight_layers"]["merged"] == end.report["weight_layers"]["merged"] == 3
+    assert inside.model.graph == end.model.graph
