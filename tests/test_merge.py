@@ -361,3 +361,19 @@ def test_a_cut_inside_a_residual_block_reaches_the_block_end():
     inside, end = (api.merge(models, method="weight", repair="none", zip_layers=n) for n in (2, 3))
     assert inside.report["weight_layers"]["merged"] == end.report["weight_layers"]["merged"] == 3
     assert inside.model.graph == end.model.graph
+
+
+@pytest.mark.parametrize("method", ["weight", "zip"])
+def test_a_constant_that_is_not_finite_in_the_model_is_not_an_overflow(tmp_path, method):
+    """An attention mask's -inf (GPT-2 writes one) carried into the merge is the model's own,
+    not an overflow of the merge: the merge goes through and keeps the model's outputs."""
+    from tests.helpers import const, model
+    mask = np.zeros((1, 16, 1, 1), np.float32)
+    mask[0, :3] = -np.inf
+    m = model([onnx.helper.make_node("Relu", ["y"], ["r"]), onnx.helper.make_node("Add", ["r", "mask"], ["masked"]),
+               onnx.helper.make_node("Relu", ["masked"], ["z"])], [const("mask", mask)])
+    save_model(m, tmp_path / "m.onnx")
+    x = np.random.default_rng(0).standard_normal((32, 8, 4, 4)).astype(np.float32)
+    merged = api.merge([str(tmp_path / "m.onnx")] * 2, x if method == "zip" else None, method=method, repair="none",
+                       heads="shared")
+    outputs_close(run_all(m, x), run_all(merged.model, x))

@@ -84,39 +84,46 @@ def test_public_transformer_oracle(public_zoo_files, tmp_path, name, exporter, o
     check_oracle(public_zoo_files, tmp_path, name, exporter, oracle)
 
 
-def _language_model(tmp_path, family: str, layers: int, seed: int) -> str:
-    """A Hugging Face encoder of ``layers`` layers (width 64, 4 heads) exported with its
-    ``last_hidden_state`` output (legacy exporter, dynamic batch)."""
+def _encoder(tmp_path, family: str, layers: int, seed: int) -> str:
+    """A Hugging Face model of ``layers`` layers (width 64, 4 heads; gpt2, bert, or vit on 32 x 32
+    images) exported with its ``last_hidden_state`` output (legacy exporter, dynamic batch)."""
     import torch
     tf = pz.import_transformers()
     torch.manual_seed(seed)
+    x = torch.ones(2, pz.TOKENS, dtype=torch.int64)
     if family == "gpt2":
         config = tf.GPT2Config(vocab_size=pz.VOCAB, n_positions=pz.TOKENS, n_embd=64, n_layer=layers, n_head=4,
                                n_inner=128, bos_token_id=1, eos_token_id=2)
         model = tf.GPT2Model(config)
+    elif family == "vit":
+        model = tf.ViTModel(tf.ViTConfig(**{**pz._VIT, "num_hidden_layers": layers}), add_pooling_layer=False)
+        x = torch.zeros(2, 3, pz.IMAGE, pz.IMAGE)
     else:
         model = tf.BertModel(tf.BertConfig(hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
                                            intermediate_size=128, vocab_size=pz.VOCAB,
                                            max_position_embeddings=pz.TOKENS))
     path = str(tmp_path / f"{family}{layers}.onnx")
-    ids = torch.ones(2, pz.TOKENS, dtype=torch.int64)
-    torch.onnx.export(pz.HFOutput(model.eval(), "last_hidden_state").eval(), (ids,), path, dynamo=False,
+    torch.onnx.export(pz.HFOutput(model.eval(), "last_hidden_state").eval(), (x,), path, dynamo=False,
                       opset_version=17, input_names=["input"], output_names=["output"],
                       dynamic_axes={"input": {0: "N"}, "output": {0: "N"}})
     return path
 
 
 def test_encoders_of_different_depths_align_and_merge(tmp_path):
-    """A 4-layer and a 2-layer pre-norm encoder (GPT-2): aligned by SMA, lifted, every layer zipped.
-    Post-norm layers (BERT: LayerNorm after the residual Add) have no exact identity: one error."""
+    """A 4-layer and a 2-layer pre-norm transformer (GPT-2 on tokens, a ViT encoder on images):
+    aligned by SMA, lifted, most layers zipped. Post-norm layers (BERT: LayerNorm after the
+    residual Add) have no exact identity: one error."""
     pytest.importorskip("transformers")
     import numpy as np
     from onnxmerge import api
-    np.save(tmp_path / "ids.npy", np.random.default_rng(0).integers(pz.FIRST_TOKEN, pz.VOCAB, (64, pz.TOKENS)))
-    deep, shallow = _language_model(tmp_path, "gpt2", 4, 0), _language_model(tmp_path, "gpt2", 2, 1)
-    result = api.merge([deep, shallow], calibration=str(tmp_path / "ids.npy"))
-    merged, total = result.report["weight_layers"]["merged"], result.report["weight_layers"]["total"]
-    assert result.report["alignment"]["method"] == "sma" and 2 * merged > total
-    deep, shallow = _language_model(tmp_path, "bert", 4, 0), _language_model(tmp_path, "bert", 2, 1)
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "ids.npy", rng.integers(pz.FIRST_TOKEN, pz.VOCAB, (64, pz.TOKENS)))
+    np.save(tmp_path / "images.npy", rng.standard_normal((64, 3, pz.IMAGE, pz.IMAGE)).astype(np.float32))
+    for family, data in (("gpt2", "ids.npy"), ("vit", "images.npy")):
+        deep, shallow = _encoder(tmp_path, family, 4, 0), _encoder(tmp_path, family, 2, 1)
+        result = api.merge([deep, shallow], calibration=str(tmp_path / data))
+        merged, total = result.report["weight_layers"]["merged"], result.report["weight_layers"]["total"]
+        assert result.report["alignment"]["method"] == "sma" and 2 * merged > total, (family, merged, total)
+    deep, shallow = _encoder(tmp_path, "bert", 4, 0), _encoder(tmp_path, "bert", 2, 1)
     with pytest.raises(UnsupportedGraphError, match="LayerNormalization has no identity"):
         api.merge([deep, shallow], calibration=str(tmp_path / "ids.npy"))

@@ -33,7 +33,15 @@ class Linear:
     matrix: np.ndarray
 
     def apply(self, array: np.ndarray, axis: int) -> np.ndarray:
-        mixed = np.tensordot(self.matrix, array.astype(np.float64), axes=([1], [axis]))
+        values = array.astype(np.float64)
+        infinite = np.isinf(values)
+        mixed = np.tensordot(self.matrix, np.where(infinite, 0.0, values), axes=([1], [axis]))
+        if infinite.any():
+            # a mask's -inf is no number to weigh: a new feature drawing on it (weight != 0) is
+            # masked too, and the zero weights of other features leave it out (0 * inf is NaN)
+            for sign in (1.0, -1.0):
+                hits = np.tensordot(self.matrix != 0, values == sign * np.inf, axes=([1], [axis]))
+                mixed = np.where(hits, mixed + sign * np.inf, mixed)
         return np.moveaxis(mixed, 0, axis).astype(array.dtype)
 
 

@@ -49,6 +49,9 @@ def match_weights(members, spaces: list[int], params: WeightParams = WeightParam
     touching = {s: [u for u in reference.graph.params if s in leaves(u.layout)] for s in spaces}
     names = {u.name for uses in touching.values() for u in uses}
     ours = _aligned(members, 0, {}, None, fixed, names)
+    # a constant with infinities (an attention mask's -inf) is no learned weight: it says nothing
+    # of which channels match, and would make every score NaN
+    touching = {s: [u for u in uses if np.isfinite(ours[u.name]).all()] for s, uses in touching.items()}
     orders = [{s: np.arange(reference.graph.table.widths[s]) for s in spaces} for _ in members]
     rng = np.random.default_rng(params.seed)
     for i in range(1, len(members)):

@@ -9,6 +9,7 @@ from dataclasses import asdict
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from ..calib.data import CalibrationSet
 from ..errors import RecipeError, UnsupportedGraphError
@@ -66,16 +67,23 @@ def assemble_merged(members: list[Member], split, matchings: dict, base: Member 
                            options.provider, options.seed)
     with np.errstate(over="ignore", invalid="ignore"):  # checked below, in one line
         parameters = merged_trunk_parameters(members, split, matchings, combine)
-    _check_finite(parameters, options)
+    _check_finite(parameters, members[0].model, options)
     merged = assemble(members, split, matchings, parameters, heads=options.heads)
     resize_constants(merged, members[0].graph, reference_widths(members[0], matchings))
     return merged
 
 
-def _check_finite(parameters: dict[str, np.ndarray], options: MergeOptions) -> None:
+def _check_finite(parameters: dict[str, np.ndarray], reference: onnx.ModelProto, options: MergeOptions) -> None:
     """Refuse merged parameters that overflowed (a huge ``--scale``, weights near the dtype's
-    limit): the model would compute NaN."""
+    limit): the model would compute NaN. A constant already not finite in the reference model
+    (an attention mask's -inf) is the model's own."""
     for name, value in parameters.items():
-        if value.dtype.kind == "f" and not np.isfinite(value).all():
+        if value.dtype.kind == "f" and not np.isfinite(value).all() and _finite_in(reference, name):
             raise RecipeError(f"the merged parameter {name!r} overflows {value.dtype} ({int((~np.isfinite(value)).sum())} "
                               f"non-finite values) with --method {options.method}; use a smaller --scale or weights")
+
+
+def _finite_in(model: onnx.ModelProto, name: str) -> bool:
+    """Whether ``model``'s initializer ``name`` (if it has one) is finite everywhere."""
+    found = next((init for init in model.graph.initializer if init.name == name), None)
+    return found is None or bool(np.isfinite(numpy_helper.to_array(found)).all())
