@@ -294,7 +294,7 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     except Exception as error:  # onnx raises several types; all mean the same to the user
         raise UnsupportedGraphError(f"shape inference failed: {str(error).splitlines()[0]}") from error
     known = {v.name for v in list(inferred.graph.value_info) + list(inferred.graph.output)
-             if v.type.tensor_type.HasField("shape")}
+             if v.type.tensor_type.HasField("shape") and not _invented(v)}
     if not all(name in known for node in inferred.graph.node for name in node.output if name) and _symbolic():
         try:
             inferred = _symbolic_shapes(skeleton)
@@ -319,6 +319,13 @@ def _onnx_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         inferred = path + ".inferred.onnx"
         onnx.shape_inference.infer_shapes_path(path, inferred, strict_mode=False, data_prop=True)
         return onnx.load(inferred, load_external_data=False)
+
+
+def _invented(info: onnx.ValueInfoProto) -> bool:
+    """Whether ONNX's inference gave this tensor a dimension it could not relate to any other
+    (a fresh ``unk__`` symbol): the run-time shape arithmetic of dynamic axes (a mask expanded
+    to [batch, 1, seq, seq]) that symbolic inference follows."""
+    return any(d.dim_param.startswith("unk__") for d in info.type.tensor_type.shape.dim)
 
 
 def _unshaped(info: onnx.ValueInfoProto) -> bool:

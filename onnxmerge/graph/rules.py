@@ -416,8 +416,13 @@ def split(node: onnx.NodeProto, ctx: Context) -> None:
 
 
 def slice_(node: onnx.NodeProto, ctx: Context) -> None:
-    """Contiguous slices of a tracked axis cut its space; strided ones are barriers."""
+    """Contiguous slices of a tracked axis cut its space; strided ones are barriers. Bounds
+    computed at run time are fine on a tensor with no tracked axis (position ids cut to the
+    sequence length)."""
     x = node.input[0]
+    if all(layout is None for layout in ctx.layouts(x).values()):
+        ctx.set_output(node.output[0], {})
+        return
     r = rank(ctx, x)
     starts = const_ints(ctx, node, 1, "starts")
     ends = const_ints(ctx, node, 2, "ends")
@@ -483,10 +488,18 @@ def _regroup(ctx: Context, stream: list, src: tuple, dst: tuple) -> dict[int, La
     result: dict[int, Layout] = {}
     for k, dim in enumerate(dst):
         if not isinstance(dim, int):
-            while stream and not isinstance(stream[0], _Symbol) and ctx.width(stream[0]) == 1:
-                stream.pop(0)
-            if not stream or not isinstance(stream.pop(0), _Symbol):
+            if not _skip_ones(ctx, stream) or not isinstance(stream[0], _Symbol):
                 raise LayoutConflict(f"cannot map reshape {src} -> {dst}")
+            # unknown dims map onto unknown dims: one output dim takes several input ones when
+            # they outnumber it ((N, T, C) -> (-1, C); (N, C, h, w) -> (N, C, hw)), several output
+            # dims split one input dim when they do ((N*T, C) -> (N, T, C))
+            later = sum(1 for d in dst[k + 1:] if not isinstance(d, int))
+            if sum(isinstance(f, _Symbol) for f in stream) <= later:
+                continue
+            stream.pop(0)
+            while _skip_ones(ctx, stream) and isinstance(stream[0], _Symbol) and \
+                    sum(isinstance(f, _Symbol) for f in stream) > later:
+                stream.pop(0)
             dim, absorb = absorb, 1
         taken = _take(ctx, stream, dim)
         layout = make_grid(taken)
@@ -497,6 +510,13 @@ def _regroup(ctx: Context, stream: list, src: tuple, dst: tuple) -> dict[int, La
     if any(isinstance(f, _Symbol) or ctx.width(f) != 1 for f in stream):
         raise LayoutConflict(f"cannot map reshape {src} -> {dst}")
     return result
+
+
+def _skip_ones(ctx: Context, stream: list) -> bool:
+    """Drop the size-1 factors at the head of the stream; whether any factor is left."""
+    while stream and not isinstance(stream[0], _Symbol) and ctx.width(stream[0]) == 1:
+        stream.pop(0)
+    return bool(stream)
 
 
 def _take(ctx: Context, stream: list, need: int) -> list:

@@ -19,7 +19,7 @@ from ..graph.correspond import Correspondence
 from ..io import default_opset
 from ..graph.layout import Concat, Layout, layout_width, leaves
 from ..graph.rules import RULES, attr
-from ..graph.spaces import SpaceGraph
+from ..graph.spaces import SpaceGraph, tensor_shapes
 from ..match.matching import Matching
 from ..graph.apply import transformed_arrays
 from .heads import TrunkSplit
@@ -307,9 +307,17 @@ def resize_constants(model: onnx.ModelProto, reference: SpaceGraph, leaf_width: 
         change(value)
         inits[name].CopyFrom(numpy_helper.from_array(value, name))
 
+    concats = {node.output[0]: node for node in model.graph.node if node.op_type == "Concat"}
+    shapes = None  # of the shape tensors, read when a Reshape target is concatenated at run time
     for node in model.graph.node:
         if node.op_type == "Reshape" and node.input[1] in inits and node.output[0] in layouts:
             rewrite(node.input[1], lambda shape, node=node: _resize_reshape(shape, layouts[node.output[0]], new_width))
+        elif node.op_type == "Reshape" and node.input[1] in concats and node.output[0] in layouts:
+            shapes = shapes if shapes is not None else tensor_shapes(model)
+            for name, offset in _constant_parts(concats[node.input[1]], inits, shapes):
+                rewrite(name, lambda part, node=node, offset=offset: _resize_reshape(
+                    part, {a - offset: v for a, v in layouts[node.output[0]].items() if 0 <= a - offset < len(part)},
+                    new_width))
         elif node.op_type == "Split" and len(node.input) > 1 and node.input[1] in inits:
             rewrite(node.input[1], lambda sizes, node=node: _resize_split(node, sizes, layouts, new_width))
         elif node.op_type == "Split" and (len(node.input) < 2 or not node.input[1]) and default_opset(model) >= 13:
@@ -321,6 +329,21 @@ def resize_constants(model: onnx.ModelProto, reference: SpaceGraph, leaf_width: 
             for attribute in node.attribute:
                 if attribute.name == "group" and attribute.i > 1 and channels is not None:
                     attribute.i = new_width(channels)
+
+
+def _constant_parts(concat: onnx.NodeProto, inits: dict, shapes: dict) -> list[tuple[str, int]]:
+    """The constant parts of a Reshape target concatenated at run time (Shape entries of other
+    tensors around a constant channel count, as exporters write for dynamic axes) and where each
+    starts; none when a part's length is unknown."""
+    parts, offset = [], 0
+    for name in concat.input:
+        length = inits[name].dims[0] if name in inits else (shapes.get(name) or (None,))[0]
+        if not isinstance(length, int):
+            return []
+        if name in inits:
+            parts.append((name, offset))
+        offset += length
+    return parts
 
 
 def _resize_reshape(shape: np.ndarray, out: dict[int, Layout], new_width: Callable) -> None:
