@@ -371,6 +371,8 @@ def keras_mha_encoder(seed: int = 0, layers: int = 2, fin: int = 12) -> onnx.Mod
         x = p + "out"
     nodes += [norm(x, "final_ln"), helper.make_node("ReduceMean", ["final_ln"], ["pooled"], axes=[1], keepdims=0)]
     nodes += dense("pooled", "output", D, 5)
+    for node in nodes:  # tf2onnx names every node
+        node.name = node.output[0]
     graph = helper.make_graph(nodes, "keras_mha", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 6, fin])],
                               [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 5])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -395,7 +397,7 @@ class EinsumBlock(nn.Module):
         n, t, _ = x.shape
         q, k, v = (m(self.norm1(x)).view(n, t, HEADS, D // HEADS).transpose(1, 2) for m in (self.q, self.k, self.v))
         attn = torch.softmax(torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(D // HEADS), -1)
-        x = x + torch.einsum("bhid,hde->bie", torch.einsum("bhij,bhjd->bhid", attn, v), self.wo) + self.bo
+        x = x + (torch.einsum("bhid,hde->bie", torch.einsum("bhij,bhjd->bhid", attn, v), self.wo) + self.bo)
         return x + self.fc2(torch.relu(self.fc1(self.norm2(x))))
 
 
