@@ -463,13 +463,19 @@ def test_einsum_attention_oracles(kind, tmp_path):
 
 @pytest.mark.parametrize("kind", ["keras", "torch"])
 def test_einsum_attention_random_inits_merge(kind, tmp_path):
-    """Two random initialisations zip at every weight layer but the classifier, heads kept."""
-    paths = [einsum_model(kind, tmp_path, seed) for seed in (0, 1)]
-    x = inputs(EINSUM_SHAPE)
+    """Two random initialisations zip at every weight layer but the classifier, every space
+    matched on statistics (none from the weights)."""
+    merge_random_inits([einsum_model(kind, tmp_path, seed) for seed in (0, 1)], inputs(EINSUM_SHAPE), tmp_path)
+
+
+def merge_random_inits(paths: list[str], x: np.ndarray, tmp_path) -> None:
+    """Zip two random initialisations: every weight layer but the classifier zipped, every
+    space matched on statistics, finite outputs."""
     np.save(tmp_path / "calib.npy", x)
     result = api.merge(paths, calibration=str(tmp_path / "calib.npy"), options=api.MergeOptions(method="zip"))
     layers = result.report["weight_layers"]
     assert layers["merged"] == layers["total"] - 1
+    assert all(row["tensor"] for row in result.report["spaces"])
     assert all(np.isfinite(out).all() for out in run_all(result.model, x))
 
 
@@ -555,13 +561,8 @@ def test_yolo_attention_oracles(tmp_path):
 
 
 def test_yolo_attention_random_inits_merge(tmp_path):
-    paths = [psa_model(tmp_path, seed) for seed in (0, 1)]
-    x = inputs(PSA_SHAPE)
-    np.save(tmp_path / "calib.npy", x)
-    result = api.merge(paths, calibration=str(tmp_path / "calib.npy"), options=api.MergeOptions(method="zip"))
-    layers = result.report["weight_layers"]
-    assert layers["merged"] == layers["total"] - 1
-    assert all(np.isfinite(out).all() for out in run_all(result.model, x))
+    """The q/k axis too is matched on statistics (from the weights before: a permutation, never zipped)."""
+    merge_random_inits([psa_model(tmp_path, seed) for seed in (0, 1)], inputs(PSA_SHAPE), tmp_path)
 
 
 @pytest.mark.parametrize("kind", ["keras", "psa"])
