@@ -51,7 +51,7 @@ def _use(use: ParamUse) -> dict:
 
 def describe(path: str, model: onnx.ModelProto, graph: SpaceGraph) -> dict:
     """The inspect report of a canonical model and its spaces."""
-    spaces = []
+    spaces, grids = [], graph.axis_grids()
     for space in graph.spaces:
         spaces.append({
             "id": space.name,
@@ -61,7 +61,7 @@ def describe(path: str, model: onnx.ModelProto, graph: SpaceGraph) -> dict:
             "producers": [_use(u) for u in space.producers],
             "consumers": [_use(u) for u in space.consumers],
             "tensors": [{"tensor": t, "axis": a} for t, a in space.tensors],
-            "structured": _structured(graph, space.id),
+            "structured": _structured(graph, space.id, grids),
         })
     return {
         "format": FORMAT,
@@ -102,9 +102,11 @@ def _numel(init: onnx.TensorProto) -> int:
     return count
 
 
-def _structured(graph: SpaceGraph, space_id: int) -> bool:
-    """True when the space is a factor of a head/group grid or a part of a concat."""
-    return any(len(leaves(p.layout)) > 1 and space_id in leaves(p.layout) for p in graph.params)
+def _structured(graph: SpaceGraph, space_id: int, grids: set[tuple[int, int]]) -> bool:
+    """True when the space is a factor of a head/group grid (flattened in one axis, or on two
+    axes: ``grids``) or a part of a concat."""
+    return (any(space_id in pair for pair in grids)
+            or any(len(leaves(p.layout)) > 1 and space_id in leaves(p.layout) for p in graph.params))
 
 
 def _ops_text(ops: list[str]) -> str:

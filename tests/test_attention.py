@@ -1,6 +1,7 @@
 """Transformers as real exporters write them (issue 12): small plain-torch models exported by
-torch's legacy exporter at opsets 14 and 17 (and dynamo), checked by the oracles: ``permute``
-and ``widen`` keep the outputs, a merge with a permuted copy gives the model back, and their
+torch's legacy exporter at opsets 14 and 17 (and dynamo), a Keras MultiHeadAttention graph as
+tf2onnx writes it (Einsum) and YOLOv10's attention, checked by the oracles: ``permute`` and
+``widen`` keep the outputs, a merge with a permuted copy gives the model back, and their
 attention spaces are free."""
 
 from __future__ import annotations
@@ -10,11 +11,16 @@ import math
 import warnings
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from torch import nn
 
+from onnx import TensorProto, helper, numpy_helper
+
 from onnxmerge import api
+from onnxmerge.calib.capture import collect_statistics, expose, plan_captures
+from onnxmerge.calib.stats import SpaceStats, to_samples
 from onnxmerge.graph.layout import Concat
 from onnxmerge.inspection import describe
 from onnxmerge.io import load_model, save_model
@@ -113,10 +119,11 @@ def inputs(shape: tuple, count: int = 64) -> np.ndarray:
     return np.random.default_rng(3).standard_normal((count, *shape[1:])).astype(np.float32)
 
 
-def check_oracles(path: str, x: np.ndarray, other: str | None = None, tmp_path=None) -> dict:
+def check_oracles(path: str, x: np.ndarray, other: str | None = None, tmp_path=None,
+                  methods: tuple[str, ...] = ("permute", "zip")) -> dict:
     """permute and widen keep the outputs; merging ``path`` with a permuted copy of ``other``
-    (the same function, maybe another export) gives the model back (zip and permute). Returns
-    the zip merge's report."""
+    (the same function, maybe another export) gives the model back (with each of ``methods``).
+    Returns the last merge's report."""
     model = load_model(path)
     expected = run_all(model, x)
     outputs_close(expected, run_all(api.permute(model, seed=1), x))
@@ -124,7 +131,7 @@ def check_oracles(path: str, x: np.ndarray, other: str | None = None, tmp_path=N
     save_model(api.permute(load_model(other or path), seed=2), tmp_path / "permuted.onnx")
     np.save(tmp_path / "calib.npy", x)
     report = {}
-    for method in ("permute", "zip"):
+    for method in methods:
         result = api.merge([path, str(tmp_path / "permuted.onnx")], calibration=str(tmp_path / "calib.npy"),
                            options=api.MergeOptions(method=method, repair="none"))
         outputs_close(expected + expected, run_all(result.model, x))
@@ -313,3 +320,267 @@ def test_packed_qkv_is_three_parts_of_heads(attention, exporter, tmp_path):
     report = describe(path, canonical, graph)
     assert all(space["structured"] for space in report["spaces"] if space["width"] in (HEADS, D // HEADS))
     check_oracles(path, inputs((2, 4, 12)), tmp_path=tmp_path)
+
+
+# --- 5. attention written as Einsum ------------------------------------------------------------
+
+
+KEY_DIM, VALUE_DIM = 8, 6
+
+
+def keras_mha_encoder(seed: int = 0, layers: int = 2, fin: int = 12) -> onnx.ModelProto:
+    """Keras pre-norm encoder layers as tf2onnx writes MultiHeadAttention: its EinsumDense
+    projections ``abc,cde->abde`` (kernel [D, H, K], bias [H, K]), scores
+    ``aecd,abcd->acbe`` (key, query -> [N, H, T, S]), context ``acbe,aecd->abcd`` and output
+    ``abcd,cde->abe`` (kernel [H, V, D]); Dense layers as MatMul + Add. Opset 17."""
+    rng = np.random.default_rng(seed)
+    inits: list[onnx.TensorProto] = []
+
+    def param(name: str, shape: tuple, scale: float = 0.4, mean: float = 0.0) -> str:
+        inits.append(numpy_helper.from_array((mean + scale * rng.standard_normal(shape)).astype(np.float32), name))
+        return name
+
+    def dense(x: str, name: str, fan_in: int, fan_out: int) -> list[onnx.NodeProto]:
+        return [helper.make_node("MatMul", [x, param(f"{name}_w", (fan_in, fan_out), fan_in ** -0.5)], [f"{name}_mm"]),
+                helper.make_node("Add", [f"{name}_mm", param(f"{name}_b", (fan_out,))], [name])]
+
+    def norm(x: str, name: str) -> onnx.NodeProto:
+        return helper.make_node("LayerNormalization", [x, param(f"{name}_g", (D,), 0.3, 1.0), param(f"{name}_b", (D,))],
+                                [name], axis=-1)
+
+    def einsum_dense(x: str, name: str, equation: str, kernel: tuple, bias: tuple) -> list[onnx.NodeProto]:
+        return [helper.make_node("Einsum", [x, param(f"{name}_kernel", kernel, D ** -0.5)], [f"{name}_e"],
+                                 equation=equation),
+                helper.make_node("Add", [f"{name}_e", param(f"{name}_bias", bias)], [name])]
+
+    nodes, x = dense("input", "embed", fin, D), "embed"
+    for l in range(layers):
+        p = f"l{l}_"
+        nodes.append(norm(x, p + "ln1"))
+        for m, dim in (("q", KEY_DIM), ("k", KEY_DIM), ("v", VALUE_DIM)):
+            nodes += einsum_dense(p + "ln1", p + m, "abc,cde->abde", (D, HEADS, dim), (HEADS, dim))
+        inits.append(numpy_helper.from_array(np.float32(KEY_DIM ** -0.5), p + "scale"))
+        nodes += [helper.make_node("Mul", [p + "q", p + "scale"], [p + "qs"]),
+                  helper.make_node("Einsum", [p + "k", p + "qs"], [p + "scores"], equation="aecd,abcd->acbe"),
+                  helper.make_node("Softmax", [p + "scores"], [p + "probs"], axis=-1),
+                  helper.make_node("Einsum", [p + "probs", p + "v"], [p + "context"], equation="acbe,aecd->abcd")]
+        nodes += einsum_dense(p + "context", p + "o", "abcd,cde->abe", (HEADS, VALUE_DIM, D), (D,))
+        nodes += [helper.make_node("Add", [x, p + "o"], [p + "res1"]), norm(p + "res1", p + "ln2")]
+        nodes += dense(p + "ln2", p + "fc1", D, 2 * D) + [helper.make_node("Relu", [p + "fc1"], [p + "act"])]
+        nodes += dense(p + "act", p + "fc2", 2 * D, D) + [helper.make_node("Add", [p + "res1", p + "fc2"], [p + "out"])]
+        x = p + "out"
+    nodes += [norm(x, "final_ln"), helper.make_node("ReduceMean", ["final_ln"], ["pooled"], axes=[1], keepdims=0)]
+    nodes += dense("pooled", "output", D, 5)
+    for node in nodes:  # tf2onnx names every node
+        node.name = node.output[0]
+    graph = helper.make_graph(nodes, "keras_mha", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 6, fin])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+class EinsumBlock(nn.Module):
+    """A pre-norm encoder layer whose attention products are ``torch.einsum``: q, k, v Linear
+    layers viewed as [N, H, T, Dh], scores ``bhid,bhjd->bhij``, context ``bhij,bhjd->bhid`` and
+    an output projection ``bhid,hde->bie`` by a [H, Dh, D] parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(D), nn.LayerNorm(D)
+        self.q, self.k, self.v = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, D)
+        self.wo = nn.Parameter(torch.randn(HEADS, D // HEADS, D) * D ** -0.5)
+        self.bo = nn.Parameter(0.3 * torch.randn(D))
+        self.fc1, self.fc2 = nn.Linear(D, 2 * D), nn.Linear(2 * D, D)
+
+    def forward(self, x):
+        n, t, _ = x.shape
+        q, k, v = (m(self.norm1(x)).view(n, t, HEADS, D // HEADS).transpose(1, 2) for m in (self.q, self.k, self.v))
+        attn = torch.softmax(torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(D // HEADS), -1)
+        x = x + (torch.einsum("bhid,hde->bie", torch.einsum("bhij,bhjd->bhid", attn, v), self.wo) + self.bo)
+        return x + self.fc2(torch.relu(self.fc1(self.norm2(x))))
+
+
+class EinsumEncoder(nn.Module):
+    def __init__(self, fin: int = 12, layers: int = 2):
+        super().__init__()
+        self.embed = nn.Linear(fin, D)
+        self.blocks = nn.Sequential(*(EinsumBlock() for _ in range(layers)))
+        self.norm = nn.LayerNorm(D)
+        self.head = nn.Linear(D, 5)
+
+    def forward(self, x):
+        return self.head(self.norm(self.blocks(self.embed(x))).mean(1))
+
+
+EINSUM_SHAPE = (2, 6, 12)
+
+
+def einsum_model(kind: str, folder, seed: int = 0) -> str:
+    """The Keras-style graph (``keras``) or the torch.einsum encoder (``torch``, legacy export
+    at opset 17), saved under ``folder``."""
+    path = folder / f"{kind}{seed}.onnx"
+    if kind == "keras":
+        save_model(keras_mha_encoder(seed), path)
+        return str(path)
+    torch.manual_seed(seed)
+    return export(_randomized(EinsumEncoder()), EINSUM_SHAPE, path)
+
+
+def head_grids(graph) -> list[tuple[int, int]]:
+    """(heads, within-head) widths of the block spaces and the spaces on the axis after them."""
+    return sorted((graph.table.widths[outer], graph.table.widths[inner]) for outer, inner in graph.axis_grids())
+
+
+@pytest.mark.parametrize("kind", ["keras", "torch"])
+def test_einsum_attention_keeps_its_spaces_free(kind, tmp_path):
+    """Einsum's channel flow is read from its equation: no barrier, the heads are one block
+    space per layer (q, k and v read them alike) and every attention space is free and
+    structured in ``inspect``, captured from a tensor, not matched from the weights."""
+    path = einsum_model(kind, tmp_path)
+    canonical, graph = api.analyse(load_model(path))
+    assert not graph.barriers
+    assert sorted(graph.table.widths[s] for s in graph.block_spaces()) == [HEADS] * 2
+    pairs = [(HEADS, KEY_DIM), (HEADS, VALUE_DIM)] if kind == "keras" else [(HEADS, D // HEADS)] * 2
+    assert head_grids(graph) == sorted(pairs * 2)
+    assert all(not graph.space(s).fixed for s in graph.block_spaces())
+    report = describe(path, canonical, graph)
+    head_dims = {KEY_DIM, VALUE_DIM} if kind == "keras" else {D // HEADS}
+    assert all(space["free"] and space["structured"] for space in report["spaces"]
+               if space["width"] in {HEADS} | head_dims)
+    _, missing = plan_captures(canonical, graph, {s.id for s in graph.free_spaces})
+    assert not missing
+
+
+@pytest.mark.parametrize("kind", ["keras", "torch"])
+def test_einsum_attention_oracles(kind, tmp_path):
+    """permute and widen keep the outputs, merge(A, permute(A)) gives A with zip, permute and
+    weight matching: the Einsum kernels are permuted (and widened) along the axes their
+    equation gives them."""
+    check_oracles(einsum_model(kind, tmp_path), inputs(EINSUM_SHAPE), tmp_path=tmp_path,
+                  methods=("permute", "zip", "weight"))
+
+
+@pytest.mark.parametrize("kind", ["keras", "torch"])
+def test_einsum_attention_random_inits_merge(kind, tmp_path):
+    """Two random initialisations zip at every weight layer but the classifier, every space
+    matched on statistics (none from the weights)."""
+    merge_random_inits([einsum_model(kind, tmp_path, seed) for seed in (0, 1)], inputs(EINSUM_SHAPE), tmp_path)
+
+
+def merge_random_inits(paths: list[str], x: np.ndarray, tmp_path) -> None:
+    """Zip two random initialisations: every weight layer but the classifier zipped, every
+    space matched on statistics, finite outputs."""
+    np.save(tmp_path / "calib.npy", x)
+    result = api.merge(paths, calibration=str(tmp_path / "calib.npy"), options=api.MergeOptions(method="zip"))
+    layers = result.report["weight_layers"]
+    assert layers["merged"] == layers["total"] - 1
+    assert all(row["tensor"] for row in result.report["spaces"])
+    assert all(np.isfinite(out).all() for out in run_all(result.model, x))
+
+
+# --- 6. YOLOv10's attention (PSA) --------------------------------------------------------------
+
+
+def conv_bn(c_in: int, c_out: int, kernel: int = 1, groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2, groups=groups, bias=False),
+                         nn.BatchNorm2d(c_out))
+
+
+class YoloAttention(nn.Module):
+    """Ultralytics' YOLOv10 Attention: a 1x1 qkv conv to C + 2*kd*heads channels viewed as
+    (N, heads, 2*kd + hd, H*W) and split along dim 2 into q (kd), k (kd) and v (hd); the
+    heads' products, softmax, and v reshaped back to [N, C, H, W] plus a depthwise 3x3
+    positional conv of it, then a 1x1 projection."""
+
+    def __init__(self, dim: int, heads: int = 2, ratio: float = 0.5):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.key_dim = int(self.head_dim * ratio)
+        self.qkv = conv_bn(dim, dim + 2 * self.key_dim * heads)
+        self.proj = conv_bn(dim, dim)
+        self.pe = conv_bn(dim, dim, 3, dim)
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        q, k, v = self.qkv(x).view(n, self.heads, 2 * self.key_dim + self.head_dim, h * w).split(
+            [self.key_dim, self.key_dim, self.head_dim], dim=2)
+        attn = ((q.transpose(-2, -1) @ k) * self.key_dim ** -0.5).softmax(-1)
+        x = (v @ attn.transpose(-2, -1)).view(n, c, h, w) + self.pe(v.reshape(n, c, h, w))
+        return self.proj(x)
+
+
+class PSA(nn.Module):
+    """A stem conv, YOLOv10's PSA block (half the channels through attention and a conv FFN,
+    each residual, concatenated with the other half) and a pooled classifier."""
+
+    def __init__(self, c: int = 32):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1), nn.SiLU())
+        self.cv1 = conv_bn(c, c)
+        self.attn = YoloAttention(c // 2)
+        self.ffn = nn.Sequential(conv_bn(c // 2, c), nn.SiLU(), conv_bn(c, c // 2))
+        self.cv2 = conv_bn(c, c)
+        self.head = nn.Linear(c, 5)
+
+    def forward(self, x):
+        a, b = self.cv1(self.stem(x)).chunk(2, 1)
+        b = b + self.attn(b)
+        b = b + self.ffn(b)
+        return self.head(torch.relu(self.cv2(torch.cat([a, b], 1))).mean((2, 3)))
+
+
+PSA_SHAPE = (2, 3, 6, 6)
+
+
+def psa_model(folder, seed: int = 0) -> str:
+    torch.manual_seed(seed)
+    model = PSA().eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):  # away from (1, 0, 0), so that a misplaced one shows
+                m.weight.normal_(1.0, 0.3)
+                m.bias.normal_(0.0, 0.3)
+                m.running_mean.normal_(0.0, 0.3)
+    return export(model, PSA_SHAPE, folder / f"psa{seed}.onnx")
+
+
+def test_yolo_attention_reads_q_and_k_with_their_heads(tmp_path):
+    """The q/k feature axis lives only in [N, heads, kd, H*W] (the split of the reshaped qkv):
+    read as a (heads, kd) grid it is captured, not matched from the weights."""
+    path = psa_model(tmp_path)
+    canonical, graph = api.analyse(load_model(path))
+    assert not graph.barriers
+    assert (2, 4) in head_grids(graph)  # heads x kd
+    _, missing = plan_captures(canonical, graph, {s.id for s in graph.free_spaces})
+    assert not missing
+
+
+def test_yolo_attention_oracles(tmp_path):
+    check_oracles(psa_model(tmp_path), inputs(PSA_SHAPE), tmp_path=tmp_path, methods=("permute", "zip", "weight"))
+
+
+def test_yolo_attention_random_inits_merge(tmp_path):
+    """The q/k axis too is matched on statistics (from the weights before: a permutation, never zipped)."""
+    merge_random_inits([psa_model(tmp_path, seed) for seed in (0, 1)], inputs(PSA_SHAPE), tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["keras", "psa"])
+def test_two_axis_grids_read_in_the_graph_equal_numpy(kind, tmp_path):
+    """The fused statistics graph's reading of a grid on two axes ([N, T, H, K] at axes 2-3,
+    [N, heads, kd, L] at axes 1-2) against ``to_samples`` of the tensor in numpy."""
+    path = einsum_model("keras", tmp_path) if kind == "keras" else psa_model(tmp_path)
+    x = inputs(EINSUM_SHAPE if kind == "keras" else PSA_SHAPE, 32)
+    canonical, graph = api.analyse(load_model(path))
+    units, _ = plan_captures(canonical, graph, {s.id for s in graph.free_spaces})
+    units = [u for u in units if u.span == 2]
+    widths = [[graph.table.widths[u.spaces[0]] * graph.table.widths[u.spaces[1]]] * 2 for u in units]
+    fused, _ = collect_statistics([canonical] * 2, [units] * 2, [[{"input": x}] * 2], widths, "cpu")
+    values = run_all(expose(canonical, [u.tensor for u in units]), x)[1:]
+    for unit, width, stats, value in zip(units, widths, fused, values):
+        copied = SpaceStats.empty(width)
+        copied.update([to_samples(value, unit.axis, unit.fold, unit.span)] * 2)
+        assert stats.count == copied.count
+        # float32 products in the graph: equal up to their rounding, relative to the largest entry
+        np.testing.assert_allclose(stats.outer, copied.outer, rtol=0, atol=1e-5 * np.abs(copied.outer).max())
+        np.testing.assert_allclose(stats.sum, copied.sum, rtol=0, atol=1e-5 * np.abs(copied.sum).max())

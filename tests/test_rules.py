@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxmerge import api
-from onnxmerge.graph.rules import BINARY, RULES, UNARY
+from onnxmerge.graph.rules import BINARY, RULES, UNARY, einsum_labels
 from tests.helpers import const, weights, model, run_all
 
 RNG = np.random.default_rng(0)
@@ -105,6 +105,8 @@ def special_cases() -> dict[str, onnx.ModelProto]:
         "MatMul": model([n("Transpose", ["y"], ["yt"], perm=[0, 2, 3, 1]), n("MatMul", ["yt", "wm"], ["mm"]),
                          n("Transpose", ["mm"], ["z"], perm=[0, 3, 1, 2])],
                         [const("wm", weights((C, 24)))], out_shape=(None, 24)),
+        "Einsum": model([n("Einsum", ["y", "we"], ["z"], equation="nchw,cd->ndhw")], [const("we", weights((C, 24)))],
+                        out_shape=(None, 24)),
         "Gather": model([n("ReduceMax", ["y"], ["r"], axes=[2, 3], keepdims=0), n("Gather", ["r", "idx"], ["z"], axis=0)],
                         [const("idx", np.array([0], np.int64))], in_shape=(3, 8, 4, 4), head="fc", out_shape=(None, C),
                         opset=17),
@@ -213,11 +215,71 @@ def test_permutation_preserves_outputs(op):
 
 def test_unknown_op_is_a_barrier():
     n = helper.make_node
-    m = model([n("Einsum", ["y"], ["z"], equation="nchw->nchw")], [])
+    m = model([n("LRN", ["y"], ["z"], size=3)], [])  # normalises over neighbouring channels
     _, graph = api.analyse(m)
-    assert [(b.op, b.reason) for b in graph.barriers] == [("Einsum", "no rule for op Einsum")]
+    assert [(b.op, b.reason) for b in graph.barriers] == [("LRN", "no rule for op LRN")]
     conv_space = next(s for s in graph.spaces if any(p.name == "w1" and p.axis == 0 for p in s.producers))
     assert conv_space.fixed
+
+
+EINSUMS = {  # equation, constant operand shape (None: y again), output width
+    "ellipsis": ("...chw,cd->...dhw", (C, 24), 24),
+    "channels_last_kernel": ("nchw,hwcd->ndhw", (4, 4, C, 24), 24),
+    "per_channel_scale": ("nchw,c->nchw", (C,), C),
+    "two_activations": ("nchw,nchw->nchw", None, C),
+    "heads_grid": ("nchw,cgd->ngdhw", (C, 4, 6), None),
+}
+
+
+def einsum_case(equation: str, operand: tuple | None, width: int | None) -> onnx.ModelProto:
+    """y -> Einsum(y, constant or y) -> z; a [N, g, d, H, W] output is reshaped to g*d channels."""
+    n = helper.make_node
+    second, inits = ("y", []) if operand is None else ("we", [const("we", weights(operand))])
+    nodes = [n("Einsum", ["y", second], ["z" if width else "e"], equation=equation)]
+    if width is None:
+        width = operand[1] * operand[2]
+        nodes.append(n("Reshape", ["e", "sh"], ["z"]))
+        inits.append(const("sh", np.array([0, width, 4, 4], np.int64)))
+    return model(nodes, inits, out_shape=(None, width))
+
+
+@pytest.mark.parametrize("case", sorted(EINSUMS))
+def test_einsum_equations_are_permuted_not_barriers(case):
+    """Einsum's spaces read from the equation (an ellipsis, a kernel contracting two labels, a
+    label kept with a constant, two activations, a projection to a grid) under the oracle."""
+    m = einsum_case(*EINSUMS[case])
+    x = RNG.standard_normal((2, 8, 4, 4)).astype(np.float32)
+    _, graph = api.analyse(m)
+    assert graph.barriers == [] and graph.free_spaces
+    expected = run(m, x)
+    for seed in range(2):
+        np.testing.assert_allclose(run(api.permute(m, seed=seed), x), expected,
+                                   atol=1e-4 * max(1.0, np.abs(expected).max()), rtol=0)
+    if case == "heads_grid":  # the projection's outer label is a block of a grid, its inner one not
+        assert sorted(graph.table.widths[s] for s in graph.kept) == [4]
+
+
+@pytest.mark.parametrize("equation,shapes", [("bij,bjk", [(2, 3, 4), (2, 4, 5)]), ("ij,jk", [(3, 4), (4, 5)]),
+                                             ("...ij,...jk", [(2, 1, 3, 4), (6, 4, 5)]), ("ji", [(3, 4)]),
+                                             ("i...,i...->...", [(3, 2, 5), (3, 1, 5)]), ("bij->bi", [(2, 3, 4)])])
+def test_einsum_labels_give_numpys_output_shape(equation, shapes):
+    """The labels read from an equation (implicit output, ellipses broadcast) name the axes of
+    numpy's result."""
+    operands = [RNG.standard_normal(shape) for shape in shapes]
+    terms, output = einsum_labels(equation, [len(shape) for shape in shapes])
+    sizes = {}
+    for term, shape in zip(terms, shapes):
+        for label, size in zip(term, shape):
+            sizes[label] = max(sizes.get(label, 1), size)
+    assert tuple(sizes[label] for label in output) == np.einsum(equation, *operands).shape
+
+
+def test_einsum_diagonal_is_a_barrier():
+    n = helper.make_node
+    m = model([n("Einsum", ["y"], ["d"], equation="nchh->nch"), n("Unsqueeze", ["d", "ax"], ["z"])],
+              [const("ax", np.array([3], np.int64))])
+    _, graph = api.analyse(m)
+    assert [(b.op, b.reason) for b in graph.barriers] == [("Einsum", "a label repeated within an operand (a diagonal)")]
 
 
 def test_channels_last_flatten_into_a_linear_layer():

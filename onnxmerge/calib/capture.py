@@ -135,12 +135,14 @@ class CaptureUnit:
 
     ``fold`` is the size of untracked factors of the axis before and after the one space (the
     fixed groups of a grouped layer that reads an untracked tensor): each of their positions
-    is another sample of the space's features."""
+    is another sample of the space's features. ``span`` axes from ``axis`` on are read as one
+    (row-major): a grid whose block and within-block spaces sit on two axes (heads, head_dim)."""
 
     spaces: tuple[int, ...]
     tensor: str
     axis: int
     fold: tuple[int, int] = (1, 1)
+    span: int = 1
 
 
 def plan_captures(model: onnx.ModelProto, graph: SpaceGraph, wanted: set[int]) -> tuple[list[CaptureUnit], set[int]]:
@@ -154,23 +156,24 @@ def plan_captures(model: onnx.ModelProto, graph: SpaceGraph, wanted: set[int]) -
     order = {name: k for k, node in enumerate(model.graph.node) for name in node.output}
     shapes = tensor_shapes(model)
 
-    def score(tensor: str, axis: int, fold: tuple[int, int]) -> tuple[int, int]:
-        dims = [d for k, d in enumerate(shapes.get(tensor, ())) if k not in (0, axis)]
-        positions = int(np.prod([d if isinstance(d, int) else 1 for d in dims])) * fold[0] * fold[1]
-        return positions, -order.get(tensor, -1)
+    def score(unit: CaptureUnit) -> tuple[int, int]:
+        dims = [d for k, d in enumerate(shapes.get(unit.tensor, ())) if k and not unit.axis <= k < unit.axis + unit.span]
+        positions = int(np.prod([d if isinstance(d, int) else 1 for d in dims])) * unit.fold[0] * unit.fold[1]
+        return positions, -order.get(unit.tensor, -1)
 
     best: dict[tuple[int, ...], tuple[tuple[int, int], CaptureUnit]] = {}
     free = {s.id for s in graph.free_spaces}
+    grids = graph.axis_grids()
     for tensor, axes in graph.layouts.items():
-        for axis, layout in axes.items():
-            found = _unit_key(layout)
+        for axis, span, found in _readings(axes, grids):
             if found is None or not set(found[0]) & wanted:
                 continue
             # other tracked axes of the tensor would be read as aligned replicas: they are not
-            if any(set(leaves(other)) & free for k, other in axes.items() if k != axis):
+            if any(set(leaves(other)) & free for k, other in axes.items() if not axis <= k < axis + span):
                 continue
             key, fold = found
-            candidate = (score(tensor, axis, fold), CaptureUnit(key, tensor, axis, fold))
+            unit = CaptureUnit(key, tensor, axis, fold, span)
+            candidate = (score(unit), unit)
             if key not in best or candidate[0] > best[key][0]:
                 best[key] = candidate
     units, covered = [], set()
@@ -180,6 +183,16 @@ def plan_captures(model: onnx.ModelProto, graph: SpaceGraph, wanted: set[int]) -
         units.append(best[key][1])
         covered.update(key)
     return units, wanted - covered
+
+
+def _readings(axes: dict, grids: set[tuple[int, int]]):
+    """(axis, span, unit key) for each tracked axis of a tensor, and for each two adjacent
+    axes that hold a grid (``SpaceGraph.axis_grids``)."""
+    for axis, layout in axes.items():
+        yield axis, 1, _unit_key(layout)
+        after = axes.get(axis + 1)
+        if isinstance(layout, Atom) and isinstance(after, Atom) and (layout.space, after.space) in grids:
+            yield axis, 2, ((layout.space, after.space), (1, 1))
 
 
 def _unit_key(layout) -> tuple[tuple[int, ...], tuple[int, int]] | None:
@@ -241,7 +254,7 @@ def collect_statistics(models: list[onnx.ModelProto], units: list[list[CaptureUn
             names = list(dict.fromkeys(u.tensor for u in model_units))
             values = dict(zip(names, session.run(names, feed)))
             require_finite(values, len(outputs))
-            outputs.append([to_samples(values[u.tensor], u.axis, u.fold) for u in model_units])
+            outputs.append([to_samples(values[u.tensor], u.axis, u.fold, u.span) for u in model_units])
         for k, unit_stats in enumerate(stats):
             # float32 products of centred rows, float64 accumulation: ~1e-7 relative error, twice as fast
             unit_stats.update([per_model[k] for per_model in outputs], precise=False)
@@ -274,7 +287,7 @@ def moments_model(models: list[onnx.ModelProto], units: list[list[CaptureUnit]],
         features, batched = [], False
         for i, (model, model_units) in enumerate(zip(models, units)):
             unit = model_units[k]
-            rank = len(tensor_shapes(model)[unit.tensor])
+            rank = len(tensor_shapes(model)[unit.tensor]) - unit.span + 1
             batched = unit.axis == 1 and rank > 2 and unit.fold == (1, 1)
             features.append(_rows(nodes, inits, f"m{i}_{unit.tensor}", unit, rank, widths[k][i],
                                   f"moments{k}_m{i}"))
@@ -330,8 +343,15 @@ def _assemble_moments(values: dict[str, np.ndarray], k: int, count: int) -> tupl
 
 def _rows(nodes: list, inits: list, tensor: str, unit: CaptureUnit, rank: int, width: int, name: str) -> str:
     """Nodes giving ``tensor``'s features as float32 [N, C, L] when channels are axis 1 (not
-    folded), else as rows [rows, C] (the space's axis moved last, the rest flattened)."""
+    folded), else as rows [rows, C] (the space's axis moved last, the rest flattened). ``rank``
+    counts the unit's ``span`` axes as one."""
     current, shape, axis = tensor, [-1, width], unit.axis
+    if unit.span > 1:  # its axes merged, the axes after them too: [..., H, Dh, T] -> [..., H*Dh, T]
+        rank = axis + 1 + (rank > axis + 1)
+        merged = [0] * axis + [width] + [-1] * (rank - axis - 1)
+        inits.append(onnx.numpy_helper.from_array(np.array(merged, np.int64), f"{name}_merged"))
+        nodes.append(onnx.helper.make_node("Reshape", [current, f"{name}_merged"], [f"{name}_merged_out"]))
+        current = f"{name}_merged_out"
     if unit.fold != (1, 1):  # split the axis into (before, space, after) and move the space last
         split = [0] * axis + [unit.fold[0], width, unit.fold[1]] + ([-1] if axis < rank - 1 else [])
         inits.append(onnx.numpy_helper.from_array(np.array(split, np.int64), f"{name}_split"))

@@ -60,13 +60,15 @@ _META_KEY, _SPACES_KEY, _FORMAT_KEY = "__meta__", "__spaces__", "__format__"
 _FIELDS = ("count", "sum", "outer", "widths")
 
 
-def to_samples(x: np.ndarray, axis: int, fold: tuple[int, int] = (1, 1)) -> np.ndarray:
+def to_samples(x: np.ndarray, axis: int, fold: tuple[int, int] = (1, 1), span: int = 1) -> np.ndarray:
     """Rows of features: ``axis`` becomes the last axis and every other axis is flattened.
 
     [N, C, H, W] with axis 1 gives (N*H*W, C); [N, T, C] with axis 2 gives (N*T, C);
     [N, C] with axis 1 stays (N, C). With ``fold`` (a, b) the axis is read as [a, C, b] and
-    its a and b positions become rows too.
+    its a and b positions become rows too. With ``span`` the axes from ``axis`` on are first
+    merged into one: [N, T, H, Dh] with axis 2 and span 2 gives (N*T, H*Dh).
     """
+    x = x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + span:])
     width = x.shape[axis] // (fold[0] * fold[1])
     if fold != (1, 1):
         x = x.reshape(x.shape[:axis] + (fold[0], width, fold[1]) + x.shape[axis + 1:])

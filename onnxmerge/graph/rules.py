@@ -299,6 +299,72 @@ def _contract(ctx: Context, a: str, ka: int, ma: int, b: str, kb: int, nb: int):
     return ctx.layouts(a).get(ma), ctx.layouts(b).get(nb)
 
 
+def einsum(node: onnx.NodeProto, ctx: Context) -> None:
+    """Einsum: each label's axes are one space. A label kept in the output carries it
+    through; one summed away is contracted (with a constant operand: its consumer axis;
+    between activations, or summed in one, the features are combined). A label only constant
+    operands hold is a weight layer's new space, producer axis; several such output labels
+    are a grid in output order (``abc,cde->abde``: a projection to heads x head_dim), all
+    but the last blocks."""
+    operands = inputs(node)
+    terms, output = einsum_labels(attr(node, "equation").decode(), [rank(ctx, n) for n in operands])
+    if all(ctx.const(n) is not None for n in operands):
+        raise LayoutConflict("every operand constant (not folded)")
+    if any(len(set(term)) != len(term) for term in terms):
+        raise LayoutConflict("a label repeated within an operand (a diagonal)")
+    result: dict[int, Layout | None] = {}
+    fresh: list[Layout] = []
+    for label in dict.fromkeys(l for term in terms for l in term):
+        axes = _label_axes(ctx, operands, terms, label)
+        dynamic = [(n, k) for n, k in axes if ctx.const(n) is None]
+        layout = next((ctx.layouts(n).get(k) for n, k in dynamic if ctx.layouts(n).get(k) is not None), None)
+        for name, k in dynamic:
+            ctx.unify(layout, ctx.layouts(name).get(k))
+        if not dynamic and label in output:
+            size = ctx.shape(axes[0][0])[axes[0][1]]
+            layout = ctx.new_space(size) if size > 1 else None
+            fresh += [layout] if layout is not None else []
+        elif label not in output and len(dynamic) == len(axes):
+            ctx.mark_mixed(layout, "contracted between activations" if len(dynamic) > 1 else "summed over by Einsum")
+        for name, k in axes:
+            if ctx.const(name) is not None:
+                ctx.param(name, k, layout, "producer" if label in output else "consumer")
+        if label in output:
+            result[output.index(label)] = layout
+    for block in fresh[:-1]:
+        ctx.keep_width(block)
+    ctx.set_output(node.output[0], result)
+
+
+def einsum_labels(equation: str, ranks: list[int]) -> tuple[list[list[str]], list[str]]:
+    """Each operand's axis labels and the output's, an ellipsis spelt out as one label per
+    axis it covers (``...0`` the outermost), right-aligned across operands as it broadcasts;
+    without ``->`` the output is the ellipsis then the labels used once, sorted."""
+    equation = equation.replace(" ", "")
+    left, arrow, right = equation.partition("->")
+    spans = [rank - len(term.replace("...", "")) for term, rank in zip(left.split(","), ranks)]
+    if len(spans) != len(ranks) or any(s < 0 or (s and "..." not in t) for s, t in zip(spans, left.split(","))):
+        raise LayoutConflict(f"Einsum equation {equation!r} does not fit its operands' ranks")
+    widest = max(spans)
+
+    def spell(term: str, span: int) -> list[str]:
+        head, dots, tail = term.partition("...")
+        return list(head) + ([f"...{widest - span + i}" for i in range(span)] if dots else []) + list(tail)
+
+    terms = [spell(t, s) for t, s in zip(left.split(","), spans)]
+    if arrow:
+        return terms, spell(right, widest)
+    used = [l for term in left.split(",") for l in term.replace("...", "")]
+    return terms, spell("...", widest) + sorted(l for l in set(used) if used.count(l) == 1)
+
+
+def _label_axes(ctx: Context, operands: list[str], terms: list[list[str]], label: str) -> list[tuple[str, int]]:
+    """The (operand, axis) pairs of a label, less those of size 1 broadcast against a larger size."""
+    axes = [(n, k) for n, term in zip(operands, terms) for k, l in enumerate(term) if l == label]
+    wide = [(n, k) for n, k in axes if ctx.shape(n)[k] != 1]
+    return wide or axes
+
+
 def broadcast_param(ctx: Context, name: str, out: dict[int, Layout | None], out_rank: int) -> None:
     value = ctx.const(name)
     if value is None:
@@ -727,6 +793,7 @@ def _build() -> dict[str, Rule]:
     register("ConvTranspose", "new-space", conv_transpose)
     register("Gemm", "new-space", gemm)
     register("MatMul", "new-space", matmul)
+    register("Einsum", "new-space", einsum)
     register("Gather", "new-space", gather)
     register("Concat", "concat", concat)
     register("Split", "split", split)

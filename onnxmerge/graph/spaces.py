@@ -87,6 +87,15 @@ class SpaceGraph:
                     blocks.setdefault(space, use.node)
         return blocks
 
+    def axis_grids(self) -> set[tuple[int, int]]:
+        """(block, within-block) pairs that two adjacent axes of a tensor hold as atoms: the
+        heads and head_dim of [N, T, H, Dh] in an Einsum attention, or of [N, heads, kd, L]
+        split from a reshaped projection. Read together they are a grid like a flattened one."""
+        blocks = self.block_spaces()
+        return {(axes[k].space, axes[k + 1].space) for axes in self.layouts.values() for k in axes
+                if k + 1 in axes and isinstance(axes[k], Atom) and isinstance(axes[k + 1], Atom)
+                and axes[k].space in blocks and axes[k + 1].space not in blocks}
+
     def space(self, space_id: int) -> Space:
         return self._by_id[space_id]
 

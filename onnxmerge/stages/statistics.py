@@ -62,7 +62,7 @@ def statistics(members: list[Member], split, calib, stats_files, options: MergeO
 
 
 def stats_key(unit: CaptureUnit) -> str:
-    return f"{unit.tensor}:{unit.axis}"
+    return f"{unit.tensor}:{unit.axis}" + (f"+{unit.span}" if unit.span > 1 else "")
 
 
 def plan_fingerprint(members: list[Member], units: list[CaptureUnit]) -> str:
