@@ -12,6 +12,7 @@ import warnings
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
@@ -584,3 +585,97 @@ def test_two_axis_grids_read_in_the_graph_equal_numpy(kind, tmp_path):
         # float32 products in the graph: equal up to their rounding, relative to the largest entry
         np.testing.assert_allclose(stats.outer, copied.outer, rtol=0, atol=1e-5 * np.abs(copied.outer).max())
         np.testing.assert_allclose(stats.sum, copied.sum, rtol=0, atol=1e-5 * np.abs(copied.sum).max())
+
+
+# --- 7. dynamic batch, sequence and image axes, as Hugging Face optimum exports them ---------
+
+
+class MaskedEncoder(nn.Module):
+    """What optimum's exports of Hugging Face models hold with batch and sequence both dynamic:
+    position ids sliced to the run-time length, a padding mask expanded to [N, 1, T, T] by a
+    run-time Expand (ONNX's own inference names its dims afresh), and GPT-2's Conv1D, which
+    runs on rows: (N, T, D) -> (N*T, D) and back to (N, T, 3D) by a target of run-time dims
+    around the constant 3D."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(16, D)
+        self.pos = nn.Embedding(32, D)
+        self.register_buffer("position_ids", torch.arange(32)[None])
+        self.qkv, self.o = nn.Linear(D, 3 * D), nn.Linear(D, D)
+        self.norm, self.head = nn.LayerNorm(D), nn.Linear(D, 5)
+
+    def forward(self, x, mask):
+        n, t, _ = x.shape
+        h = self.embed(x) + self.pos(self.position_ids[:, :t])
+        rows = self.qkv(h.reshape(-1, D)).reshape(n, t, 3 * D)
+        q, k, v = (p.view(n, t, HEADS, D // HEADS).transpose(1, 2) for p in rows.split(D, -1))
+        bias = ((1.0 - mask[:, None, None, :].float()) * -1e4).expand(n, 1, t, t)
+        z = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(D // HEADS) + bias, -1) @ v
+        h = h + self.o(z.transpose(1, 2).reshape(n, t, D))
+        return self.head(self.norm(h).mean(1))
+
+
+class PatchEncoder(nn.Module):
+    """A ViT's patch embedding on images of any size: Conv (N, D, h, w) -> flatten(2) to
+    (N, D, h*w), one reshape of two unknown dims into one."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(3, D, 4, stride=4)
+        self.fc, self.norm, self.head = nn.Linear(D, D), nn.LayerNorm(D), nn.Linear(D, 5)
+
+    def forward(self, x):
+        h = self.patch(x).flatten(2).transpose(1, 2)
+        return self.head(self.norm(h + self.fc(torch.relu(h))).mean(1))
+
+
+def dynamic_export(model: nn.Module, feeds: dict[str, np.ndarray], axes: dict[str, dict[int, str]], path) -> str:
+    """Legacy export with every named axis dynamic (optimum's way), checked against torch."""
+    args = tuple(torch.from_numpy(v) for v in feeds.values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), args, str(path), dynamo=False, opset_version=17, input_names=list(feeds),
+                          output_names=["output"], dynamic_axes=axes)
+    with torch.no_grad():
+        np.testing.assert_allclose(_run(str(path), feeds)[0], model(*args).numpy(), atol=1e-4, rtol=1e-3)
+    return str(path)
+
+
+def _run(path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def _masked_feeds(count: int, tokens: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(5)
+    mask = np.ones((count, tokens), np.int64)
+    mask[::3, tokens - 3:] = 0  # padded rows
+    return {"x": rng.standard_normal((count, tokens, 16)).astype(np.float32), "mask": mask}
+
+
+@pytest.mark.parametrize("kind", ["masked", "patches"])
+def test_dynamic_axes_as_optimum_exports_them(kind, tmp_path):
+    """No barrier; permute, widen and merge(A, permute(A)) keep the outputs on a sequence
+    length (image size) other than the export's. Before: the mask's Add and the rows' reshape
+    (masked), the patch flatten (patches) were barriers, and widen left the run-time target's
+    3D as it was."""
+    torch.manual_seed(3)
+    if kind == "masked":
+        model, export_feeds, feeds = MaskedEncoder(), _masked_feeds(2, 12), _masked_feeds(48, 9)
+        axes = {"x": {0: "batch", 1: "seq"}, "mask": {0: "batch", 1: "seq"}}
+    else:
+        model, feeds = PatchEncoder(), {"x": inputs((48, 3, 12, 16))}
+        export_feeds, axes = {"x": inputs((2, 3, 16, 16))}, {"x": {0: "batch", 2: "h", 3: "w"}}
+    path = dynamic_export(_randomized(model), export_feeds, axes, tmp_path / "m.onnx")
+    assert not api.analyse(load_model(path))[1].barriers
+    expected = _run(path, feeds)[0]
+    for name, rewritten in (("permute", api.permute(load_model(path), seed=1)),
+                            ("widen", api.widen(load_model(path), factor=1.5, seed=1))):
+        save_model(rewritten, tmp_path / f"{name}.onnx")
+        outputs_close([expected], _run(str(tmp_path / f"{name}.onnx"), feeds))
+    np.savez(tmp_path / "calib.npz", **feeds)
+    result = api.merge([path, str(tmp_path / "permute.onnx")], calibration=str(tmp_path / "calib.npz"),
+                       method="zip", repair="none")
+    save_model(result.model, tmp_path / "merged.onnx")
+    assert result.report["weight_layers"]["merged"] == result.report["weight_layers"]["total"] - 1
+    outputs_close([expected, expected], _run(str(tmp_path / "merged.onnx"), feeds))
