@@ -278,7 +278,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     with scope:
         stats, meta = api.calibrate(args.models, args.calib, options=_options(args))
     save_stats(args.output, stats, meta)
-    print(f"wrote {args.output}: {len(stats)} statistics over {meta['samples']} samples, provider {meta['provider']}")
+    tensors = sum(len(model) for model in stats.moments)
+    print(f"wrote {args.output}: {len(stats)} statistics and the source moments of {tensors} tensors over "
+          f"{meta['samples']} samples, provider {meta['provider']}")
     return 0
 
 

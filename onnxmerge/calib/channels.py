@@ -8,7 +8,6 @@ not depend on the batch size.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
@@ -17,34 +16,9 @@ from onnx import helper, numpy_helper
 
 from ..io import default_opset
 from .capture import require_finite
+from .stats import ChannelMoments
 
 SHAPES = {"moments_flat": [0, 0, -1], "moments_vector": [-1]}
-
-
-@dataclass
-class ChannelMoments:
-    """Pooled per-channel moments of one tensor over the batches seen so far (float64)."""
-
-    count: int = 0
-    mean: np.ndarray | float = 0.0
-    m2: np.ndarray | float = 0.0  # sum of squared deviations from the mean
-
-    def add(self, size: int, mean: np.ndarray, var: np.ndarray) -> None:
-        """Pool one batch of ``size`` samples with batch mean and biased variance (shape [C])."""
-        mean, var = mean.astype(np.float64).reshape(-1), var.astype(np.float64).reshape(-1)
-        total = self.count + size
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (size / total)
-        self.m2 = self.m2 + var * size + delta ** 2 * (self.count * size / total)
-        self.count = total
-
-    @property
-    def var(self) -> np.ndarray:
-        return np.maximum(np.asarray(self.m2) / max(self.count, 1), 0.0)
-
-    @property
-    def std(self) -> np.ndarray:
-        return np.sqrt(self.var)
 
 
 def moment_nodes(tensor: str, axis: int, name: str, opset: int, rank: int = 0) -> tuple[list[onnx.NodeProto], str, str]:

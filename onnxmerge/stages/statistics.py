@@ -11,7 +11,7 @@ from dataclasses import replace
 import numpy as np
 
 from ..calib.capture import CaptureUnit, collect_statistics, plan_captures
-from ..calib.stats import combine_stats, load_stats
+from ..calib.stats import SourceMoments, combine_moments, combine_stats, load_moments, load_stats
 from ..errors import CalibrationError
 from ..options import MergeOptions
 from ..rewrite.merge import Member
@@ -53,12 +53,35 @@ def statistics(members: list[Member], split, calib, stats_files, options: MergeO
     shards.extend(load_stats(path) for path in stats_files or [])
     if not shards:
         return units, [], provider
-    for path, (_, meta) in zip(stats_files or [], shards[-len(stats_files or []):]):
+    _check_fingerprints(stats_files or [], [meta for _, meta in shards[-len(stats_files or []):]], fingerprint)
+    combined = combine_stats(shards, consume=True)  # the shards are dropped: no second copy
+    return units, [combined[stats_key(u)] for u in units], provider
+
+
+def stored_moments(members: list[Member], split, stats_files: list[str]) -> SourceMoments | None:
+    """REPAIR's source moments pooled over the statistics files (method.md §7), or None when
+    there are no files or one holds no moments (format 1, written before they were stored).
+
+    Raises:
+        CalibrationError: a file of other models or options, or a damaged one.
+    """
+    if not stats_files:
+        return None
+    shards = [load_moments(path) for path in stats_files]
+    missing = [path for path, (moments, _) in zip(stats_files, shards) if moments is None]
+    if missing:
+        log.info("%s holds no source moments (written before onnxmerge stored them)", missing[0])
+        return None
+    _check_fingerprints(stats_files, [meta for _, meta in shards], plan_fingerprint(members, plan_units(members, split)[0]))
+    return combine_moments([moments for moments, _ in shards], stats_files)
+
+
+def _check_fingerprints(paths: list[str], metas: list[dict[str, str]], fingerprint: str) -> None:
+    """Refuse statistics files computed for other models or plan options."""
+    for path, meta in zip(paths, metas):
         if meta.get("fingerprint") != fingerprint:
             raise CalibrationError(f"{path}: statistics of other models or options; recompute them with "
                                    "onnxmerge calibrate on the same models and --bn/--heads/--zip-layers")
-    combined = combine_stats(shards, consume=True)  # the shards are dropped: no second copy
-    return units, [combined[stats_key(u)] for u in units], provider
 
 
 def stats_key(unit: CaptureUnit) -> str:
