@@ -27,14 +27,15 @@ from .options import MergeOptions, merge_options
 from .recipe import Recipe, read_recipe
 from .results import MergeResult, recipe_path, record  # noqa: F401 (the public API)
 from .rewrite.heads import split_trunk
+from .rewrite.repair import repairable_tensors
 from .scoring import load_test_data, parse_tasks, run_heads, score
 from .sources import DataLike, ModelLike, Source, read_data, read_models
 from .stages.assembly import assemble_merged, attach_model_postprocessing, check_coverage
 from .stages.matching import match_spaces, matching_method
 from .stages.prepare import (Prepared, align_models, block_structures, calibration_set, cores, layouts_by_file_name,
                              prepare)
-from .stages.repair import calibration_moments, repair_merged
-from .stages.statistics import plan_fingerprint, statistics, stats_key
+from .stages.repair import repair_merged
+from .stages.statistics import collect, plan_fingerprint, plan_units, statistics, stats_key
 
 log = logging.getLogger(__name__)
 
@@ -231,11 +232,11 @@ def calibrate(models: Sequence[ModelLike], calibration: DataLike, *, options: Me
     sources = read_models(models)
     members, _, _, calib, depth, _ = prepare(sources, read_data(calibration), layouts_by_file_name(sources, options))
     split = split_trunk(members[0].model, members[0].graph, heads=options.heads, zip_layers=options.zip_layers)
-    units, stats, provider = statistics(members, split, calib, None, options)
+    units, per_model, widths = plan_units(members, split)
+    stats, moments, provider = collect(members, per_model, widths, calib, options, repairable_tensors(members))
     meta = {"fingerprint": plan_fingerprint(members, units), "provider": provider, "samples": str(calib.num_samples)}
     if depth is not None:  # merge --stats without data lifts the models the same way
         meta["alignment"] = json.dumps({"method": depth.method, "maps": {str(i): m for i, m in depth.maps.items()}})
-    moments = calibration_moments(members, calib, options)
     return Statistics({stats_key(u): s for u, s in zip(units, stats)}, moments), meta
 
 

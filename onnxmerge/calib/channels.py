@@ -8,17 +8,20 @@ not depend on the batch size.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from ..io import default_opset
-from .capture import require_finite
-from .stats import ChannelMoments
+from .capture import open_session, require_finite
+from .stats import ChannelMoments, SourceMoments
 
 SHAPES = {"moments_flat": [0, 0, -1], "moments_vector": [-1]}
+
+Tensors = list[dict[str, tuple[int, int]]]
+"""Per model, tensor name -> (channel axis, rank)."""
 
 
 def moment_nodes(tensor: str, axis: int, name: str, opset: int, rank: int = 0) -> tuple[list[onnx.NodeProto], str, str]:
@@ -83,3 +86,18 @@ def measure(session, outputs: dict[str, tuple[str, str]], batches: Iterable[dict
         for tensor, (mean, var) in outputs.items():
             moments[tensor].add(size, values[mean], values[var])
     return moments
+
+
+def source_moments(models: list[onnx.ModelProto], tensors: Tensors, batches: Callable[[int], Iterable],
+                   provider: str = "auto", *, threads: int | None = None) -> SourceMoments:
+    """Per model, the pooled per-channel moments of its ``tensors`` (``batches(i)`` gives
+    model i's feeds; ``threads`` as for ``open_session``)."""
+    result = []
+    for i, (model, wanted) in enumerate(zip(models, tensors)):
+        if not wanted:
+            result.append({})
+            continue
+        measured, outputs = with_moments(model, wanted)
+        session, _ = open_session(measured, provider, threads=threads)
+        result.append(measure(session, outputs, batches(i)))
+    return result

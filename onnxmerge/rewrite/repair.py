@@ -27,7 +27,7 @@ import onnx_graphsurgeon as gs
 from onnx import helper, numpy_helper
 
 from ..calib.capture import open_session
-from ..calib.channels import measure, moment_constants, moment_nodes, with_moments
+from ..calib.channels import Tensors, measure, moment_constants, moment_nodes, with_moments
 from ..calib.stats import ChannelMoments, SourceMoments
 from ..graph.canonical import export_like
 from ..graph.surgery import replace_input
@@ -307,10 +307,6 @@ def _repairable(reference: Member) -> list[tuple[int, int, int]]:
     return layers
 
 
-Tensors = list[dict[str, tuple[int, int]]]
-"""Per model, tensor name -> (channel axis, rank)."""
-
-
 def plan_tensors(plan: list[RepairSource], count: int) -> Tensors:
     """Per model of ``count``, the source tensors the plan reads."""
     return [{name: (p.axis, p.rank) for p in plan for index, name, _ in p.sources if index == i} for i in range(count)]
@@ -322,21 +318,6 @@ def repairable_tensors(members: list[Member]) -> Tensors:
     them, a head layer its own model's)."""
     layers = _repairable(members[0])
     return [{m.model.graph.node[k].output[0]: (axis, rank) for k, axis, rank in layers} for m in members]
-
-
-def source_moments(members: list[Member], tensors: Tensors, batches: Callable[[int], Iterable],
-                   provider: str = "auto") -> SourceMoments:
-    """Per model, the pooled per-channel moments of its ``tensors`` (``batches(i)`` gives
-    model i's feeds)."""
-    result = []
-    for i, (member, wanted) in enumerate(zip(members, tensors)):
-        if not wanted:
-            result.append({})
-            continue
-        model, outputs = with_moments(member.model, wanted)
-        session, _ = open_session(model, provider)
-        result.append(measure(session, outputs, batches(i)))
-    return result
 
 
 def repair_targets(plan: list[RepairSource], moments: SourceMoments) -> list[RepairTarget]:

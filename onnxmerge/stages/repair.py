@@ -14,8 +14,8 @@ from ..errors import CalibrationError, RecipeError
 from ..options import MergeOptions
 from ..progress import progress
 from ..rewrite.merge import Member
-from ..rewrite.repair import (RepairSource, insert_repair, plan_tensors, repair_sources, repair_targets,
-                              repairable_tensors, reset_batch_norm, source_moments)
+from ..calib.channels import source_moments
+from ..rewrite.repair import RepairSource, insert_repair, plan_tensors, repair_sources, repair_targets, reset_batch_norm
 from .statistics import stored_moments
 
 
@@ -61,8 +61,9 @@ def repair_merged(merged: onnx.ModelProto, members: list[Member], split, matchin
     if not plan:
         return merged, "none (no weight layer output with a channel axis to repair)", []
     if stored is None:
-        moments, origin = source_moments(members, plan_tensors(plan, len(members)), batches, options.provider), \
-            "measured on them"
+        tensors = plan_tensors(plan, len(members))
+        moments = source_moments([m.model for m in members], tensors, batches, options.provider)
+        origin = "measured on them"
     else:
         moments, origin = stored, f"from the statistics files, {_covering(plan, stored, stats_files)} samples"
     targets = repair_targets(plan, moments)
@@ -104,14 +105,3 @@ def _covering(plan: list[RepairSource], stored: SourceMoments, stats_files: Sequ
                                        f"{index}; recompute the statistics with onnxmerge calibrate")
     index, name, _ = plan[0].sources[0]
     return stored[index][name].count
-
-
-def calibration_moments(members: list[Member], calib, options: MergeOptions) -> SourceMoments:
-    """The source moments of every tensor a REPAIR of these models can read, over all the
-    calibration samples in file order: what ``calibrate`` stores beside the statistics."""
-    steps = -(-calib.num_samples // calib.batch_size(options.batch_size))
-
-    def batches(index: int):
-        return progress(calib.batches(index, options.batch_size), "source moments", steps, "batch")
-
-    return source_moments(members, repairable_tensors(members), batches, options.provider)
