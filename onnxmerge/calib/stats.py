@@ -15,6 +15,9 @@ near the mean (the batch's first row), whose error is relative to the variance, 
 float64 accumulation adds the shift back (``add_moments``). ``update(..., precise=False)``
 multiplies in float32 (faster; see ``update``): entries then carry a relative error of roughly
 1e-7 * sqrt(batch rows) of the centred second moment.
+
+``ChannelMoments`` are the per-channel mean and variance of one tensor that REPAIR reads of the
+source models; a statistics file (``save_stats``) holds them beside the spaces' statistics.
 """
 
 from __future__ import annotations

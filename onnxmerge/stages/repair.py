@@ -8,13 +8,13 @@ from collections.abc import Sequence
 
 import onnx
 
+from ..calib.channels import source_moments
 from ..calib.stats import SourceMoments
 from ..choices import MIN_SAMPLES, REPAIRS
 from ..errors import CalibrationError, RecipeError
 from ..options import MergeOptions
 from ..progress import progress
 from ..rewrite.merge import Member
-from ..calib.channels import source_moments
 from ..rewrite.repair import RepairSource, insert_repair, plan_tensors, repair_sources, repair_targets, reset_batch_norm
 from .statistics import stored_moments
 
