@@ -14,6 +14,7 @@ from dataclasses import asdict, replace
 
 from . import tradeoff
 from .calib.data import input_specs
+from .calib.stats import Statistics
 from .depth import DepthAlignment
 from .depth import describe as describe_alignment
 from .errors import RecipeError, about
@@ -26,6 +27,7 @@ from .options import MergeOptions, merge_options
 from .recipe import Recipe, read_recipe
 from .results import MergeResult, recipe_path, record  # noqa: F401 (the public API)
 from .rewrite.heads import split_trunk
+from .rewrite.repair import repairable_tensors
 from .scoring import load_test_data, parse_tasks, run_heads, score
 from .sources import DataLike, ModelLike, Source, read_data, read_models
 from .stages.assembly import assemble_merged, attach_model_postprocessing, check_coverage
@@ -33,7 +35,7 @@ from .stages.matching import match_spaces, matching_method
 from .stages.prepare import (Prepared, align_models, block_structures, calibration_set, cores, layouts_by_file_name,
                              prepare)
 from .stages.repair import repair_merged
-from .stages.statistics import plan_fingerprint, statistics, stats_key
+from .stages.statistics import collect, plan_fingerprint, plan_units, statistics, stats_key
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +159,7 @@ def _merge_prepared(sources: list[Source], prepared: Prepared, stats: list[str],
     matchings, summary = match_spaces(members, split, units, unit_stats, matcher, options)
     clock = _lap(timings, "match", clock)
     merged = assemble_merged(members, split, matchings, prepared.base, method, options, calib)
-    merged, repair, repaired = repair_merged(merged, members, split, matchings, calib, options, method.same_base)
+    merged, repair, repaired = repair_merged(merged, members, split, matchings, calib, options, method.same_base, stats)
     attach_model_postprocessing(merged, members, prepared.post, options.heads)
     merged = infer_shapes(merged)
     _lap(timings, "rewrite", clock)
@@ -210,14 +212,17 @@ def calibrate(models: Sequence[ModelLike], calibration: DataLike, *, options: Me
               **settings) -> tuple[dict, dict]:
     """The statistics a merge of these models needs, computed on ``calibration``, to save with
     ``calib.stats.save_stats`` and pass to ``merge(stats=...)`` (shards of the same models and
-    options add up exactly).
+    options add up exactly): the feature statistics matching reads, and the source moments
+    REPAIR reads (every repairable layer output of every model, whatever the cut), so that a
+    merge with these files measures only the merged model for REPAIR.
 
     Args:
         models, calibration, options, **settings: as for ``merge`` (the options that shape
             the plan must be the merge's: bn, heads, zip_layers, align, input_layout).
 
     Returns:
-        (statistics by capture unit, string metadata with the plan's fingerprint).
+        (statistics by capture unit with their source moments in ``.moments``, a
+        ``calib.stats.Statistics``; string metadata with the plan's fingerprint).
     """
     options = merge_options(options, **settings)
     if options.zip_layers == "auto":
@@ -227,11 +232,12 @@ def calibrate(models: Sequence[ModelLike], calibration: DataLike, *, options: Me
     sources = read_models(models)
     members, _, _, calib, depth, _ = prepare(sources, read_data(calibration), layouts_by_file_name(sources, options))
     split = split_trunk(members[0].model, members[0].graph, heads=options.heads, zip_layers=options.zip_layers)
-    units, stats, provider = statistics(members, split, calib, None, options)
+    units, per_model, widths = plan_units(members, split)
+    stats, moments, provider = collect(members, per_model, widths, calib, options, repairable_tensors(members))
     meta = {"fingerprint": plan_fingerprint(members, units), "provider": provider, "samples": str(calib.num_samples)}
     if depth is not None:  # merge --stats without data lifts the models the same way
         meta["alignment"] = json.dumps({"method": depth.method, "maps": {str(i): m for i, m in depth.maps.items()}})
-    return {stats_key(u): s for u, s in zip(units, stats)}, meta
+    return Statistics({stats_key(u): s for u, s in zip(units, stats)}, moments), meta
 
 
 def evaluate(models: Sequence[ModelLike], data: str | os.PathLike | dict, *, labels: str = "y",

@@ -281,7 +281,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     with scope:
         stats, meta = api.calibrate(args.models, args.calib, options=_options(args))
     save_stats(args.output, stats, meta)
-    print(f"wrote {args.output}: {len(stats)} statistics over {meta['samples']} samples, provider {meta['provider']}")
+    tensors = sum(len(model) for model in stats.moments)
+    print(f"wrote {args.output}: {len(stats)} statistics and the source moments of {tensors} tensors over "
+          f"{meta['samples']} samples, provider {meta['provider']}")
     return 0
 
 
@@ -353,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 description=cmd_merge.__doc__)
     merge.add_argument("models", nargs="+", help="ONNX files; the first is the reference graph")
     merge.add_argument("-o", "--output", required=True, help="merged ONNX file")
-    merge.add_argument("--stats", nargs="+", metavar="FILE", help="statistics from onnxmerge calibrate (shards add up)")
+    merge.add_argument("--stats", nargs="+", metavar="FILE", help="statistics from onnxmerge calibrate (shards add up); they hold the "
+                       "source moments REPAIR reads, so its passes with --calib run the merged model only")
     merge.add_argument("--method", choices=list(METHODS),
                        help="default: task-arithmetic with --base, else zip with --calib/--stats, else weight; "
                             + "; ".join(f"{name}: {summary}" for name, summary in METHODS.items()))

@@ -135,3 +135,13 @@ def near_constant_copies(seed: int = 9) -> tuple[SpaceStats, np.ndarray]:
     stats = SpaceStats.empty((8, 8))
     stats.update([first, copy[:, perm]])
     return stats, perm
+
+
+def as_format_1(path) -> None:
+    """Rewrite a statistics file as onnxmerge wrote it before format 2: the same statistics,
+    no source moments."""
+    with np.load(path) as arrays:
+        kept = {key: arrays[key] for key in arrays.files if key != "__moments__" and not key.startswith("m")}
+    kept["__format__"] = np.array("onnxmerge-stats-1")
+    with open(path, "wb") as handle:
+        np.savez(handle, **kept)

@@ -10,7 +10,7 @@ import pytest
 
 from onnxmerge.cli import main
 from onnxmerge.io import load_model
-from tests.helpers import model, run_all, outputs_close
+from tests.helpers import as_format_1, model, outputs_close, run_all
 
 
 def onnxmerge(*args: str) -> subprocess.CompletedProcess:
@@ -141,14 +141,21 @@ def test_a_merge_that_cannot_repair_warns_in_one_line(zoo_files, tmp_path, caplo
         assert "accuracy may collapse" in warnings[0] and "--calib" in warnings[0] and "\n" not in warnings[0]
 
 
-def test_statistics_shards_without_data_warn_that_nothing_is_repaired(zoo_files, tmp_path, caplog):
+@pytest.mark.parametrize("old", [False, True], ids=["format-2", "format-1"])
+def test_statistics_shards_without_data_warn_that_nothing_is_repaired(zoo_files, tmp_path, caplog, old):
+    """The warning says what would repair: --calib samples for the merged model's passes (a
+    file with source moments), or data for the sources too (a format-1 file)."""
     import numpy as np
     path, x = zoo_files.get("mlp", "legacy_folded")
     np.save(tmp_path / "calib.npy", x)
     assert main(["calibrate", path, path, "--calib", str(tmp_path / "calib.npy"), "-o", str(tmp_path / "s.npz")]) == 0
+    if old:
+        as_format_1(tmp_path / "s.npz")
     with caplog.at_level("WARNING"):
         assert main(["merge", path, path, "--stats", str(tmp_path / "s.npz"), "-o", str(tmp_path / "m.onnx")]) == 0
-    assert any("not repaired" in r.getMessage() for r in caplog.records)
+    warning, = [r.getMessage() for r in caplog.records if "not repaired" in r.getMessage()]
+    from_stats = "the statistics files hold REPAIR's source moments, so it runs from them given a few hundred samples"
+    assert (from_stats in warning) != old and "--calib DATA" in warning
 
 
 def _barrier_model(path) -> None:

@@ -24,7 +24,7 @@ import onnxmerge
 from onnxmerge import cli
 from onnxmerge.calib.data import input_specs, load_calibration
 from onnxmerge.calib.distributed import _import_failure, shard_ranges
-from onnxmerge.calib.stats import load_stats
+from onnxmerge.calib.stats import Statistics, load_stats
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "samples" / "digits"
@@ -50,7 +50,7 @@ def cluster():
     ray.shutdown()
 
 
-def _assert_same_statistics(single: dict, distributed: dict) -> None:
+def _assert_same_statistics(single: Statistics, distributed: Statistics) -> None:
     assert set(single) == set(distributed)
     for key, expected in single.items():
         got = distributed[key]
@@ -59,6 +59,13 @@ def _assert_same_statistics(single: dict, distributed: dict) -> None:
             want, have = getattr(expected, field), getattr(got, field)
             scale = np.abs(want).max()
             assert np.abs(have - want).max() <= 1e-9 * scale, (key, field)
+    # REPAIR's source moments, measured by the same tasks and pooled in shard order
+    assert [list(model) for model in single.moments] == [list(model) for model in distributed.moments]
+    for mine, theirs in zip(single.moments, distributed.moments):
+        for tensor, expected in mine.items():
+            assert theirs[tensor].count == expected.count, tensor
+            np.testing.assert_allclose(theirs[tensor].mean, expected.mean, rtol=1e-9, atol=1e-12, err_msg=tensor)
+            np.testing.assert_allclose(theirs[tensor].m2, expected.m2, rtol=1e-9, err_msg=tensor)
 
 
 @needs_ray

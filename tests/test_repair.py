@@ -8,11 +8,12 @@ import pytest
 from onnx import helper, numpy_helper
 
 from onnxmerge import api
+from onnxmerge.calib.stats import combine_moments, save_stats
 from onnxmerge.calib.capture import expose, open_session
 from onnxmerge.graph.canonical import canonicalize
 from onnxmerge.io import load_model, save_model
 from onnxmerge.rewrite.repair import reset_batch_norm, train_mode
-from tests.helpers import run_all, with_opset, outputs_close
+from tests.helpers import as_format_1, outputs_close, run_all, with_opset
 
 
 def bn_input_stats(model: onnx.ModelProto, x: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
@@ -126,9 +127,9 @@ def test_every_merged_conv_output_is_repaired_and_the_corrections_are_folded(zoo
     assert len(result.model.graph.node) == len(original.graph.node) + per_model  # no node added
 
 
-def test_repair_does_not_depend_on_the_batch_size(zoo_files, tmp_path):
-    """Two different models: each layer is measured on inputs repaired upstream, over all the
-    samples pooled exactly, so batches of 8 and one batch of 128 give one model."""
+def _different_pair(zoo_files, tmp_path) -> tuple[str, str, np.ndarray]:
+    """A folded ResNet, a copy with noise on its weights (a model REPAIR has work on), and the
+    calibration samples, saved as ``calib.npy``."""
     path, x = zoo_files.get("resnet_basic", "legacy_folded")
     other = load_model(path)
     rng = np.random.default_rng(0)
@@ -138,6 +139,13 @@ def test_repair_does_not_depend_on_the_batch_size(zoo_files, tmp_path):
             init.CopyFrom(numpy_helper.from_array((value + rng.normal(0, 0.3 * value.std(), value.shape)).astype(value.dtype), init.name))
     save_model(other, tmp_path / "other.onnx")
     np.save(tmp_path / "calib.npy", x)
+    return path, str(tmp_path / "other.onnx"), x
+
+
+def test_repair_does_not_depend_on_the_batch_size(zoo_files, tmp_path):
+    """Two different models: each layer is measured on inputs repaired upstream, over all the
+    samples pooled exactly, so batches of 8 and one batch of 128 give one model."""
+    path, _, x = _different_pair(zoo_files, tmp_path)
     results = [api.merge([path, str(tmp_path / "other.onnx")], calibration=str(tmp_path / "calib.npy"),
                          options=api.MergeOptions(repair="repair", batch_size=size)).model for size in (8, 128)]
     unrepaired = api.merge([path, str(tmp_path / "other.onnx")], calibration=str(tmp_path / "calib.npy"),
@@ -146,3 +154,43 @@ def test_repair_does_not_depend_on_the_batch_size(zoo_files, tmp_path):
     for a, b in zip(large, small):
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * float(np.abs(a).max()))
     assert not all(np.allclose(a, b, atol=1e-3) for a, b in zip(plain, large))  # the repair did something
+
+
+def test_source_moments_of_two_calibrate_shards_pool_to_those_of_one(zoo_files, tmp_path):
+    """Shards split at a batch boundary (a batch's moments are float32 reductions in
+    onnxruntime, so other splits agree to float32 rounding only): pooling is exact."""
+    path, other, x = _different_pair(zoo_files, tmp_path)
+    np.save(tmp_path / "first.npy", x[:64])
+    np.save(tmp_path / "second.npy", x[64:])
+    whole, *shards = (api.calibrate([path, other], str(tmp_path / name), batch_size=32, allow_few_samples=True)[0].moments
+                      for name in ("calib.npy", "first.npy", "second.npy"))
+    pooled = combine_moments(shards)
+    assert [list(model) for model in pooled] == [list(model) for model in whole]
+    assert len(whole[0]) == len(whole[1]) == 11  # every Conv and the Gemm, per model
+    for mine, theirs in zip(pooled, whole):
+        for tensor, moments in mine.items():
+            assert moments.count == theirs[tensor].count == len(x)
+            np.testing.assert_allclose(moments.mean, theirs[tensor].mean, rtol=1e-9, atol=1e-12)
+            np.testing.assert_allclose(moments.std, theirs[tensor].std, rtol=1e-9)
+
+
+@pytest.mark.parametrize("old", [False, True], ids=["format-2", "format-1"])
+def test_repair_from_a_statistics_file_gives_the_model_that_measuring_the_sources_gives(zoo_files, tmp_path, old):
+    """Statistics of the same samples: REPAIR reads the sources' moments from the file (a
+    format-1 file has none: they are measured as without the file); the report says which."""
+    path, other, _ = _different_pair(zoo_files, tmp_path)
+    calib = str(tmp_path / "calib.npy")
+    save_stats(tmp_path / "s.npz", *api.calibrate([path, other], calib))
+    if old:
+        as_format_1(tmp_path / "s.npz")
+    direct = api.merge([path, other], calib, repair="repair")
+    from_stats = api.merge([path, other], calib, stats=[str(tmp_path / "s.npz")], repair="repair")
+    assert direct.report["repair"].endswith("128 of 128 samples; source moments measured on them)")
+    origin = "measured on them" if old else "from the statistics files, 128 samples"
+    assert from_stats.report["repair"].endswith(f"; source moments {origin})")
+    assert from_stats.report["repaired_tensors"] == direct.report["repaired_tensors"]
+    expected = {i.name: numpy_helper.to_array(i) for i in direct.model.graph.initializer}
+    got = {i.name: numpy_helper.to_array(i) for i in from_stats.model.graph.initializer}
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        np.testing.assert_allclose(got[name], value, rtol=0, atol=1e-6 * max(1.0, float(np.abs(value).max())), err_msg=name)

@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 
-from onnxmerge.calib.stats import (AFFINE_BAND, SpaceStats, combine_stats, load_stats, save_stats, to_samples)
+from onnxmerge.calib.stats import (AFFINE_BAND, ChannelMoments, SpaceStats, Statistics, combine_moments, combine_stats,
+                                   load_moments, load_stats, save_stats, to_samples)
 from onnxmerge.errors import CalibrationError
-from tests.helpers import near_constant_copies
+from tests.helpers import as_format_1, near_constant_copies
 
 WIDTHS = (6, 10)
 
@@ -224,3 +225,72 @@ def test_load_stats_rejects_plain_npz(tmp_path):
     np.savez(path, x=np.zeros(3))
     with pytest.raises(CalibrationError, match="not an onnxmerge statistics file"):
         load_stats(path)
+
+
+def _moments(x: np.ndarray, batch: int) -> ChannelMoments:
+    """Moments of the rows of ``x`` (samples x channels) pooled batch by batch, as measured."""
+    pooled = ChannelMoments()
+    for start in range(0, len(x), batch):
+        part = x[start:start + batch]
+        pooled.add(len(part), part.mean(axis=0), part.var(axis=0))
+    return pooled
+
+
+_COLUMNS = [{"conv/out": slice(0, 4), "odd name:1": slice(4, 6)}, {"conv/out": slice(6, 9)}]
+"""Two models' tensors (model 0 has two, model 1 one) as columns of one array of samples."""
+
+
+def _tensors(x: np.ndarray) -> list[dict[str, ChannelMoments]]:
+    """The source moments of ``_COLUMNS`` in ``x``, in batches of 7 samples."""
+    return [{tensor: _moments(x[:, columns], 7) for tensor, columns in model.items()} for model in _COLUMNS]
+
+
+def test_moments_of_shards_pool_to_those_of_all_samples():
+    x = np.random.default_rng(3).normal(50.0, 0.5, (90, 9))  # a large mean: pooling must not cancel
+    whole, shards = _tensors(x), combine_moments([_tensors(x[:31]), _tensors(x[31:])])
+    for columns, mine, theirs in zip(_COLUMNS, shards, whole):
+        assert list(mine) == list(theirs)
+        for tensor, moments in mine.items():
+            assert moments.count == theirs[tensor].count == 90
+            np.testing.assert_allclose(moments.mean, theirs[tensor].mean, rtol=1e-12)
+            np.testing.assert_allclose(moments.var, theirs[tensor].var, rtol=1e-9)
+            np.testing.assert_allclose(moments.var, x[:, columns[tensor]].var(axis=0), rtol=1e-9)  # all rows at once
+
+
+def test_moments_round_trip_and_a_format_1_file_loads_without_them(tmp_path):
+    moments = _tensors(np.random.default_rng(4).normal(size=(20, 9)))
+    path = tmp_path / "stats.npz"
+    save_stats(path, Statistics(_stats_dict(5), moments), {"fingerprint": "f"})
+    loaded, meta = load_stats(path)
+    assert list(loaded) == list(_stats_dict(5)) and meta == {"fingerprint": "f"}
+    for read in (loaded.moments, load_moments(path)[0]):
+        assert [list(model) for model in read] == [list(model) for model in moments]
+        for mine, theirs in zip(read, moments):
+            for tensor, pooled in mine.items():
+                assert pooled.count == theirs[tensor].count
+                np.testing.assert_array_equal(pooled.mean, theirs[tensor].mean)
+                np.testing.assert_array_equal(pooled.m2, theirs[tensor].m2)
+    as_format_1(path)
+    old, _ = load_stats(path)
+    assert old.moments is None and load_moments(path) == (None, {"fingerprint": "f"})
+    np.testing.assert_array_equal(old["S 2/odd:name"].outer, loaded["S 2/odd:name"].outer)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("m2", -np.ones(4), "negative"), ("count", np.array(0, np.int64), "at least 1"), ("mean", np.zeros(3), "shape"),
+])
+def test_damaged_moments_are_refused(tmp_path, field, value, message):
+    path = tmp_path / "stats.npz"
+    save_stats(path, Statistics(_stats_dict(5), _tensors(np.ones((4, 9)))), {})
+    with np.load(path) as arrays:
+        content = {key: arrays[key] for key in arrays.files} | {f"m0/0/{field}": value}
+    np.savez(path, **content)
+    for load in (load_stats, load_moments):
+        with pytest.raises(CalibrationError, match=f"damaged statistics file .*conv/out.*{message}"):
+            load(path)
+
+
+def test_moments_of_other_tensors_do_not_combine():
+    x = np.ones((4, 9))
+    with pytest.raises(CalibrationError, match="b.npz and a.npz hold the moments of different tensors"):
+        combine_moments([_tensors(x), _tensors(x)[:1]], ["a.npz", "b.npz"])

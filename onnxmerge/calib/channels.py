@@ -8,43 +8,20 @@ not depend on the batch size.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from ..io import default_opset
-from .capture import require_finite
+from .capture import open_session, require_finite
+from .stats import ChannelMoments, SourceMoments
 
 SHAPES = {"moments_flat": [0, 0, -1], "moments_vector": [-1]}
 
-
-@dataclass
-class ChannelMoments:
-    """Pooled per-channel moments of one tensor over the batches seen so far (float64)."""
-
-    count: int = 0
-    mean: np.ndarray | float = 0.0
-    m2: np.ndarray | float = 0.0  # sum of squared deviations from the mean
-
-    def add(self, size: int, mean: np.ndarray, var: np.ndarray) -> None:
-        """Pool one batch of ``size`` samples with batch mean and biased variance (shape [C])."""
-        mean, var = mean.astype(np.float64).reshape(-1), var.astype(np.float64).reshape(-1)
-        total = self.count + size
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (size / total)
-        self.m2 = self.m2 + var * size + delta ** 2 * (self.count * size / total)
-        self.count = total
-
-    @property
-    def var(self) -> np.ndarray:
-        return np.maximum(np.asarray(self.m2) / max(self.count, 1), 0.0)
-
-    @property
-    def std(self) -> np.ndarray:
-        return np.sqrt(self.var)
+Tensors = list[dict[str, tuple[int, int]]]
+"""Per model, tensor name -> (channel axis, rank)."""
 
 
 def moment_nodes(tensor: str, axis: int, name: str, opset: int, rank: int = 0) -> tuple[list[onnx.NodeProto], str, str]:
@@ -109,3 +86,18 @@ def measure(session, outputs: dict[str, tuple[str, str]], batches: Iterable[dict
         for tensor, (mean, var) in outputs.items():
             moments[tensor].add(size, values[mean], values[var])
     return moments
+
+
+def source_moments(models: list[onnx.ModelProto], tensors: Tensors, batches: Callable[[int], Iterable],
+                   provider: str = "auto", *, threads: int | None = None) -> SourceMoments:
+    """Per model, the pooled per-channel moments of its ``tensors`` (``batches(i)`` gives
+    model i's feeds; ``threads`` as for ``open_session``)."""
+    result = []
+    for i, (model, wanted) in enumerate(zip(models, tensors)):
+        if not wanted:
+            result.append({})
+            continue
+        measured, outputs = with_moments(model, wanted)
+        session, _ = open_session(measured, provider, threads=threads)
+        result.append(measure(session, outputs, batches(i)))
+    return result

@@ -9,7 +9,9 @@ CPUs the task holds) and streams its shard through ``collect_statistics``, the f
 in one process calls; the shards' ``SpaceStats`` come back and are added in shard order
 (``combine_stats``: counts, sums and outer products add). Since shards start at batch
 boundaries, every batch is the one a run in one process feeds, and the result differs from
-that run's only by the order of the float64 additions (about 1e-16 relative).
+that run's only by the order of the float64 additions (about 1e-16 relative). For
+``calibrate`` each task also measures REPAIR's source moments on its shard (``source_moments``,
+as in one process), pooled in shard order as well.
 
 Ray is imported here only, and only when asked (``pip install 'onnxmerge[ray]'``).
 """
@@ -33,8 +35,9 @@ from ..runtime import import_optional
 from ..errors import CalibrationError, MissingDependencyError, OnnxMergeError, RecipeError, UnsupportedGraphError
 from ..progress import progress
 from .capture import CaptureUnit, collect_statistics
+from .channels import Tensors, source_moments
 from .data import CalibrationSet
-from .stats import SpaceStats, combine_stats
+from .stats import SourceMoments, SpaceStats, combine_moments, combine_stats
 
 if TYPE_CHECKING:
     from ..options import MergeOptions
@@ -94,15 +97,18 @@ def held() -> Iterator[None]:
 
 
 def collect_on_ray(models: list[onnx.ModelProto], units: list[list[CaptureUnit]], calib: CalibrationSet,
-                   widths: list[list[int]], options: MergeOptions) -> tuple[list[SpaceStats], str]:
+                   widths: list[list[int]], options: MergeOptions,
+                   tensors: Tensors | None = None) -> tuple[list[SpaceStats], SourceMoments | None, str]:
     """``collect_statistics`` of ``calib`` in shards on Ray workers (the module docstring):
-    one ``SpaceStats`` per unit and the provider(s) that ran.
+    one ``SpaceStats`` per unit, the ``source_moments`` of ``tensors`` (None without), computed
+    by the same tasks and pooled in shard order, and the provider(s) that ran.
 
     Args:
         models: canonical models.
         units: for each model, its capture units (same order across models).
         calib: the checked calibration set; each task gets its shard's rows.
         widths: for each unit, each model's feature width there.
+        tensors: per model, the tensors whose per-channel moments ``calibrate`` stores.
         options: a ``MergeOptions``: ``ray`` (the address, or ``local``), ``ray_shards``
             (default: one per CPU of the cluster, per GPU with ``provider="cuda"``),
             ``batch_size`` and ``provider``.
@@ -113,8 +119,8 @@ def collect_on_ray(models: list[onnx.ModelProto], units: list[list[CaptureUnit]]
         OnnxMergeError: what a run in one process raises for these data, from the worker.
     """
     address = check(options.ray, options.ray_shards)
-    if not widths:  # nothing is merged (--zip-layers 0)
-        return [], "none"
+    if not widths and tensors is None:  # nothing is merged (--zip-layers 0)
+        return [], None, "none"
     gpu = options.provider == "cuda"
     with _connected(address) as ray:
         slots = _slots(ray, gpu)
@@ -128,23 +134,27 @@ def collect_on_ray(models: list[onnx.ModelProto], units: list[list[CaptureUnit]]
                                         "compute the statistics without --ray") from None
         task = ray.remote(shard_statistics).options(num_cpus=1, num_gpus=1 if gpu else 0)
         refs = [task.remote(payload, units, widths, calib.shard(start, stop), options.batch_size, options.provider,
-                            None if gpu else 1) for start, stop in ranges]
+                            None if gpu else 1, tensors) for start, stop in ranges]
         try:
-            total, providers = _reduce(ray, refs, ranges)
+            total, moments, providers = _reduce(ray, refs, ranges)
         except BaseException:  # a failure or an interrupt: what still runs is not wanted
             _cancel(ray, refs)
             raise
-    return total, "+".join(sorted(providers))
+    return total, moments, "+".join(sorted(providers))
 
 
 def shard_statistics(models: list[bytes], units: list[list[CaptureUnit]], widths: list[list[int]],
-                     shard: CalibrationSet, batch_size: int, provider: str,
-                     threads: int | None) -> tuple[list[SpaceStats], str]:
-    """One Ray task: the statistics of one shard, computed as a run in one process computes
-    them (its own onnxruntime session, ``threads`` intra-op threads)."""
+                     shard: CalibrationSet, batch_size: int, provider: str, threads: int | None,
+                     tensors: Tensors | None = None) -> tuple[list[SpaceStats], SourceMoments | None, str]:
+    """One Ray task: the statistics of one shard and the moments of ``tensors`` (None without),
+    computed as a run in one process computes them (its own onnxruntime sessions, ``threads``
+    intra-op threads)."""
     loaded = [onnx.load_model_from_string(data) for data in models]
     batches = zip(*(shard.batches(index, batch_size) for index in range(len(loaded))))
-    return collect_statistics(loaded, units, batches, widths, provider, threads=threads)
+    stats, ran = collect_statistics(loaded, units, batches, widths, provider, threads=threads)
+    moments = None if tensors is None else source_moments(
+        loaded, tensors, lambda index: shard.batches(index, batch_size), provider, threads=threads)
+    return stats, moments, ran
 
 
 def shard_ranges(calib: CalibrationSet, batch_size: int, count: int) -> list[tuple[int, int]]:
@@ -165,11 +175,12 @@ def shard_ranges(calib: CalibrationSet, batch_size: int, count: int) -> list[tup
     return ranges
 
 
-def _reduce(ray: ModuleType, refs: list, ranges: list[tuple[int, int]]) -> tuple[list[SpaceStats], set[str]]:
+def _reduce(ray: ModuleType, refs: list,
+            ranges: list[tuple[int, int]]) -> tuple[list[SpaceStats], SourceMoments | None, set[str]]:
     """The shards' statistics added in shard order as the tasks finish (the sums of
     ``combine_stats`` over all shards, in its order), holding only the running total and the
-    shards that finished before their turn; and the providers that ran. A progress bar counts
-    the finished shards."""
+    shards that finished before their turn; their source moments pooled in the same order; and
+    the providers that ran. A progress bar counts the finished shards."""
     position = {ref: index for index, ref in enumerate(refs)}
 
     def finished() -> Iterator:
@@ -178,18 +189,20 @@ def _reduce(ray: ModuleType, refs: list, ranges: list[tuple[int, int]]) -> tuple
             done, pending = ray.wait(pending, num_returns=1)
             yield from done
 
-    total, providers, early, turn = None, set(), {}, 0
+    total, moments, providers, early, turn = None, None, set(), {}, 0
     for ref in progress(finished(), "statistics on Ray", len(refs), "shard"):
         index = position[ref]
         early[index] = _result(ray, ref, ranges[index])
         while turn in early:
-            stats, ran = early.pop(turn)
+            stats, shard_moments, ran = early.pop(turn)
             providers.add(ran)
             if total is not None:
                 added = combine_stats([(dict(enumerate(total)), {}), (dict(enumerate(stats)), {})])
                 stats = [added[k] for k in range(len(total))]
-            total, turn = stats, turn + 1
-    return total, providers
+            if shard_moments is not None:
+                shard_moments = combine_moments([moments, shard_moments]) if moments is not None else shard_moments
+            total, moments, turn = stats, shard_moments, turn + 1
+    return total, moments, providers
 
 
 def _cancel(ray: ModuleType, refs: list) -> None:

@@ -15,6 +15,9 @@ near the mean (the batch's first row), whose error is relative to the variance, 
 float64 accumulation adds the shift back (``add_moments``). ``update(..., precise=False)``
 multiplies in float32 (faster; see ``update``): entries then carry a relative error of roughly
 1e-7 * sqrt(batch rows) of the centred second moment.
+
+``ChannelMoments`` are the per-channel mean and variance of one tensor that REPAIR reads of the
+source models; a statistics file (``save_stats``) holds them beside the spaces' statistics.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -55,9 +59,12 @@ vary (up to about 1e-13 for batches of 500), below a varying tensor's (one whose
 times its standard deviation still gives 1e-11; above that, the uncentred Gram products lose
 the variation to rounding anyway)."""
 
-_FORMAT = "onnxmerge-stats-1"
-_META_KEY, _SPACES_KEY, _FORMAT_KEY = "__meta__", "__spaces__", "__format__"
+_FORMAT = "onnxmerge-stats-2"
+_FORMATS = ("onnxmerge-stats-1", _FORMAT)  # format 1: no source moments
+_META_KEY, _SPACES_KEY, _FORMAT_KEY, _MOMENTS_KEY = "__meta__", "__spaces__", "__format__", "__moments__"
 _FIELDS = ("count", "sum", "outer", "widths")
+_MOMENT_FIELDS = ("count", "mean", "m2")
+_FIX = "give a file written by onnxmerge calibrate"
 
 
 def to_samples(x: np.ndarray, axis: int, fold: tuple[int, int] = (1, 1), span: int = 1) -> np.ndarray:
@@ -257,18 +264,90 @@ def combine(a: SpaceStats, b: SpaceStats) -> SpaceStats:
     return SpaceStats(a.count + b.count, a.sum + b.sum, a.outer + b.outer, a.widths)
 
 
+@dataclass
+class ChannelMoments:
+    """Pooled per-channel moments of one tensor over the samples seen so far (float64): what
+    REPAIR reads of a source tensor (method.md §7). Batches and shards pool exactly (Chan et
+    al.'s parallel variance), so the result depends on the order only by rounding."""
+
+    count: int = 0
+    mean: np.ndarray | float = 0.0
+    m2: np.ndarray | float = 0.0  # sum of squared deviations from the mean
+
+    def add(self, size: int, mean: np.ndarray, var: np.ndarray) -> None:
+        """Pool one batch of ``size`` samples with batch mean and biased variance (shape [C])."""
+        mean, var = mean.astype(np.float64).reshape(-1), var.astype(np.float64).reshape(-1)
+        self.pool(size, mean, var * size)
+
+    def pool(self, count: int, mean: np.ndarray, m2: np.ndarray) -> None:
+        """Pool the moments of ``count`` other samples: their mean and sum of squared deviations."""
+        total = self.count + count
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (count / total)
+        self.m2 = self.m2 + m2 + delta ** 2 * (self.count * count / total)
+        self.count = total
+
+    @property
+    def var(self) -> np.ndarray:
+        return np.maximum(np.asarray(self.m2) / max(self.count, 1), 0.0)
+
+    @property
+    def std(self) -> np.ndarray:
+        return np.sqrt(self.var)
+
+
+SourceMoments = list[dict[str, ChannelMoments]]
+"""Per model (in command-line order), tensor name -> its pooled per-channel moments."""
+
+
+class Statistics(dict):
+    """What ``calibrate`` computes and a statistics file holds: ``SpaceStats`` by capture unit
+    (the dict's items), and in ``moments`` the ``SourceMoments`` of every tensor a REPAIR of
+    these models can read (None: a file written without them, format 1)."""
+
+    def __init__(self, spaces: dict[str, SpaceStats], moments: SourceMoments | None = None):
+        super().__init__(spaces)
+        self.moments = moments
+
+
+def combine_moments(shards: list[SourceMoments], sources: list[str] | None = None) -> SourceMoments:
+    """The moments of all the shards' samples, pooled in shard order (exact up to rounding).
+
+    Raises:
+        CalibrationError: no shards, or shards that differ in models, tensors or widths.
+    """
+    if not shards:
+        raise CalibrationError("no moments to combine; give statistics files written by onnxmerge calibrate")
+    names = sources or [f"shard {k + 1}" for k in range(len(shards))]
+    first = shards[0]
+    for name, shard in zip(names[1:], shards[1:]):
+        shapes = [{tensor: np.shape(m.mean) for tensor, m in model.items()} for model in shard]
+        if shapes != [{tensor: np.shape(m.mean) for tensor, m in model.items()} for model in first]:
+            raise CalibrationError(f"{name} and {names[0]} hold the moments of different tensors; "
+                                   "compute every shard with the same models and options")
+    total: SourceMoments = [{tensor: ChannelMoments() for tensor in model} for model in first]
+    for shard in shards:
+        for pooled, model in zip(total, shard):
+            for tensor, moments in model.items():
+                pooled[tensor].pool(moments.count, moments.mean, moments.m2)
+    return total
+
+
 MATCHING_META = ("fingerprint",)
 """Meta fields that shards must agree on to be combined (the models and plan they describe)."""
 
 
 def save_stats(path: str | Path, stats: dict[str, SpaceStats], meta: dict[str, str]) -> None:
-    """Write statistics and string metadata to one ``.npz``, atomically.
+    """Write statistics (with their source moments when ``stats`` is a ``Statistics`` that has
+    them) and string metadata to one ``.npz``, atomically.
 
-    Layout: ``__format__``, ``__meta__`` (JSON object) and ``__spaces__`` (JSON list of the
-    space names, in order) as strings; space k's fields under ``k/count``, ``k/sum``,
-    ``k/outer``, ``k/widths`` (numbered, because space names may hold any character).
-    The file is written beside ``path`` under a temporary name and moved into place when
-    complete, so a failed save leaves no partial file.
+    Layout (format 2): ``__format__``, ``__meta__`` (JSON object) and ``__spaces__`` (JSON list
+    of the space names, in order) as strings; space k's fields under ``k/count``, ``k/sum``,
+    ``k/outer``, ``k/widths`` (numbered, because space and tensor names may hold any character).
+    With moments, ``__moments__`` (JSON list per model of its tensor names, in order) and tensor
+    k of model i under ``m<i>/<k>/count``, ``m<i>/<k>/mean``, ``m<i>/<k>/m2``. Format 1 is the
+    same without moments. The file is written beside ``path`` under a temporary name and moved
+    into place when complete, so a failed save leaves no partial file.
 
     Raises:
         OnnxMergeError: the file cannot be written (a folder, no space left...), in one line.
@@ -280,6 +359,14 @@ def save_stats(path: str | Path, stats: dict[str, SpaceStats], meta: dict[str, s
         space = stats[name]
         arrays.update({f"{index}/count": np.array(space.count, np.int64), f"{index}/sum": space.sum,
                        f"{index}/outer": space.outer, f"{index}/widths": np.array(space.widths, np.int64)})
+    moments = getattr(stats, "moments", None)
+    if moments is not None:
+        arrays[_MOMENTS_KEY] = np.array(json.dumps([list(model) for model in moments]))
+        for i, model in enumerate(moments):
+            for k, pooled in enumerate(model.values()):
+                arrays.update({f"m{i}/{k}/count": np.array(pooled.count, np.int64),
+                               f"m{i}/{k}/mean": np.asarray(pooled.mean, np.float64),
+                               f"m{i}/{k}/m2": np.asarray(pooled.m2, np.float64)})
 
     def write(temporary: str) -> None:
         with open(temporary, "wb") as handle:  # a file object, so numpy adds no .npz suffix
@@ -288,28 +375,26 @@ def save_stats(path: str | Path, stats: dict[str, SpaceStats], meta: dict[str, s
     write_atomically(path, write, "statistics")
 
 
-def load_stats(path: str | Path) -> tuple[dict[str, SpaceStats], dict[str, str]]:
-    """Statistics and metadata written by ``save_stats``.
+def load_stats(path: str | Path) -> tuple[Statistics, dict[str, str]]:
+    """Statistics (with their source moments, None in a format-1 file) and metadata written by
+    ``save_stats``.
 
     Raises:
         CalibrationError: the file is missing, not a statistics file, or inconsistent: a value
-            that is not finite, shapes that do not fit the widths, a count below 1 (see ``_space_from``),
-            or no variation at any space (statistics of constant calibration data).
+            that is not finite, shapes that do not fit the widths, a count below 1 (see ``_space_from``
+            and ``_moments_from``), or no variation at any space (statistics of constant calibration data).
     """
-    file = ArrayFile(path, "give a file written by onnxmerge calibrate")
+    file = ArrayFile(path, _FIX)
     try:
         arrays = {key: np.array(file.get(key)) for key in file.keys}
     finally:
         file.close()
-    if str(arrays.get(_FORMAT_KEY, "")) != _FORMAT:
-        raise CalibrationError(f"{path}: not an onnxmerge statistics file (no {_FORMAT} marker); "
-                               "give a file written by onnxmerge calibrate")
+    _check_format(path, arrays.get(_FORMAT_KEY, ""))
     try:
-        meta = json.loads(str(arrays[_META_KEY]))
-        if not isinstance(meta, dict):
-            raise ValueError("__meta__ is not a JSON object")
+        meta = _meta_from(arrays[_META_KEY])
         names = json.loads(str(arrays[_SPACES_KEY]))
         stats = {name: _space_from(arrays, index) for index, name in enumerate(names)}
+        moments = _moments_from(arrays.__getitem__, arrays.get(_MOMENTS_KEY))
     except (KeyError, ValueError, TypeError) as error:
         raise CalibrationError(f"{path}: damaged statistics file ({error}); "
                                "recompute it with onnxmerge calibrate") from error
@@ -317,7 +402,68 @@ def load_stats(path: str | Path) -> tuple[dict[str, SpaceStats], dict[str, str]]
         raise CalibrationError(f"{path}: no feature varies at any of the {len(stats)} spaces: the statistics were "
                                "computed from constant calibration data; recompute them with onnxmerge calibrate "
                                "on real samples")
-    return stats, meta
+    return Statistics(stats, moments), meta
+
+
+def load_moments(path: str | Path) -> tuple[SourceMoments | None, dict[str, str]]:
+    """The source moments of a statistics file (None when it has none) and its metadata, read
+    without its statistics, which may be as large as the models.
+
+    Raises:
+        CalibrationError: as ``load_stats``.
+    """
+    file = ArrayFile(path, _FIX)
+    try:
+        _check_format(path, file.get(_FORMAT_KEY) if _FORMAT_KEY in file.keys else "")
+        names = np.array(file.get(_MOMENTS_KEY)) if _MOMENTS_KEY in file.keys else None
+        return _moments_from(lambda key: np.array(file.get(key)), names), _meta_from(file.get(_META_KEY))
+    except (KeyError, ValueError, TypeError) as error:
+        raise CalibrationError(f"{path}: damaged statistics file ({error}); "
+                               "recompute it with onnxmerge calibrate") from error
+    finally:
+        file.close()
+
+
+def _check_format(path: str | Path, marker: np.ndarray | str) -> None:
+    if str(marker) not in _FORMATS:
+        raise CalibrationError(f"{path}: not an onnxmerge statistics file (no {_FORMAT} marker); {_FIX}")
+
+
+def _meta_from(text: np.ndarray) -> dict[str, str]:
+    meta = json.loads(str(text))
+    if not isinstance(meta, dict):
+        raise ValueError("__meta__ is not a JSON object")
+    return meta
+
+
+def _moments_from(get: Callable[[str], np.ndarray], names: np.ndarray | None) -> SourceMoments | None:
+    """The moments listed by ``__moments__`` (``names``; None: there are none), checked: an
+    integer count of at least one sample, finite float means and non-negative sums of squared
+    deviations of one shape.
+
+    Raises:
+        ValueError: what is wrong, naming the model and tensor.
+    """
+    if names is None:
+        return None
+    listed = json.loads(str(names))
+    if not isinstance(listed, list) or not all(isinstance(model, list) for model in listed):
+        raise ValueError("__moments__ is not a list of tensor names per model")
+    moments: SourceMoments = []
+    for i, tensors in enumerate(listed):
+        model = {}
+        for k, tensor in enumerate(tensors):
+            count, mean, m2 = (get(f"m{i}/{k}/{field}") for field in _MOMENT_FIELDS)
+            where = f"the moments of tensor {tensor!r} of model {i}"
+            if count.shape != () or count.dtype.kind not in "iu" or int(count) < 1:
+                raise ValueError(f"{where}: the count must be one integer of at least 1")
+            if mean.ndim != 1 or mean.shape != m2.shape or mean.dtype.kind != "f" or m2.dtype.kind != "f":
+                raise ValueError(f"{where}: means of shape {mean.shape} and squared deviations of shape {m2.shape}")
+            if not (np.isfinite(mean).all() and np.isfinite(m2).all()) or (m2 < 0).any():
+                raise ValueError(f"{where}: NaN, infinite or negative values")
+            model[str(tensor)] = ChannelMoments(int(count), mean.astype(np.float64), m2.astype(np.float64))
+        moments.append(model)
+    return moments
 
 
 def _space_from(arrays: dict[str, np.ndarray], index: int) -> SpaceStats:

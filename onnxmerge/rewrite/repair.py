@@ -27,7 +27,8 @@ import onnx_graphsurgeon as gs
 from onnx import helper, numpy_helper
 
 from ..calib.capture import open_session
-from ..calib.channels import ChannelMoments, measure, moment_constants, moment_nodes, with_moments
+from ..calib.channels import Tensors, measure, moment_constants, moment_nodes, with_moments
+from ..calib.stats import ChannelMoments, SourceMoments
 from ..graph.canonical import export_like
 from ..graph.surgery import replace_input
 from ..graph.layers import fold_affine
@@ -276,46 +277,50 @@ def repair_sources(members: list[Member], split: TrunkSplit, matchings: dict[int
     is not one of its graph ``outputs``, with its sources: a trunk layer's channels are the
     merge matrices' weighting of all models' channels (a fixed space the plain average); a
     layer of model i's head (after a partial cut) is that model's own."""
-    reference = members[0]
-    shapes = tensor_shapes(reference.model)
     plan = []
-    for k in weight_layers(reference.model, reference.graph):
-        node = reference.model.graph.node[k]
-        if node.op_type not in _REPAIRABLE:
-            continue
-        rank = len(shapes.get(node.output[0], ()))
-        axis = 1 if node.op_type != "MatMul" else rank - 1
-        if rank < 2 or axis not in reference.graph.layouts.get(node.output[0], {}):
-            continue
+    for k, axis, rank in _repairable(members[0]):
         if k in split.head_nodes:
             plan += [RepairSource(f"{m.model.graph.node[k].output[0]}_m{i}", axis, rank,
                                   ((i, m.model.graph.node[k].output[0], None),))
                      for i, m in enumerate(members)]
         else:
-            plan.append(RepairSource(node.output[0], axis, rank, tuple(
+            plan.append(RepairSource(members[0].model.graph.node[k].output[0], axis, rank, tuple(
                 (i, m.model.graph.node[k].output[0], merge_matrix(m, i, m.graph.layouts[m.model.graph.node[k].output[0]][axis],
                                                                    matchings, len(members)))
                 for i, m in enumerate(members))))
     return [p for p in plan if p.tensor not in outputs]
 
 
-def source_moments(members: list[Member], plan: list[RepairSource], batches: Callable[[int], Iterable],
-                   provider: str = "auto") -> list[dict[str, ChannelMoments]]:
-    """Per model, the pooled per-channel moments of its tensors the plan reads
-    (``batches(i)`` gives model i's feeds)."""
-    result = []
-    for i, member in enumerate(members):
-        tensors = {name: (p.axis, p.rank) for p in plan for index, name, _ in p.sources if index == i}
-        if not tensors:
-            result.append({})
+def _repairable(reference: Member) -> list[tuple[int, int, int]]:
+    """(node index, channel axis, rank) of each weight layer of model 0 whose output REPAIR can
+    correct: a Conv, ConvTranspose, Gemm or MatMul whose output has a tracked channel axis."""
+    shapes = tensor_shapes(reference.model)
+    layers = []
+    for k in weight_layers(reference.model, reference.graph):
+        node = reference.model.graph.node[k]
+        if node.op_type not in _REPAIRABLE:
             continue
-        model, outputs = with_moments(member.model, tensors)
-        session, _ = open_session(model, provider)
-        result.append(measure(session, outputs, batches(i)))
-    return result
+        rank = len(shapes.get(node.output[0], ()))
+        axis = 1 if node.op_type != "MatMul" else rank - 1
+        if rank >= 2 and axis in reference.graph.layouts.get(node.output[0], {}):
+            layers.append((k, axis, rank))
+    return layers
 
 
-def repair_targets(plan: list[RepairSource], moments: list[dict[str, ChannelMoments]]) -> list[RepairTarget]:
+def plan_tensors(plan: list[RepairSource], count: int) -> Tensors:
+    """Per model of ``count``, the source tensors the plan reads."""
+    return [{name: (p.axis, p.rank) for p in plan for index, name, _ in p.sources if index == i} for i in range(count)]
+
+
+def repairable_tensors(members: list[Member]) -> Tensors:
+    """Per model, every tensor a REPAIR plan of these models can read, whatever the cut and the
+    matchings: each repairable weight layer's output in every model (a trunk layer reads all of
+    them, a head layer its own model's)."""
+    layers = _repairable(members[0])
+    return [{m.model.graph.node[k].output[0]: (axis, rank) for k, axis, rank in layers} for m in members]
+
+
+def repair_targets(plan: list[RepairSource], moments: SourceMoments) -> list[RepairTarget]:
     """Each planned tensor's target mean and std: the merge matrices applied to the sources'
     (an unmerged per-model layer keeps its model's)."""
     targets = []

@@ -4,25 +4,32 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import onnx
 
+from ..calib.channels import source_moments
+from ..calib.stats import SourceMoments
 from ..choices import MIN_SAMPLES, REPAIRS
-from ..errors import RecipeError
+from ..errors import CalibrationError, RecipeError
 from ..options import MergeOptions
 from ..progress import progress
 from ..rewrite.merge import Member
-from ..rewrite.repair import insert_repair, repair_sources, repair_targets, reset_batch_norm, source_moments
+from ..rewrite.repair import RepairSource, insert_repair, plan_tensors, repair_sources, repair_targets, reset_batch_norm
+from .statistics import stored_moments
 
 
 log = logging.getLogger(__name__)
 
 
 def repair_merged(merged: onnx.ModelProto, members: list[Member], split, matchings, calib,
-            options: MergeOptions, same_base: bool = False) -> tuple[onnx.ModelProto, str, list[str]]:
+                  options: MergeOptions, same_base: bool = False,
+                  stats_files: Sequence[str] = ()) -> tuple[onnx.ModelProto, str, list[str]]:
     """BN reset or REPAIR of the merged model, as ``options.repair`` says (method.md §7); the
-    report's line about it and the tensors REPAIR corrected. A same-base merge (fine-tunes in
-    one basin, as the literature merges them) is repaired only when asked."""
+    report's line about it and the tensors REPAIR corrected. REPAIR takes its source moments
+    from ``stats_files`` when they all hold them, else measures the sources on ``calib``. A
+    same-base merge (fine-tunes in one basin, as the literature merges them) is repaired only
+    when asked."""
     if options.repair not in REPAIRS:
         raise RecipeError(f"unknown --repair {options.repair!r}; use one of {', '.join(REPAIRS)}")
     if same_base and options.repair == "auto":
@@ -31,13 +38,9 @@ def repair_merged(merged: onnx.ModelProto, members: list[Member], split, matchin
     mode = options.repair if options.repair != "auto" else ("reset" if has_bn else "repair")
     if mode == "none":
         return merged, "none", []
+    stored = stored_moments(members, split, list(stats_files)) if mode == "repair" else None
     if calib is None:
-        if options.repair != "auto":
-            raise RecipeError(f"--repair {mode} needs calibration data (--calib)")
-        log.warning("no calibration data, so the merged model is not repaired (%s) and its accuracy may "
-                    "collapse; pass --calib DATA (a few hundred inputs), or --repair none to silence this",
-                    "BN reset" if mode == "reset" else "REPAIR")
-        return merged, "none (no calibration data)", []
+        return merged, _unrepaired(mode, options.repair, stored is not None), []
     if mode == "reset" and not has_bn:
         raise RecipeError("--repair reset needs BatchNormalization nodes; use --repair repair for BN-free models")
     # in random order: a file sorted by class would otherwise give single-class batches
@@ -57,7 +60,48 @@ def repair_merged(merged: onnx.ModelProto, members: list[Member], split, matchin
     plan = repair_sources(members, split, matchings, {o.name for o in merged.graph.output})
     if not plan:
         return merged, "none (no weight layer output with a channel axis to repair)", []
-    targets = repair_targets(plan, source_moments(members, plan, batches, options.provider))
+    if stored is None:
+        tensors = plan_tensors(plan, len(members))
+        moments = source_moments([m.model for m in members], tensors, batches, options.provider)
+        origin = "measured on them"
+    else:
+        moments, origin = stored, f"from the statistics files, {_covering(plan, stored, stats_files)} samples"
+    targets = repair_targets(plan, moments)
     repaired, ran = insert_repair(merged, targets, batches, options.provider)
     tensors = [t.tensor for t in targets]
-    return repaired, f"REPAIR of {len(tensors)} tensors (on {ran}, {len(samples)} of {calib.num_samples} samples)", tensors
+    return repaired, (f"REPAIR of {len(tensors)} tensors (on {ran}, {len(samples)} of {calib.num_samples} samples; "
+                      f"source moments {origin})"), tensors
+
+
+def _unrepaired(mode: str, asked: str, stored: bool) -> str:
+    """The report's line for a merge without calibration data, after its one warning line
+    (``stored``: the statistics files hold REPAIR's source moments).
+
+    Raises:
+        RecipeError: the repair was asked for (not ``auto``).
+    """
+    name = "BN reset" if mode == "reset" else "REPAIR"
+    fix = ("the statistics files hold REPAIR's source moments, so it runs from them given a few hundred samples "
+           "with --calib DATA (--repair-samples N takes N of a larger set)" if stored
+           else "pass --calib DATA (a few hundred inputs)")
+    if asked != "auto":
+        raise RecipeError(f"--repair {mode} needs calibration data: {fix}")
+    log.warning("no calibration data, so the merged model is not repaired (%s) and its accuracy may collapse; "
+                "%s, or --repair none to silence this", name, fix)
+    return "none (no calibration data)"
+
+
+def _covering(plan: list[RepairSource], stored: SourceMoments, stats_files: Sequence[str]) -> int:
+    """The samples the stored moments were pooled over, after checking that they hold every
+    source tensor of the plan.
+
+    Raises:
+        CalibrationError: a source tensor has no stored moments.
+    """
+    for item in plan:
+        for index, name, _ in item.sources:
+            if name not in stored[index]:
+                raise CalibrationError(f"{', '.join(stats_files)}: no source moments of tensor {name!r} of model "
+                                       f"{index}; recompute the statistics with onnxmerge calibrate")
+    index, name, _ = plan[0].sources[0]
+    return stored[index][name].count

@@ -11,9 +11,11 @@ from dataclasses import replace
 import numpy as np
 
 from ..calib.capture import CaptureUnit, collect_statistics, plan_captures
-from ..calib.stats import combine_stats, load_stats
+from ..calib.channels import Tensors, source_moments
+from ..calib.stats import SourceMoments, SpaceStats, combine_moments, combine_stats, load_moments, load_stats
 from ..errors import CalibrationError
 from ..options import MergeOptions
+from ..progress import progress
 from ..rewrite.merge import Member
 
 
@@ -42,23 +44,61 @@ def statistics(members: list[Member], split, calib, stats_files, options: MergeO
     fingerprint = plan_fingerprint(members, units)
     shards, provider = [], "none"
     if calib is not None:
-        if options.ray is not None:  # shards of the samples on Ray workers (docs/scale.md)
-            from ..calib.distributed import collect_on_ray
-            computed, provider = collect_on_ray([m.model for m in members], per_model, calib, widths, options)
-        else:
-            computed, provider = collect_statistics([m.model for m in members], per_model,
-                                                    lockstep_batches(calib, len(members), options.batch_size), widths,
-                                                    options.provider)
+        computed, _, provider = collect(members, per_model, widths, calib, options)
         shards.append(({stats_key(u): s for u, s in zip(units, computed)}, {"fingerprint": fingerprint}))
     shards.extend(load_stats(path) for path in stats_files or [])
     if not shards:
         return units, [], provider
-    for path, (_, meta) in zip(stats_files or [], shards[-len(stats_files or []):]):
+    _check_fingerprints(stats_files or [], [meta for _, meta in shards[-len(stats_files or []):]], fingerprint)
+    combined = combine_stats(shards, consume=True)  # the shards are dropped: no second copy
+    return units, [combined[stats_key(u)] for u in units], provider
+
+
+def collect(members: list[Member], per_model: list[list[CaptureUnit]], widths: list[list[int]], calib,
+            options: MergeOptions, tensors: Tensors | None = None) -> tuple[list[SpaceStats], SourceMoments | None, str]:
+    """The statistics of the capture units (``plan_units``) on ``calib``, the source moments of
+    ``tensors`` (None without), and the provider; in shards on Ray workers with ``options.ray``
+    (docs/scale.md), else in this process."""
+    models = [m.model for m in members]
+    if options.ray is not None:
+        from ..calib.distributed import collect_on_ray
+        return collect_on_ray(models, per_model, calib, widths, options, tensors)
+    computed, provider = collect_statistics(models, per_model, lockstep_batches(calib, len(members), options.batch_size),
+                                            widths, options.provider)
+    if tensors is None:
+        return computed, None, provider
+    steps = -(-calib.num_samples // calib.batch_size(options.batch_size))
+
+    def batches(index: int):
+        return progress(calib.batches(index, options.batch_size), "source moments", steps, "batch")
+
+    return computed, source_moments(models, tensors, batches, options.provider), provider
+
+
+def stored_moments(members: list[Member], split, stats_files: list[str]) -> SourceMoments | None:
+    """REPAIR's source moments pooled over the statistics files (method.md §7), or None when
+    there are no files or one holds no moments (format 1, written before they were stored).
+
+    Raises:
+        CalibrationError: a file of other models or options, or a damaged one.
+    """
+    if not stats_files:
+        return None
+    shards = [load_moments(path) for path in stats_files]
+    missing = [path for path, (moments, _) in zip(stats_files, shards) if moments is None]
+    if missing:
+        log.info("%s holds no source moments (written before onnxmerge stored them)", missing[0])
+        return None
+    _check_fingerprints(stats_files, [meta for _, meta in shards], plan_fingerprint(members, plan_units(members, split)[0]))
+    return combine_moments([moments for moments, _ in shards], stats_files)
+
+
+def _check_fingerprints(paths: list[str], metas: list[dict[str, str]], fingerprint: str) -> None:
+    """Refuse statistics files computed for other models or plan options."""
+    for path, meta in zip(paths, metas):
         if meta.get("fingerprint") != fingerprint:
             raise CalibrationError(f"{path}: statistics of other models or options; recompute them with "
                                    "onnxmerge calibrate on the same models and --bn/--heads/--zip-layers")
-    combined = combine_stats(shards, consume=True)  # the shards are dropped: no second copy
-    return units, [combined[stats_key(u)] for u in units], provider
 
 
 def stats_key(unit: CaptureUnit) -> str:
