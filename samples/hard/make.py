@@ -36,6 +36,7 @@ ROTATE = 15.0        # random rotation, up to this many degrees either way
 NOISE = 0.3          # Gaussian noise std (pixels in [0, 1])
 COPIES = 4           # augmented copies of each training image
 WIDTHS = (16, 32, 64)
+BLOCKS = 2           # basic blocks per stage
 EPOCHS = 4
 MODELS = {"resnet_a": ("a", 1), "resnet_b": ("b", 2)}  # file stem -> (task, seed)
 
@@ -44,9 +45,9 @@ DIGITS = digits_sample.load("make")
 accuracy = DIGITS.accuracy  # a model's accuracy on its own task's test images
 
 
-def ResNet(widths: tuple[int, ...] = WIDTHS) -> nn.Module:  # noqa: N802 (the digits sample's model class)
-    """stem -> stages of 2 blocks at ``widths`` (stride 2 from the second) -> pool -> linear (5 classes)."""
-    return DIGITS.ResNet(widths=widths)
+def ResNet(widths: tuple[int, ...] = WIDTHS, blocks: int = BLOCKS) -> nn.Module:  # noqa: N802 (the digits sample's)
+    """stem -> stages of ``blocks`` blocks at ``widths`` (stride 2 from the second) -> pool -> linear (5 classes)."""
+    return DIGITS.ResNet(widths=widths, blocks=blocks)
 
 
 def augment(images: np.ndarray, copies: int, seed: int) -> np.ndarray:
@@ -79,6 +80,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE)
     parser.add_argument("--widths", default=",".join(map(str, WIDTHS)),
                         help="channels of the stem and stages, comma-separated (default %(default)s)")
+    parser.add_argument("--blocks", type=int, default=BLOCKS, help="basic blocks per stage (default %(default)s)")
     args = parser.parse_args()
     widths = tuple(int(w) for w in args.widths.split(","))
     torch.set_num_threads(1)
@@ -86,7 +88,7 @@ def main() -> None:
     x_train, y_train, x_test, y_test = data()
     for name, (task, seed) in MODELS.items():
         torch.manual_seed(seed)
-        model = DIGITS.train(ResNet(widths), x_train, y_train, TASKS[task], seed, epochs=EPOCHS, one_cycle=True)
+        model = DIGITS.train(ResNet(widths, args.blocks), x_train, y_train, TASKS[task], seed, epochs=EPOCHS, one_cycle=True)
         DIGITS.export_folded(model, args.out / f"{name}.onnx", SIZE)
         print(f"{name}: task accuracy {accuracy(model, x_test, y_test, TASKS[task]):.3f}", flush=True)
     DIGITS.save_data(args.out, x_train, x_test, y_test)
