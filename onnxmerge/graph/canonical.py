@@ -13,6 +13,7 @@ import contextlib
 import functools
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 
@@ -297,9 +298,12 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
              if v.type.tensor_type.HasField("shape") and not _invented(v)}
     if not all(name in known for node in inferred.graph.node for name in node.output if name) and _symbolic():
         try:
-            inferred = _symbolic_shapes(skeleton)
+            symbolic = _symbolic_shapes(skeleton)
         except Exception as error:  # best effort: the rules report what stays unknown
             log.info("symbolic shape inference failed: %s", error)
+        else:
+            _fill_unknown_dims(inferred.graph.value_info, symbolic.graph.value_info)
+            _fill_unknown_dims(inferred.graph.output, symbolic.graph.output)
     del model.graph.value_info[:]
     model.graph.value_info.extend(inferred.graph.value_info)
     # symbolic inference drops a declared output shape it cannot derive (a sequence input's items)
@@ -319,6 +323,32 @@ def _onnx_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         inferred = path + ".inferred.onnx"
         onnx.shape_inference.infer_shapes_path(path, inferred, strict_mode=False, data_prop=True)
         return onnx.load(inferred, load_external_data=False)
+
+
+def _fill_unknown_dims(ours, theirs) -> None:
+    """Complete ONNX's shapes (``ours``, in place) from symbolic inference's (``theirs``): a
+    tensor ONNX left unshaped takes theirs whole; a dim ONNX left unknown or named afresh takes
+    theirs when theirs is a size or a symbol of the inputs. Symbolic inference gives up on some
+    ops (Upsample) that ONNX knows, so neither replaces the other whole."""
+    mine = {v.name: v for v in ours}
+    for info in theirs:
+        have = mine.get(info.name)
+        if have is None or _unshaped(have):
+            if have is not None:
+                ours.remove(have)
+            ours.append(info)
+            continue
+        dims, others = have.type.tensor_type.shape.dim, info.type.tensor_type.shape.dim
+        if len(dims) != len(others):
+            continue
+        for dim, other in zip(dims, others):
+            known = dim.HasField("dim_value") or (dim.dim_param and not dim.dim_param.startswith("unk__"))
+            if not known and (other.HasField("dim_value") or (other.dim_param and not _SYMBOLIC_FRESH.search(other.dim_param))):
+                dim.CopyFrom(other)
+
+
+# names symbolic inference gives dims it cannot derive
+_SYMBOLIC_FRESH = re.compile(r"^unk__\d+$|__d\d+$")
 
 
 def _invented(info: onnx.ValueInfoProto) -> bool:
