@@ -96,8 +96,9 @@ def cmd_permute(args: argparse.Namespace) -> int:
 def _calibration_options(required: bool = False) -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("calibration")
-    group.add_argument("--calib", metavar="DATA", required=required,
-                       help=".npz (one array per input name, or one array) or .npy inputs")
+    group.add_argument("--calib", metavar="DATA", nargs="+", type=_data_file, required=required,
+                       help=".npz (one array per input name, or one array) or .npy inputs; several files are one "
+                            "data set, their samples in the order given (the same arrays in each)")
     group.add_argument("--batch-size", type=argument(int, 1), default=DEFAULTS.batch_size,
                        help=f"samples per onnxruntime run (default {DEFAULTS.batch_size})")
     group.add_argument("--max-samples", type=argument(int, 1), help="use at most this many calibration samples")
@@ -108,6 +109,14 @@ def _calibration_options(required: bool = False) -> argparse.ArgumentParser:
                        help=f"onnxruntime provider: auto uses CUDA when a session really runs on it "
                             f"(default {DEFAULTS.provider})")
     return parent
+
+
+def _data_file(text: str) -> str:
+    """A data file; a model's name is refused: ``--calib`` takes one or more files, so
+    ``--calib DATA A.onnx B.onnx`` would read the models as data."""
+    if text.endswith(".onnx"):
+        raise argparse.ArgumentTypeError(f"{text!r} is a model, not data; put --calib DATA after the models")
+    return text
 
 
 def _ray_options() -> argparse.ArgumentParser:
@@ -213,7 +222,7 @@ def cmd_align(args: argparse.Namespace) -> int:
     from .io import check_writable
     from .report import plot_alignment, render_alignment
     if args.plot:
-        check_writable(args.plot, "plot", [*args.models, args.calib])
+        check_writable(args.plot, "plot", [*args.models, *(args.calib or [])])
     alignment = api.align(args.models, args.calib, options=_options(args))
     report = describe_alignment(alignment)
     if args.plot:
@@ -239,7 +248,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from . import api
     from .results import check_outputs
     scope = _ray_scope(args)
-    check_outputs(args.output, args.report, True, [*args.models, args.base, args.calib, *(args.stats or [])])
+    check_outputs(args.output, args.report, True, [*args.models, args.base, *(args.calib or []), *(args.stats or [])])
     with scope:  # the outputs are checked before any work
         result = api.merge(args.models, args.calib, base=args.base, stats=args.stats, options=_options(args))
     _print_merge(result, result.save(args.output, report=args.report))
@@ -277,7 +286,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if not args.calib:
         raise OnnxMergeError("calibrate needs --calib DATA")
     scope = _ray_scope(args)
-    check_writable(args.output, "statistics", [*args.models, args.calib])
+    check_writable(args.output, "statistics", [*args.models, *args.calib])
     with scope:
         stats, meta = api.calibrate(args.models, args.calib, options=_options(args))
     save_stats(args.output, stats, meta)

@@ -137,13 +137,13 @@ def test_calibrate_requires_calib_and_says_so_in_its_help(capsys, tmp_path):
     with pytest.raises(SystemExit):
         main(["calibrate", "--help"])
     usage = capsys.readouterr().out
-    assert " --calib DATA" in usage and "[--calib DATA]" not in usage
+    assert " --calib DATA [DATA ...]" in usage and "[--calib DATA" not in usage
     with pytest.raises(SystemExit) as exited:
         main(["calibrate", VGG_A, VGG_B, "-o", str(tmp_path / "s.npz")])
     assert exited.value.code == 2 and "--calib" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["merge", "--help"])
-    assert "[--calib DATA]" in capsys.readouterr().out  # merge keeps it optional
+    assert "[--calib DATA [DATA ...]]" in capsys.readouterr().out  # merge keeps it optional
 
 
 # --- 2. array files ----------------------------------------------------------------------------
