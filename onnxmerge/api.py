@@ -241,16 +241,16 @@ def calibrate(models: Sequence[ModelLike], calibration: DataLike, *, options: Me
     return Statistics({stats_key(u): s for u, s in zip(units, stats)}, moments), meta
 
 
-def evaluate(models: Sequence[ModelLike], data: str | os.PathLike | dict, *, labels: str = "y",
-             tasks: str | None = None, ensemble: bool = False, provider: str = "auto") -> list[dict]:
+def evaluate(models: Sequence[ModelLike], data: str | os.PathLike | Sequence[str | os.PathLike] | dict, *,
+             labels: str = "y", tasks: str | None = None, ensemble: bool = False, provider: str = "auto") -> list[dict]:
     """Accuracy of models on class-split tasks (docs/method.md, evaluation): one row per model,
     or one for their ensemble, each ``{"model", "joint", "tasks": {name: accuracy}, "average"}``
     with accuracies in [0, 1].
 
     Args:
         models: ONNX file paths or ``onnx.ModelProto`` (a merged multi-head model, or sources).
-        data: an ``.npz`` path, or a dict of arrays: the inputs by name (or one array) and the
-            integer labels ``[N]`` under ``labels``.
+        data: an ``.npz`` path (or a list of them: one test set, in file order), or a dict of
+            arrays: the inputs by name (or one array) and the integer labels ``[N]`` under ``labels``.
         labels: the name of the labels array.
         tasks: each head's classes across all heads scored together: for a two-head merged
             model or an ensemble of two models ``0-4,5-9``; for one source model its own

@@ -112,10 +112,10 @@ def _calibration_options(required: bool = False) -> argparse.ArgumentParser:
 
 
 def _data_file(text: str) -> str:
-    """A data file; a model's name is refused: ``--calib`` takes one or more files, so
-    ``--calib DATA A.onnx B.onnx`` would read the models as data."""
+    """A data file; a model's name is refused: ``--calib`` and ``--data`` take one or more
+    files, so ``--calib DATA A.onnx B.onnx`` would read the models as data."""
     if text.endswith(".onnx"):
-        raise argparse.ArgumentTypeError(f"{text!r} is a model, not data; put --calib DATA after the models")
+        raise argparse.ArgumentTypeError(f"{text!r} is a model, not data; put the data files after the models")
     return text
 
 
@@ -420,7 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", parents=[_common_options()], help=cmd_eval.__doc__,
                                    description=cmd_eval.__doc__)
     evaluate.add_argument("models", nargs="+", help="ONNX files (a merged multi-head model, or source models)")
-    evaluate.add_argument("--data", required=True, help=".npz with the inputs and the labels")
+    evaluate.add_argument("--data", required=True, nargs="+", type=_data_file, metavar="DATA",
+                          help=".npz with the inputs and the labels; several files are one test set, in order")
     evaluate.add_argument("--labels", default="y", help="name of the labels array (default y)")
     evaluate.add_argument("--tasks", help="classes of each head, e.g. 0-4,5-9 (default: one head, classes 0..k-1)")
     evaluate.add_argument("--ensemble", action="store_true", help="score the models' outputs together as one multi-head model")

@@ -106,7 +106,7 @@ def test_calib_before_the_models_is_refused_naming_the_mix_up(capsys, command):
     with pytest.raises(SystemExit) as exited:
         main([command, "--calib", "calib.npz", "a.onnx", "b.onnx"])
     assert exited.value.code == 2
-    assert "--calib: 'a.onnx' is a model, not data; put --calib DATA after the models" in capsys.readouterr().err
+    assert "--calib: 'a.onnx' is a model, not data; put the data files after the models" in capsys.readouterr().err
 
 
 def test_repair_samples_below_one_is_refused_before_any_output(zoo_files, tmp_path, capsys):

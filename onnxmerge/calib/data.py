@@ -306,6 +306,10 @@ class CalibrationSet:
         part.dtypes, part.constant = self.dtypes, self.constant  # hold for any rows of the set
         return part
 
+    def samples_per_file(self) -> list[tuple[str, int]]:
+        """Each file read (or the arrays given) with the samples used of it, in order."""
+        return [(path, len(part)) for path, part in self._arrays.parts(self.keys[0])]
+
     @property
     def num_models(self) -> int:
         return len(self._bindings)
