@@ -160,8 +160,8 @@ class Files:
 
     def piece(self, rows: slice | np.ndarray, keys: list[str]) -> tuple["Piece", np.ndarray | None]:
         """Samples ``rows`` (a slice of step 1, or indices) of arrays ``keys`` as a ``Piece``:
-        the files from the one of the lowest sample to the one of the highest, each with its
-        range of samples, and the rows within the piece (None: all of it, in order)."""
+        the files (absolute paths) from the one of the lowest sample to the one of the highest,
+        each with its range of samples, and the rows within the piece (None: all of it, in order)."""
         if isinstance(rows, slice):
             low, high, local = rows.start, rows.stop, None
         else:
@@ -171,7 +171,9 @@ class Files:
         ranges, start = [], 0
         for file, length in zip(self.files, lengths):
             if start < high and start + length > low:
-                ranges.append((file.path, os.path.getsize(file.path), max(low - start, 0), min(high - start, length)))
+                # absolute: a worker's working folder need not be the driver's
+                ranges.append((os.path.abspath(file.path), os.path.getsize(file.path), max(low - start, 0),
+                               min(high - start, length)))
             start += length
         layout = {key: (self.get(key).dtype, self.get(key).shape[1:]) for key in keys}
         return Piece(ranges, layout), local
