@@ -1,6 +1,7 @@
 """Calibration inputs: every malformed file is refused with a one-line message naming it."""
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -300,3 +301,21 @@ def test_bad_values_name_the_file_that_holds_them(tmp_path):
     with pytest.raises(CalibrationError, match="2 NaN") as caught:
         load_calibration(paths, _specs(_image_model()))
     assert str(caught.value).startswith(f"{paths[1]}: array 'x' has 2 NaN")
+
+
+def test_more_files_than_the_process_may_open_at_once(tmp_path):
+    """Files are mapped only while read: a mapping keeps a file descriptor open."""
+    resource = pytest.importorskip("resource")
+    paths = []
+    for index in range(60):
+        paths.append(tmp_path / f"part{index:02d}.npy")
+        np.save(paths[-1], _data(60)[index:index + 1])
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    opened = len(list(Path("/proc/self/fd").iterdir())) if Path("/proc/self/fd").is_dir() else 64
+    resource.setrlimit(resource.RLIMIT_NOFILE, (opened + 30, hard))
+    try:
+        calib = load_calibration(paths, _specs(_image_model()))
+        fed = np.concatenate([f["x"] for f in calib.batches(0, 7)])
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    np.testing.assert_array_equal(fed, _data(60))

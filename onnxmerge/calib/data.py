@@ -24,6 +24,7 @@ Rules (method.md §2 runs every model on the same samples):
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,7 +37,6 @@ from ..errors import CalibrationError, UnsupportedGraphError
 from .arrays import SINGLE as _SINGLE
 from .arrays import describe as _describe
 from .files import Files, Piece
-from .files import release as _release
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +162,15 @@ def _check_layout(path: str, spec: InputSpec, key: str, array: np.ndarray, model
 
 def _shape_text(shape: tuple[int | None, ...]) -> str:
     return "[" + ", ".join("?" if dim is None else str(dim) for dim in shape) + "]"
+
+
+def _release(array: np.ndarray) -> None:
+    """Drop a memory-mapped array's pages from this process (they stay in the OS page cache):
+    read pages count as resident memory, which would otherwise grow with the data set. (Files
+    are mapped only while read, files.Mapped; this is for arrays given in memory that are maps.)"""
+    mapping = getattr(array, "_mmap", None)  # np.memmap keeps its mmap object here
+    if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+        mapping.madvise(mmap.MADV_DONTNEED)
 
 
 def _check_values(path: str, key: str, array: np.ndarray, targets: set[np.dtype],
@@ -379,7 +388,8 @@ def load_calibration(path: str | Path | Sequence[str | Path] | Mapping[str, np.n
             docstring); False leaves each model's fixed batch size to the caller (``eval``).
 
     Returns:
-        The checked set; every array in use is memory-mapped (.npy) or loaded (.npz).
+        The checked set; every array in use is memory-mapped while read (.npy, uncompressed .npz)
+        or loaded (compressed .npz).
 
     Raises:
         CalibrationError: unreadable file, missing input, wrong rank, fixed dimension or dtype,

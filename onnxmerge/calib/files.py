@@ -5,8 +5,9 @@ read as one: array ``key`` is the files' ``key`` arrays one after the other alon
   shape past axis 0) in all files, and within each file every array used has the same number
   of samples. Each is checked from the headers before any data is read (calib/arrays.py reads
   and checks a single file), and a file that differs is named with the array.
-- A ``.npy`` and an uncompressed ``.npz`` member stay memory-mapped; indexing the joined array
-  (``Joined``) reads just the samples asked for, from the files that hold them.
+- A ``.npy`` and an uncompressed ``.npz`` member are memory-mapped only while they are read
+  (``Mapped``): a set of thousands of files holds no file open, and the pages read leave this
+  process at once. A compressed member is read into memory when first used.
 - ``Files.piece`` describes samples ``rows`` as the files, their sizes and the sample range
   of each: a few hundred bytes to send to a Ray worker (calib/distributed.py), which opens the
   files itself (``Piece``, shared storage) and checks that they are the ones the driver read.
@@ -14,14 +15,13 @@ read as one: array ``key`` is the files' ``key`` arrays one after the other alon
 
 from __future__ import annotations
 
-import mmap
 import os
 from collections.abc import Sequence
 
 import numpy as np
 
 from ..errors import CalibrationError
-from .arrays import SINGLE, ArrayFile, describe
+from .arrays import SINGLE, ArrayFile, Member, describe, mapped
 
 FIX = "save the inputs with numpy.save or numpy.savez"
 _SAME = "save every calibration file with the same arrays, dtypes and sample shapes"
@@ -34,13 +34,32 @@ def label(paths: Sequence[str]) -> str:
     return paths[0] if len(paths) == 1 else f"{paths[0]} .. {paths[-1]} ({len(paths)} files)"
 
 
-def release(array) -> None:
-    """Drop a memory-mapped array's pages from this process (they stay in the OS page cache):
-    read pages count as resident memory, which would otherwise grow with the data set."""
-    for part in array.parts if isinstance(array, Joined) else (array,):
-        mapping = getattr(part, "_mmap", None)  # np.memmap keeps its mmap object here
-        if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
-            mapping.madvise(mmap.MADV_DONTNEED)
+class Mapped:
+    """Samples ``start:stop`` of an array that can be memory-mapped, mapped while indexed only:
+    ``mapped[rows]`` (a slice or indices of those samples) is an array of those samples, a view
+    of a mapping of its own for a slice. A mapping keeps a file descriptor, so holding one per
+    file would stop sets of more files than the process may open.
+
+    Attributes:
+        shape, dtype, ndim: of the samples ``start:stop``.
+    """
+
+    def __init__(self, path: str, member: Member, start: int = 0, stop: int | None = None):
+        self.path, self.member = path, member
+        self.start, self.stop = start, member.shape[0] if stop is None else stop
+        self.dtype = member.dtype
+        self.shape = (self.stop - self.start, *member.shape[1:])
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def window(self, start: int, stop: int) -> "Mapped":
+        """Samples ``start:stop`` of these, still unread."""
+        return Mapped(self.path, self.member, self.start + start, self.start + min(stop, len(self)))
+
+    def __getitem__(self, rows: slice | np.ndarray) -> np.ndarray:
+        return mapped(self.path, self.member)[self.start:self.stop][rows]  # a slice: a view, unmapped when dropped
 
 
 class Joined:
@@ -49,11 +68,10 @@ class Joined:
     hold them.
 
     Attributes:
-        parts: the files' arrays, in order.
         shape, dtype, ndim: as of the concatenation.
     """
 
-    def __init__(self, parts: list[np.ndarray]):
+    def __init__(self, parts: list[Mapped | np.ndarray]):
         self.parts = parts
         self._starts = np.cumsum([0, *(len(part) for part in parts)])
         self.dtype = parts[0].dtype
@@ -72,22 +90,25 @@ class Joined:
         return out
 
 
-def _joined(parts: list[np.ndarray]):
+def _joined(parts: list[Mapped | np.ndarray]) -> Mapped | np.ndarray | Joined:
     return parts[0] if len(parts) == 1 else Joined(parts)
 
 
-def _cut(parts: list[np.ndarray], count: int) -> list[np.ndarray]:
-    """The first ``count`` samples of the parts; a part read into memory (a compressed member)
-    is copied, so that the samples dropped are freed, a memory map stays a view."""
-    kept = []
-    for part in parts:
-        if count <= 0:
-            break
-        if len(part) > count:
-            part = part[:count] if isinstance(part, np.memmap) else part[:count].copy()
-        kept.append(part)
-        count -= len(part)
-    return kept
+def _window(part: Mapped | np.ndarray, start: int, stop: int) -> Mapped | np.ndarray:
+    """Samples ``start:stop`` of a part; one read into memory is copied, so that the samples
+    left out are freed."""
+    return part.window(start, stop) if isinstance(part, Mapped) else part[start:stop].copy()
+
+
+def _part(path: str, key: str, fix: str) -> tuple[Member, Mapped | np.ndarray]:
+    """Array ``key`` of one file: its checked header, and the array as ``Mapped`` when it can be
+    memory-mapped, else read (a compressed .npz member, or no data); the file is left closed."""
+    file = ArrayFile(path, fix)
+    try:
+        member = file.member(key)
+        return member, Mapped(path, member) if member.offset is not None and member.nbytes else file.get(key)
+    finally:
+        file.close()
 
 
 class Files:
@@ -105,48 +126,49 @@ class Files:
     def __init__(self, paths: Sequence[str], exclude: tuple[str, ...] = ()):
         if not paths:
             raise CalibrationError("no calibration files given; give one or more .npz/.npy files")
-        self.files = [ArrayFile(path, FIX) for path in paths]
-        self.path = label([file.path for file in self.files])
-        self.keys = [key for key in self.files[0].keys if key not in exclude]
-        for file in self.files[1:]:
-            keys = [key for key in file.keys if key not in exclude]
-            if set(keys) != set(self.keys):
-                raise CalibrationError(f"{file.path}: arrays {_names(keys)} where {self.files[0].path} has "
-                                       f"{_names(self.keys)}; {_SAME}")
-        self._parts: dict[str, list[np.ndarray]] = {}
+        self.paths = list(paths)
+        self.path = label(self.paths)
+        names = []
+        for path in self.paths:
+            file = ArrayFile(path, FIX)
+            file.close()
+            names.append([key for key in file.keys if key not in exclude])
+            if set(names[-1]) != set(names[0]):
+                raise CalibrationError(f"{path}: arrays {_names(names[-1])} where {self.paths[0]} has "
+                                       f"{_names(names[0])}; {_SAME}")
+        self.keys = names[0]
+        self._parts: dict[str, list[Mapped | np.ndarray]] = {}
         self._counts: tuple[str, list[int]] | None = None  # an array read first and its samples per file
         self._limit: int | None = None
 
-    def get(self, key: str):
-        """Array ``key`` of all files: a file's own array (memory-mapped when it can be) for one
-        file, a ``Joined`` for several."""
+    def get(self, key: str) -> Mapped | np.ndarray | Joined:
+        """Array ``key`` of all files: one file's own array, or a ``Joined`` of several."""
         if key not in self._parts:
             self._parts[key] = self._read(key)
         return _joined(self._parts[key])
 
-    def parts(self, key: str) -> list[tuple[str, np.ndarray]]:
+    def parts(self, key: str) -> list[tuple[str, Mapped | np.ndarray]]:
         """Array ``key`` of each file (the samples in use) with the file's path."""
         self.get(key)
-        return [(file.path, part) for file, part in zip(self.files, self._parts[key])]
+        return list(zip(self.paths, self._parts[key]))
 
-    def _read(self, key: str) -> list[np.ndarray]:
-        first = self.files[0].member(key)
-        for file in self.files[1:]:
-            member = file.member(key)
+    def _read(self, key: str) -> list[Mapped | np.ndarray]:
+        members, parts = zip(*(_part(path, key, FIX) for path in self.paths))
+        first = members[0]
+        for path, member in zip(self.paths[1:], members[1:]):
             if (member.dtype, member.shape[1:]) != (first.dtype, first.shape[1:]):
-                raise CalibrationError(f"{file.path}: {describe(key)} has dtype {member.dtype} and samples of shape "
-                                       f"{member.shape[1:]} where {self.files[0].path} has {first.dtype} and "
+                raise CalibrationError(f"{path}: {describe(key)} has dtype {member.dtype} and samples of shape "
+                                       f"{member.shape[1:]} where {self.paths[0]} has {first.dtype} and "
                                        f"{first.shape[1:]}; {_SAME}")
-        counts = [file.member(key).shape[0] for file in self.files]
-        if len(self.files) > 1 and self._counts is not None:
+        counts = [member.shape[0] for member in members]
+        if len(self.paths) > 1 and self._counts is not None:
             other, known = self._counts
-            for file, count, want in zip(self.files, counts, known):
+            for path, count, want in zip(self.paths, counts, known):
                 if count != want:
-                    raise CalibrationError(f"{file.path}: {describe(key)} has {count} samples and {describe(other)} "
+                    raise CalibrationError(f"{path}: {describe(key)} has {count} samples and {describe(other)} "
                                            f"{want}; give every input the same samples along axis 0 in each file")
         self._counts = self._counts or (key, counts)
-        parts = [file.get(key) for file in self.files]
-        return parts if self._limit is None else _cut(parts, self._limit)
+        return list(parts) if self._limit is None else _cut(list(parts), self._limit)
 
     def truncate(self, count: int) -> None:
         """Use only the first ``count`` samples (of every array, read or not)."""
@@ -154,9 +176,7 @@ class Files:
         self._parts = {key: _cut(parts, count) for key, parts in self._parts.items()}
 
     def close(self) -> None:
-        """Close the .npz files; arrays already read stay usable."""
-        for file in self.files:
-            file.close()
+        """Nothing to close: the files are open only while read."""
 
     def piece(self, rows: slice | np.ndarray, keys: list[str]) -> tuple["Piece", np.ndarray | None]:
         """Samples ``rows`` (a slice of step 1, or indices) of arrays ``keys`` as a ``Piece``:
@@ -167,16 +187,26 @@ class Files:
         else:
             low, high = int(rows.min()), int(rows.max()) + 1
             local = rows - low
-        lengths = [len(part) for part in self._parts[keys[0]]]
         ranges, start = [], 0
-        for file, length in zip(self.files, lengths):
-            if start < high and start + length > low:
+        for path, part in zip(self.paths, self._parts[keys[0]]):
+            if start < high and start + len(part) > low:
                 # absolute: a worker's working folder need not be the driver's
-                ranges.append((os.path.abspath(file.path), os.path.getsize(file.path), max(low - start, 0),
-                               min(high - start, length)))
-            start += length
+                ranges.append((os.path.abspath(path), os.path.getsize(path), max(low - start, 0),
+                               min(high - start, len(part))))
+            start += len(part)
         layout = {key: (self.get(key).dtype, self.get(key).shape[1:]) for key in keys}
         return Piece(ranges, layout), local
+
+
+def _cut(parts: list[Mapped | np.ndarray], count: int) -> list[Mapped | np.ndarray]:
+    """The first ``count`` samples of the parts."""
+    kept = []
+    for part in parts:
+        if count <= 0:
+            break
+        kept.append(part if len(part) <= count else _window(part, 0, count))
+        count -= len(part)
+    return kept
 
 
 class Piece:
@@ -196,36 +226,28 @@ class Piece:
         first, last = ranges[0], ranges[-1]
         self.path = (f"{first[0]} [samples {first[2]}:{first[3]}]" if len(ranges) == 1 else
                      f"{first[0]} [samples {first[2]}:] .. {last[0]} [samples :{last[3]}] ({len(ranges)} files)")
-        self._files: dict[str, ArrayFile] = {}
-        self._arrays: dict[str, np.ndarray | Joined] = {}
+        self._arrays: dict[str, Mapped | np.ndarray | Joined] = {}
 
     def __getstate__(self) -> dict:
-        # what is sent is the description: files opened here are opened again where it is read
-        return {**self.__dict__, "_files": {}, "_arrays": {}}
+        return {**self.__dict__, "_arrays": {}}  # what is sent is the description, never data read here
 
-    def get(self, key: str):
-        """Array ``key`` of the piece's samples, read from the files (memory-mapped where they can be)."""
+    def get(self, key: str) -> Mapped | np.ndarray | Joined:
+        """Array ``key`` of the piece's samples, read from the files."""
         if key not in self._arrays:
             dtype, sample = self.layout[key]
             parts = []
             for path, size, start, stop in self.ranges:
-                file = self._open(path, size)
-                member = file.member(key)
+                member, part = _part(path, key, _WORKER)
+                if os.path.getsize(path) != size:
+                    raise CalibrationError(f"{path}: {os.path.getsize(path)} bytes where the driver read {size}; "
+                                           f"{_WORKER}")
                 if member.dtype != dtype or member.shape[1:] != sample or member.shape[0] < stop:
                     raise CalibrationError(f"{path}: {describe(key)} has dtype {member.dtype} and shape {member.shape} "
                                            f"where the driver read {dtype}, samples of shape {sample} and at least "
                                            f"{stop} samples; {_WORKER}")
-                parts.append(file.get(key)[start:stop])
+                parts.append(_window(part, start, stop))
             self._arrays[key] = _joined(parts)
         return self._arrays[key]
-
-    def _open(self, path: str, size: int) -> ArrayFile:
-        if path not in self._files:
-            file = ArrayFile(path, _WORKER)
-            if os.path.getsize(path) != size:
-                raise CalibrationError(f"{path}: {os.path.getsize(path)} bytes where the driver read {size}; {_WORKER}")
-            self._files[path] = file
-        return self._files[path]
 
 
 def _names(keys: list[str]) -> str:
