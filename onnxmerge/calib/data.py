@@ -431,7 +431,7 @@ def load_calibration(path: str | Path | Sequence[str | Path] | Mapping[str, np.n
     joint, constant = np.zeros(num_samples), {}
     for index, key in enumerate(used):
         targets = {spec.dtype for bound in bindings for spec, bound_key in bound if bound_key == key}
-        checked = [_check_values(file, key, part, targets, seed=index) for file, part in arrays.parts(key)]
+        checked = [_check_values(file, key, part, targets, seed=index) for file, part in arrays.parts(key) if len(part)]
         joint += np.concatenate([projection for projection, _ in checked])
         values = {value for _, value in checked}
         if len(values) == 1 and None not in values:
