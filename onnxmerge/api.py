@@ -56,7 +56,8 @@ def merge(models: Sequence[ModelLike], calibration: DataLike | None = None, *, b
     Args:
         models: two or more ONNX file paths or ``onnx.ModelProto``; model 0 is the reference
             whose graph the merged trunk keeps. Not modified.
-        calibration: inputs for statistics and repair: a ``.npz``/``.npy`` path, a float32
+        calibration: inputs for statistics and repair: a ``.npz``/``.npy`` path, a list of
+            such paths (shards of one data set with the same arrays, read in order), a float32
             array ``[N, ...]`` (the models' sole input), a dict of arrays by input name, or an
             iterable of such batches (tensors with ``.numpy()`` work); a few hundred samples.
         base: the pre-trained model the ``models`` were fine-tuned from (task-arithmetic, ties
@@ -130,7 +131,7 @@ def run(recipe: str | os.PathLike) -> MergeResult:
     check_writable(plan.output, "merged model", [recipe, *plan.input_paths()])
     if plan.report is not None:  # before any work, as the merge command
         check_writable(plan.report, "report", [recipe, *plan.input_paths(), plan.output])
-    calibration = plan.calibration.path if plan.calibration else None
+    calibration = [entry.path for entry in plan.calibration] or None
     result = merge([m.path for m in plan.models], calibration, base=plan.base.path if plan.base else None,
                    stats=[s.path for s in plan.stats], options=plan.options)
     same = os.path.exists(recipe_path(plan.output)) and os.path.samefile(recipe, recipe_path(plan.output))
@@ -240,16 +241,16 @@ def calibrate(models: Sequence[ModelLike], calibration: DataLike, *, options: Me
     return Statistics({stats_key(u): s for u, s in zip(units, stats)}, moments), meta
 
 
-def evaluate(models: Sequence[ModelLike], data: str | os.PathLike | dict, *, labels: str = "y",
-             tasks: str | None = None, ensemble: bool = False, provider: str = "auto") -> list[dict]:
+def evaluate(models: Sequence[ModelLike], data: str | os.PathLike | Sequence[str | os.PathLike] | dict, *,
+             labels: str = "y", tasks: str | None = None, ensemble: bool = False, provider: str = "auto") -> list[dict]:
     """Accuracy of models on class-split tasks (docs/method.md, evaluation): one row per model,
     or one for their ensemble, each ``{"model", "joint", "tasks": {name: accuracy}, "average"}``
     with accuracies in [0, 1].
 
     Args:
         models: ONNX file paths or ``onnx.ModelProto`` (a merged multi-head model, or sources).
-        data: an ``.npz`` path, or a dict of arrays: the inputs by name (or one array) and the
-            integer labels ``[N]`` under ``labels``.
+        data: an ``.npz`` path (or a list of them: one test set, in file order), or a dict of
+            arrays: the inputs by name (or one array) and the integer labels ``[N]`` under ``labels``.
         labels: the name of the labels array.
         tasks: each head's classes across all heads scored together: for a two-head merged
             model or an ensemble of two models ``0-4,5-9``; for one source model its own

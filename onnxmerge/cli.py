@@ -96,8 +96,9 @@ def cmd_permute(args: argparse.Namespace) -> int:
 def _calibration_options(required: bool = False) -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("calibration")
-    group.add_argument("--calib", metavar="DATA", required=required,
-                       help=".npz (one array per input name, or one array) or .npy inputs")
+    group.add_argument("--calib", metavar="DATA", nargs="+", type=_data_file, required=required,
+                       help=".npz (one array per input name, or one array) or .npy inputs; several files are one "
+                            "data set, their samples in the order given (the same arrays in each)")
     group.add_argument("--batch-size", type=argument(int, 1), default=DEFAULTS.batch_size,
                        help=f"samples per onnxruntime run (default {DEFAULTS.batch_size})")
     group.add_argument("--max-samples", type=argument(int, 1), help="use at most this many calibration samples")
@@ -108,6 +109,14 @@ def _calibration_options(required: bool = False) -> argparse.ArgumentParser:
                        help=f"onnxruntime provider: auto uses CUDA when a session really runs on it "
                             f"(default {DEFAULTS.provider})")
     return parent
+
+
+def _data_file(text: str) -> str:
+    """A data file; a model's name is refused: ``--calib`` and ``--data`` take one or more
+    files, so ``--calib DATA A.onnx B.onnx`` would read the models as data."""
+    if text.endswith(".onnx"):
+        raise argparse.ArgumentTypeError(f"{text!r} is a model, not data; put the data files after the models")
+    return text
 
 
 def _ray_options() -> argparse.ArgumentParser:
@@ -213,7 +222,7 @@ def cmd_align(args: argparse.Namespace) -> int:
     from .io import check_writable
     from .report import plot_alignment, render_alignment
     if args.plot:
-        check_writable(args.plot, "plot", [*args.models, args.calib])
+        check_writable(args.plot, "plot", [*args.models, *(args.calib or [])])
     alignment = api.align(args.models, args.calib, options=_options(args))
     report = describe_alignment(alignment)
     if args.plot:
@@ -239,7 +248,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from . import api
     from .results import check_outputs
     scope = _ray_scope(args)
-    check_outputs(args.output, args.report, True, [*args.models, args.base, args.calib, *(args.stats or [])])
+    check_outputs(args.output, args.report, True, [*args.models, args.base, *(args.calib or []), *(args.stats or [])])
     with scope:  # the outputs are checked before any work
         result = api.merge(args.models, args.calib, base=args.base, stats=args.stats, options=_options(args))
     _print_merge(result, result.save(args.output, report=args.report))
@@ -277,7 +286,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if not args.calib:
         raise OnnxMergeError("calibrate needs --calib DATA")
     scope = _ray_scope(args)
-    check_writable(args.output, "statistics", [*args.models, args.calib])
+    check_writable(args.output, "statistics", [*args.models, *args.calib])
     with scope:
         stats, meta = api.calibrate(args.models, args.calib, options=_options(args))
     save_stats(args.output, stats, meta)
@@ -411,7 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", parents=[_common_options()], help=cmd_eval.__doc__,
                                    description=cmd_eval.__doc__)
     evaluate.add_argument("models", nargs="+", help="ONNX files (a merged multi-head model, or source models)")
-    evaluate.add_argument("--data", required=True, help=".npz with the inputs and the labels")
+    evaluate.add_argument("--data", required=True, nargs="+", type=_data_file, metavar="DATA",
+                          help=".npz with the inputs and the labels; several files are one test set, in order")
     evaluate.add_argument("--labels", default="y", help="name of the labels array (default y)")
     evaluate.add_argument("--tasks", help="classes of each head, e.g. 0-4,5-9 (default: one head, classes 0..k-1)")
     evaluate.add_argument("--ensemble", action="store_true", help="score the models' outputs together as one multi-head model")

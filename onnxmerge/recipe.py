@@ -57,7 +57,8 @@ class Recipe:
     Attributes:
         models: the models, model 0 first.
         base: the base model of a same-base merge (``--base``), or None.
-        calibration: the calibration data, or None.
+        calibration: the calibration data: its files in sample order, or the arrays given in
+            memory; none without.
         stats: statistics files.
         options: every merge option (the method resolved: never None).
         output, report: where ``onnxmerge run`` writes the model and the JSON report (None:
@@ -65,7 +66,7 @@ class Recipe:
     """
 
     models: tuple[Entry, ...]
-    calibration: Entry | None
+    calibration: tuple[Entry, ...]
     stats: tuple[Entry, ...]
     options: MergeOptions
     base: Entry | None = None
@@ -81,13 +82,14 @@ class Recipe:
         def entry(source) -> Entry:
             return Entry(source.path and os.path.abspath(source.path), source.file_name, source.sha256)
 
+        def file(path: str) -> Entry:
+            return Entry(os.path.abspath(path), os.path.basename(path), model_sha256(path))
+
         models = tuple(entry(s) for s in sources)
-        calibration = None
+        calibration = ()
         if data is not None:
-            path = os.path.abspath(data.content) if isinstance(data.content, str) else None
-            calibration = Entry(path, data.file_name, data.sha256())
-        entries = tuple(Entry(os.path.abspath(p), os.path.basename(p), model_sha256(p)) for p in stats)
-        return cls(models, calibration, entries, options, None if base is None else entry(base))
+            calibration = tuple(map(file, data.paths)) or (Entry(None, data.name, data.arrays_sha256()),)
+        return cls(models, calibration, tuple(map(file, stats)), options, None if base is None else entry(base))
 
     @property
     def runnable(self) -> bool:
@@ -95,8 +97,7 @@ class Recipe:
         return all(entry.path is not None for entry in self.entries())
 
     def entries(self) -> list[Entry]:
-        return [*([self.base] if self.base else []), *self.models, *([self.calibration] if self.calibration else []),
-                *self.stats]
+        return [*([self.base] if self.base else []), *self.models, *self.calibration, *self.stats]
 
     def input_paths(self) -> list[str]:
         return [entry.path for entry in self.entries() if entry.path is not None]
@@ -111,8 +112,9 @@ class Recipe:
         if self.base is not None:
             document["base"] = self.base.to_dict(folder)
         document["models"] = [m.to_dict(folder) for m in self.models]
-        if self.calibration is not None:
-            document["calibration"] = self.calibration.to_dict(folder)
+        if self.calibration:  # one file as before several were read: a mapping, several a list
+            calibration = [c.to_dict(folder) for c in self.calibration]
+            document["calibration"] = calibration[0] if len(calibration) == 1 else calibration
         if self.stats:
             document["stats"] = [s.to_dict(folder) for s in self.stats]
         document.update({key: values.pop(key) for key in TOP_LEVEL})
@@ -208,7 +210,7 @@ class _Reader:
             raise self.fail((_group(name), name) if _group(name) else (name,), str(error)) from None
         base = document.get("base")
         return Recipe(tuple(self.entry(("models", i), m) for i, m in enumerate(models)),
-                      None if calibration is None else self.entry(("calibration",), calibration),
+                      self.calibration(calibration),
                       tuple(self.entry(("stats", i), s) for i, s in enumerate(stats)), options,
                       None if base is None else self.entry(("base",), base),
                       self.output("output", document.get("output")), self.output("report", document.get("report")))
@@ -217,6 +219,16 @@ class _Reader:
         for name in mapping:
             if name not in allowed:
                 raise self.fail((*key, name), f"unknown key; use {', '.join(allowed)}")
+
+    def calibration(self, value) -> tuple[Entry, ...]:
+        """The calibration files: one entry, or a list of them (shards read in order)."""
+        if value is None:
+            return ()
+        if value == []:
+            raise self.fail(("calibration",), "list one or more calibration files, or leave calibration out")
+        if isinstance(value, list):
+            return tuple(self.entry(("calibration", i), v) for i, v in enumerate(value))
+        return (self.entry(("calibration",), value),)
 
     def entry(self, key: tuple, value) -> Entry:
         """A file entry: a path, or ``{path, sha256}``; the path relative to the recipe's folder."""

@@ -22,7 +22,7 @@ non-negative integer class per sample.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -71,11 +71,13 @@ def parse_tasks(text: str) -> list[list[int]]:
 _DATA_FIX = "give an .npz with the input arrays and the labels, e.g. numpy.savez(path, input=x, y=labels)"
 
 
-def load_test_data(path: str | os.PathLike | Mapping, specs_per_model: list[list[InputSpec]], labels_key: str = "y",
+def load_test_data(path: str | os.PathLike | Sequence[str | os.PathLike] | Mapping,
+                   specs_per_model: list[list[InputSpec]], labels_key: str = "y",
                    model_names: list[str] | None = None) -> tuple[CalibrationSet, np.ndarray]:
     """The inputs (every array but the labels), checked against each model's inputs as
     calibration data is and read batch by batch, and the labels: one class per sample. ``path``
-    may also be the arrays in memory, by name (the Python API).
+    may also be several files, one test set in file order (as calibration files), or the
+    arrays in memory, by name (the Python API).
 
     Raises:
         CalibrationError: not an .npz, no labels or no inputs, inputs that calibration would
@@ -84,6 +86,13 @@ def load_test_data(path: str | os.PathLike | Mapping, specs_per_model: list[list
     """
     if isinstance(path, Mapping):
         return _arrays_in_memory(dict(path), specs_per_model, labels_key, model_names)
+    paths = [os.fspath(path)] if isinstance(path, (str, os.PathLike)) else [os.fspath(p) for p in path]
+    labels = [_file_labels(p, labels_key) for p in paths]
+    return _inputs(paths, specs_per_model, labels_key, model_names, labels), np.concatenate(labels)
+
+
+def _file_labels(path: str, labels_key: str) -> np.ndarray:
+    """The labels of one test file, which must hold inputs besides them."""
     file = ArrayFile(path, _DATA_FIX)
     try:
         if file.kind == "npy":
@@ -94,10 +103,9 @@ def load_test_data(path: str | os.PathLike | Mapping, specs_per_model: list[list
                                    "use --labels NAME")
         if len(file.keys) == 1:
             raise CalibrationError(f"{path}: no input arrays besides the labels {labels_key!r}; {_DATA_FIX}")
-        labels = _labels(path, labels_key, np.array(file.get(labels_key)))
+        return _labels(path, labels_key, np.array(file.get(labels_key)))
     finally:
         file.close()
-    return _inputs(path, specs_per_model, labels_key, model_names, labels), labels
 
 
 def _arrays_in_memory(arrays: dict, specs_per_model: list[list[InputSpec]], labels_key: str,
@@ -108,14 +116,16 @@ def _arrays_in_memory(arrays: dict, specs_per_model: list[list[InputSpec]], labe
     if len(arrays) == 1:
         raise CalibrationError(f"{what}: no input arrays besides the labels {labels_key!r}")
     labels = _labels(what, labels_key, np.asarray(arrays[labels_key]))
-    return _inputs(arrays, specs_per_model, labels_key, model_names, labels), labels
+    return _inputs(arrays, specs_per_model, labels_key, model_names, [labels]), labels
 
 
-def _inputs(source, specs_per_model, labels_key: str, model_names, labels: np.ndarray) -> CalibrationSet:
+def _inputs(source, specs_per_model, labels_key: str, model_names, labels: list[np.ndarray]) -> CalibrationSet:
+    """The checked inputs; ``labels`` holds each file's labels, which must be one per sample of that file."""
     inputs = load_calibration(source, specs_per_model, model_names=model_names, exclude=(labels_key,), lockstep=False)
-    if len(labels) != inputs.num_samples:
-        raise CalibrationError(f"{inputs.path}: {len(labels)} labels in {labels_key!r} for {inputs.num_samples} "
-                               "input samples; give one label per sample")
+    for (path, count), mine in zip(inputs.samples_per_file(), labels):
+        if len(mine) != count:
+            raise CalibrationError(f"{path}: {len(mine)} labels in {labels_key!r} for {count} input samples; "
+                                   "give one label per sample")
     return inputs
 
 

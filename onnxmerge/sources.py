@@ -1,10 +1,11 @@
 """What the Python API accepts as models and as data, turned into what the pipeline reads.
 
 A model is a path to an ONNX file or an ``onnx.ModelProto`` already in memory; data is a path
-to a ``.npz``/``.npy`` file, a numpy array (the sole input), a dict of arrays (by input name),
-or an iterable of such batches (a torch ``DataLoader`` yielding tensors works: anything with a
-``numpy()`` method is converted). Each model and data set gets a name for messages and a
-sha256 for the merged model's metadata and its recipe.
+to a ``.npz``/``.npy`` file, a list of such paths (shards of one data set, read in order), a
+numpy array (the sole input), a dict of arrays (by input name), or an iterable of such batches
+(a torch ``DataLoader`` yielding tensors works: anything with a ``numpy()`` method is
+converted). Each model and data set gets a name for messages and a sha256 for the merged
+model's metadata and its recipe.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Union
 import numpy as np
 import onnx
 
+from .calib.files import label
 from .errors import CalibrationError, InvalidModelError
 from .graph.quantized import read_as_float
 from .io import check_loaded_model, load_model, model_sha256, model_sha256_in_memory
@@ -94,27 +96,31 @@ class Data:
     """A data set as the calibration and evaluation readers take it.
 
     Attributes:
-        name: the path as given, or ``arrays`` for data given in memory.
-        content: the path, or the arrays by name (``""`` for a single unnamed array).
+        name: the path as given, the paths (``first .. last (n files)``), or ``arrays`` for data given in memory.
+        content: the path, the paths (two or more, in sample order), or the arrays by name
+            (``""`` for a single unnamed array).
     """
 
     name: str
-    content: str | dict[str, np.ndarray]
+    content: str | tuple[str, ...] | dict[str, np.ndarray]
 
     @property
-    def file_name(self) -> str:
-        return os.path.basename(self.content) if isinstance(self.content, str) else self.name
+    def paths(self) -> tuple[str, ...]:
+        """The files read, in order; none for data given in memory."""
+        if isinstance(self.content, str):
+            return (self.content,)
+        return () if isinstance(self.content, dict) else self.content
 
-    def sha256(self) -> str:
-        """Hex sha256 of the file, or of the arrays' names, dtypes, shapes and bytes (read
+    def arrays_sha256(self) -> str:
+        """Hex sha256 of the arrays given in memory: their names, dtypes, shapes and bytes (read
         in full: computed only for a recipe)."""
-        return model_sha256(self.content) if isinstance(self.content, str) else _digest(self.content)
+        return _digest(self.content)
 
 
 def read_data(data: DataLike, what: str = "calibration") -> Data:
-    """The data of one argument: a path is kept (files are read lazily, .npy memory-mapped);
-    arrays, dicts and iterables of batches are gathered in memory (batches concatenated along
-    axis 0).
+    """The data of one argument: a path, or a list of paths, is kept (files are read lazily,
+    .npy memory-mapped); arrays, dicts and iterables of batches are gathered in memory (batches
+    concatenated along axis 0).
 
     Raises:
         CalibrationError: an empty iterable, batches whose names differ, or items that are
@@ -123,6 +129,11 @@ def read_data(data: DataLike, what: str = "calibration") -> Data:
     if isinstance(data, (str, os.PathLike)):
         path = os.fspath(data)
         return Data(path, path)
+    if isinstance(data, (list, tuple)) and data and all(isinstance(item, (str, os.PathLike)) for item in data):
+        if len(data) == 1:
+            return read_data(data[0], what)
+        paths = tuple(os.fspath(item) for item in data)
+        return Data(label(paths), paths)
     if isinstance(data, Mapping) or _is_array(data):
         arrays = _arrays(data, what)
     elif isinstance(data, Iterable):

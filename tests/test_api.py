@@ -68,6 +68,23 @@ def test_models_in_memory_merge_like_the_files_and_are_not_modified(from_files, 
     assert result.report["models"] == ["model 0", "model 1"]
 
 
+def test_shard_files_give_the_statistics_and_the_model_of_their_concatenation(from_files, calib, tmp_path):
+    shards = [tmp_path / f"part{i}.npy" for i in range(3)]
+    for path, part in zip(shards, np.split(calib, [10, 37])):  # cuts inside batches
+        np.save(path, part)
+    stats, meta = onnxmerge.calibrate([A, B], shards)
+    single, single_meta = onnxmerge.calibrate([A, B], calib)
+    assert meta == single_meta and set(stats) == set(single)
+    for key, expected in single.items():  # the same batches: the same sums, bit for bit
+        assert stats[key].count == expected.count
+        assert np.array_equal(stats[key].sum, expected.sum) and np.array_equal(stats[key].outer, expected.outer)
+    for mine, theirs in zip(stats.moments, single.moments):
+        assert all(np.array_equal(mine[t].m2, theirs[t].m2) for t in theirs)
+    result = onnxmerge.merge([A, B], shards)
+    assert _graph(result.model) == _graph(from_files.model)
+    assert [entry.name for entry in result.recipe.calibration] == ["part0.npy", "part1.npy", "part2.npy"]
+
+
 def test_torch_dataloader_feeds_calibration(from_files, calib):
     torch = pytest.importorskip("torch")
     dataset = torch.utils.data.TensorDataset(torch.from_numpy(calib), torch.zeros(SAMPLES))

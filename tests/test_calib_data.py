@@ -1,6 +1,7 @@
 """Calibration inputs: every malformed file is refused with a one-line message naming it."""
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -233,3 +234,88 @@ def _assert_refused(path, specs, message):
         load_calibration(path, specs)
     text = str(caught.value)
     assert text.startswith(f"{path}: ") and "\n" not in text and "; " in text
+
+
+# --- several files: one data set, their samples in file order ---------------------------------
+
+def _shard_files(tmp_path, arrays: dict[str, np.ndarray], cuts=(4, 7), compressed=(False, False, True)) -> list:
+    """The arrays cut along axis 0 at ``cuts`` into .npz files (the last compressed by default)."""
+    paths = []
+    for index, (start, stop) in enumerate(zip((0, *cuts), (*cuts, None))):
+        paths.append(tmp_path / f"part{index}.npz")
+        (np.savez_compressed if compressed[index] else np.savez)(
+            paths[-1], **{name: array[start:stop] for name, array in arrays.items()})
+    return paths
+
+
+def test_several_files_are_one_set_in_file_order(tmp_path):
+    ids = np.arange(10 * 7).reshape(10, 7)
+    paths = _shard_files(tmp_path, {"x": _data(), "ids": ids, "y": np.arange(10)})
+    model = _model({"x": (TensorProto.FLOAT, ["N", 3, 4]), "ids": (TensorProto.INT64, ["N", 7])})
+    calib = load_calibration(paths, _specs(model), exclude=("y",))
+    assert calib.num_samples == 10 and calib.distinct_samples == 10
+    assert calib.path == f"{paths[0]} .. {paths[2]} (3 files)"
+    feeds = list(calib.batches(0, 3))  # batches across the files' boundaries
+    assert [f["x"].shape[0] for f in feeds] == [3, 3, 3, 1]
+    np.testing.assert_array_equal(np.concatenate([f["x"] for f in feeds]), _data())
+    np.testing.assert_array_equal(np.concatenate([f["ids"] for f in feeds]), ids)
+    picked = np.array([9, 0, 5, 4, 3])  # samples of every file, in a given order
+    np.testing.assert_array_equal(np.concatenate([f["x"] for f in calib.batches(0, 2, picked)]), _data()[picked])
+    first = load_calibration(paths, _specs(model), max_samples=6, exclude=("y",))  # the cut falls in file 1
+    np.testing.assert_array_equal(np.concatenate([f["x"] for f in first.batches(0, 4)]), _data(6))
+
+
+def test_files_that_repeat_each_other_count_as_repeated_samples(tmp_path):
+    for name in ("a", "b"):
+        np.save(tmp_path / f"{name}.npy", _data(6))
+    calib = load_calibration([tmp_path / "a.npy", tmp_path / "b.npy"], _specs(_image_model()))
+    assert calib.num_samples == 12 and calib.distinct_samples == 6
+
+
+MISMATCHED = {
+    "names": ({"x": _data(), "z": _data()}, "part2.npz: arrays 'x', 'z' where .*part0.npz has 'x'; "),
+    "dtype": ({"x": _data(dtype=np.float64)},
+              r"part2.npz: array 'x' has dtype float64 and samples of shape \(3, 4\) where .*part0.npz has float32"),
+    "sample shape": ({"x": _data().reshape(10, 4, 3)},
+                     r"part2.npz: array 'x' has dtype float32 and samples of shape \(4, 3\) where .*part0.npz has "
+                     r"float32 and \(3, 4\)"),
+    "samples per file": ({"x": _data(), "ids": np.zeros((11, 7), np.int64)},
+                         "part2.npz: array 'ids' has 4 samples and array 'x' 3; "),
+}
+
+
+@pytest.mark.parametrize("last, message", MISMATCHED.values(), ids=MISMATCHED.keys())
+def test_files_that_disagree_are_refused_naming_the_file_and_the_array(tmp_path, last, message):
+    good = {"x": _data(), "ids": np.zeros((10, 7), np.int64)} if "ids" in last else {"x": _data()}
+    paths = _shard_files(tmp_path, good)
+    np.savez(paths[2], **{name: array[7:] for name, array in last.items()})
+    model = _model({name: (TensorProto.FLOAT if name == "x" else TensorProto.INT64, ["N", 3, 4] if name == "x" else
+                           ["N", 7]) for name in good})
+    with pytest.raises(CalibrationError, match=message) as caught:
+        load_calibration(paths, _specs(model))
+    assert str(caught.value).startswith(f"{paths[2]}: ") and "\n" not in str(caught.value)
+
+
+def test_bad_values_name_the_file_that_holds_them(tmp_path):
+    paths = _shard_files(tmp_path, {"x": _nan_data()}, cuts=(2, 6))  # samples 2 and 5 in file 1
+    with pytest.raises(CalibrationError, match="2 NaN") as caught:
+        load_calibration(paths, _specs(_image_model()))
+    assert str(caught.value).startswith(f"{paths[1]}: array 'x' has 2 NaN")
+
+
+def test_more_files_than_the_process_may_open_at_once(tmp_path):
+    """Files are mapped only while read: a mapping keeps a file descriptor open."""
+    resource = pytest.importorskip("resource")
+    paths = []
+    for index in range(60):
+        paths.append(tmp_path / f"part{index:02d}.npy")
+        np.save(paths[-1], _data(60)[index:index + 1])
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    opened = len(list(Path("/proc/self/fd").iterdir())) if Path("/proc/self/fd").is_dir() else 64
+    resource.setrlimit(resource.RLIMIT_NOFILE, (opened + 30, hard))
+    try:
+        calib = load_calibration(paths, _specs(_image_model()))
+        fed = np.concatenate([f["x"] for f in calib.batches(0, 7)])
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    np.testing.assert_array_equal(fed, _data(60))

@@ -100,6 +100,15 @@ def test_unwritable_outputs_fail_first_in_one_line(zoo_files, tmp_path, capsys, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.npy"]
 
 
+@pytest.mark.parametrize("command", ["merge", "calibrate", "align"])
+def test_calib_before_the_models_is_refused_naming_the_mix_up(capsys, command):
+    """--calib takes one or more files: the models after it would be read as data."""
+    with pytest.raises(SystemExit) as exited:
+        main([command, "--calib", "calib.npz", "a.onnx", "b.onnx"])
+    assert exited.value.code == 2
+    assert "--calib: 'a.onnx' is a model, not data; put the data files after the models" in capsys.readouterr().err
+
+
 def test_repair_samples_below_one_is_refused_before_any_output(zoo_files, tmp_path, capsys):
     import numpy as np
     path, x = zoo_files.get("resnet_basic", "legacy_bn")

@@ -59,3 +59,22 @@ def test_a_model_with_a_fixed_batch_of_one_is_scored_in_batches_of_one(tmp_path)
     (scores,) = run_heads(model, {"x": x}, "cpu")
     np.testing.assert_allclose(scores, x @ numpy_helper.to_array(weight), rtol=1e-5)
     onnx.checker.check_model(model)
+
+
+def test_eval_on_several_files_scores_them_as_one_test_set(tmp_path, capsys):
+    a, b, test = "samples/digits/resnet_a.onnx", "samples/digits/resnet_b.onnx", "samples/digits/test.npz"
+    with np.load(test) as data:
+        arrays = dict(data)
+    parts = [tmp_path / "part0.npz", tmp_path / "part1.npz"]
+    for path, rows in zip(parts, (slice(None, 100), slice(100, None))):
+        np.savez(path, **{name: array[rows] for name, array in arrays.items()})
+    common = [a, b, "--tasks", "0-4,5-9", "--ensemble", "--json"]
+    assert main(["eval", *common, "--data", test]) == 0
+    whole = capsys.readouterr().out
+    assert main(["eval", *common, "--data", *map(str, parts)]) == 0
+    assert capsys.readouterr().out == whole
+    np.savez(parts[1], **{name: array[101 if name == "y" else 100:] for name, array in arrays.items()})
+    np.savez(parts[0], **{name: array[:101 if name == "y" else 100] for name, array in arrays.items()})
+    assert main(["eval", *common, "--data", *map(str, parts)]) == 1  # as many labels in all, not in each file
+    assert capsys.readouterr().err == f"onnxmerge: error: {parts[0]}: 101 labels in 'y' for 100 input samples; " \
+                                      "give one label per sample\n"

@@ -25,6 +25,7 @@ from onnxmerge import cli
 from onnxmerge.calib.data import input_specs, load_calibration
 from onnxmerge.calib.distributed import _import_failure, shard_ranges
 from onnxmerge.calib.stats import Statistics, load_stats
+from onnxmerge.errors import CalibrationError
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "samples" / "digits"
@@ -77,6 +78,19 @@ def test_statistics_on_two_workers_equal_those_of_one_process(cluster, samples, 
     stats, meta = onnxmerge.calibrate(PAIR, samples, batch_size=batch_size, ray="local", ray_shards=shards)
     _assert_same_statistics(single, stats)
     assert meta == single_meta  # fingerprint, provider, samples
+
+
+@needs_ray
+def test_workers_reading_shard_files_themselves_give_the_statistics_of_one_process(cluster, samples, tmp_path):
+    """Three files (the last compressed), each task reading its samples from them (shared
+    storage), in shards that cross the files' boundaries."""
+    paths = [tmp_path / f"part{i}.npz" for i in range(3)]
+    for path, part, save in zip(paths, np.split(samples, [40, 90]), (np.savez, np.savez, np.savez_compressed)):
+        save(path, input=part)
+    single, single_meta = onnxmerge.calibrate(PAIR, samples, batch_size=16)
+    stats, meta = onnxmerge.calibrate(PAIR, paths, batch_size=16, ray="local", ray_shards=3)
+    _assert_same_statistics(single, stats)
+    assert meta == single_meta
 
 
 @needs_ray
@@ -191,17 +205,52 @@ def test_shards_are_whole_batches_that_cover_the_samples():
     assert ranges(70, 64, 4, fixed=8) == [(0, 16), (16, 32), (32, 48), (48, 70)]  # batches of 8, the last 6 dropped
 
 
-def test_a_shard_holds_its_rows_only(tmp_path):
-    path = tmp_path / "big.npy"
-    np.save(path, np.arange(4000 * 64, dtype=np.float64).reshape(4000, 1, 8, 8))
+def _numbered(count: int, start: int = 0) -> np.ndarray:
+    """Samples for the digits models whose first value is 64 times their index (from ``start``)."""
+    return np.arange(start * 64, (start + count) * 64, dtype=np.float64).reshape(count, 1, 8, 8)
+
+
+def _first_values(shard, batch_size: int = 1) -> list[int]:
+    return [int(value) // 64 for batch in shard.batches(0, batch_size) for value in batch["input"][:, 0, 0, 0]]
+
+
+def test_a_shard_of_files_is_their_paths_and_ranges_and_is_read_where_it_runs(tmp_path):
+    paths = [tmp_path / "big.npy", tmp_path / "more.npy"]
+    np.save(paths[0], _numbered(4000))
+    np.save(paths[1], _numbered(1000, 4000))
     specs = [input_specs(onnx.load(p)) for p in PAIR]
-    calib = load_calibration(str(path), specs)
-    shard = calib.shard(1000, 1100)
-    assert shard.num_samples == 100 and len(pickle.dumps(shard)) < 100 * 64 * 8 + 4096  # not the file
+    calib = load_calibration([str(p) for p in paths], specs)
+    shard = pickle.loads(pickle.dumps(calib.shard(3950, 4060)))  # as a Ray task receives it
+    assert len(pickle.dumps(calib.shard(3950, 4060))) < 2048  # paths and ranges, not 110 x 512 bytes of samples
+    assert shard.num_samples == 110 and shard.path == f"{paths[0]} [samples 3950:] .. {paths[1]} [samples :60] (2 files)"
     first = next(shard.batches(1, 64))["input"]
-    assert first.dtype == np.float32 and first[0, 0, 0, 0] == 1000 * 64  # cast as the set casts
-    subset = calib.subset(np.array([5, 3, 7, 1])).shard(1, 3)  # a subset's rows, in its order
-    assert [int(b["input"][0, 0, 0, 0]) // 64 for b in subset.batches(0, 1)] == [3, 7]
+    assert first.dtype == np.float32 and first[0, 0, 0, 0] == 3950 * 64  # cast as the set casts
+    assert _first_values(shard, 64) == list(range(3950, 4060))
+    subset = calib.subset(np.array([4005, 3, 7, 1])).shard(1, 3)  # a subset's rows, in its order
+    assert _first_values(pickle.loads(pickle.dumps(subset))) == [3, 7]
+
+
+def test_a_shard_of_arrays_in_memory_holds_its_rows_only():
+    specs = [input_specs(onnx.load(p)) for p in PAIR]
+    shard = load_calibration({"": _numbered(4000)}, specs).shard(1000, 1100)
+    assert len(pickle.dumps(shard)) < 100 * 64 * 8 + 4096 and _first_values(shard) == list(range(1000, 1100))
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda path: path.rename(path.with_suffix(".gone")), "cannot read (No such file or directory)"),
+    (lambda path: np.save(path, _numbered(99)), "bytes where the driver read"),
+    (lambda path: np.save(path, _numbered(100).reshape(50, 1, 16, 8)), "has dtype float64 and shape (50, 1, 16, 8)"),
+])
+def test_a_worker_that_does_not_see_the_files_the_driver_read_says_so(tmp_path, change, words):
+    path = tmp_path / "calib.npy"
+    np.save(path, _numbered(100))
+    shard = load_calibration(str(path), [input_specs(onnx.load(p)) for p in PAIR]).shard(0, 50)
+    change(path)
+    with pytest.raises(CalibrationError) as raised:
+        next(pickle.loads(pickle.dumps(shard)).batches(0, 16))
+    assert str(raised.value).startswith(f"{path}: ") and words in str(raised.value) and "\n" not in str(raised.value)
+    assert str(raised.value).endswith("every Ray worker reads the calibration files at the paths the driver read "
+                                      "them (shared storage, docs/scale.md)")
 
 
 def test_a_worker_that_cannot_import_onnxmerge_is_named():

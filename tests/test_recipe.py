@@ -152,3 +152,26 @@ def test_an_out_of_range_value_names_the_recipe_line_and_key(folder, capsys):
     assert cli.main(["run", str(path)]) == 1
     err = capsys.readouterr().err
     assert ":4: options.batch_size: --batch-size -3 is out of range" in err and err.count("\n") == 1, err
+
+
+def test_shard_files_merge_as_their_concatenation_and_their_recipe_reruns(folder, merged):
+    """Three files holding the 64 samples of calib.npz: the same merged model as calib.npz gives
+    (only the recipe, which names the files, differs), and a recipe listing them that re-runs."""
+    samples = np.load(folder / "calib.npz")["input"]
+    shards = [folder / f"shard{i}.npz" for i in range(3)]
+    for path, part in zip(shards, np.split(samples, [20, 44])):
+        np.savez(path, input=part)
+    out = folder / "sharded"
+    out.mkdir()
+    assert cli.main(["merge", str(folder / "models/resnet_a.onnx"), str(folder / "models/resnet_b.onnx"),
+                     "--calib", *map(str, shards), "--width", "1.5x", "--alpha", "0.4", "-o", str(out / "m.onnx")]) == 0
+    mine, theirs = onnx.load(out / "m.onnx"), onnx.load(merged)
+    assert mine.graph.SerializeToString() == theirs.graph.SerializeToString()
+    metadata = [{p.key: p.value for p in model.metadata_props} for model in (mine, theirs)]
+    assert [key for key in metadata[0] if metadata[0][key] != metadata[1].get(key)] == ["onnxmerge.recipe"]
+    recipe = yaml.safe_load(Path(f"{out / 'm.onnx'}.recipe.yaml").read_text())
+    assert recipe["calibration"] == [{"path": f"../{p.name}", "sha256": _sha(p)} for p in shards]
+    expected = _sha(out / "m.onnx")
+    (out / "m.onnx").unlink()
+    assert cli.main(["run", f"{out / 'm.onnx'}.recipe.yaml"]) == 0
+    assert _sha(out / "m.onnx") == expected

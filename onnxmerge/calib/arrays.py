@@ -63,6 +63,12 @@ class Member:
         return prod(self.shape) * self.dtype.itemsize
 
 
+def mapped(path: str, member: Member) -> np.memmap:
+    """The data of ``member`` of file ``path`` memory-mapped, read-only (``member.offset`` set, some data)."""
+    return np.memmap(path, dtype=member.dtype, mode="r", offset=member.offset, shape=member.shape,
+                     order="F" if member.fortran else "C")
+
+
 def describe(key: str) -> str:
     return "the array" if key == SINGLE else f"array {key!r}"
 
@@ -191,12 +197,10 @@ class ArrayFile:
         return self._loaded[key]
 
     def _read(self, member: Member) -> np.ndarray:
-        order = "F" if member.fortran else "C"
         if member.nbytes == 0:
-            return np.empty(member.shape, member.dtype, order=order)
+            return np.empty(member.shape, member.dtype, order="F" if member.fortran else "C")
         if member.offset is not None:
-            return np.memmap(self.path, dtype=member.dtype, mode="r", offset=member.offset, shape=member.shape,
-                             order=order)
+            return mapped(self.path, member)
         if self._zip is None:
             raise ValueError("the file was closed before the array was read")
         with self._zip.open(self._infos[member.key]) as stream:

@@ -1,8 +1,10 @@
-"""Calibration inputs: read a .npz/.npy file, check it against every model's inputs, feed batches.
+"""Calibration inputs: read .npz/.npy files, check them against every model's inputs, feed batches.
 (Long because each rule below is a check with its own message.)
 
 Rules (method.md §2 runs every model on the same samples):
 
+- Several files are one data set, their samples in file order (calib/files.py: the same arrays,
+  dtypes and sample shapes in each).
 - A ``.npz`` holds one array per graph input name. A single array (a ``.npy``, or a ``.npz`` with
   exactly one array) feeds each model's sole input whatever the models call it, because exporters
   name inputs differently. Arrays no model asks for (labels, say) are ignored and never read.
@@ -23,17 +25,18 @@ from __future__ import annotations
 
 import logging
 import mmap
+import os
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
 
 import numpy as np
 import onnx
 
 from ..errors import CalibrationError, UnsupportedGraphError
 from .arrays import SINGLE as _SINGLE
-from .arrays import ArrayFile
 from .arrays import describe as _describe
+from .files import Files, Piece
 
 log = logging.getLogger(__name__)
 
@@ -91,23 +94,8 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
-class _Arrays(ArrayFile):
-    """The arrays of one file, read only when asked for (see calib/arrays.py): a .npy or an
-    uncompressed .npz member is memory-mapped, a compressed member is loaded on first use and kept."""
-
-    def __init__(self, path: str, exclude: tuple[str, ...] = ()):
-        super().__init__(path, "save the inputs with numpy.save or numpy.savez")
-        self.keys = [key for key in self.keys if key not in exclude]
-
-    def truncate(self, count: int) -> None:
-        for key, array in self._loaded.items():
-            if array.shape[0] > count:
-                # a loaded .npz array is copied so the dropped samples are freed; a memory map stays a view
-                self._loaded[key] = array[:count] if isinstance(array, np.memmap) else array[:count].copy()
-
-
 class _InMemory:
-    """Arrays given in memory (the Python API), with the interface of ``_Arrays``; ``path``
+    """Arrays given in memory (the Python API), with the interface of ``files.Files``; ``path``
     is what messages call them."""
 
     def __init__(self, arrays: Mapping[str, np.ndarray], exclude: tuple[str, ...] = (),
@@ -118,6 +106,9 @@ class _InMemory:
 
     def get(self, key: str) -> np.ndarray:
         return self._loaded[key]
+
+    def parts(self, key: str) -> list[tuple[str, np.ndarray]]:
+        return [(self.path, self._loaded[key])]
 
     def truncate(self, count: int) -> None:
         self._loaded = {key: array[:count] for key, array in self._loaded.items()}
@@ -130,7 +121,7 @@ def _label(names: list[str] | None, index: int) -> str:
     return f"model {index}" if names is None else names[index]
 
 
-def _bind(arrays: _Arrays, specs: list[InputSpec], model: str) -> list[tuple[InputSpec, str]]:
+def _bind(arrays: Files | _InMemory, specs: list[InputSpec], model: str) -> list[tuple[InputSpec, str]]:
     """Which array feeds each input of one model: by name, or the single array for a sole input."""
     path = arrays.path
     if len(arrays.keys) == 1 and len(specs) == 1:
@@ -175,7 +166,8 @@ def _shape_text(shape: tuple[int | None, ...]) -> str:
 
 def _release(array: np.ndarray) -> None:
     """Drop a memory-mapped array's pages from this process (they stay in the OS page cache):
-    read pages count as resident memory, which would otherwise grow with the data set."""
+    read pages count as resident memory, which would otherwise grow with the data set. (Files
+    are mapped only while read, files.Mapped; this is for arrays given in memory that are maps.)"""
     mapping = getattr(array, "_mmap", None)  # np.memmap keeps its mmap object here
     if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
         mapping.madvise(mmap.MADV_DONTNEED)
@@ -272,7 +264,7 @@ class CalibrationSet:
     """Checked calibration inputs of a set of models; see the module docstring for the rules.
 
     Attributes:
-        path: the file read.
+        path: what messages call the data: the file read, the files, or the arrays.
         num_samples: samples used (after ``max_samples``).
         fixed_batch: the batch size a model fixes (then every model runs with it), or None.
         keys: the arrays the models read; dtypes: their dtypes in the file.
@@ -280,7 +272,7 @@ class CalibrationSet:
         distinct_samples: how many of the samples differ (all arrays together; see ``check_variation``).
     """
 
-    def __init__(self, arrays: _Arrays, bindings: list[list[tuple[InputSpec, str]]],
+    def __init__(self, arrays: Files | Piece | _InMemory, bindings: list[list[tuple[InputSpec, str]]],
                  num_samples: int, fixed_batch: int | None):
         self.path = arrays.path
         self.num_samples = num_samples
@@ -300,15 +292,21 @@ class CalibrationSet:
         return part
 
     def shard(self, start: int, stop: int) -> "CalibrationSet":
-        """Samples ``start:stop`` of this set (in its order) as a set of their own that holds
-        just those rows in memory, nothing of the file: what is sent to another process
-        (calib/distributed.py). The rows keep their dtype; ``batches`` casts as for this set."""
+        """Samples ``start:stop`` of this set (in its order) as a set of their own, to send to
+        another process (calib/distributed.py): data read from files is a ``files.Piece``, the
+        files' paths and sample ranges, which that process reads itself; arrays given in memory
+        are copied, just those rows. ``batches`` casts as for this set."""
         if not 0 <= start < stop <= self.num_samples:
             raise CalibrationError(f"{self.path}: samples {start}:{stop} of {self.num_samples}; "
                                    "give a non-empty range within the set")
         rows = slice(start, stop) if self._rows is None else self._rows[start:stop]
+        if isinstance(self._arrays, Files):
+            piece, local = self._arrays.piece(rows, self.keys)
+            part = CalibrationSet(piece, self._bindings, stop - start, self.fixed_batch)
+            part._rows, part.dtypes, part.constant = local, self.dtypes, self.constant
+            return part
         arrays = {}
-        for key in dict.fromkeys(key for bound in self._bindings for _, key in bound):
+        for key in self.keys:
             source = self._arrays.get(key)
             arrays[key] = np.array(source[rows])  # a copy of these rows only
             _release(source)
@@ -316,6 +314,10 @@ class CalibrationSet:
                               stop - start, self.fixed_batch)
         part.dtypes, part.constant = self.dtypes, self.constant  # hold for any rows of the set
         return part
+
+    def samples_per_file(self) -> list[tuple[str, int]]:
+        """Each file read (or the arrays given) with the samples used of it, in order."""
+        return [(path, len(part)) for path, part in self._arrays.parts(self.keys[0])]
 
     @property
     def num_models(self) -> int:
@@ -366,13 +368,15 @@ class CalibrationSet:
         return np.random.default_rng(seed).permutation(self.num_samples)[:count]
 
 
-def load_calibration(path: str | Path | Mapping[str, np.ndarray], specs_per_model: list[list[InputSpec]], *,
-                     max_samples: int | None = None, model_names: list[str] | None = None,
-                     exclude: tuple[str, ...] = (), lockstep: bool = True) -> CalibrationSet:
+def load_calibration(path: str | Path | Sequence[str | Path] | Mapping[str, np.ndarray],
+                     specs_per_model: list[list[InputSpec]], *, max_samples: int | None = None,
+                     model_names: list[str] | None = None, exclude: tuple[str, ...] = (),
+                     lockstep: bool = True) -> CalibrationSet:
     """Read calibration inputs and check them against every model's inputs.
 
     Args:
-        path: a ``.npz`` (one array per input name, or a single array) or a ``.npy``; or the
+        path: a ``.npz`` (one array per input name, or a single array) or a ``.npy``; a list
+            of such files, whose samples are read in order as one set (calib/files.py); or the
             arrays in memory by input name (``""`` for a single unnamed array), which are
             read, not copied.
         specs_per_model: ``input_specs`` of each model, in merge order.
@@ -384,14 +388,19 @@ def load_calibration(path: str | Path | Mapping[str, np.ndarray], specs_per_mode
             docstring); False leaves each model's fixed batch size to the caller (``eval``).
 
     Returns:
-        The checked set; every array in use is memory-mapped (.npy) or loaded (.npz).
+        The checked set; every array in use is memory-mapped while read (.npy, uncompressed .npz)
+        or loaded (compressed .npz).
 
     Raises:
         CalibrationError: unreadable file, missing input, wrong rank, fixed dimension or dtype,
             differing sample counts, NaN/Inf or overflowing values, no samples, or models that
             fix different batch sizes. The message names the file and says what to do.
     """
-    arrays = _InMemory(path, exclude) if isinstance(path, Mapping) else _Arrays(str(path), exclude)
+    if isinstance(path, Mapping):
+        arrays = _InMemory(path, exclude)
+    else:
+        arrays = Files([os.fspath(path)] if isinstance(path, (str, os.PathLike)) else [os.fspath(p) for p in path],
+                       exclude)
     path = arrays.path
     bindings = []
     for index, specs in enumerate(specs_per_model):
@@ -422,10 +431,11 @@ def load_calibration(path: str | Path | Mapping[str, np.ndarray], specs_per_mode
     joint, constant = np.zeros(num_samples), {}
     for index, key in enumerate(used):
         targets = {spec.dtype for bound in bindings for spec, bound_key in bound if bound_key == key}
-        projection, value = _check_values(path, key, arrays.get(key), targets, seed=index)
-        joint += projection
-        if value is not None:
-            constant[key] = value
+        checked = [_check_values(file, key, part, targets, seed=index) for file, part in arrays.parts(key) if len(part)]
+        joint += np.concatenate([projection for projection, _ in checked])
+        values = {value for _, value in checked}
+        if len(values) == 1 and None not in values:
+            constant[key] = values.pop()
     arrays.close()
     calib = CalibrationSet(arrays, bindings, num_samples, fixed_batch)
     calib.keys, calib.constant, calib.distinct_samples = used, constant, len(np.unique(joint))

@@ -3,7 +3,10 @@
 This process (the driver) reads and checks the models and the data and plans the captures as a
 run in one process does; then it splits the calibration samples into shards of whole batches
 (sample ranges), puts the canonical models into Ray's object store once and runs one task per
-shard, sending each task its shard's rows only. A task (``shard_statistics``) opens its own
+shard. Data read from files (one or several, ``--calib a.npz b.npz``) is sent as the files'
+paths and each one's sample range (``files.Piece``): the task reads its samples itself,
+memory-mapped, so the workers must see the files at the same paths (shared storage); arrays
+given in memory are sent as the shard's rows. A task (``shard_statistics``) opens its own
 onnxruntime session on its worker (``--provider`` as given, as many intra-op threads as the
 CPUs the task holds) and streams its shard through ``collect_statistics``, the function a run
 in one process calls; the shards' ``SpaceStats`` come back and are added in shard order
@@ -106,7 +109,8 @@ def collect_on_ray(models: list[onnx.ModelProto], units: list[list[CaptureUnit]]
     Args:
         models: canonical models.
         units: for each model, its capture units (same order across models).
-        calib: the checked calibration set; each task gets its shard's rows.
+        calib: the checked calibration set; each task gets its shard (``CalibrationSet.shard``:
+            file paths and sample ranges, or the rows of arrays given in memory).
         widths: for each unit, each model's feature width there.
         tensors: per model, the tensors whose per-channel moments ``calibrate`` stores.
         options: a ``MergeOptions``: ``ray`` (the address, or ``local``), ``ray_shards``
