@@ -214,7 +214,7 @@ def canonicalize(model: onnx.ModelProto, *, bn: str = "keep") -> onnx.ModelProto
     proto = with_layer_norm_opset(infer_shapes(_constant_initializers(model)))
     # what export_like copies from the source, without its weights: a model's worth less memory
     source = onnx.ModelProto(ir_version=proto.ir_version, opset_import=proto.opset_import,
-                             metadata_props=proto.metadata_props)
+                             metadata_props=proto.metadata_props, graph=onnx.GraphProto(output=proto.graph.output))
     passes = PASSES + ((fold_batch_norm,) if bn == "fold" else ())
     # graphsurgeon warns about every non-tensor value (skl2onnx's ZipMap maps); they are fine.
     # Folding huge or non-finite weights overflows quietly: merges refuse what results
@@ -253,8 +253,14 @@ def _constant_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def export_like(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
-    """Export a gs graph with the IR version, opsets and metadata of the original model."""
+    """Export a gs graph with the IR version, opsets and metadata of the original model, and
+    its graph outputs' types where they are no tensors (graphsurgeon writes a ZipMap's sequence
+    of maps as a sequence of tensors of no type)."""
     result = gs.export_onnx(graph, do_type_check=False)
+    declared = {o.name: o for o in like.graph.output if not o.type.HasField("tensor_type")}
+    for output in result.graph.output:
+        if output.name in declared:
+            output.type.CopyFrom(declared[output.name].type)
     result.ir_version = like.ir_version
     del result.opset_import[:]
     result.opset_import.extend(like.opset_import)
@@ -302,8 +308,9 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         except Exception as error:  # best effort: the rules report what stays unknown
             log.info("symbolic shape inference failed: %s", error)
         else:
-            _fill_unknown_dims(inferred.graph.value_info, symbolic.graph.value_info)
-            _fill_unknown_dims(inferred.graph.output, symbolic.graph.output)
+            _fill_unknown_dims(inferred.graph.value_info, symbolic.graph.value_info,
+                               outputs=frozenset(o.name for o in inferred.graph.output))
+            _fill_unknown_dims(inferred.graph.output, symbolic.graph.output, whole=False)
     del model.graph.value_info[:]
     model.graph.value_info.extend(inferred.graph.value_info)
     # symbolic inference drops a declared output shape it cannot derive (a sequence input's items)
@@ -325,18 +332,23 @@ def _onnx_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         return onnx.load(inferred, load_external_data=False)
 
 
-def _fill_unknown_dims(ours, theirs) -> None:
+def _fill_unknown_dims(ours, theirs, whole: bool = True, outputs: frozenset[str] = frozenset()) -> None:
     """Complete ONNX's shapes (``ours``, in place) from symbolic inference's (``theirs``): a
-    tensor ONNX left unshaped takes theirs whole; a dim ONNX left unknown or named afresh takes
-    theirs when theirs is a size or a symbol of the inputs. Symbolic inference gives up on some
+    tensor ONNX left unshaped takes theirs whole (``whole``; not for graph outputs, whose
+    declared types stay: symbolic inference calls a ZipMap's maps tensors); a dim ONNX left
+    unknown or named afresh takes theirs when theirs is a size or a symbol of the inputs. Symbolic inference gives up on some
     ops (Upsample) that ONNX knows, so neither replaces the other whole."""
     mine = {v.name: v for v in ours}
     for info in theirs:
+        if info.name in outputs:  # symbolic inference also lists graph outputs as value_info
+            continue
         have = mine.get(info.name)
-        if have is None or _unshaped(have):
+        if whole and (have is None or _unshaped(have)):
             if have is not None:
                 ours.remove(have)
             ours.append(info)
+            continue
+        if have is None or not have.type.HasField("tensor_type"):
             continue
         dims, others = have.type.tensor_type.shape.dim, info.type.tensor_type.shape.dim
         if len(dims) != len(others):
