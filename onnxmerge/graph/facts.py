@@ -56,9 +56,9 @@ class OpFacts:
         adds: the output is the sum of its two inputs: a residual join, and a constant operand
             is a bias (zero in an identity block).
         identity: its setting in an identity block: "kernel" (a centred identity kernel, zero
-            bias), "matrix" (an identity matrix, zero bias), "rectifier" (passes non-negative inputs), "bounded" (a rectifier with an
-            upper bound, input 2 or attribute max: passes non-negative inputs when it is
-            infinite), "pass" (always passes its input).
+            bias), "matrix" (an identity matrix, zero bias), "rectifier" (passes non-negative
+            inputs), "bounded" (a rectifier with an upper bound, input 2 or attribute max:
+            passes non-negative inputs when it is infinite), "pass" (always passes its input).
         norm: "running" when it normalises with stored statistics (BatchNormalization: scale,
             bias, mean and variance at inputs 1-4; a merge makes them stale), "sample" when
             with each sample's (scale and bias at inputs 1 and 2).
@@ -88,6 +88,9 @@ class OpFacts:
 
 
 _NOTHING = OpFacts()
+_WORDS = {"zero": {"preserves", "additive", "product", "quotient"}, "sign": {"non-negative", "keeps", "bounded"},
+          "identity": {"kernel", "matrix", "rectifier", "bounded", "pass"}, "norm": {"running", "sample"},
+          "resize": {"target", "sizes", "bounds", "group"}}
 
 
 def _build() -> dict[str, OpFacts]:
@@ -98,6 +101,8 @@ def _build() -> dict[str, OpFacts]:
             row = rows.setdefault(op, {})
             if row.keys() & facts.keys():
                 raise ValueError(f"op {op}: {', '.join(row.keys() & facts.keys())} stated twice")
+            if any(value not in _WORDS.get(name, (value,)) for name, value in facts.items()):
+                raise ValueError(f"op {op}: a fact outside {_WORDS}")
             row.update(facts)
 
     mark("Relu LeakyRelu PRelu Tanh Gelu Erf Elu Selu Celu HardSwish Mish Neg Abs Sqrt Sin Asinh Atan Sign "
