@@ -10,7 +10,8 @@ from collections import Counter
 
 import onnx
 
-from .graph.blocks import WEIGHT_LAYERS, find_blocks
+from .graph.blocks import find_blocks
+from .graph.facts import op_facts
 from .graph.layout import leaves
 from .graph.spaces import ParamUse, SpaceGraph
 
@@ -111,7 +112,7 @@ def _structured(graph: SpaceGraph, space_id: int, grids: set[tuple[int, int]]) -
 
 def _ops_text(ops: list[str]) -> str:
     """A block's weight ops, e.g. Conv,Conv,Gemm, or its first op when it has none."""
-    weights = [op for op in ops if op in WEIGHT_LAYERS]
+    weights = [op for op in ops if op_facts(op).layout is not None]
     return ",".join(weights or ops[:1])
 
 

@@ -13,6 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxmerge import api
+from onnxmerge.graph.facts import FACTS
 from onnxmerge.graph.rules import BINARY, RULES, UNARY, einsum_labels
 from tests.helpers import const, weights, model, run_all
 
@@ -353,3 +354,53 @@ def test_channel_pad_copying_positions_is_a_barrier(mode):
     next(node for node in m.graph.node if node.op_type == "Pad").attribute.append(helper.make_attribute("mode", mode))
     _, graph = api.analyse(m)
     assert graph.barriers[0].op == "Pad" and graph.barriers[0].reason.startswith(mode)
+
+
+# What a one-node model of an op needs beyond one [2, 4, 4, 4] input: attributes, constant inputs.
+NEEDS = {
+    "Cast": ({"to": TensorProto.FLOAT}, []),
+    "Concat": ({"axis": 1}, []),
+    "DepthToSpace": ({"blocksize": 2}, []),
+    "SpaceToDepth": ({"blocksize": 2}, []),
+    "MaxPool": ({"kernel_shape": [2, 2]}, []),
+    "AveragePool": ({"kernel_shape": [2, 2]}, []),
+    "Split": ({"axis": 1, "num_outputs": 2}, []),
+    "Gather": ({"axis": 1}, [np.array([2, 0])]),
+    "PRelu": ({}, [np.full((4, 1, 1), 0.1, np.float32)]),
+    "Reshape": ({}, [np.array([2, -1])]),
+    "Expand": ({}, [np.array([2, 4, 4, 4])]),
+    "Tile": ({}, [np.array([1, 2, 1, 1])]),
+    "Slice": ({}, [np.array([1]), np.array([3]), np.array([1])]),
+    "Unsqueeze": ({}, [np.array([0])]),
+    "Resize": ({}, [None, np.array([1, 1, 2, 2], np.float32)]),
+}
+
+
+def one_op(op: str) -> onnx.ModelProto:
+    """x -> op -> its outputs (opset 20: Gelu's first)."""
+    attrs, constants = NEEDS.get(op, ({}, []))
+    names = [f"c{k}" if c is not None else "" for k, c in enumerate(constants)]
+    outputs = ["y0", "y1"] if op == "Split" else ["y0"]
+    graph = helper.make_graph(
+        [helper.make_node(op, ["x", *names], outputs, **attrs)], "one_op",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 4, 4])],
+        [helper.make_tensor_value_info(y, TensorProto.FLOAT, None) for y in outputs],
+        [const(n, c) for n, c in zip(names, constants) if c is not None])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    m.ir_version = 9
+    return m
+
+
+def test_zero_and_sign_facts_hold_in_onnxruntime():
+    """The facts depth lifting proves identities with: an op that preserves zero maps zeros to
+    zeros, a non-negative op's output has no negative value (NaN aside: Sqrt), a sign-keeping
+    op keeps non-negative inputs non-negative (each op with one data input)."""
+    x = RNG.standard_normal((2, 4, 4, 4)).astype(np.float32)
+    wrong = []
+    for op, facts in sorted(FACTS.items()):
+        checks = [(np.zeros_like(x), lambda y: np.all(y == 0), "zero")] if facts.zero == "preserves" else []
+        checks += [(x, lambda y: not (y < 0).any(), "sign")] if facts.sign == "non-negative" else []
+        checks += [(np.abs(x), lambda y: not (y < 0).any(), "sign")] if facts.sign == "keeps" else []
+        for data, holds, fact in checks:
+            wrong += [f"{op}: {fact}" for y in run_all(one_op(op), data) if not holds(y)]
+    assert wrong == []

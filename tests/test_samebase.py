@@ -79,7 +79,7 @@ def test_slerp_ends_are_the_models():
 
 def test_regmean_of_one_model_returns_it_and_identical_grams_average():
     close(merged_outputs([tuned(1)], "regmean", calibration=X), tuned(1))
-    layer = Layer("w", "x", "MatMul")
+    layer = Layer("w", "x")
     gram = RNG.standard_normal((6, 6))
     gram = gram @ gram.T
     weights = [RNG.standard_normal((6, 3)) for _ in range(3)]

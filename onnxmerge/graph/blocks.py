@@ -15,15 +15,8 @@ from dataclasses import dataclass, field
 import onnx
 
 from ..errors import UnsupportedGraphError
+from .facts import op_facts
 
-# layers with constant weights: a block holds one (or an Einsum with a constant operand)
-WEIGHT_LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-_WEIGHT_OPS = {*WEIGHT_LAYERS, "Einsum"}
-# parameter-free segments of these ops finish the block before them (activations, the norms that
-# follow a conv); anything else (pooling, reshapes, a final LayerNorm) opens the block after
-_TRAILING_OPS = {"Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Gelu",
-                 "Elu", "Selu", "Celu", "Softplus", "Mish", "Dropout", "Identity", "BatchNormalization",
-                 "InstanceNormalization", "GroupNormalization", "Reshape", "Mul", "Add"}
 _MAX_PERIOD = 3
 
 
@@ -166,20 +159,21 @@ def _segments(graph: onnx.GraphProto, dynamic: set[str], cuts: list[str]) -> lis
 
 
 def _has_weight(graph: onnx.GraphProto, nodes: list[int], constants: set[str]) -> bool:
-    return any(graph.node[i].op_type in _WEIGHT_OPS and any(x in constants for x in graph.node[i].input)
+    return any(op_facts(graph.node[i].op_type).weight and any(x in constants for x in graph.node[i].input)
                for i in nodes)
 
 
 def _group(graph, segments, constants) -> list[tuple[list[int], str, str]]:
     """Join each run of parameter-free segments to its neighbours: the leading segments of only
-    trailing ops to the weighted block before, the rest to the weighted block after."""
+    trailing ops (activations, the norms that follow a conv) to the weighted block before, the
+    rest (pooling, reshapes, a final LayerNorm) to the weighted block after."""
     groups: list[list] = []  # [nodes, input cut, output cut]
     run: list[tuple] = []
     for segment in segments:
         if not _has_weight(graph, segment[0], constants):
             run.append(segment)
             continue
-        while groups and run and all(graph.node[i].op_type in _TRAILING_OPS for i in run[0][0]):
+        while groups and run and all(op_facts(graph.node[i].op_type).trailing for i in run[0][0]):
             groups[-1][0] += run[0][0]
             groups[-1][2] = run.pop(0)[2]
         start = run[0][1] if run else segment[1]

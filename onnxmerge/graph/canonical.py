@@ -26,6 +26,7 @@ from ..choices import BN_MODES
 from ..errors import UnsupportedGraphError
 from ..io import model_file, too_big
 from ..runtime import import_onnxruntime
+from .facts import op_facts
 from .layers import (CONVOLUTIONS, canonical_attributes, explicit_conv_biases, flatten_reshapes, fold_affine,
                      global_pools, matmul_to_gemm, normalize_gemm, output_channels, scale_output_channels)
 from .merged_axes import gemm_on_merged_rows, heads_through_batch
@@ -409,9 +410,6 @@ def _working_directory(folder: str) -> Iterator[None]:
         os.chdir(previous)
 
 
-# ops whose constant inputs after the first are parameters (weights, biases, norm scales)
-PARAMETER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "LayerNormalization",
-                           "GroupNormalization", "InstanceNormalization", "PRelu"})
 _FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
                           onnx.TensorProto.BFLOAT16})
 
@@ -420,7 +418,7 @@ def check_finite_parameters(model: onnx.ModelProto) -> None:
     """Refuse NaN in any floating-point initializer and infinities in a parameter (an input
     after the first of a weight layer or normalisation): matching, alignment and repair
     compute on them. A mask's -inf, which an Add or Where reads, is left alone."""
-    params = {name for node in model.graph.node if node.op_type in PARAMETER_OPS for name in node.input[1:]}
+    params = {name for node in model.graph.node if op_facts(node.op_type).parameters for name in node.input[1:]}
     for init in model.graph.initializer:
         if init.data_type not in _FLOAT_TYPES:
             continue

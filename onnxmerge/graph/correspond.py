@@ -13,6 +13,7 @@ from functools import cached_property
 import onnx
 
 from ..errors import UnsupportedGraphError
+from .facts import depthwise
 from .layout import Atom, Concat, Grid, Interleave, Layout
 from .rules import attr
 from .spaces import SpaceGraph
@@ -44,9 +45,8 @@ def _attributes(node: onnx.NodeProto, depthwise: bool = False) -> list[tuple]:
 
 
 def _depthwise(node: onnx.NodeProto, shapes: dict[str, tuple]) -> bool:
-    group = attr(node, "group", 1)
-    weight = shapes.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
-    return group > 1 and weight is not None and weight[1] == 1
+    weight = shapes.get(node.input[1]) if len(node.input) > 1 else None
+    return depthwise(node.op_type, weight, attr(node, "group", 1))
 
 
 def _shapes(model: onnx.ModelProto) -> dict[str, tuple]:

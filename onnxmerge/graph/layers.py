@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from .facts import op_facts, output_axis
 from .rules import SOFTMAXES
 from .spaces import find_spaces
 from .surgery import constant, fresh_variable, replacement, sole_consumer
@@ -88,17 +89,24 @@ def _gemm_bias(node: gs.Node, width: int) -> np.ndarray | None:
 CONVOLUTIONS = ("Conv", "ConvTranspose")
 
 
+def _groups(node: gs.Node, axis: int) -> int:
+    """How many groups share weight axis ``axis``: a grouped layer's axis 1 holds one group's
+    channels (Conv weights are [out, in / group, ...], ConvTranspose weights [in, out / group, ...])."""
+    return node.attrs.get("group", 1) if axis == 1 and op_facts(node.op).layout.grouped else 1
+
+
 def output_channels(node: gs.Node, weight: np.ndarray) -> int:
-    """Output channels of a Conv, ConvTranspose or canonical Gemm with this weight: Conv and
-    Gemm weights are [out, ...], ConvTranspose weights [in, out / group, ...]."""
-    return weight.shape[1] * node.attrs.get("group", 1) if node.op == "ConvTranspose" else weight.shape[0]
+    """Output channels of a weight layer (Conv, ConvTranspose, Gemm) with this weight."""
+    axis = output_axis(op_facts(node.op).layout, node.attrs)
+    return weight.shape[axis] * _groups(node, axis)
 
 
 def scale_output_channels(node: gs.Node, weight: np.ndarray, factor: np.ndarray) -> np.ndarray:
     """``weight`` with output channel c multiplied by ``factor[c]`` (see ``output_channels``)."""
-    if node.op != "ConvTranspose":
+    axis = output_axis(op_facts(node.op).layout, node.attrs)
+    if axis == 0:
         return (weight * factor.reshape(-1, *[1] * (weight.ndim - 1))).astype(weight.dtype)
-    groups = node.attrs.get("group", 1)
+    groups = _groups(node, axis)
     per_group = weight.reshape(groups, weight.shape[0] // groups, *weight.shape[1:])
     factor = factor.reshape(groups, 1, weight.shape[1], *[1] * (weight.ndim - 2))
     return (per_group * factor).reshape(weight.shape).astype(weight.dtype)

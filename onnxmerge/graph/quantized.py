@@ -19,6 +19,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..errors import UnsupportedGraphError
+from .facts import op_facts
 from .surgery import bypass, constant, fresh_variable, is_output, producer
 
 log = logging.getLogger(__name__)
@@ -30,10 +31,6 @@ INTEGER_OPS = frozenset({"ConvInteger", "MatMulInteger", "DynamicQuantizeLinear"
                          "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulNBits", "DynamicQuantizeLSTM",
                          "QEmbedLayerNormalization"})
 INTEGER_PREFIXES = ("QLinear", "QOrdered")
-NON_NEGATIVE = frozenset({"Relu", "Sigmoid", "HardSigmoid", "Softmax", "Exp", "Abs"})
-# Ops whose output is non-negative when their data inputs are.
-SIGN_KEEPING = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Flatten", "Reshape",
-                          "Squeeze", "Unsqueeze", "Transpose", "Concat"})
 
 
 def read_as_float(name: str, model: onnx.ModelProto) -> None:
@@ -104,10 +101,11 @@ def _non_negative(tensor: gs.Tensor) -> bool:
     maker = producer(tensor)
     if maker is None:
         return False
-    if maker.op in NON_NEGATIVE:
+    facts = op_facts(maker.op)
+    if facts.sign == "non-negative":
         return True
-    reads = maker.inputs if maker.op == "Concat" else maker.inputs[:1]
-    return maker.op in SIGN_KEEPING and all(_non_negative(t) for t in reads)
+    reads = maker.inputs if facts.joins else maker.inputs[:1]
+    return facts.sign == "keeps" and all(_non_negative(t) for t in reads)
 
 
 def _only_dequantized(graph: gs.Graph, tensor: gs.Tensor) -> bool:

@@ -1,11 +1,12 @@
 """The op-rule table: for each ONNX op, how channel axes flow from inputs to outputs.
 (Long by design: one row and one small handler per op family, kept together as the one table.)
 
-This is the only module that knows what an ONNX op does to channels. Each row names the op
-(default domain), the kind of flow and the handler that applies it to a ``Context``
-(see ``spaces.py``). An op without a row is a barrier when it touches a tracked axis; a
-handler that meets a structure it cannot map raises ``LayoutConflict``, which also becomes a
-barrier. Never guess: a wrong rule silently changes the function.
+This is the only module that knows what an ONNX op does to channels (``facts.py``, the rest of
+the op table, holds every other per-op fact). Each row names the op (default domain), the kind
+of flow and the handler that applies it to a ``Context`` (see ``spaces.py``). An op without a
+row is a barrier when it touches a tracked axis; a handler that meets a structure it cannot map
+raises ``LayoutConflict``, which also becomes a barrier. Never guess: a wrong rule silently
+changes the function.
 
 Parameters are recorded with a role: ``producer`` (the axis indexes the space's features, as a
 Conv's output channels or a bias) or ``consumer`` (the axis is contracted with the space, as a

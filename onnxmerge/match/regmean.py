@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-_KINDS = ("MatMul", "Gemm", "Conv")
+from ..graph.facts import op_facts
 
 
 @dataclass(frozen=True)
@@ -35,42 +35,42 @@ class Layer:
     """A weight layer RegMean merges, in the reference model's names.
 
     Attributes:
-        weight: its weight initializer.
+        weight: its weight initializer: [in, out] (MatMul, Gemm), [out, in] when
+            ``transposed``, [out, C, kh, kw] for a convolution.
         input: the tensor it multiplies.
-        op: MatMul (W [in, out]), Gemm (W [in, out], or [out, in] with ``transposed``) or Conv
-            (W [out, C, kh, kw]).
         transposed: Gemm's transB.
-        conv: Conv's kernel_shape, pads, strides and dilations (2-D), else None.
+        conv: a convolution's kernel_shape, pads, strides and dilations (2-D), else None.
     """
 
     weight: str
     input: str
-    op: str
     transposed: bool = False
     conv: tuple | None = None
 
 
 def regmean_layers(model: onnx.ModelProto, nodes: Iterable[int]) -> list[Layer]:
-    """The MatMul, Gemm (transA 0) and 2-D ungrouped Conv nodes among ``nodes`` (indices) whose
-    weight is an initializer."""
+    """The matrix weight layers (MatMul, Gemm with transA 0) and 2-D ungrouped convolutions on
+    patches (Conv) among ``nodes`` (indices) whose weight is an initializer."""
     weights = {init.name: init for init in model.graph.initializer}
     layers = []
     for index in nodes:
         node = model.graph.node[index]
-        if node.op_type not in _KINDS or len(node.input) < 2 or node.input[1] not in weights:
+        layout = op_facts(node.op_type).layout
+        matrix = layout is not None and layout.kernel in ("", "patches")  # a transposed conv is not one
+        if not matrix or len(node.input) < 2 or node.input[1] not in weights:
             continue
         attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        if node.op_type == "Gemm" and attributes.get("transA", 0):
+        if attributes.get("transA", 0):
             continue
         conv = None
-        if node.op_type == "Conv":
+        if layout.kernel == "patches":
             kernel = tuple(weights[node.input[1]].dims[2:])
             if len(kernel) != 2 or attributes.get("group", 1) != 1 or attributes.get("auto_pad", b"NOTSET") not in (
                     b"NOTSET", "NOTSET"):
                 continue
             conv = (kernel, tuple(attributes.get("pads", (0, 0, 0, 0))), tuple(attributes.get("strides", (1, 1))),
                     tuple(attributes.get("dilations", (1, 1))))
-        layers.append(Layer(node.input[1], node.input[0], node.op_type, bool(attributes.get("transB", 0)), conv))
+        layers.append(Layer(node.input[1], node.input[0], bool(attributes.get("transB", 0)), conv))
     return layers
 
 
@@ -94,14 +94,14 @@ def input_rows(x: np.ndarray, layer: Layer) -> np.ndarray:
 
 def as_matrix(weight: np.ndarray, layer: Layer) -> np.ndarray:
     """The weight as the [in, out] matrix of ``Y = X W``."""
-    if layer.op == "Conv":
+    if layer.conv is not None:
         return weight.reshape(weight.shape[0], -1).T
     return weight.T if layer.transposed else weight
 
 
 def from_matrix(matrix: np.ndarray, layer: Layer, shape: tuple[int, ...]) -> np.ndarray:
     """Inverse of ``as_matrix``."""
-    if layer.op == "Conv":
+    if layer.conv is not None:
         return matrix.T.reshape(shape)
     return matrix.T if layer.transposed else matrix
 

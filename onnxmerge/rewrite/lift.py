@@ -1,6 +1,6 @@
 """Depth lifting (method.md §5.4): exact identity blocks, and models rewritten into a deeper
-model's topology. (Long because identity parameters differ per op family; issue 15 moves
-those op facts into the rule table.)
+model's topology. (Long because identity parameters differ per op family; which op is of
+which family is the op table's, graph/facts.py.)
 
 An identity block is built from a block's own structure by choosing its parameters:
 - a residual block ``x + f(x)`` gets every weight of ``f`` zeroed; that ``f`` then returns
@@ -19,26 +19,14 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import UnsupportedGraphError
-from ..graph.blocks import WEIGHT_LAYERS, Block, BlockStructure, Unit
+from ..graph.blocks import Block, BlockStructure, Unit
+from ..graph.facts import op_facts
 from ..graph.layout import Atom
 from ..graph.rules import attr
 from ..graph.spaces import SpaceGraph
 from .merge import resize_constants
 
 Arrays = dict[str, np.ndarray]
-
-# ops with f(0) = 0 applied to their first input
-_ZERO_PRESERVING = {"Relu", "LeakyRelu", "PRelu", "Tanh", "Gelu", "Erf", "Elu", "Selu", "Celu", "HardSwish",
-                    "Mish", "Neg", "Abs", "Sqrt", "Identity", "Dropout", "Reshape", "Transpose", "Flatten",
-                    "Squeeze", "Unsqueeze", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
-                    "Slice", "Split", "Gather", "Resize", "ReduceMean", "ReduceSum", "ReduceMax", "Cast",
-                    "Expand", "Tile", "DepthToSpace", "SpaceToDepth", "Sin", "Asinh", "Atan", "Sign"}
-# ops whose output is non-negative, and ops that keep a non-negative input non-negative
-_NON_NEGATIVE = {"Relu", "Sigmoid", "Softmax", "Abs", "Exp", "Softplus", "HardSigmoid", "Sqrt"}
-_KEEPS_SIGN = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Flatten", "Reshape",
-               "Transpose", "Identity", "Dropout", "Squeeze", "Unsqueeze", "Concat", "Resize", "ReduceMean"}
-_NORMS = {"LayerNormalization", "InstanceNormalization", "GroupNormalization"}
-
 
 def non_negative(model: onnx.ModelProto, tensor: str) -> bool:
     """Whether ``tensor`` is non-negative for every input, from the ops that produce it."""
@@ -51,14 +39,15 @@ def non_negative(model: onnx.ModelProto, tensor: str) -> bool:
         if node is None or name in seen:
             return False
         seen.add(name)
-        if node.op_type in _NON_NEGATIVE:
+        facts = op_facts(node.op_type)
+        if facts.sign == "non-negative":
             return True
-        if node.op_type == "Clip":
+        if facts.sign == "bounded":
             low = _constant(model, node.input[1]) if len(node.input) > 1 and node.input[1] else attr(node, "min")
             return low is not None and float(np.min(low)) >= 0
-        if node.op_type in _KEEPS_SIGN:
+        if facts.sign == "keeps":
             dynamic = [x for x in node.input if x in producers or x in inputs]
-            return bool(dynamic) and all(check(x) for x in (dynamic if node.op_type == "Concat" else dynamic[:1]))
+            return bool(dynamic) and all(check(x) for x in (dynamic if facts.joins else dynamic[:1]))
         return False
 
     return check(tensor)
@@ -93,7 +82,7 @@ class _Identity:
                                      "choose other positions or an alignment with fewer unaligned blocks")
 
     def build(self) -> None:
-        residual = next((k for k, n in enumerate(self.nodes) if n.op_type == "Add" and self.source in n.input
+        residual = next((k for k, n in enumerate(self.nodes) if op_facts(n.op_type).adds and self.source in n.input
                          and any(x != self.source and x not in self.arrays for x in n.input)), None)
         if residual is None:
             equal = self._pass_through(self.nodes, {self.source})
@@ -113,32 +102,26 @@ class _Identity:
         for node in nodes:
             consts = [x for x in node.input if x in self.arrays]
             dynamic = [x for x in node.input if x and x not in self.arrays]
-            op = node.op_type
-            if op in WEIGHT_LAYERS and consts:
+            facts = op_facts(node.op_type)
+            if facts.layout is not None and consts:
                 self._set(consts, 0.0)
                 zero = True
-            elif op == "BatchNormalization":
-                self._set(node.input[1:3], 0.0)
-                self._set(node.input[3:4], 0.0)
-                self._set(node.input[4:5], 1.0)
+            elif facts.norm:
+                self._set(node.input[1:3], 0.0)  # scale and bias
+                if facts.norm == "running":
+                    self._set(node.input[3:4], 0.0)
+                    self._set(node.input[4:5], 1.0)
                 zero = True
-            elif op in _NORMS:
-                self._set(node.input[1:], 0.0)
-                zero = True
-            elif op in ("Add", "Sub"):
+            elif facts.zero == "additive":
                 zero = all(x in zeros for x in dynamic)
                 if zero:
                     self._set(consts, 0.0)
-            elif op in ("Mul", "MatMul", "Einsum"):
+            elif facts.zero == "product":
                 zero = any(x in zeros for x in dynamic)
-            elif op == "Div":
+            elif facts.zero == "quotient":
                 zero = node.input[0] in zeros and node.input[1] in self.arrays and np.all(self.arrays[node.input[1]] != 0)
-            elif op == "Concat":
-                zero = all(x in zeros for x in dynamic)
-            elif op == "Clip":
-                zero = node.input[0] in zeros
-            elif op in _ZERO_PRESERVING:
-                zero = bool(dynamic) and dynamic[0] in zeros
+            elif facts.zero == "preserves":
+                zero = bool(dynamic) and all(x in zeros for x in (dynamic if facts.joins else dynamic[:1]))
             else:
                 zero = False
             if zero:
@@ -151,32 +134,29 @@ class _Identity:
         for node in nodes:
             if not node.input or node.input[0] not in equal:
                 raise self.fail(node, "an op outside the path from the block's input")
-            op = node.op_type
-            if op == "Conv":
+            facts = op_facts(node.op_type)
+            if facts.identity == "kernel":
                 self._identity_conv(node)
                 channels = self.arrays[node.input[1]].shape[0]
-            elif op == "Gemm":
+            elif facts.identity == "matrix" and node.input[1] in self.arrays:
                 self._identity_matrix(node, node.input[1])
                 channels = self.arrays[node.input[1]].shape[0]
                 self._resize(node.input[2:3], channels)
                 self._set(node.input[2:3], 0.0)
-            elif op == "MatMul" and node.input[1] in self.arrays:
-                self._identity_matrix(node, node.input[1])
-                channels = self.arrays[node.input[1]].shape[0]
-            elif op == "Add" and len(node.input) == 2 and node.input[1] in self.arrays:
+            elif facts.adds and len(node.input) == 2 and node.input[1] in self.arrays:
                 self._resize(node.input[1:], channels)
                 self._set(node.input[1:], 0.0)
-            elif op == "BatchNormalization":
+            elif facts.norm == "running":
                 epsilon = attr(node, "epsilon", 1e-5)
                 self._resize(node.input[1:5], channels)
                 self._set(node.input[1:2], math.sqrt(1.0 + epsilon))
                 self._set(node.input[2:4], 0.0)
                 self._set(node.input[4:5], 1.0)
-            elif op in ("Relu", "LeakyRelu", "Clip", "HardSwish") and not self.non_negative:
+            elif facts.identity in ("rectifier", "bounded") and not self.non_negative:
                 raise self.fail(node, "its input may be negative")
-            elif op not in ("Relu", "LeakyRelu", "Clip", "Identity", "Dropout"):
-                raise self.fail(node, f"{op} has no identity setting")
-            if op == "Clip" and not self._clip_keeps(node):
+            elif facts.identity not in ("rectifier", "bounded", "pass"):
+                raise self.fail(node, f"{node.op_type} has no identity setting")
+            if facts.identity == "bounded" and not self._clip_keeps(node):
                 raise self.fail(node, "the clip range cuts non-negative values")
             equal.add(node.output[0])
         return equal

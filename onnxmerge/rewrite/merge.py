@@ -16,6 +16,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..graph.correspond import Correspondence
+from ..graph.facts import depthwise, op_facts
 from ..io import default_opset
 from ..graph.layout import Concat, Layout, layout_width, leaves
 from ..graph.rules import RULES, attr
@@ -294,8 +295,9 @@ def _merged_output(output: onnx.ValueInfoProto, member: Member, matchings: dict[
 
 def resize_constants(model: onnx.ModelProto, reference: SpaceGraph, leaf_width: Callable[[int], int]) -> None:
     """Make the width-bearing constants of nodes that come from ``reference``'s model agree
-    with new space widths (in place): Reshape targets, Split sizes, Slice bounds and depthwise
-    Conv groups. Entries 0 and -1 of a Reshape target (copy, infer) stay."""
+    with new space widths (in place): the constants the op table names (``OpFacts.resize``:
+    Reshape targets, Split sizes, Slice bounds, depthwise Conv groups). Entries 0 and -1 of a
+    Reshape target (copy, infer) stay."""
     inits = {init.name: init for init in model.graph.initializer}
     layouts = reference.layouts
 
@@ -307,27 +309,29 @@ def resize_constants(model: onnx.ModelProto, reference: SpaceGraph, leaf_width: 
         change(value)
         inits[name].CopyFrom(numpy_helper.from_array(value, name))
 
-    concats = {node.output[0]: node for node in model.graph.node if node.op_type == "Concat"}
+    concats = {node.output[0]: node for node in model.graph.node if op_facts(node.op_type).joins}
     shapes = None  # of the shape tensors, read when a Reshape target is concatenated at run time
     for node in model.graph.node:
-        if node.op_type == "Reshape" and node.input[1] in inits and node.output[0] in layouts:
+        resize = op_facts(node.op_type).resize
+        if resize == "target" and node.input[1] in inits and node.output[0] in layouts:
             rewrite(node.input[1], lambda shape, node=node: _resize_reshape(shape, layouts[node.output[0]], new_width))
-        elif node.op_type == "Reshape" and node.input[1] in concats and node.output[0] in layouts:
+        elif resize == "target" and node.input[1] in concats and node.output[0] in layouts:
             shapes = shapes if shapes is not None else tensor_shapes(model)
             for name, offset in _constant_parts(concats[node.input[1]], inits, shapes):
                 rewrite(name, lambda part, node=node, offset=offset: _resize_reshape(
                     part, {a - offset: v for a, v in layouts[node.output[0]].items() if 0 <= a - offset < len(part)},
                     new_width))
-        elif node.op_type == "Split" and len(node.input) > 1 and node.input[1] in inits:
+        elif resize == "sizes" and len(node.input) > 1 and node.input[1] in inits:
             rewrite(node.input[1], lambda sizes, node=node: _resize_split(node, sizes, layouts, new_width))
-        elif node.op_type == "Split" and (len(node.input) < 2 or not node.input[1]) and default_opset(model) >= 13:
+        elif resize == "sizes" and (len(node.input) < 2 or not node.input[1]) and default_opset(model) >= 13:
             _explicit_split(model, node, layouts, new_width)
-        elif node.op_type == "Slice" and node.output[0] in layouts and all(n in inits for n in node.input[1:3]):
+        elif resize == "bounds" and node.output[0] in layouts and all(n in inits for n in node.input[1:3]):
             _resize_slice(node, inits, reference, leaf_width)
-        elif node.op_type == "Conv" and node.input[1] in inits and inits[node.input[1]].dims[1] == 1:
+        elif resize == "group" and node.input[1] in inits and depthwise(
+                node.op_type, tuple(inits[node.input[1]].dims), attr(node, "group", 1)):
             channels = layouts.get(node.input[0], {}).get(1)
             for attribute in node.attribute:
-                if attribute.name == "group" and attribute.i > 1 and channels is not None:
+                if attribute.name == "group" and channels is not None:
                     attribute.i = new_width(channels)
 
 

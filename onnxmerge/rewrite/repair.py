@@ -30,6 +30,7 @@ from ..calib.capture import open_session
 from ..calib.channels import Tensors, measure, moment_constants, moment_nodes, with_moments
 from ..calib.stats import ChannelMoments, SourceMoments
 from ..graph.canonical import export_like
+from ..graph.facts import op_facts
 from ..graph.surgery import replace_input
 from ..graph.layers import fold_affine
 from ..graph.spaces import tensor_shapes
@@ -41,7 +42,6 @@ from .merge import Member, merge_matrix
 log = logging.getLogger(__name__)
 
 Batches = Callable[[], Iterable[dict[str, np.ndarray]]]
-_REPAIRABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # weight layers whose output has a channel axis
 
 
 def reset_batch_norm(model: onnx.ModelProto, batches: Batches, provider: str = "auto") -> tuple[onnx.ModelProto, str]:
@@ -73,7 +73,7 @@ def train_mode(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[int, tuple
     train.graph.initializer.extend(moment_constants(opset))
     nodes, measured = [], {}
     for k, node in enumerate(train.graph.node):
-        if node.op_type == "BatchNormalization":
+        if op_facts(node.op_type).norm == "running":
             statistics, mean, var = moment_nodes(node.input[0], 1, f"{node.output[0]}__reset", opset)
             nodes += statistics
             node.input[3], node.input[4] = mean, var
@@ -293,15 +293,17 @@ def repair_sources(members: list[Member], split: TrunkSplit, matchings: dict[int
 
 def _repairable(reference: Member) -> list[tuple[int, int, int]]:
     """(node index, channel axis, rank) of each weight layer of model 0 whose output REPAIR can
-    correct: a Conv, ConvTranspose, Gemm or MatMul whose output has a tracked channel axis."""
+    correct: one with a weight layout (Conv, ConvTranspose, Gemm, MatMul) whose output has a
+    tracked channel axis."""
     shapes = tensor_shapes(reference.model)
     layers = []
     for k in weight_layers(reference.model, reference.graph):
         node = reference.model.graph.node[k]
-        if node.op_type not in _REPAIRABLE:
+        layout = op_facts(node.op_type).layout
+        if layout is None:
             continue
         rank = len(shapes.get(node.output[0], ()))
-        axis = 1 if node.op_type != "MatMul" else rank - 1
+        axis = layout.channels % max(rank, 1)
         if rank >= 2 and axis in reference.graph.layouts.get(node.output[0], {}):
             layers.append((k, axis, rank))
     return layers

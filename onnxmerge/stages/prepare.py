@@ -22,6 +22,7 @@ from ..errors import CalibrationError, RecipeError, UnsupportedGraphError, about
 from ..graph.blocks import BlockStructure, find_blocks, lines_up, regroup_like
 from ..graph.canonical import canonicalize, check_finite_parameters
 from ..graph.correspond import correspond
+from ..graph.facts import op_facts
 from ..graph.interface import channels_first_input, check_same_inputs, common_opset
 from ..graph.postprocess import PostProcessing, split_postprocessing
 from ..graph.spaces import SpaceGraph, find_spaces
@@ -153,7 +154,7 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _batch_norms(model: onnx.ModelProto) -> int:
-    return sum(node.op_type == "BatchNormalization" for node in model.graph.node)
+    return sum(op_facts(node.op_type).norm == "running" for node in model.graph.node)
 
 
 def _split_all(models: list[onnx.ModelProto], bn: str) -> list[tuple[onnx.ModelProto, PostProcessing]]:

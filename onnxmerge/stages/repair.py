@@ -12,6 +12,7 @@ from ..calib.channels import source_moments
 from ..calib.stats import SourceMoments
 from ..choices import MIN_SAMPLES, REPAIRS
 from ..errors import CalibrationError, RecipeError
+from ..graph.facts import op_facts
 from ..options import MergeOptions
 from ..progress import progress
 from ..rewrite.merge import Member
@@ -34,7 +35,7 @@ def repair_merged(merged: onnx.ModelProto, members: list[Member], split, matchin
         raise RecipeError(f"unknown --repair {options.repair!r}; use one of {', '.join(REPAIRS)}")
     if same_base and options.repair == "auto":
         return merged, "none (same-base method; --repair reset or repair to repair)", []
-    has_bn = any(n.op_type == "BatchNormalization" for n in merged.graph.node)
+    has_bn = any(op_facts(n.op_type).norm == "running" for n in merged.graph.node)
     mode = options.repair if options.repair != "auto" else ("reset" if has_bn else "repair")
     if mode == "none":
         return merged, "none", []
