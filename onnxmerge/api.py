@@ -5,39 +5,34 @@ modified."""
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, replace
 
 from . import tradeoff
-from .calib.data import input_specs
-from .calib.stats import Statistics
 from .depth import DepthAlignment
 from .depth import describe as describe_alignment
-from .errors import RecipeError, about
+from .errors import RecipeError
 from .graph.canonical import infer_shapes
 from .io import check_writable, model_sha256
 from .limits import check_options
 from .match import get_method
 from .models import analyse, check, deepen, inspect, load, permute, widen  # noqa: F401 (the public API)
 from .options import MergeOptions, merge_options
+from .progress import lap
 from .recipe import Recipe, read_recipe
 from .results import MergeResult, recipe_path, record  # noqa: F401 (the public API)
 from .rewrite.heads import split_trunk
-from .rewrite.repair import repairable_tensors
-from .scoring import load_test_data, parse_tasks, run_heads, score
+from .scoring import accuracies, parse_tasks
 from .sources import DataLike, ModelLike, Source, read_data, read_models
 from .stages.assembly import assemble_merged, attach_model_postprocessing, check_coverage
 from .stages.matching import match_spaces, matching_method
 from .stages.prepare import (Prepared, align_models, block_structures, calibration_set, cores, layouts_by_file_name,
                              prepare)
 from .stages.repair import repair_merged
-from .stages.statistics import collect, plan_fingerprint, plan_units, statistics, stats_key
+from .stages.statistics import calibration_statistics, statistics
 
-log = logging.getLogger(__name__)
 
 
 def merge(models: Sequence[ModelLike], calibration: DataLike | None = None, *, base: ModelLike | None = None,
@@ -149,21 +144,21 @@ def _merge_prepared(sources: list[Source], prepared: Prepared, stats: list[str],
     clock = time.perf_counter()
     split = split_trunk(members[0].model, members[0].graph, heads=options.heads, zip_layers=options.zip_layers)
     check_coverage(members[0], split, options)
-    clock = _lap(timings, "analyse", clock)
+    clock = lap(timings, "analyse", clock)
     if method.needs_calibration and calib is None and not stats:
         raise RecipeError(f"--method {options.method} needs calibration data: pass --calib DATA or --stats FILES")
     matcher = matching_method(method, options, calib is not None or bool(stats))
     units, unit_stats, provider = ([], [], "none")
     if (calib is not None or stats) and matcher.needs_calibration:
         units, unit_stats, provider = statistics(members, split, calib, stats, options)
-    clock = _lap(timings, "calibrate", clock)
+    clock = lap(timings, "calibrate", clock)
     matchings, summary = match_spaces(members, split, units, unit_stats, matcher, options)
-    clock = _lap(timings, "match", clock)
+    clock = lap(timings, "match", clock)
     merged = assemble_merged(members, split, matchings, prepared.base, method, options, calib)
     merged, repair, repaired = repair_merged(merged, members, split, matchings, calib, options, method.same_base, stats)
     attach_model_postprocessing(merged, members, prepared.post, options.heads)
     merged = infer_shapes(merged)
-    _lap(timings, "rewrite", clock)
+    lap(timings, "rewrite", clock)
     report = {"format": "onnxmerge.merge/1", "models": [s.name for s in sources], "method": options.method,
               "options": asdict(options), "bn": prepared.bn, "provider": provider, "repair": repair,
               "repaired_tensors": repaired,
@@ -173,15 +168,6 @@ def _merge_prepared(sources: list[Source], prepared: Prepared, stats: list[str],
     if prepared.depth is not None:
         report["alignment"] = describe_alignment(prepared.depth)
     return MergeResult(merged, report)
-
-
-def _lap(timings: dict[str, float], stage: str, start: float) -> float:
-    """Add the seconds since ``start`` to ``timings[stage + "_s"]``, log them (``-v``) and
-    return the time now."""
-    now = time.perf_counter()
-    timings[f"{stage}_s"] = timings.get(f"{stage}_s", 0.0) + now - start
-    log.info("%s: %.2f s", stage, timings[f"{stage}_s"])
-    return now
 
 
 def align(models: Sequence[ModelLike], calibration: DataLike | None = None, *, options: MergeOptions | None = None,
@@ -232,13 +218,7 @@ def calibrate(models: Sequence[ModelLike], calibration: DataLike, *, options: Me
     check_options(options)
     sources = read_models(models)
     members, _, _, calib, depth, _ = prepare(sources, read_data(calibration), layouts_by_file_name(sources, options))
-    split = split_trunk(members[0].model, members[0].graph, heads=options.heads, zip_layers=options.zip_layers)
-    units, per_model, widths = plan_units(members, split)
-    stats, moments, provider = collect(members, per_model, widths, calib, options, repairable_tensors(members))
-    meta = {"fingerprint": plan_fingerprint(members, units), "provider": provider, "samples": str(calib.num_samples)}
-    if depth is not None:  # merge --stats without data lifts the models the same way
-        meta["alignment"] = json.dumps({"method": depth.method, "maps": {str(i): m for i, m in depth.maps.items()}})
-    return Statistics({stats_key(u): s for u, s in zip(units, stats)}, moments), meta
+    return calibration_statistics(members, calib, depth, options)
 
 
 def evaluate(models: Sequence[ModelLike], data: str | os.PathLike | Sequence[str | os.PathLike] | dict, *,
@@ -258,17 +238,6 @@ def evaluate(models: Sequence[ModelLike], data: str | os.PathLike | Sequence[str
         ensemble: score the models' outputs together as one multi-head model.
         provider: onnxruntime provider: auto, cpu or cuda.
     """
-    task_lists = parse_tasks(tasks) if tasks else None
-    sources = read_models(models)
-    inputs, truth = load_test_data(data, [input_specs(s.model) for s in sources], labels, [s.name for s in sources])
-    heads = []
-    for index, source in enumerate(sources):
-        with about(source.name):
-            heads.append(run_heads(source.model, inputs, provider, index=index, name=source.name))
-    if ensemble:
-        joined = [h for model_heads in heads for h in model_heads]
-        return [dict(model="ensemble(" + ", ".join(s.file_name for s in sources) + ")",
-                     **score(joined, truth, task_lists))]
-    return [dict(model=s.name, **score(model_heads, truth, task_lists)) for s, model_heads in zip(sources, heads)]
+    return accuracies(read_models(models), data, labels, parse_tasks(tasks) if tasks else None, ensemble, provider)
 
 

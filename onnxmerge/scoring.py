@@ -29,8 +29,8 @@ import onnx
 
 from .calib.arrays import ArrayFile
 from .calib.capture import _first_line, open_session
-from .calib.data import CalibrationSet, InputSpec, load_calibration
-from .errors import CalibrationError, RecipeError
+from .calib.data import CalibrationSet, InputSpec, input_specs, load_calibration
+from .errors import CalibrationError, RecipeError, about
 
 
 _NUMPY = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16}
@@ -286,3 +286,18 @@ def _name(task: list[int]) -> str:
     if task == list(range(task[0], task[-1] + 1)):
         return f"{task[0]}-{task[-1]}"
     return "+".join(str(c) for c in task)
+
+
+def accuracies(sources: list, data, labels: str, tasks: list[list[int]] | None, ensemble: bool,
+               provider: str) -> list[dict]:
+    """``api.evaluate`` on read models (``sources.Source``): a row per model, or one for their
+    ensemble."""
+    inputs, truth = load_test_data(data, [input_specs(s.model) for s in sources], labels, [s.name for s in sources])
+    heads = []
+    for index, source in enumerate(sources):
+        with about(source.name):
+            heads.append(run_heads(source.model, inputs, provider, index=index, name=source.name))
+    if ensemble:
+        joined = [h for model_heads in heads for h in model_heads]
+        return [dict(model="ensemble(" + ", ".join(s.file_name for s in sources) + ")", **score(joined, truth, tasks))]
+    return [dict(model=s.name, **score(model_heads, truth, tasks)) for s, model_heads in zip(sources, heads)]

@@ -4,19 +4,22 @@ fingerprint must be that of the same models and plan."""
 
 from __future__ import annotations
 
-import logging
 import hashlib
+import json
+import logging
 from dataclasses import replace
 
 import numpy as np
 
 from ..calib.capture import CaptureUnit, collect_statistics, plan_captures
 from ..calib.channels import Tensors, source_moments
-from ..calib.stats import SourceMoments, SpaceStats, combine_moments, combine_stats, load_moments, load_stats
+from ..calib.stats import SourceMoments, SpaceStats, Statistics, combine_moments, combine_stats, load_moments, load_stats
 from ..errors import CalibrationError
 from ..options import MergeOptions
 from ..progress import progress
+from ..rewrite.heads import split_trunk
 from ..rewrite.merge import Member
+from ..rewrite.repair import repairable_tensors
 
 
 from .prepare import lockstep_batches
@@ -113,3 +116,16 @@ def plan_fingerprint(members: list[Member], units: list[CaptureUnit]) -> str:
             digest.update(init.raw_data[:4096])
     digest.update(";".join(stats_key(u) for u in units).encode())
     return digest.hexdigest()[:16]
+
+
+def calibration_statistics(members: list[Member], calib, depth, options: MergeOptions) -> tuple[Statistics, dict]:
+    """``api.calibrate``'s result for prepared members: the statistics of the plan's capture
+    units with the source moments REPAIR reads, and the metadata (fingerprint, provider,
+    samples, and the depth alignment, so that merge --stats without data lifts the same way)."""
+    split = split_trunk(members[0].model, members[0].graph, heads=options.heads, zip_layers=options.zip_layers)
+    units, per_model, widths = plan_units(members, split)
+    stats, moments, provider = collect(members, per_model, widths, calib, options, repairable_tensors(members))
+    meta = {"fingerprint": plan_fingerprint(members, units), "provider": provider, "samples": str(calib.num_samples)}
+    if depth is not None:
+        meta["alignment"] = json.dumps({"method": depth.method, "maps": {str(i): m for i, m in depth.maps.items()}})
+    return Statistics({stats_key(u): s for u, s in zip(units, stats)}, moments), meta
