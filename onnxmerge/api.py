@@ -34,7 +34,6 @@ from .stages.repair import repair_merged
 from .stages.statistics import calibration_statistics, statistics
 
 
-
 def merge(models: Sequence[ModelLike], calibration: DataLike | None = None, *, base: ModelLike | None = None,
           stats: Sequence[str | os.PathLike] | None = None, options: MergeOptions | None = None,
           **settings) -> MergeResult:
