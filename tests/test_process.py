@@ -31,6 +31,15 @@ def python(code: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
 # ------------------------------------------------------------------ signals
 
 
+@pytest.fixture
+def sigint_raises():
+    """In this process: SIGINT raises KeyboardInterrupt, as Python sets it up when started from
+    a terminal, even where the test runner was started with it ignored (a background job)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _default_sigint() -> None:
     """In the child: SIGINT as a terminal sends it, even where the test runner was started with
     it ignored (a background job), which the child would inherit."""
@@ -73,6 +82,7 @@ def test_a_signal_during_a_merge_exits_in_one_line_and_leaves_nothing(tmp_path, 
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.usefixtures("sigint_raises")
 def test_a_signal_while_the_model_is_written_removes_the_temporary(tmp_path, monkeypatch, capsys, signum, code):
     """The signal arrives when the model's temporary file is written and flushed, just before
     it would be moved into place."""
@@ -94,6 +104,7 @@ def test_a_signal_while_the_model_is_written_removes_the_temporary(tmp_path, mon
 
 @pytest.mark.parametrize("signum, raised", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, cli.Terminated)],
                          ids=["SIGINT", "SIGTERM"])
+@pytest.mark.usefixtures("sigint_raises")
 def test_a_signal_while_a_report_is_written_removes_the_temporary(tmp_path, signum, raised):
     def write(temporary: str) -> None:
         Path(temporary).write_text("{\"partial")
@@ -108,6 +119,7 @@ def test_a_signal_while_a_report_is_written_removes_the_temporary(tmp_path, sign
                                                 (signal.SIGTERM, 143, "onnxmerge: terminated")],
                          ids=["SIGINT", "SIGTERM"])
 @pytest.mark.parametrize("fate", ["import error", "swallowed"])
+@pytest.mark.usefixtures("sigint_raises")
 def test_a_signal_whose_exception_is_lost_on_its_way_is_still_the_signal(monkeypatch, capsys, signum, code, line,
                                                                          fate):
     """The C extensions of onnxruntime and numpy report an interrupt during their import as an
