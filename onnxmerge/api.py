@@ -14,7 +14,7 @@ from . import tradeoff
 from .depth import DepthAlignment
 from .depth import describe as describe_alignment
 from .errors import RecipeError
-from .graph.canonical import infer_shapes
+from .graph.shapes import infer_shapes
 from .io import check_writable, model_sha256
 from .limits import check_options
 from .match import get_method

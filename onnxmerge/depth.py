@@ -11,7 +11,7 @@ import onnx
 from .calib.capture import collect_cka
 from .choices import ALIGNMENTS
 from .errors import CalibrationError, RecipeError
-from .graph.canonical import infer_shapes
+from .graph.shapes import infer_shapes
 from .graph.blocks import BlockStructure, check_stages
 from .graph.spaces import find_spaces
 from .match.align import align_stages

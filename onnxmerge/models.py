@@ -13,13 +13,14 @@ import onnx
 from . import inspection
 from .errors import InvalidModelError, RecipeError, UnsupportedGraphError, about
 from .graph.blocks import BlockStructure, find_blocks
-from .graph.canonical import canonicalize, check_finite_parameters, infer_shapes
+from .graph.canonical import canonicalize, check_finite_parameters
+from .graph.shapes import infer_shapes
 from .graph.spaces import SpaceGraph, find_spaces
 from .io import check_model
 from .limits import MAX_DEEPEN_PER_BLOCK, check_factor, check_memory, check_range, check_seed
 from .graph.apply import transform_parameters
 from .rewrite.lift import insert_identities
-from .rewrite.merge import resize_constants
+from .rewrite.resize import resize_constants
 from .graph.transform import Permutation
 from .rewrite.widen import widening, widening_bytes
 from .sources import ModelLike, read_models

@@ -15,7 +15,7 @@ from onnx import numpy_helper
 
 from onnxmerge import api, io
 from onnxmerge.calib import capture
-from onnxmerge.graph import canonical
+from onnxmerge.graph import shapes
 
 DIGITS = Path(__file__).resolve().parent.parent / "samples" / "digits"
 A, B, CALIB = (str(DIGITS / name) for name in ("resnet_a.onnx", "resnet_b.onnx", "calib.npz"))
@@ -32,7 +32,7 @@ def _lower_limit(monkeypatch, limit: int = SMALL_LIMIT) -> list[int]:
         through_files.append(io.serialized_size(model))
         return real(model)
 
-    for module in (io, capture, canonical):
+    for module in (io, capture, shapes):
         monkeypatch.setattr(module, "model_file", counting)
     return through_files
 
@@ -136,11 +136,11 @@ def test_check_model_and_sha256_in_memory_past_the_limit(monkeypatch):
 
 def test_shape_inference_past_the_limit_equals_in_memory(monkeypatch):
     model = io.load_model(A)
-    expected = canonical.infer_shapes(_copy(model))
+    expected = shapes.infer_shapes(_copy(model))
     # the weightless skeleton (no large initializers) just over the limit, its saved shell under it
     monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD", 64)
-    through_files = _lower_limit(monkeypatch, io.serialized_size(canonical._skeleton(model)) - 1)
-    ours = canonical.infer_shapes(_copy(model))
+    through_files = _lower_limit(monkeypatch, io.serialized_size(shapes._skeleton(model)) - 1)
+    ours = shapes.infer_shapes(_copy(model))
     assert through_files
     assert list(ours.graph.value_info) == list(expected.graph.value_info)
     assert list(ours.graph.output) == list(expected.graph.output)

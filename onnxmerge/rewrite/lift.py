@@ -24,7 +24,7 @@ from ..graph.facts import op_facts
 from ..graph.layout import Atom
 from ..graph.rules import attr
 from ..graph.spaces import SpaceGraph
-from .merge import resize_constants
+from .resize import resize_constants
 
 Arrays = dict[str, np.ndarray]
 

@@ -16,7 +16,8 @@ from ..errors import RecipeError, UnsupportedGraphError
 from ..graph.postprocess import PostProcessing, attach_postprocessing
 from ..match import MatchMethod
 from ..options import MergeOptions
-from ..rewrite.merge import Member, assemble, merged_trunk_parameters, reference_widths, resize_constants
+from ..rewrite.merge import Member, assemble, merged_trunk_parameters, reference_widths
+from ..rewrite.resize import resize_constants
 from .prepare import lockstep_batches
 from ..samebase import combiner
 
