@@ -76,10 +76,10 @@ class _Identity:
         self.arrays, self.non_negative, self.where = arrays, non_negative_input, where
         self.input_shape = input_shape  # when known, a plain block is resized to keep this width
 
-    def fail(self, node: onnx.NodeProto | None, why: str) -> UnsupportedGraphError:
+    def fail(self, node: onnx.NodeProto | None, why: str,
+             advice: str = "choose other positions or an alignment with fewer unaligned blocks") -> UnsupportedGraphError:
         at = f" at {node.op_type} {node.name!r}" if node is not None else ""
-        return UnsupportedGraphError(f"{self.where}: no exact identity for this block{at}: {why}; "
-                                     "choose other positions or an alignment with fewer unaligned blocks")
+        return UnsupportedGraphError(f"{self.where}: no exact identity for this block{at}: {why}; {advice}")
 
     def build(self) -> None:
         residual = next((k for k, n in enumerate(self.nodes) if op_facts(n.op_type).adds and self.source in n.input
@@ -154,6 +154,11 @@ class _Identity:
                 self._set(node.input[4:5], 1.0)
             elif facts.identity in ("rectifier", "bounded") and not self.non_negative:
                 raise self.fail(node, "its input may be negative")
+            elif facts.norm == "sample":  # in every layer of a post-norm model: no alignment avoids it
+                raise self.fail(node, f"{node.op_type} has no identity setting: it normalises each sample on the "
+                                      "block's main path (a post-norm layer, as BERT's, after its residual join)",
+                                "such blocks cannot be inserted to lift a model to another depth: merge models of "
+                                "equal depth, or pre-norm ones (normalisation inside the residual branch)")
             elif facts.identity not in ("rectifier", "bounded", "pass"):
                 raise self.fail(node, f"{node.op_type} has no identity setting")
             if facts.identity == "bounded" and not self._clip_keeps(node):
