@@ -357,3 +357,31 @@ def test_deepen_skips_stages_whose_block_has_no_identity(tmp_path):
         deeper = api.deepen(model, blocks=2, seed=seed)
         assert len(deeper.graph.node) > len(canonicalize(model).graph.node)
         outputs_close(run_all(model, x), run_all(deeper, x))
+
+
+def test_models_joined_by_a_tensor_every_layer_reads_are_told_why_depths_cannot_align(tmp_path):
+    """An additive mask made once from an input and read by every layer (as Hugging Face
+    encoders with an attention_mask input) leaves no cut between layers: a 3- and a 2-layer
+    model are refused with that reason, not as different architectures."""
+    import torch
+    from torch import nn
+
+    class Masked(nn.Module):
+        def __init__(self, layers: int):
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(layers))
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x, mask):
+            bias = (1.0 - mask) * -1e4
+            for layer in self.layers:
+                x = torch.relu(layer(x) + bias)
+            return self.head(x)
+
+    paths = []
+    for layers in (3, 2):
+        paths.append(str(tmp_path / f"m{layers}.onnx"))
+        torch.onnx.export(Masked(layers).eval(), (torch.randn(2, 8), torch.ones(2, 8)), paths[-1], dynamo=False,
+                          input_names=["x", "mask"], dynamic_axes={"x": {0: "N"}, "mask": {0: "N"}})
+    with pytest.raises(UnsupportedGraphError, match="no cut between their layers.*attention mask"):
+        api.merge(paths, method="weight", repair="none")

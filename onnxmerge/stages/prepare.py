@@ -65,6 +65,7 @@ def prepare(sources: list[Source], data: Data | None, options: MergeOptions, sta
     calib = calibration_set(data, named, options) if data is not None else None
     depth = None
     structures = [] if options.align == "none" else block_structures(named)
+    _check_cut_points(named, structures)
     if needs_alignment(structures, options.align):
         stored = _stored_alignment(named, structures, stats, options.align) if calib is None else None
         depth = stored or align_models(named, structures, calib, options)
@@ -124,6 +125,18 @@ def members_of(named: list[tuple[str, onnx.ModelProto]], reference_graph: SpaceG
 def _spaces(name: str, model: onnx.ModelProto) -> SpaceGraph:
     with about(name):
         return find_spaces(model)
+
+
+def _check_cut_points(named: list[tuple[str, onnx.ModelProto]], structures: list[BlockStructure]) -> None:
+    """Models of different sizes that have no cut between their layers cannot be aligned by
+    depth: say why, rather than that their architectures differ."""
+    sizes = {len(model.graph.node) for _, model in named}
+    if structures and len(sizes) > 1 and all(len(s.units) <= 1 for s in structures):
+        raise UnsupportedGraphError(
+            f"the models differ in size ({' vs '.join(str(len(m.graph.node)) for _, m in named)} nodes) and have no cut "
+            "between their layers, so their depths cannot be aligned: a tensor every layer reads (an attention mask "
+            "made once from an input) joins them; export without it (a fixed mask or none) or merge models of one "
+            "depth (onnxmerge inspect shows the blocks)")
 
 
 def cores(sources: list[Source], options: MergeOptions) -> tuple[list[tuple[str, onnx.ModelProto]], list[PostProcessing], str]:
