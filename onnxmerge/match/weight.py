@@ -25,6 +25,7 @@ from .grid import block_scores
 from .matching import Matching, max_assignment
 
 MAX_SWEEPS = 50
+RESTARTS = 3  # visit orders tried by coordinate descent; the best is kept
 
 
 @dataclass(frozen=True)
@@ -52,17 +53,13 @@ def match_weights(members, spaces: list[int], params: WeightParams = WeightParam
     # a constant with infinities (an attention mask's -inf) is no learned weight: it says nothing
     # of which channels match, and would make every score NaN
     touching = {s: [u for u in uses if np.isfinite(ours[u.name]).all()] for s, uses in touching.items()}
-    orders = [{s: np.arange(reference.graph.table.widths[s]) for s in spaces} for _ in members]
-    rng = np.random.default_rng(params.seed)
+    orders = [{s: np.arange(reference.graph.table.widths[s]) for s in spaces}]
     for i in range(1, len(members)):
-        for _ in range(MAX_SWEEPS):
-            changed = False
-            for s in rng.permutation(spaces):
-                order = _best_order(members, ours, i, int(s), touching[int(s)], orders[i], fixed)
-                if not np.array_equal(order, orders[i][int(s)]):
-                    orders[i][int(s)], changed = order, True
-            if not changed:
-                break
+        # coordinate descent ends in a local optimum that depends on the visit order: keep the
+        # best of a few orders (the total similarity of the weights it aligns)
+        runs = [_descend(members, ours, i, spaces, touching, fixed, np.random.default_rng(params.seed + k))
+                for k in range(RESTARTS)]
+        orders.append(max(runs, key=lambda run: run[1])[0])
     result = {}
     for s in spaces:
         labels = [np.arange(len(orders[0][s]))] + [np.argsort(orders[i][s]) for i in range(1, len(members))]
@@ -70,9 +67,41 @@ def match_weights(members, spaces: list[int], params: WeightParams = WeightParam
     return result
 
 
+def _descend(members, ours: dict[str, np.ndarray], i: int, spaces: list[int], touching: dict, fixed: dict,
+             rng: np.random.Generator) -> tuple[dict[int, np.ndarray], float]:
+    """Model i's feature orders by coordinate descent from the identity, spaces visited in
+    ``rng``'s orders until none changes, and the total similarity they reach."""
+    widths = members[0].graph.table.widths
+    orders = {s: np.arange(widths[s]) for s in spaces}
+    for _ in range(MAX_SWEEPS):
+        changed = False
+        for s in rng.permutation(spaces):
+            order = _best_order(members, ours, i, int(s), touching[int(s)], orders, fixed)
+            if not np.array_equal(order, orders[int(s)]):
+                orders[int(s)], changed = order, True
+        if not changed:
+            break
+    total = sum(_score(members, ours, i, s, touching[s], orders, fixed) for s in spaces)
+    return orders, total
+
+
+def _score(members, ours, i: int, space: int, uses, orders: dict[int, np.ndarray], fixed: dict) -> float:
+    """The similarity that ``space``'s current order reaches, the other orders as they are."""
+    order = orders[space]
+    return float(_similarity(members, ours, i, space, uses, orders, fixed)[np.arange(len(order)), order].sum())
+
+
 def _best_order(members, ours: dict[str, np.ndarray], i: int, space: int, uses, orders: dict[int, np.ndarray],
                 fixed: dict[int, Matching]) -> np.ndarray:
     """Model i's feature order for ``space`` that best aligns its parameters with model 0's."""
+    assigned, cols = max_assignment(_similarity(members, ours, i, space, uses, orders, fixed))
+    return cols[np.argsort(assigned)]
+
+
+def _similarity(members, ours: dict[str, np.ndarray], i: int, space: int, uses, orders: dict[int, np.ndarray],
+                fixed: dict[int, Matching]) -> np.ndarray:
+    """Model 0's features of ``space`` (rows) against model i's (columns): how alike the
+    parameters they touch are, model i's other spaces in their current orders."""
     reference, member = members[0], members[i]
     theirs = _aligned(members, i, orders, space, fixed, {member.correspondence.params[u.name] for u in uses})
     mine = {(u.name, u.axis): u for u in member.graph.params}
@@ -87,8 +116,7 @@ def _best_order(members, ours: dict[str, np.ndarray], i: int, space: int, uses, 
         rows = _rows(ours[use.name], use.axis, use.layout, space, _widths(reference, fixed))
         their_rows = _rows(theirs[other.name], other.axis, other.layout, member.space_of(space), _widths(member, fixed))
         similarity += rows @ their_rows.T
-    assigned, cols = max_assignment(similarity)
-    return cols[np.argsort(assigned)]
+    return similarity
 
 
 def _leads_grid(layout: Layout, space: int) -> bool:
