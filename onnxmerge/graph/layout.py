@@ -59,6 +59,21 @@ Layout = Union[Atom, Concat, Grid, Interleave, Stacked, StackBody]
 Factor = Union[Layout, int, None]
 
 
+def layout_text(layout: Factor) -> str:
+    """How ``onnxmerge inspect`` names an axis's layout: spaces as S<id>, a grid as their
+    product, concat parts joined by +, an untracked axis as such."""
+    if layout is None:
+        return "untracked"
+    if isinstance(layout, int):
+        return str(layout)
+    if isinstance(layout, Atom):
+        return f"S{layout.space}"
+    if isinstance(layout, Grid):
+        return " x ".join(layout_text(f) for f in layout.factors)
+    joined = " + ".join(layout_text(p) for p in layout.parts)
+    return f"{type(layout).__name__.lower()}({joined})"
+
+
 def make_grid(factors: list[Factor]) -> Layout | None:
     """Normalised Grid: flattens nested grids, merges adjacent ints, drops 1s; None if untracked."""
     flat: list[Layout | int] = []
@@ -197,7 +212,7 @@ class SpaceTable:
         if a == b:
             return
         if a is None or b is None or isinstance(a, int) or isinstance(b, int):
-            raise LayoutConflict(f"tracked channels meet untracked ones ({a} vs {b})")
+            raise LayoutConflict(f"tracked channels meet untracked ones ({layout_text(a)} vs {layout_text(b)})")
         if self.width(a) != self.width(b):
             raise LayoutConflict(f"widths differ ({self.width(a)} vs {self.width(b)})")
         if isinstance(a, Atom) and isinstance(b, Atom):
