@@ -35,10 +35,12 @@ class Linear:
     def apply(self, array: np.ndarray, axis: int) -> np.ndarray:
         values = array.astype(np.float64)
         infinite = np.isinf(values)
-        mixed = np.tensordot(self.matrix, np.where(infinite, 0.0, values), axes=([1], [axis]))
-        if infinite.any():
+        if not infinite.any():
+            mixed = np.tensordot(self.matrix, values, axes=([1], [axis]))
+        else:
             # a mask's -inf is no number to weigh: a new feature drawing on it (weight != 0) is
             # masked too, and the zero weights of other features leave it out (0 * inf is NaN)
+            mixed = np.tensordot(self.matrix, np.where(infinite, 0.0, values), axes=([1], [axis]))
             for sign in (1.0, -1.0):
                 hits = np.tensordot(self.matrix != 0, values == sign * np.inf, axes=([1], [axis]))
                 mixed = np.where(hits, mixed + sign * np.inf, mixed)
