@@ -70,32 +70,31 @@ def match_weights(members, spaces: list[int], params: WeightParams = WeightParam
 def _descend(members, ours: dict[str, np.ndarray], i: int, spaces: list[int], touching: dict, fixed: dict,
              rng: np.random.Generator) -> tuple[dict[int, np.ndarray], float]:
     """Model i's feature orders by coordinate descent from the identity, spaces visited in
-    ``rng``'s orders until none changes, and the total similarity they reach."""
+    ``rng``'s orders until none changes, and the total similarity they reach: the sum over the
+    last sweep, in which (nothing changing) every space was scored against the final orders
+    (after ``MAX_SWEEPS`` sweeps without a fixed point, against the orders as the sweep went)."""
     widths = members[0].graph.table.widths
     orders = {s: np.arange(widths[s]) for s in spaces}
+    total = 0.0
     for _ in range(MAX_SWEEPS):
-        changed = False
+        changed, total = False, 0.0
         for s in rng.permutation(spaces):
-            order = _best_order(members, ours, i, int(s), touching[int(s)], orders, fixed)
+            order, score = _best_order(members, ours, i, int(s), touching[int(s)], orders, fixed)
+            total += score
             if not np.array_equal(order, orders[int(s)]):
                 orders[int(s)], changed = order, True
         if not changed:
             break
-    total = sum(_score(members, ours, i, s, touching[s], orders, fixed) for s in spaces)
     return orders, total
 
 
-def _score(members, ours, i: int, space: int, uses, orders: dict[int, np.ndarray], fixed: dict) -> float:
-    """The similarity that ``space``'s current order reaches, the other orders as they are."""
-    order = orders[space]
-    return float(_similarity(members, ours, i, space, uses, orders, fixed)[np.arange(len(order)), order].sum())
-
-
 def _best_order(members, ours: dict[str, np.ndarray], i: int, space: int, uses, orders: dict[int, np.ndarray],
-                fixed: dict[int, Matching]) -> np.ndarray:
-    """Model i's feature order for ``space`` that best aligns its parameters with model 0's."""
-    assigned, cols = max_assignment(_similarity(members, ours, i, space, uses, orders, fixed))
-    return cols[np.argsort(assigned)]
+                fixed: dict[int, Matching]) -> tuple[np.ndarray, float]:
+    """Model i's feature order for ``space`` that best aligns its parameters with model 0's,
+    and the similarity it reaches."""
+    similarity = _similarity(members, ours, i, space, uses, orders, fixed)
+    assigned, cols = max_assignment(similarity)
+    return cols[np.argsort(assigned)], float(similarity[assigned, cols].sum())
 
 
 def _similarity(members, ours: dict[str, np.ndarray], i: int, space: int, uses, orders: dict[int, np.ndarray],
