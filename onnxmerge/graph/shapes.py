@@ -89,8 +89,9 @@ def _fill_unknown_dims(ours, theirs, whole: bool = True, outputs: frozenset[str]
     """Complete ONNX's shapes (``ours``, in place) from symbolic inference's (``theirs``): a
     tensor ONNX left unshaped takes theirs whole (``whole``; not for graph outputs, whose
     declared types stay: symbolic inference calls a ZipMap's maps tensors); a dim ONNX left
-    unknown or named afresh takes theirs when theirs is a size or a symbol of the inputs. Symbolic inference gives up on some
-    ops (Upsample) that ONNX knows, so neither replaces the other whole."""
+    unknown or named afresh takes theirs when theirs is a size or a symbol of the inputs.
+    Symbolic inference gives up on some ops (Upsample) that ONNX knows, so neither replaces
+    the other whole."""
     mine = {v.name: v for v in ours}
     for info in theirs:
         if info.name in outputs:  # symbolic inference also lists graph outputs as value_info
@@ -107,20 +108,25 @@ def _fill_unknown_dims(ours, theirs, whole: bool = True, outputs: frozenset[str]
         if len(dims) != len(others):
             continue
         for dim, other in zip(dims, others):
-            known = dim.HasField("dim_value") or (dim.dim_param and not dim.dim_param.startswith("unk__"))
-            if not known and (other.HasField("dim_value") or (other.dim_param and not _SYMBOLIC_FRESH.search(other.dim_param))):
+            if not _known(dim, _ONNX_FRESH) and _known(other, _SYMBOLIC_FRESH):
                 dim.CopyFrom(other)
 
 
-# names symbolic inference gives dims it cannot derive
+# names each inference gives dims it cannot relate to any other
+_ONNX_FRESH = re.compile(r"^unk__\d+$")
 _SYMBOLIC_FRESH = re.compile(r"^unk__\d+$|__d\d+$")
+
+
+def _known(dim: onnx.TensorShapeProto.Dimension, fresh: re.Pattern) -> bool:
+    """A size, or a symbol other than one of the inference's fresh names."""
+    return dim.HasField("dim_value") or bool(dim.dim_param and not fresh.search(dim.dim_param))
 
 
 def _invented(info: onnx.ValueInfoProto) -> bool:
     """Whether ONNX's inference gave this tensor a dimension it could not relate to any other
     (a fresh ``unk__`` symbol): the run-time shape arithmetic of dynamic axes (a mask expanded
     to [batch, 1, seq, seq]) that symbolic inference follows."""
-    return any(d.dim_param.startswith("unk__") for d in info.type.tensor_type.shape.dim)
+    return any(_ONNX_FRESH.search(d.dim_param) for d in info.type.tensor_type.shape.dim)
 
 
 def _unshaped(info: onnx.ValueInfoProto) -> bool:
