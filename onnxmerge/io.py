@@ -24,6 +24,7 @@ import onnx
 from google.protobuf.message import DecodeError, EncodeError
 from onnx import external_data_helper, numpy_helper
 
+from . import weights
 from .errors import InvalidModelError, OnnxMergeError, UnsupportedGraphError
 
 # Protobuf cannot serialize (or parse) a message of 2 GiB or more; bigger models need external data.
@@ -224,12 +225,18 @@ def _check_external(name: str, tensor: onnx.TensorProto, folder: str) -> None:
 
 
 def _load_external(name: str, model: onnx.ModelProto) -> None:
-    """Check, then read, every external tensor of ``model`` so that it is self-contained."""
+    """Check every external tensor of ``model``, then read the small ones and the subgraphs'
+    into memory; the main graph's large initializers stay in their files (``weights``)."""
     folder = os.path.dirname(os.path.abspath(name))
     external = [tensor for tensor in _iter_model_tensors(model) if _is_external(tensor)]
     for tensor in external:
         _check_external(name, tensor, folder)
+    main = {id(init) for init in model.graph.initializer}
     for tensor in external:
+        if id(tensor) in main and weights.stays_mapped(tensor):
+            _check_mapped_size(name, tensor)
+            weights.map_external(tensor, folder)
+            continue
         try:
             external_data_helper.load_external_data_for_tensor(tensor, folder)
         except (OSError, ValueError, onnx.checker.ValidationError) as error:
@@ -238,10 +245,25 @@ def _load_external(name: str, model: onnx.ModelProto) -> None:
                                     "regular file") from error
 
 
+def _check_mapped_size(name: str, tensor: onnx.TensorProto) -> None:
+    """Refuse an external tensor whose byte length is not what its type and dims take."""
+    length = _external_info(name, tensor)[2]
+    itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize \
+        if tensor.data_type in weights.RAW_LAYOUT else None
+    whole = int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
+    if itemsize is not None and length != whole * itemsize:
+        raise InvalidModelError(f"{name}: tensor {tensor.name!r} ({_type_text(tensor.data_type)}, dims "
+                                f"{list(tensor.dims)}) has {length} bytes of external data, not {whole * itemsize}; "
+                                "the data file is corrupt or belongs to another model, re-export the model")
+
+
 def _check_tensors(name: str, model: onnx.ModelProto) -> None:
     """Refuse a tensor whose data does not decode as its type and dims say (onnx.checker does
-    not compare them): a wrong count of values, an unknown data type."""
+    not compare them): a wrong count of values, an unknown data type. Mapped tensors were
+    checked by their byte length at load."""
     for tensor in _iter_model_tensors(model):
+        if weights.is_mapped(tensor):
+            continue
         try:
             array = numpy_helper.to_array(tensor)
             whole = int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
@@ -401,6 +423,8 @@ def model_sha256(path: str | os.PathLike) -> str:
 
 def _tensor_bytes(tensor: onnx.TensorProto) -> bytes | None:
     """The tensor's data as raw bytes, or None if it cannot be stored externally (strings)."""
+    if weights.is_mapped(tensor):
+        return weights.raw_bytes(tensor)
     if tensor.HasField("raw_data"):
         return tensor.raw_data
     if tensor.data_type == onnx.TensorProto.STRING:
@@ -501,16 +525,18 @@ def _write_temp(target: str, write: Callable[[BinaryIO], object], temps: list[st
 def _check_in_memory(name: str, model: onnx.ModelProto) -> None:
     """Refuse a model whose tensors still point at external files: saving would lose their data."""
     for tensor in _iter_model_tensors(model):
-        if _is_external(tensor):
+        if _is_external(tensor) and not weights.is_mapped(tensor):
             raise InvalidModelError(f"{name}: tensor {tensor.name!r} still refers to external data "
                                     "that is not loaded; load the model with onnxmerge.io.load_model")
 
 
 def _plan(name: str, model: onnx.ModelProto, external_data: bool | None) -> bool:
-    """Whether to save with external data; refuses a single file protobuf cannot hold."""
-    size = serialized_size(model)
+    """Whether to save with external data; refuses a single file protobuf cannot hold. A model
+    with mapped tensors (``weights``) is saved with external data unless told otherwise."""
+    mapped = [tensor for tensor in model.graph.initializer if weights.is_mapped(tensor)]
+    size = serialized_size(model) + sum(weights.length(tensor) + _FIELD_OVERHEAD for tensor in mapped)
     if external_data is None:
-        return size > PROTOBUF_LIMIT
+        return size > PROTOBUF_LIMIT or bool(mapped)
     if not external_data and size > PROTOBUF_LIMIT:
         raise OnnxMergeError(f"{name}: the model is {size} bytes, over protobuf's {PROTOBUF_LIMIT}-byte "
                              "limit for one file; save with external_data=True or None")
@@ -554,7 +580,8 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *,
             os.replace(sidecar_temp, sidecar)
             placed.append(sidecar)
         else:
-            model_temp = _write_temp(name, lambda file: file.write(model.SerializeToString()), temps)
+            whole = weights.self_contained(model)
+            model_temp = _write_temp(name, lambda file: file.write(whole.SerializeToString()), temps)
         os.replace(model_temp, name)
         placed.clear()
     except OSError as error:
@@ -712,19 +739,49 @@ def check_model(model: onnx.ModelProto, path: str | None = None) -> None:
     Raises:
         onnx.checker.ValidationError, onnx.shape_inference.InferenceError: as the checker does.
     """
-    if not too_big(model):
+    mapped = weights.has_mapped(model)
+    if not too_big(model) and not mapped:
         onnx.checker.check_model(model, full_check=True)
     elif path is not None:
         onnx.checker.check_model(path, full_check=True)
+    elif mapped and not too_big(model):
+        with _checkable(model) as temporary:
+            onnx.checker.check_model(temporary, full_check=True)
     else:
         with model_file(model) as temporary:
             onnx.checker.check_model(temporary, full_check=True)
 
 
+@contextlib.contextmanager
+def _checkable(model: onnx.ModelProto) -> Iterator[str]:
+    """The path of a copy of ``model`` for onnx.checker, whose mapped tensors refer to sparse
+    files of their files' sizes in a private temporary folder: the checker reads the graph,
+    and checks each external tensor's file and range, but not its values (which were checked
+    when read or computed), so nothing is copied."""
+    with tempfile.TemporaryDirectory(prefix="onnxmerge-") as folder:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)  # mapped tensors hold no data
+        names: dict[str, str] = {}
+        for init in copy.graph.initializer:
+            if not weights.is_mapped(init):
+                continue
+            for entry in init.external_data:
+                if entry.key == "location":
+                    if entry.value not in names:
+                        names[entry.value] = f"data{len(names)}"
+                        with open(os.path.join(folder, names[entry.value]), "wb") as file:
+                            file.truncate(os.path.getsize(entry.value))
+                    entry.value = names[entry.value]
+        path = os.path.join(folder, "model.onnx")
+        with open(path, "wb") as file:
+            file.write(copy.SerializeToString())
+        yield path
+
+
 def model_sha256_in_memory(model: onnx.ModelProto) -> str:
     """Hex sha256 of ``model`` serialized; of its model file and sidecar (``model_file``) when
-    it is ``too_big`` to serialize."""
-    if not too_big(model):
+    it is ``too_big`` to serialize or has mapped tensors (``weights``)."""
+    if not too_big(model) and not weights.has_mapped(model):
         return hashlib.sha256(model.SerializeToString()).hexdigest()
     digest = hashlib.sha256()
     with model_file(model) as path:

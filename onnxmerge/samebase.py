@@ -9,7 +9,6 @@ from collections.abc import Callable
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from .calib.capture import expose, open_session
 from .errors import RecipeError, UnsupportedGraphError
@@ -17,6 +16,7 @@ from .match import MatchMethod
 from .match.regmean import gram_matrices, merged_weight, regmean_layers
 from .match.taskvec import check_params
 from .rewrite.merge import Member
+from . import weights
 
 DRIFT_LIMIT = 1.0
 """A fine-tune's weight tensors differ from its base's by a small share of their norm (a few
@@ -67,7 +67,7 @@ def _difference(a: onnx.ModelProto, b: onnx.ModelProto, heads: frozenset[int]) -
 def _weight(member: Member, inits: dict[str, onnx.TensorProto], name: str) -> np.ndarray | None:
     """``member``'s tensor (of its ``inits`` by name) at the reference's ``name`` in float64
     when it is a float weight (two or more axes), else None."""
-    array = numpy_helper.to_array(inits[member.correspondence.params[name]])
+    array = weights.read(inits[member.correspondence.params[name]])
     return array.astype(np.float64) if array.dtype.kind == "f" and array.ndim >= 2 else None
 
 
@@ -130,7 +130,7 @@ def combiner(method: MatchMethod, params, members: list[Member], base: Member | 
     def combine(name: str, values: list[np.ndarray]) -> np.ndarray:
         base_value = None
         if base is not None:
-            base_value = numpy_helper.to_array(inits[base.correspondence.params[name]]).astype(np.float64)
+            base_value = weights.read(inits[base.correspondence.params[name]]).astype(np.float64)
         return method.combine(base_value, values, params, rng)
 
     return combine

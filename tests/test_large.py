@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from onnxmerge import api, io
+from onnxmerge import api, io, weights
 from onnxmerge.calib import capture
 from onnxmerge.graph import shapes
 
@@ -38,7 +38,7 @@ def _lower_limit(monkeypatch, limit: int = SMALL_LIMIT) -> list[int]:
 
 
 def _tensors(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    return {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    return {init.name: np.asarray(weights.read(init)) for init in model.graph.initializer}
 
 
 def _same_model(ours: onnx.ModelProto, theirs: onnx.ModelProto) -> None:
@@ -78,9 +78,13 @@ def _fine_tune(model: onnx.ModelProto, seed: int) -> onnx.ModelProto:
     return tuned
 
 
+@pytest.mark.parametrize("route", ["too-big", "mapped"])
 @pytest.mark.parametrize("settings", [{"method": "zip"}, {"method": "linear"}, {"method": "regmean"}],
                          ids=["zip", "linear", "regmean"])
-def test_merge_past_the_limit_equals_the_in_memory_merge(monkeypatch, tmp_path, settings):
+def test_merge_on_the_large_model_routes_equals_the_in_memory_merge(monkeypatch, tmp_path, settings, route):
+    """Models past protobuf's limit (in memory: everything goes through temporary files) and
+    models whose weights stay in their external-data files (mapped: read as memory maps,
+    results spilled) merge to the model the in-memory path gives."""
     zip_ = settings["method"] == "zip"
     calib = CALIB if settings["method"] != "linear" else None
     models = [io.load_model(A), io.load_model(B)] if zip_ else [_fine_tune(io.load_model(A), k) for k in (1, 2)]
@@ -92,11 +96,18 @@ def test_merge_past_the_limit_equals_the_in_memory_merge(monkeypatch, tmp_path, 
         io.save_model(model, small[-1])
     expected = api.merge(small, calib, **settings)  # the in-memory path, at the real limit
     assert not io.too_big(expected.model)
-    through_files = _lower_limit(monkeypatch)
-    result = api.merge(inputs, calib, **settings)
-    assert through_files, "nothing went through the large-model path"
+    if route == "too-big":
+        loaded = [io.load_model(path) for path in small]
+        through_files = _lower_limit(monkeypatch)
+        result = api.merge(loaded, calib, **settings)
+        assert through_files, "nothing went through the large-model path"
+    else:
+        monkeypatch.setattr(weights, "MAPPED_MIN_BYTES", 4096)
+        assert all(weights.has_mapped(io.load_model(path)) for path in inputs)
+        result = api.merge(inputs, calib, **settings)
+        assert weights.has_mapped(result.model), "the merged weights were not spilled"
     _same_model(result.model, expected.model)
-    # saved past the limit: external data, which loads (and checks by path) to the same model
+    # saved with external data, which loads (and checks by path) to the same model
     path = tmp_path / "merged.onnx"
     result.save(path)
     assert (tmp_path / "merged.onnx.data").exists()

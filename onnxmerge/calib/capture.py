@@ -16,6 +16,7 @@ from .stats import CKAStats, SpaceStats, to_samples
 
 from ..choices import PROVIDERS
 from ..errors import CalibrationError
+from .. import weights
 from ..io import default_opset, model_file, too_big
 from ..runtime import import_onnxruntime
 
@@ -87,7 +88,13 @@ def open_session(model: onnx.ModelProto, provider: str = "auto", *,
     if too_big(model):  # past protobuf's limit: onnxruntime reads a file with external data
         with model_file(model) as path:
             return _session(onnxruntime, path, options, provider)
-    return _session(onnxruntime, model.SerializeToString(), options, provider)
+    shell, names, arrays = weights.session_parts(model)  # mapped weights: from their memory maps
+    values = [onnxruntime.OrtValue.ortvalue_from_numpy(array) for array in arrays]
+    if values:
+        options.add_external_initializers(names, values)
+    session, ran = _session(onnxruntime, shell.SerializeToString(), options, provider)
+    session.keep = values  # onnxruntime reads them for as long as the session lives
+    return session, ran
 
 
 def _session(onnxruntime, source: bytes | str, options, provider: str) -> tuple[Session, str]:

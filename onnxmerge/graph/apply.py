@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from .spaces import SpaceGraph
 from .transform import Transform, transform_axis
+from .. import weights
 
 TransformFor = Callable[[int, str], "Transform | None"]
 
@@ -25,33 +25,41 @@ def transformed_arrays(model: onnx.ModelProto, graph: SpaceGraph, transform_for:
             Role is ``producer`` or ``consumer`` (see ``graph.rules``).
         names: restrict to these initializers.
     """
+    return dict(iter_transformed(model, graph, transform_for, names))
+
+
+def iter_transformed(model: onnx.ModelProto, graph: SpaceGraph, transform_for: TransformFor,
+                     names: Iterable[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """``transformed_arrays`` one (name, array) at a time, each computed when asked for."""
     uses: dict[str, dict[int, tuple]] = {}
     for use in graph.params:
         uses.setdefault(use.name, {})[use.axis] = (use.layout, use.role)
     wanted = None if names is None else set(names)
-    result = {}
     for init in model.graph.initializer:
         if wanted is not None and init.name not in wanted:
             continue
-        array = numpy_helper.to_array(init)
+        array = weights.read(init)
         for axis, (layout, role) in uses.get(init.name, {}).items():
             array = transform_axis(array, axis, layout, lambda s, r=role: transform_for(s, r), graph.table.width)
-        result[init.name] = array
-    return result
+        yield init.name, array
 
 
 def replace_initializers(model: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> onnx.ModelProto:
-    """A copy of ``model`` with the named initializers replaced."""
+    """A copy of ``model`` with the named initializers replaced (memory maps by reference,
+    ``weights.tensor``)."""
     result = onnx.ModelProto()
     result.CopyFrom(model)
     for init in result.graph.initializer:
         if init.name in arrays:
-            init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(arrays[init.name]), init.name))
+            init.CopyFrom(weights.tensor(arrays[init.name], init.name))
     return result
 
 
 def transform_parameters(model: onnx.ModelProto, graph: SpaceGraph,
                          transform_for: TransformFor) -> onnx.ModelProto:
-    """A copy of ``model`` whose parameters are transformed along their space axes."""
+    """A copy of ``model`` whose parameters are transformed along their space axes; a model
+    with mapped weights gets its large results spilled as they are computed (``weights.kept``)."""
     uses = {use.name for use in graph.params}
-    return replace_initializers(model, transformed_arrays(model, graph, transform_for, uses))
+    mapped = weights.has_mapped(model)
+    return replace_initializers(model, {name: weights.kept(array, mapped) for name, array
+                                        in iter_transformed(model, graph, transform_for, uses)})

@@ -22,6 +22,7 @@ from ..choices import BN_MODES
 from ..errors import UnsupportedGraphError
 from ..runtime import import_onnxruntime
 from .facts import op_facts
+from .ir import export_graph, import_graph
 from .layers import (CONVOLUTIONS, canonical_attributes, explicit_conv_biases, flatten_reshapes, fold_affine,
                      global_pools, matmul_to_gemm, normalize_gemm, output_channels, scale_output_channels)
 from .merged_axes import gemm_on_merged_rows, heads_through_batch
@@ -31,6 +32,7 @@ from .shapes import infer_shapes
 from .surgery import bypass, constant, shape_target
 from .transposes import (compose_transposes, is_noop_reshape, layout_transposes_as_reshapes, merge_reshapes,
                          push_transposes)
+from .. import weights
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +222,7 @@ def canonicalize(model: onnx.ModelProto, *, bn: str = "keep") -> onnx.ModelProto
         for _ in range(MAX_ROUNDS):
             # passes read inferred shapes (gs folds Shape ops only where they are known), and a
             # round's rewrites can make more shapes known: infer again between rounds
-            graph = gs.import_onnx(infer_shapes(proto))
+            graph = import_graph(infer_shapes(proto))
             del proto  # the graph's constants hold its weights: one copy of them, not two
             changed = sum(p(graph) for p in passes)
             graph.cleanup().toposort()
@@ -228,7 +230,7 @@ def canonicalize(model: onnx.ModelProto, *, bn: str = "keep") -> onnx.ModelProto
             del graph  # before the next round imports another
             if not changed:
                 break
-        graph = gs.import_onnx(proto)
+        graph = import_graph(proto)
         del proto
         untie_initializers(graph)
         graph.cleanup().toposort()
@@ -253,7 +255,7 @@ def export_like(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     """Export a gs graph with the IR version, opsets and metadata of the original model, and
     its graph outputs' types where they are no tensors (graphsurgeon writes a ZipMap's sequence
     of maps as a sequence of tensors of no type)."""
-    result = gs.export_onnx(graph, do_type_check=False)
+    result = export_graph(graph, do_type_check=False)
     declared = {o.name: o for o in like.graph.output if not o.type.HasField("tensor_type")}
     for output in result.graph.output:
         if output.name in declared:
@@ -277,7 +279,7 @@ def check_finite_parameters(model: onnx.ModelProto) -> None:
     for init in model.graph.initializer:
         if init.data_type not in _FLOAT_TYPES:
             continue
-        values = onnx.numpy_helper.to_array(init)
+        values = weights.read(init)
         bad = ~np.isfinite(values) if init.name in params else np.isnan(values)
         if bad.any():
             kind = "NaN" if np.isnan(values).any() else "infinite"

@@ -22,6 +22,7 @@ import onnx_graphsurgeon as gs
 from .facts import op_facts, output_axis
 from .rules import SOFTMAXES
 from .spaces import find_spaces
+from .ir import export_graph
 from .surgery import constant, fresh_variable, replacement, sole_consumer
 
 GLOBAL_POOLS = {"ReduceMean": "GlobalAveragePool", "ReduceMax": "GlobalMaxPool"}
@@ -205,7 +206,7 @@ def global_pools(graph: gs.Graph) -> int:
 
 def _tracked_axes(graph: gs.Graph) -> dict[str, dict]:
     """Each tensor's axes that carry channels, as the rule table finds them in ``graph``."""
-    return find_spaces(gs.export_onnx(graph.copy().toposort(), do_type_check=False)).layouts
+    return find_spaces(export_graph(graph.copy().toposort(), do_type_check=False)).layouts
 
 
 def _over_spatial_axes(node: gs.Node) -> bool:

@@ -18,6 +18,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import version_converter
 
+from .ir import import_graph
 from .surgery import constant, sole_consumer
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def layer_norms(graph: gs.Graph) -> int:
 
 def has_layer_norm_pattern(model: onnx.ModelProto) -> bool:
     """Whether the (shape-inferred) model writes a LayerNorm as elementwise ops."""
-    graph = gs.import_onnx(model)
+    graph = import_graph(model)
     return any(_match(graph, node) is not None for node in graph.nodes)
 
 

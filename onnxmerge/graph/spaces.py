@@ -7,12 +7,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from .layout import Atom, Concat, Grid, Layout, LayoutConflict, SpaceTable, StackBody, Stacked, leaves, nested
 from ..errors import InvalidModelError
 from ..io import default_opset
 from .rules import RULES
+from .. import weights
 
 Dim = int | str | None
 SplitKey = tuple[str, int]  # a node and the count of reshape splits it made before
@@ -160,7 +160,7 @@ class _Walk:
         if name not in self.initializers:
             return None
         if name not in self._arrays:
-            self._arrays[name] = numpy_helper.to_array(self.initializers[name])
+            self._arrays[name] = weights.read(self.initializers[name])
         return self._arrays[name]
 
     def opset(self) -> int:

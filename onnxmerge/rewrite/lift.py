@@ -25,6 +25,7 @@ from ..graph.layout import Atom
 from ..graph.rules import attr
 from ..graph.spaces import SpaceGraph
 from .resize import resize_constants
+from .. import weights
 
 Arrays = dict[str, np.ndarray]
 
@@ -64,7 +65,7 @@ def _set_attr(node: onnx.NodeProto, name: str, value: int) -> None:
 
 def _constant(model: onnx.ModelProto, name: str):
     init = next((i for i in model.graph.initializer if i.name == name), None)
-    return None if init is None else numpy_helper.to_array(init)
+    return None if init is None else weights.read(init)
 
 
 class _Identity:
@@ -234,13 +235,13 @@ def _shape(model: onnx.ModelProto, name: str) -> tuple | None:
 
 
 def _arrays(model: onnx.ModelProto) -> Arrays:
-    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    return {i.name: weights.read(i) for i in model.graph.initializer}
 
 
 def _store(model: onnx.ModelProto, arrays: Arrays) -> None:
     for init in model.graph.initializer:
         if init.name in arrays:
-            init.CopyFrom(numpy_helper.from_array(arrays[init.name].astype(numpy_helper.to_array(init).dtype,
+            init.CopyFrom(numpy_helper.from_array(arrays[init.name].astype(weights.read(init).dtype,
                                                                              copy=False), init.name))
 
 

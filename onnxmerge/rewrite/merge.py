@@ -23,6 +23,7 @@ from ..match.matching import Matching
 from ..graph.apply import transformed_arrays
 from .heads import TrunkSplit
 from ..graph.transform import Linear, transform_axis
+from .. import weights
 
 
 @dataclass(frozen=True)
@@ -44,26 +45,40 @@ def merged_trunk_parameters(members: list[Member], split: TrunkSplit, matchings:
     Each model's parameters are carried into the merged feature spaces (producers through
     ``count * M_i``, consumers through ``U_i^T``); a floating tensor is then the mean of the
     models' (ZipIt!'s merge), or ``combine(name, values)`` of their float64 values when given
-    (the same-base methods, whose matchings are identities).
+    (the same-base methods, whose matchings are identities). Tensor by tensor: the float64
+    values of one tensor of every model at a time; with mapped models (``weights``) each
+    large result is spilled as soon as it exists, so memory holds no whole model.
     """
     reference = members[0].model
     trunk_inputs = {name for k, node in enumerate(reference.graph.node) if k not in split.head_nodes for name in node.input}
     names = [init.name for init in reference.graph.initializer if init.name in trunk_inputs]
-    count = len(members)
     dtypes = {init.name: helper.tensor_dtype_to_np_dtype(init.data_type) for init in reference.graph.initializer}
-    if combine is not None:
-        return _combined_parameters(members, names, matchings, combine, dtypes)
+    count = len(members)
+    transforms = [_transform_for(member, i, matchings, count) for i, member in enumerate(members)]
+    mapped = any(weights.has_mapped(member.model) for member in members)
     merged: dict[str, np.ndarray] = {}
-    for i, member in enumerate(members):
-        mine = [member.correspondence.params[name] for name in names]
-        arrays = transformed_arrays(member.model, member.graph, _transform_for(member, i, matchings, count), mine)
-        for name, my_name in zip(names, mine):
-            value = arrays[my_name]
+    for name in names:
+        floats = []
+        for member, transform_for in zip(members, transforms):
+            my_name = member.correspondence.params[name]
+            value = transformed_arrays(member.model, member.graph, transform_for, [my_name])[my_name]
             if value.dtype.kind != "f":  # shapes, axes, indices: identical across models
-                merged.setdefault(name, value)
+                merged.setdefault(name, np.asarray(value).astype(dtypes[name]))
             else:
-                merged[name] = merged.get(name, 0.0) + value.astype(np.float64) / count
-    return {name: np.asarray(value).astype(dtypes[name]) for name, value in merged.items()}
+                floats.append(value.astype(np.float64))
+            del value
+        if floats:
+            result = combine(name, floats) if combine is not None else _mean(floats)
+            merged[name] = weights.kept(np.asarray(result).astype(dtypes[name]), mapped)
+    return merged
+
+
+def _mean(floats: list[np.ndarray]) -> np.ndarray:
+    """The models' mean, summed in model order (ZipIt!'s merge of the carried parameters)."""
+    total = 0.0
+    for value in floats:
+        total = total + value / len(floats)
+    return total
 
 
 def _transform_for(member: Member, i: int, matchings: dict[int, Matching], count: int):
@@ -77,31 +92,6 @@ def _transform_for(member: Member, i: int, matchings: dict[int, Matching], count
         # producers carry count * M_i so that the final division by count averages
         return Linear(matching.merge[i] * count) if role == "producer" else Linear(matching.unmerge[i].T)
     return transform_for
-
-
-def _combined_parameters(members: list[Member], names: list[str], matchings: dict[int, Matching],
-                         combine: Callable[[str, list[np.ndarray]], np.ndarray],
-                         dtypes: dict[str, np.dtype]) -> dict[str, np.ndarray]:
-    """``merged_trunk_parameters`` with ``combine``, tensor by tensor: the float64 values of one
-    tensor of every model at a time, not of every tensor (same-base models are as large as
-    they come). The same numbers, and ``combine`` called in the same order."""
-    count = len(members)
-    transforms = [_transform_for(member, i, matchings, count) for i, member in enumerate(members)]
-    fixed: dict[str, np.ndarray] = {}
-    combined: dict[str, np.ndarray] = {}
-    for name in names:
-        floats = []
-        for member, transform_for in zip(members, transforms):
-            my_name = member.correspondence.params[name]
-            value = transformed_arrays(member.model, member.graph, transform_for, [my_name])[my_name]
-            if value.dtype.kind != "f":  # shapes, axes, indices: identical across models
-                fixed.setdefault(name, value)
-            else:
-                floats.append(value.astype(np.float64))
-            del value
-        if floats:
-            combined[name] = np.asarray(combine(name, floats)).astype(dtypes[name])
-    return {**{name: np.asarray(value).astype(dtypes[name]) for name, value in fixed.items()}, **combined}
 
 
 def merged_width(member: Member, layout: Layout | int, matchings: dict[int, Matching]) -> int:
@@ -176,8 +166,8 @@ class _HeadBuilder:
                 if not name:
                     continue
                 if name in params:
-                    value = arrays.get(name, numpy_helper.to_array(params[name]))
-                    self.initializers.append(numpy_helper.from_array(value, name + suffix))
+                    value = arrays.get(name, weights.read(params[name]))
+                    self.initializers.append(weights.tensor(value, name + suffix))
                     node.input[slot] = name + suffix
                 elif name in produced:
                     node.input[slot] = name + suffix
@@ -255,7 +245,7 @@ def assemble(members: list[Member], split: TrunkSplit, matchings: dict[int, Matc
     reference = members[0].model
     graph = reference.graph
     trunk_nodes = [n for k, n in enumerate(graph.node) if k not in split.head_nodes]
-    initializers = [numpy_helper.from_array(value, name) for name, value in trunk_params.items()]
+    initializers = [weights.tensor(value, name) for name, value in trunk_params.items()]
     builder = _HeadBuilder(members, split, matchings)
     outputs = []
     if heads == "shared":

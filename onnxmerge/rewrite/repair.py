@@ -31,6 +31,7 @@ from ..calib.channels import Tensors, measure, moment_constants, moment_nodes, w
 from ..calib.stats import ChannelMoments, SourceMoments
 from ..graph.canonical import export_like
 from ..graph.facts import op_facts
+from ..graph.ir import import_graph
 from ..graph.surgery import replace_input
 from ..graph.layers import fold_affine
 from ..graph.spaces import tensor_shapes
@@ -38,6 +39,7 @@ from ..io import default_opset
 from ..match.matching import Matching
 from .heads import TrunkSplit, weight_layers
 from .merge import Member, merge_matrix
+from .. import weights
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +92,7 @@ def _set_statistics(model: onnx.ModelProto, node: onnx.NodeProto, mean: np.ndarr
     inits = {init.name: init for init in model.graph.initializer}
     for slot, value in ((3, mean), (4, var)):
         init = inits[node.input[slot]]
-        dtype = numpy_helper.to_array(init).dtype
+        dtype = weights.read(init).dtype
         init.CopyFrom(numpy_helper.from_array(value.astype(dtype), init.name))
 
 
@@ -122,7 +124,7 @@ def insert_repair(model: onnx.ModelProto, targets: list[RepairTarget], batches: 
     std) any more: one more pass would measure the same. Returns the model and the provider
     that ran.
     """
-    dtypes = _dtypes(gs.import_onnx(model), targets)
+    dtypes = _dtypes(import_graph(model), targets)
     corrections = _first_guess(model, targets, dtypes, batches, provider)
     probe, outputs = _probe(model, targets, dtypes)
     session, ran = open_session(probe, provider)
@@ -144,7 +146,7 @@ def _first_guess(model: onnx.ModelProto, targets: list[RepairTarget], dtypes: di
     """Corrections from one pass in which each target with channels on axis 1 is normalised by
     its own batch statistics and given the target mean and std (a BatchNormalization in train
     mode): close to the exact ones, so that few exact passes follow. Others start at identity."""
-    graph = gs.import_onnx(model)
+    graph = import_graph(model)
     normalised = [t for t in targets if t.axis == 1]
     for t in normalised:
         parameters = [gs.Constant(f"{t.tensor}__guess_{part}", value.astype(dtypes[t.tensor])) for part, value in
@@ -219,7 +221,7 @@ def _probe(model: onnx.ModelProto, targets: list[RepairTarget],
     """The model with each target corrected by per-channel scale and shift graph inputs
     (``<tensor>__repair_scale`` / ``__repair_shift``), also giving the targets' batch moments
     before the correction."""
-    graph = gs.import_onnx(model)
+    graph = import_graph(model)
     for target in targets:
         scale, shift = (gs.Variable(f"{target.tensor}__repair_{part}", dtype=dtypes[target.tensor], shape=_broadcast(target))
                         for part in ("scale", "shift"))
@@ -233,7 +235,7 @@ def _fold(model: onnx.ModelProto, targets: list[RepairTarget], dtypes: dict[str,
           corrections: dict[str, tuple[np.ndarray, np.ndarray]]) -> onnx.ModelProto:
     """The model with each target's (scale, shift) correction applied as per-channel Mul and Add
     constants, folded into the producing layer where it is a canonical Conv/ConvTranspose/Gemm."""
-    graph = gs.import_onnx(model)
+    graph = import_graph(model)
     for target in targets:
         constants = (gs.Constant(f"{target.tensor}__repair_{part}",
                                  value.astype(dtypes[target.tensor]).reshape(_broadcast(target)))

@@ -16,6 +16,7 @@ from ..graph.layout import Concat, Layout, layout_width
 from ..graph.rules import attr
 from ..graph.spaces import SpaceGraph, tensor_shapes
 from ..io import default_opset
+from .. import weights
 
 
 def resize_constants(model: onnx.ModelProto, reference: SpaceGraph, leaf_width: Callable[[int], int]) -> None:
@@ -30,7 +31,7 @@ def resize_constants(model: onnx.ModelProto, reference: SpaceGraph, leaf_width: 
         return layout_width(layout, leaf_width)
 
     def rewrite(name: str, change: Callable[[np.ndarray], None]) -> None:
-        value = numpy_helper.to_array(inits[name]).copy()
+        value = weights.read(inits[name]).copy()
         change(value)
         inits[name].CopyFrom(numpy_helper.from_array(value, name))
 
@@ -112,8 +113,8 @@ def _resize_slice(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto], refe
     """A contiguous slice of a tracked axis is a run of that axis's parts (the space is cut at
     its bounds): its new bounds are the new widths of the parts before it and of the run.
     Axes are non-negative (canonicalisation)."""
-    starts, ends = (numpy_helper.to_array(inits[name]).copy() for name in node.input[1:3])
-    axes = (numpy_helper.to_array(inits[node.input[3]]) if len(node.input) > 3 and node.input[3]
+    starts, ends = (weights.read(inits[name]).copy() for name in node.input[1:3])
+    axes = (weights.read(inits[node.input[3]]) if len(node.input) > 3 and node.input[3]
             else range(len(starts)))
     data, piece = reference.layouts.get(node.input[0], {}), reference.layouts[node.output[0]]
     old_width = reference.table.widths.__getitem__

@@ -9,7 +9,6 @@ from dataclasses import asdict
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from ..calib.data import CalibrationSet
 from ..errors import RecipeError, UnsupportedGraphError
@@ -20,6 +19,7 @@ from ..rewrite.merge import Member, assemble, merged_trunk_parameters, reference
 from ..rewrite.resize import resize_constants
 from .prepare import lockstep_batches
 from ..samebase import combiner
+from .. import weights
 
 
 log = logging.getLogger(__name__)
@@ -87,4 +87,4 @@ def _check_finite(parameters: dict[str, np.ndarray], reference: onnx.ModelProto,
 def _finite_in(model: onnx.ModelProto, name: str) -> bool:
     """Whether ``model``'s initializer ``name`` (if it has one) is finite everywhere."""
     found = next((init for init in model.graph.initializer if init.name == name), None)
-    return found is None or bool(np.isfinite(numpy_helper.to_array(found)).all())
+    return found is None or bool(np.isfinite(weights.read(found)).all())

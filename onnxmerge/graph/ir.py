@@ -1,0 +1,41 @@
+"""The boundary between ``onnx.ModelProto`` and onnx-graphsurgeon graphs, where mapped
+weights (``onnxmerge.weights``) stay in their files: a constant read from a file is a
+read-only memory map of it, and a constant still holding such a map is written back as a
+reference to the file, not copied into the model."""
+
+from __future__ import annotations
+
+import onnx
+import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
+
+from .. import weights
+
+
+class _MappedValues(LazyValues):
+    """A mapped tensor's values, read as a memory map when a pass asks for them."""
+
+    def load(self):
+        return weights.read(self.tensor)
+
+
+def import_graph(model: onnx.ModelProto) -> gs.Graph:
+    """``gs.import_onnx(model)``; mapped constants load as memory maps of their files."""
+    graph = gs.import_onnx(model)
+    for tensor in graph.tensors().values():
+        values = getattr(tensor, "_values", None)
+        if isinstance(values, LazyValues) and weights.is_mapped(values.tensor):
+            tensor._values = _MappedValues(values.tensor)
+    return graph
+
+
+def export_graph(graph: gs.Graph, **options) -> onnx.ModelProto:
+    """``gs.export_onnx(graph, **options)``; a constant whose values are still a whole memory
+    map of a file is written as a reference to it (``weights.reference``)."""
+    for tensor in graph.tensors().values():
+        values = getattr(tensor, "_values", None)
+        if isinstance(tensor, gs.Constant) and not isinstance(values, LazyValues):
+            reference = weights.reference(values, tensor.name)
+            if reference is not None:
+                tensor._values = _MappedValues(reference)
+    return gs.export_onnx(graph, **options)

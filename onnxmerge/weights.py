@@ -1,0 +1,193 @@
+"""Weights that stay in their files, so that memory holds the tensors in use, not the models.
+
+A model file with external data is loaded with its large tensors left there (``map_external``):
+each such ``TensorProto`` keeps its offset and length but names its file by absolute path.
+onnx and onnxruntime refuse absolute locations, so nothing reads these tensors behind this
+module's back: ``read`` maps them (``np.memmap``, read-only: its pages leave memory with the
+array), ``session_parts`` hands them to onnxruntime as external initializers, and ``raw_bytes``
+lets ``io.save_model`` copy them into the output's sidecar. Large tensors a merge computes go
+to a temporary spill file the same way (``spill``), so a merged model is not held in memory
+either. Small tensors (under ``MAPPED_MIN_BYTES``) are read into memory as usual: shape
+computations read them, and they cost nothing.
+"""
+
+from __future__ import annotations
+
+import atexit
+import mmap
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+# Read at each use, so that tests can lower it to send small models down the mapped path.
+MAPPED_MIN_BYTES = 1 << 16
+_SESSION_LOCATION = "onnxmerge-mapped"  # the stub location onnxruntime sees; the values come from memory
+_ALIGNMENT = 64  # spilled tensors start at offsets numpy can view as any dtype
+
+
+def is_mapped(tensor: onnx.TensorProto) -> bool:
+    """Whether ``tensor``'s data stays in a file this module reads (an absolute location)."""
+    return tensor.data_location == onnx.TensorProto.EXTERNAL and os.path.isabs(_location(tensor)[0])
+
+
+def has_mapped(model: onnx.ModelProto) -> bool:
+    """Whether any initializer of ``model``'s main graph is mapped."""
+    return any(is_mapped(init) for init in model.graph.initializer)
+
+
+def _location(tensor: onnx.TensorProto) -> tuple[str, int, int | None]:
+    entries = {entry.key: entry.value for entry in tensor.external_data}
+    length = entries.get("length")
+    return entries.get("location", ""), int(entries.get("offset", 0)), None if length is None else int(length)
+
+
+RAW_LAYOUT = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+                         onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64,
+                         onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32,
+                         onnx.TensorProto.UINT64, onnx.TensorProto.BOOL, onnx.TensorProto.COMPLEX64,
+                         onnx.TensorProto.COMPLEX128})
+"""Types whose raw data are numpy's little-endian bytes (bfloat16, 4- and 8-bit floats are not)."""
+
+
+def read(tensor: onnx.TensorProto) -> np.ndarray:
+    """The values of ``tensor`` (``numpy_helper.to_array``), a read-only memory map for a mapped one.
+
+    Returns:
+        An array of the tensor's dims and numpy dtype; for a mapped tensor a read-only
+        ``np.memmap`` when its type has a numpy layout, else a copy in memory.
+    """
+    if not is_mapped(tensor):
+        return numpy_helper.to_array(tensor)
+    path, offset, _ = _location(tensor)
+    shape = tuple(tensor.dims)
+    if tensor.data_type in RAW_LAYOUT and int(np.prod(shape, dtype=np.int64)) > 0:
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<")
+        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+    return numpy_helper.to_array(_loaded(tensor))
+
+
+def length(tensor: onnx.TensorProto) -> int:
+    """A mapped tensor's size in bytes."""
+    path, offset, size = _location(tensor)
+    return size if size is not None else os.path.getsize(path) - offset
+
+
+def raw_bytes(tensor: onnx.TensorProto) -> bytes:
+    """A mapped tensor's data as raw bytes (one tensor in memory at a time)."""
+    path, offset, length = _location(tensor)
+    with open(path, "rb") as file:
+        file.seek(offset)
+        return file.read(-1 if length is None else length)
+
+
+def self_contained(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model``, or a copy of it whose mapped tensors hold their data (what one file holds)."""
+    if not has_mapped(model):
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for init in copy.graph.initializer:
+        if is_mapped(init):
+            init.CopyFrom(_loaded(init))
+    return copy
+
+
+def _loaded(tensor: onnx.TensorProto) -> onnx.TensorProto:
+    """A copy of a mapped tensor with its data in memory."""
+    loaded = onnx.TensorProto()
+    loaded.CopyFrom(tensor)
+    loaded.raw_data = raw_bytes(tensor)
+    del loaded.external_data[:]
+    loaded.data_location = onnx.TensorProto.DEFAULT
+    return loaded
+
+
+def map_external(tensor: onnx.TensorProto, folder: str) -> None:
+    """Leave ``tensor``'s checked external data in its file (in place): its location becomes
+    the file's absolute path, resolved against ``folder`` (the model file's)."""
+    for entry in tensor.external_data:
+        if entry.key == "location":
+            entry.value = os.path.realpath(os.path.join(folder, entry.value))
+
+
+def stays_mapped(tensor: onnx.TensorProto) -> bool:
+    """Whether an external tensor is large enough to stay in its file at load."""
+    length = _location(tensor)[2]
+    return length is not None and length >= MAPPED_MIN_BYTES
+
+
+def reference(value: np.ndarray, name: str) -> onnx.TensorProto | None:
+    """A mapped tensor ``name`` for ``value`` when it is a whole memory map of a file (what
+    ``read`` and ``Spill.store`` return, not a view or a computed array), else None."""
+    if not isinstance(value, np.memmap) or not isinstance(value.base, mmap.mmap) or value.filename is None:
+        return None
+    proto = onnx.TensorProto(name=name, dims=value.shape, data_location=onnx.TensorProto.EXTERNAL,
+                             data_type=helper.np_dtype_to_tensor_dtype(value.dtype.newbyteorder("=")))
+    for key, text in (("location", value.filename), ("offset", value.offset), ("length", value.nbytes)):
+        proto.external_data.add(key=key, value=str(text))
+    return proto
+
+
+def tensor(value: np.ndarray, name: str) -> onnx.TensorProto:
+    """An initializer ``name`` holding ``value``: a mapped tensor for a memory map (``reference``),
+    else the array's copy."""
+    return reference(value, name) or numpy_helper.from_array(np.asarray(value), name)
+
+
+class Spill:
+    """A temporary file that large computed tensors are written to as soon as they exist."""
+
+    def __init__(self, folder: str):
+        self.path = os.path.join(folder, "spill.data")
+        self._file = open(self.path, "ab")
+
+    def store(self, value: np.ndarray) -> np.memmap:
+        """``value`` written to the file; a read-only memory map of it there."""
+        self._file.write(b"\0" * (-self._file.tell() % _ALIGNMENT))
+        offset = self._file.tell()
+        self._file.write(np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<")).tobytes())
+        self._file.flush()
+        return np.memmap(self.path, dtype=value.dtype.newbyteorder("<"), mode="r", offset=offset, shape=value.shape)
+
+
+_spill: Spill | None = None
+
+
+def spill() -> Spill:
+    """This process's spill file, in a temporary folder removed at exit (``TMPDIR`` chooses
+    where: it needs room for the merged model)."""
+    global _spill
+    if _spill is None:
+        folder = tempfile.mkdtemp(prefix="onnxmerge-spill-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        _spill = Spill(folder)
+    return _spill
+
+
+def kept(value: np.ndarray, mapped: bool) -> np.ndarray:
+    """A computed tensor as a merge keeps it: when the models are ``mapped`` and it is large,
+    spilled (a memory map of the spill file, which ``tensor`` writes as a reference), else as it is."""
+    if mapped and value.size and value.nbytes >= MAPPED_MIN_BYTES and value.dtype.kind in "biufc":
+        return spill().store(value)
+    return value
+
+
+def session_parts(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str], list[np.ndarray]]:
+    """What onnxruntime opens ``model`` from: a copy whose mapped initializers are external
+    stubs it does not read, and their names and values (memory maps) to pass as external
+    initializers (``SessionOptions.add_external_initializers``). ``model`` is not modified."""
+    mapped = [init for init in model.graph.initializer if is_mapped(init)]
+    if not mapped:
+        return model, [], []
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # mapped tensors hold no data: a copy of the weightless model
+    for init in copy.graph.initializer:
+        if is_mapped(init):
+            for entry in init.external_data:
+                if entry.key == "location":
+                    entry.value = _SESSION_LOCATION
+    return copy, [init.name for init in mapped], [np.ascontiguousarray(read(init)) for init in mapped]
