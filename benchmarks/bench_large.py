@@ -1,16 +1,17 @@
 """Peak memory and wall time of onnxmerge on models saved with external data (issue 18).
 
-Builds MLPs of four WxW Gemm layers (random weights, about --size-mb each, weights in an
-external-data sidecar): A and B trained apart, and A2, a fine-tune of A (A plus 1 % noise),
-plus a .npy of random calibration rows. Then runs, each as its own process (so its peak RSS
-is its own, from os.wait4): ``inspect A``, ``permute A``, a same-base merge
-``merge A A2 --method linear`` and an aligned merge ``merge A B --method zip --calib X.npy``,
+Builds MLPs of --layers WxW Gemm layers (default four; random weights, about --size-mb each,
+weights in an external-data sidecar): A and B trained apart, and A2 and A3, fine-tunes of A
+(A plus 1 % noise), plus a .npy of random calibration rows. Then runs, each as its own process
+(so its peak RSS is its own, from os.wait4): ``inspect A``, ``permute A``, same-base merges
+``merge A A2 --method linear`` and of A, A2 and A3, and an aligned merge
+``merge A B --method zip --calib X.npy``,
 and prints wall time, peak RSS and the ratio of peak RSS to the inputs' size (the files the
 command reads). The issue's targets: same-base merge under 1.5 GB, aligned merge under 1.5x
 its inputs.
 ``--only session`` runs just onnxruntime's session on one graph of two MLPs (an aligned
 merge's capture graph, the step that failed past 2 GB) in a child.
-Run: python benchmarks/bench_large.py [--size-mb 300] [--rows 256] [--keep DIR] [--only NAME ...]
+Run: python benchmarks/bench_large.py [--size-mb 300] [--layers 4] [--rows 256] [--keep DIR] [--only NAME ...]
 (``--size-mb 1100`` is the issue's 1.07 GB case: two of those pass protobuf's 2 GB limit.)
 """
 
@@ -35,16 +36,17 @@ LAYERS = 4
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def width_for(size_mb: float) -> int:
-    """The layer width (a multiple of 64) whose LAYERS float32 WxW weights make ``size_mb`` MB."""
-    return max(64, int(round((size_mb * 1e6 / (4 * LAYERS)) ** 0.5 / 64)) * 64)
+def width_for(size_mb: float, layers: int = LAYERS) -> int:
+    """The layer width (a multiple of 64) whose ``layers`` float32 WxW weights make ``size_mb`` MB."""
+    return max(64, int(round((size_mb * 1e6 / (4 * layers)) ** 0.5 / 64)) * 64)
 
 
-def mlp(width: int, seed: int, base: onnx.ModelProto | None = None, copies: int = 1) -> onnx.ModelProto:
-    """x [N, W] -> (Gemm -> Relu) x (LAYERS - 1) -> Gemm; random weights, or ``base``'s plus 1 % noise.
+def mlp(width: int, seed: int, base: onnx.ModelProto | None = None, copies: int = 1,
+        layers: int = LAYERS) -> onnx.ModelProto:
+    """x [N, W] -> (Gemm -> Relu) x (layers - 1) -> Gemm; random weights, or ``base``'s plus 1 % noise.
     ``copies`` > 1: that many such MLPs side by side in one graph (inputs x, x1, ...; outputs y, y1, ...)."""
     if copies > 1:
-        parts = [mlp(width, seed + k) for k in range(copies)]
+        parts = [mlp(width, seed + k, layers=layers) for k in range(copies)]
         graph = parts[0].graph
         for k, part in enumerate(parts[1:], 1):
             part = onnx.compose.add_prefix(part, f"m{k}_")
@@ -57,7 +59,7 @@ def mlp(width: int, seed: int, base: onnx.ModelProto | None = None, copies: int 
     rng = np.random.default_rng(seed)
     nodes, inits = [], []
     current = "x"
-    for k in range(LAYERS):
+    for k in range(layers):
         if base is None:
             weight = rng.standard_normal((width, width), dtype=np.float32) * np.float32(width ** -0.5)
             bias = rng.standard_normal(width, dtype=np.float32) * np.float32(0.1)
@@ -67,7 +69,7 @@ def mlp(width: int, seed: int, base: onnx.ModelProto | None = None, copies: int 
             bias = numpy_helper.to_array(base.graph.initializer[2 * k + 1])
         inits += [numpy_helper.from_array(weight, f"w{k}"), numpy_helper.from_array(bias, f"b{k}")]
         del weight
-        out = "y" if k == LAYERS - 1 else f"h{k}"
+        out = "y" if k == layers - 1 else f"h{k}"
         nodes.append(helper.make_node("Gemm", [current, f"w{k}", f"b{k}"], [f"g{k}" if out != "y" else out],
                                       transB=1, name=f"fc{k}"))
         if out != "y":
@@ -125,14 +127,14 @@ def _rss(pid: int) -> int:
     return 0
 
 
-def session_check(width: int, rows: int) -> None:
+def session_check(width: int, rows: int, layers: int) -> None:
     """The step that failed past 2 GB (issue 18): an onnxruntime session for calibration on one
     graph holding two MLPs (the capture graph of an aligned merge holds both models), run on
     ``rows`` rows. Run in a child by ``main``."""
     from onnxmerge.calib.capture import open_session
     from onnxmerge.io import serialized_size
 
-    model = mlp(width, 0, copies=2)
+    model = mlp(width, 0, copies=2, layers=layers)
     size = serialized_size(model)
     session, _ = open_session(model, "cpu")
     del model
@@ -144,6 +146,8 @@ def session_check(width: int, rows: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=float, default=300, help="size of each model (default 300)")
+    parser.add_argument("--layers", type=int, default=LAYERS, help=f"Gemm layers of each MLP (default {LAYERS}): "
+                        "more layers of the same total size make smaller tensors, as a transformer has")
     parser.add_argument("--rows", type=int, default=256, help="calibration rows (default 256)")
     parser.add_argument("--limit-gb", type=float, default=12, help="stop a command past this RSS (default 12)")
     parser.add_argument("--keep", help="build the models in this folder and keep them (default: a temporary one)")
@@ -151,33 +155,37 @@ def main() -> None:
                         "session: open_session on one graph of two MLPs, as an aligned merge's capture)")
     parser.add_argument("--session-check", action="store_true", help=argparse.SUPPRESS)  # the session run's child
     args = parser.parse_args()
-    width = width_for(args.size_mb)
+    width = width_for(args.size_mb, args.layers)
     if args.session_check:
-        session_check(width, args.rows)
+        session_check(width, args.rows, args.layers)
         return
     with tempfile.TemporaryDirectory(prefix="bench_large-") as tmp:
         folder = Path(args.keep or tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        a, b, a2, calib = folder / "A.onnx", folder / "B.onnx", folder / "A2.onnx", folder / "X.npy"
+        a, b, a2, a3 = (folder / f"{name}.onnx" for name in ("A", "B", "A2", "A3"))
+        calib = folder / "X.npy"
         start = time.perf_counter()
-        if not all(p.exists() for p in (a, b, a2, calib)):
-            model_a = mlp(width, 0)
+        if not all(p.exists() for p in (a, b, a2, a3, calib)):
+            model_a = mlp(width, 0, layers=args.layers)
             save_model(model_a, a, external_data=True)
-            save_model(mlp(width, 2, base=model_a), a2, external_data=True)
+            save_model(mlp(width, 2, base=model_a, layers=args.layers), a2, external_data=True)
+            save_model(mlp(width, 3, base=model_a, layers=args.layers), a3, external_data=True)
             del model_a
-            save_model(mlp(width, 1), b, external_data=True)
+            save_model(mlp(width, 1, layers=args.layers), b, external_data=True)
             rows = np.random.default_rng(3).standard_normal((args.rows, width), dtype=np.float32)
             np.save(calib, rows)
-        print(f"MLPs of {LAYERS} Gemm {width}x{width} layers, {files_size(a) / 1e9:.2f} GB each "
+        print(f"MLPs of {args.layers} Gemm {width}x{width} layers, {files_size(a) / 1e9:.2f} GB each "
               f"(built in {time.perf_counter() - start:.0f} s), {args.rows} calibration rows")
         runs = {
             "inspect": (["inspect", str(a)], [a]),
             "permute": (["permute", str(a), "-o", str(folder / "P.onnx")], [a]),
             "same-base": (["merge", str(a), str(a2), "--method", "linear", "-o", str(folder / "L.onnx")], [a, a2]),
+            "same-base3": (["merge", str(a), str(a2), str(a3), "--method", "linear", "-o", str(folder / "L3.onnx")],
+                           [a, a2, a3]),
             "aligned": (["merge", str(a), str(b), "--method", "zip", "--calib", str(calib),
                          "-o", str(folder / "Z.onnx")], [a, b]),
             "session": (["python", __file__, "--session-check", "--size-mb", str(args.size_mb),
-                         "--rows", str(args.rows)], [a, b]),
+                         "--rows", str(args.rows), "--layers", str(args.layers)], [a, b]),
         }
         print(f"{'command':10} {'wall s':>7} {'peak RSS GB':>12} {'inputs GB':>10} {'RSS/inputs':>11}  status")
         for name, (command, inputs) in runs.items():

@@ -67,10 +67,15 @@ def normalize_gemm(graph: gs.Graph) -> int:
         if bias is None or (node.attrs == CANONICAL_GEMM and _has_input(node, 2) and bias is constant(node.inputs[2])):
             continue
         alpha, beta = (weight.dtype.type(node.attrs.get(k, 1.0)) for k in ("alpha", "beta"))
+        # a tensor already in canonical form stays (a large weight may be a memory map of its file)
+        same_weight = node.attrs.get("transB", 0) and alpha == 1
+        same_bias = _has_input(node, 2) and beta == 1 and bias is constant(node.inputs[2])
         new_bias = np.ascontiguousarray(bias * beta)
-        node.inputs = [node.inputs[0], replacement(graph, node.inputs[1], np.ascontiguousarray(weight * alpha), "gemm"),
-                       replacement(graph, node.inputs[2], new_bias, "gemm") if _has_input(node, 2)
-                       else gs.Constant(f"{node.outputs[0].name}_bias", new_bias)]
+        node.inputs = [node.inputs[0],
+                       node.inputs[1] if same_weight else replacement(graph, node.inputs[1],
+                                                                      np.ascontiguousarray(weight * alpha), "gemm"),
+                       node.inputs[2] if same_bias else replacement(graph, node.inputs[2], new_bias, "gemm")
+                       if _has_input(node, 2) else gs.Constant(f"{node.outputs[0].name}_bias", new_bias)]
         node.attrs = dict(CANONICAL_GEMM)
         count += 1
     return count

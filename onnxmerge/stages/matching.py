@@ -41,6 +41,8 @@ def match_spaces(members: list[Member], split, units: list[CaptureUnit], stats: 
     params = method.make_params(**asdict(options))
     run = _space_matcher(method, params, options.width)
     _check_widths(members, split.zipped, method)
+    if method.same_base:  # fine-tunes of one base: aligned already, their parameters combine as they are
+        return {}, [_row(members, space, None, None) for space in sorted(split.zipped)]
     matchings: dict[int, Matching] = {}
     if method.graph_level:
         matchings.update(method.function(members, sorted(split.zipped), params))
@@ -54,15 +56,21 @@ def match_spaces(members: list[Member], split, units: list[CaptureUnit], stats: 
             matchings.setdefault(space, matching)
             tensors.setdefault(space, unit.tensor)
     matchings.update(_match_from_weights(members, sorted(set(split.zipped) - set(matchings)), matchings, options))
-    rows = [{"space": reference.graph.space(space).name, "tensor": tensors.get(space),
-             "widths": [m.graph.table.widths[m.space_of(space)] for m in members],
-             "merged_width": matching.width,
-             "mean_correlation": None if np.isnan(matching.mean_correlation) else matching.mean_correlation,
-             "within_model_merges": list(matching.within_model_merges)} for space, matching in sorted(matchings.items())]
+    rows = [_row(members, space, matching, tensors.get(space)) for space, matching in sorted(matchings.items())]
     for row in rows:
         log.debug("space %s (%s): widths %s -> %d, mean correlation %s", row["space"], row["tensor"] or "weights",
                   row["widths"], row["merged_width"], row["mean_correlation"])
     return matchings, rows
+
+
+def _row(members: list[Member], space: int, matching: Matching | None, tensor: str | None) -> dict:
+    """The report row of model 0's ``space``: widths, merged width and match quality."""
+    widths = [m.graph.table.widths[m.space_of(space)] for m in members]
+    quality = float("nan") if matching is None else matching.mean_correlation
+    return {"space": members[0].graph.space(space).name, "tensor": tensor, "widths": widths,
+            "merged_width": widths[0] if matching is None else matching.width,
+            "mean_correlation": None if np.isnan(quality) else quality,
+            "within_model_merges": [0] * len(members) if matching is None else list(matching.within_model_merges)}
 
 
 def _match_from_weights(members: list[Member], spaces: list[int], matchings: dict[int, Matching],
