@@ -143,6 +143,17 @@ def session_check(width: int, rows: int, layers: int) -> None:
     print(f"session on {size / 1e9:.2f} GB of two MLPs ran: outputs {[o.shape for o in outputs]}")
 
 
+def build(folder: Path, width: int, layers: int, rows: int) -> None:
+    """The benchmark's models (A, B, fine-tunes A2 and A3 of A) and calibration rows in ``folder``."""
+    model_a = mlp(width, 0, layers=layers)
+    save_model(model_a, folder / "A.onnx", external_data=True)
+    for name, seed in (("A2", 2), ("A3", 3)):
+        save_model(mlp(width, seed, base=model_a, layers=layers), folder / f"{name}.onnx", external_data=True)
+    del model_a
+    save_model(mlp(width, 1, layers=layers), folder / "B.onnx", external_data=True)
+    np.save(folder / "X.npy", np.random.default_rng(3).standard_normal((rows, width), dtype=np.float32))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=float, default=300, help="size of each model (default 300)")
@@ -154,10 +165,14 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="run only these commands (inspect permute same-base aligned "
                         "session: open_session on one graph of two MLPs, as an aligned merge's capture)")
     parser.add_argument("--session-check", action="store_true", help=argparse.SUPPRESS)  # the session run's child
+    parser.add_argument("--build", help=argparse.SUPPRESS)  # the child that builds the models in this folder
     args = parser.parse_args()
     width = width_for(args.size_mb, args.layers)
     if args.session_check:
         session_check(width, args.rows, args.layers)
+        return
+    if args.build:
+        build(Path(args.build), width, args.layers, args.rows)
         return
     with tempfile.TemporaryDirectory(prefix="bench_large-") as tmp:
         folder = Path(args.keep or tmp)
@@ -166,14 +181,9 @@ def main() -> None:
         calib = folder / "X.npy"
         start = time.perf_counter()
         if not all(p.exists() for p in (a, b, a2, a3, calib)):
-            model_a = mlp(width, 0, layers=args.layers)
-            save_model(model_a, a, external_data=True)
-            save_model(mlp(width, 2, base=model_a, layers=args.layers), a2, external_data=True)
-            save_model(mlp(width, 3, base=model_a, layers=args.layers), a3, external_data=True)
-            del model_a
-            save_model(mlp(width, 1, layers=args.layers), b, external_data=True)
-            rows = np.random.default_rng(3).standard_normal((args.rows, width), dtype=np.float32)
-            np.save(calib, rows)
+            # in a child: Linux counts a parent's peak RSS in its children's (fork, then exec)
+            subprocess.run([sys.executable, __file__, "--build", str(folder), "--size-mb", str(args.size_mb),
+                            "--layers", str(args.layers), "--rows", str(args.rows)], check=True)
         print(f"MLPs of {args.layers} Gemm {width}x{width} layers, {files_size(a) / 1e9:.2f} GB each "
               f"(built in {time.perf_counter() - start:.0f} s), {args.rows} calibration rows")
         runs = {

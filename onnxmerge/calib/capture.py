@@ -92,6 +92,8 @@ def open_session(model: onnx.ModelProto, provider: str = "auto", *,
     values = [onnxruntime.OrtValue.ortvalue_from_numpy(array) for array in arrays]
     if values:
         options.add_external_initializers(names, values)
+        # read in place: pre-packed copies of the weights would double the memory they take
+        options.add_session_config_entry("session.disable_prepacking", "1")
     session, ran = _session(onnxruntime, shell.SerializeToString(), options, provider)
     session.keep = values  # onnxruntime reads them for as long as the session lives
     return session, ran

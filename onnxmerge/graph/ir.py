@@ -31,11 +31,16 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
 
 def export_graph(graph: gs.Graph, **options) -> onnx.ModelProto:
     """``gs.export_onnx(graph, **options)``; a constant whose values are still a whole memory
-    map of a file is written as a reference to it (``weights.reference``)."""
-    for tensor in graph.tensors().values():
-        values = getattr(tensor, "_values", None)
-        if isinstance(tensor, gs.Constant) and not isinstance(values, LazyValues):
-            reference = weights.reference(values, tensor.name)
-            if reference is not None:
-                tensor._values = _MappedValues(reference)
+    map of a file is written as a reference to it (``weights.reference``), and in a graph that
+    holds such constants (a model with mapped weights) a large computed one is spilled first
+    (``weights.kept``), so that the exported model holds no weights in memory either."""
+    constants = [t for t in graph.tensors().values() if isinstance(t, gs.Constant)]
+    mapped = any(isinstance(t._values, _MappedValues) or weights.reference(t._values, t.name) is not None
+                 for t in constants)
+    for tensor in constants:
+        if isinstance(tensor._values, LazyValues):
+            continue
+        reference = weights.reference(weights.kept(tensor._values, mapped), tensor.name)
+        if reference is not None:
+            tensor._values = _MappedValues(reference)
     return gs.export_onnx(graph, **options)
