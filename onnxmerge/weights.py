@@ -39,6 +39,14 @@ def has_mapped(model: onnx.ModelProto) -> bool:
     return any(is_mapped(init) for init in model.graph.initializer)
 
 
+def unreadable(model: onnx.ModelProto) -> str | None:
+    """The first file of ``model``'s mapped tensors that cannot be read here, or None."""
+    for init in model.graph.initializer:
+        if is_mapped(init) and not os.access(_location(init)[0], os.R_OK):
+            return _location(init)[0]
+    return None
+
+
 def _location(tensor: onnx.TensorProto) -> tuple[str, int, int | None]:
     entries = {entry.key: entry.value for entry in tensor.external_data}
     length = entries.get("length")

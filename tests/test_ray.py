@@ -23,7 +23,7 @@ import yaml
 import onnxmerge
 from onnxmerge import cli
 from onnxmerge.calib.data import input_specs, load_calibration
-from onnxmerge.calib.distributed import _import_failure, shard_ranges
+from onnxmerge.calib.distributed import _import_failure, check_weight_files, shard_ranges
 from onnxmerge.calib.stats import Statistics, load_stats
 from onnxmerge.errors import CalibrationError
 
@@ -91,6 +91,25 @@ def test_workers_reading_shard_files_themselves_give_the_statistics_of_one_proce
     stats, meta = onnxmerge.calibrate(PAIR, paths, batch_size=16, ray="local", ray_shards=3)
     _assert_same_statistics(single, stats)
     assert meta == single_meta
+
+
+@needs_ray
+def test_workers_read_mapped_weights_from_their_files(cluster, samples, tmp_path, monkeypatch):
+    """Models saved with external data keep their weights in their files (onnxmerge.weights):
+    the tasks read them from the same paths, as from shared storage."""
+    from onnxmerge import io, weights
+    monkeypatch.setattr(weights, "MAPPED_MIN_BYTES", 4096)
+    paths = [tmp_path / f"m{k}.onnx" for k in range(2)]
+    for source, path in zip(PAIR, paths):
+        io.save_model(io.load_model(source), path, external_data=True)
+    assert weights.has_mapped(io.load_model(paths[0]))
+    single, _ = onnxmerge.calibrate(paths, samples, batch_size=32)
+    stats, _ = onnxmerge.calibrate(paths, samples, batch_size=32, ray="local")
+    _assert_same_statistics(single, stats)
+    models = [io.load_model(path) for path in paths]
+    Path(f"{paths[1]}.data").rename(tmp_path / "elsewhere.data")  # as on a node that does not mount it
+    with pytest.raises(CalibrationError, match="a Ray worker cannot read .*m1.onnx.data: the weights"):
+        check_weight_files(models)  # what each task checks first
 
 
 @needs_ray

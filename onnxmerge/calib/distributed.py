@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 import onnx
 
 from ..runtime import import_optional
+from .. import weights
 from ..errors import CalibrationError, MissingDependencyError, OnnxMergeError, RecipeError, UnsupportedGraphError
 from ..progress import progress
 from .capture import CaptureUnit, collect_statistics
@@ -154,11 +155,25 @@ def shard_statistics(models: list[bytes], units: list[list[CaptureUnit]], widths
     computed as a run in one process computes them (its own onnxruntime sessions, ``threads``
     intra-op threads)."""
     loaded = [onnx.load_model_from_string(data) for data in models]
+    check_weight_files(loaded)
     batches = zip(*(shard.batches(index, batch_size) for index in range(len(loaded))))
     stats, ran = collect_statistics(loaded, units, batches, widths, provider, threads=threads)
     moments = None if tensors is None else source_moments(
         loaded, tensors, lambda index: shard.batches(index, batch_size), provider, threads=threads)
     return stats, moments, ran
+
+
+def check_weight_files(models: list[onnx.ModelProto]) -> None:
+    """Refuse, on a worker, models whose mapped weights (``onnxmerge.weights``) it cannot read.
+
+    Raises:
+        CalibrationError: names the first file and where the models must be.
+    """
+    missing = next(filter(None, map(weights.unreadable, models)), None)
+    if missing:
+        raise CalibrationError(f"a Ray worker cannot read {missing}: the weights of models saved with external data "
+                               "are read from their files, so keep the models on storage every node mounts at the "
+                               "same path (as the calibration files), or compute without --ray")
 
 
 def shard_ranges(calib: CalibrationSet, batch_size: int, count: int) -> list[tuple[int, int]]:
