@@ -140,6 +140,13 @@ def reference(value: np.ndarray, name: str) -> onnx.TensorProto | None:
     return proto
 
 
+def transient(value: np.ndarray) -> np.ndarray:
+    """``value`` to read once: a memory map of a file (``reference``) is mapped afresh, so the
+    pages read leave memory with the returned array instead of staying with ``value``."""
+    mapped = reference(value, "")
+    return value if mapped is None else read(mapped)
+
+
 def tensor(value: np.ndarray, name: str) -> onnx.TensorProto:
     """An initializer ``name`` holding ``value``: a mapped tensor for a memory map (``reference``),
     else the array's copy."""

@@ -127,9 +127,9 @@ def test_obvious_cross_matching_of_two_by_two():
                      [0.9, 0.2, 0.1, 1.0]])
     matching = zip_clusters(corr, [2, 2])
     np.testing.assert_array_equal(matching.clusters, [0, 1, 1, 0])
-    np.testing.assert_array_equal(matching.merge[0], np.eye(2) / 2)
-    np.testing.assert_array_equal(matching.merge[1], [[0.0, 0.5], [0.5, 0.0]])
-    np.testing.assert_array_equal(matching.unmerge[1], [[0.0, 1.0], [1.0, 0.0]])
+    np.testing.assert_array_equal(matching.merge[0].toarray(), np.eye(2) / 2)
+    np.testing.assert_array_equal(matching.merge[1].toarray(), [[0.0, 0.5], [0.5, 0.0]])
+    np.testing.assert_array_equal(matching.unmerge[1].toarray(), [[0.0, 1.0], [1.0, 0.0]])
     assert matching.mean_correlation == pytest.approx(0.85)
     assert matching.within_model_merges == [0, 0]
 
@@ -224,9 +224,9 @@ def test_permuted_copies_give_the_model_order(name, copies):
     params = ZipParams(alpha=1.0 if copies == 3 else 0.5) if name == "zip" else get_method(name).params()
     matching = get_method(name).function(corr, [12] * copies, params)
     np.testing.assert_array_equal(matching.clusters, np.concatenate(perms))
-    np.testing.assert_allclose(matching.merge[0], np.eye(12) / copies)
+    np.testing.assert_allclose(matching.merge[0].toarray(), np.eye(12) / copies)
     for perm, merge in zip(perms, matching.merge):
-        np.testing.assert_allclose(merge, np.eye(12)[perm].T / copies)
+        np.testing.assert_allclose(merge.toarray(), np.eye(12)[perm].T / copies)
     assert matching.mean_correlation == pytest.approx(1.0)
 
 
@@ -269,7 +269,7 @@ def test_permute_recovers_a_known_permutation_with_noise():
     corr = np.corrcoef(np.hstack([features, other]), rowvar=False)
     matching = permute(corr, [16, 16])
     np.testing.assert_array_equal(matching.clusters[16:], perm)
-    np.testing.assert_array_equal(matching.unmerge[1], np.eye(16)[perm])
+    np.testing.assert_array_equal(matching.unmerge[1].toarray(), np.eye(16)[perm])
 
 
 @pytest.mark.parametrize("function", [average, permute], ids=["average", "permute"])
@@ -282,7 +282,7 @@ def test_average_is_the_identity():
     matching = average(None, [4, 4, 4])
     np.testing.assert_array_equal(matching.clusters, np.tile(np.arange(4), 3))
     for merge in matching.merge:
-        np.testing.assert_array_equal(merge, np.eye(4) / 3)
+        np.testing.assert_array_equal(merge.toarray(), np.eye(4) / 3)
 
 
 def check_invariants(matching: Matching, widths) -> None:
@@ -291,6 +291,7 @@ def check_invariants(matching: Matching, widths) -> None:
     sizes = np.bincount(matching.clusters, minlength=r)
     total = np.zeros(r)
     for merge, unmerge, d in zip(matching.merge, matching.unmerge, widths):
+        merge, unmerge = merge.toarray(), unmerge.toarray()  # stored sparse
         assert merge.shape == (r, d) and unmerge.shape == (d, r)
         assert merge.dtype == unmerge.dtype == np.float64
         np.testing.assert_array_equal(unmerge.sum(axis=1), np.ones(d))  # one-hot rows
@@ -322,8 +323,8 @@ def test_matching_invariants(method, widths):
 def test_from_clusters_renumbers_by_first_appearance():
     matching = Matching.from_clusters([7, 3, 7, 9, 3], [2, 3])
     np.testing.assert_array_equal(matching.clusters, [0, 1, 0, 2, 1])
-    np.testing.assert_array_equal(matching.merge[0], [[0.5, 0.0], [0.0, 0.5], [0.0, 0.0]])
-    np.testing.assert_array_equal(matching.merge[1], [[0.5, 0.0, 0.0], [0.0, 0.0, 0.5], [0.0, 1.0, 0.0]])
+    np.testing.assert_array_equal(matching.merge[0].toarray(), [[0.5, 0.0], [0.0, 0.5], [0.0, 0.0]])
+    np.testing.assert_array_equal(matching.merge[1].toarray(), [[0.5, 0.0, 0.0], [0.0, 0.0, 0.5], [0.0, 1.0, 0.0]])
     check_invariants(matching, [2, 3])
     identity = Matching.identity([3, 2])
     np.testing.assert_array_equal(identity.clusters, [0, 1, 2, 0, 1])

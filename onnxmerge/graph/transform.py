@@ -28,7 +28,8 @@ class Permutation:
 
 @dataclass(frozen=True)
 class Linear:
-    """New features are ``matrix @ old`` along the axis (matrix is r x d)."""
+    """New features are ``matrix @ old`` along the axis (matrix is r x d: a numpy array or a
+    scipy.sparse array)."""
 
     matrix: np.ndarray
 
@@ -40,9 +41,10 @@ class Linear:
         else:
             # a mask's -inf is no number to weigh: a new feature drawing on it (weight != 0) is
             # masked too, and the zero weights of other features leave it out (0 * inf is NaN)
-            mixed = np.tensordot(self.matrix, np.where(infinite, 0.0, values), axes=([1], [axis]))
+            matrix = _dense(self.matrix)
+            mixed = np.tensordot(matrix, np.where(infinite, 0.0, values), axes=([1], [axis]))
             for sign in (1.0, -1.0):
-                hits = np.tensordot(self.matrix != 0, values == sign * np.inf, axes=([1], [axis]))
+                hits = np.tensordot(matrix != 0, values == sign * np.inf, axes=([1], [axis]))
                 mixed = np.where(hits, mixed + sign * np.inf, mixed)
         return np.moveaxis(mixed, 0, axis).astype(array.dtype)
 
@@ -58,12 +60,18 @@ def _product(matrix: np.ndarray, values: np.ndarray, axis: int) -> np.ndarray:
     """``np.tensordot(matrix, values, axes=([1], [axis]))``: the new axis first, then the
     other axes of ``values`` in order. Rows of up to two nonzeros sum exactly as the dense
     product does (its other terms are exact zeros)."""
-    if np.count_nonzero(matrix) > SPARSE_SHARE * max(matrix.shape):
-        return np.tensordot(matrix, values, axes=([1], [axis]))
+    nonzeros = np.count_nonzero(matrix) if isinstance(matrix, np.ndarray) else matrix.nnz
+    if nonzeros > SPARSE_SHARE * max(matrix.shape):
+        return np.tensordot(_dense(matrix), values, axes=([1], [axis]))
     from scipy.sparse import csr_array  # imported on first use: scipy takes a while to import
     moved = np.moveaxis(values, axis, 0)
     mixed = csr_array(matrix) @ moved.reshape(moved.shape[0], -1)
     return np.asarray(mixed).reshape((matrix.shape[0],) + moved.shape[1:])
+
+
+def _dense(matrix) -> np.ndarray:
+    """A numpy array, or a scipy.sparse array made dense."""
+    return matrix if isinstance(matrix, np.ndarray) else matrix.toarray()
 
 
 TransformFor = Callable[[int], "Transform | None"]

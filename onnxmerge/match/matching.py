@@ -28,6 +28,8 @@ class Matching:
       cluster, so ``sum_i merge[i] @ x_i`` is each cluster's mean over all its members;
     - ``unmerge[i]`` (d_i x r, float64) is one-hot: model i's feature -> its cluster, so model
       i's features are approximated by ``unmerge[i] @ merged``;
+    - both are scipy.sparse CSR arrays (``.toarray()`` for a dense one): a few nonzeros per
+      row, where dense matrices of layers thousands wide take gigabytes;
     - ``clusters`` (int, length sum d_i) is the cluster of each concatenated feature; clusters
       are numbered by first appearance in model 0's features, then model 1's, and so on, so a
       model matched with a permuted copy of itself keeps its own channel order.
@@ -75,10 +77,9 @@ class Matching:
         sizes = np.bincount(clusters, minlength=r).astype(np.float64)
         merges, unmerges = [], []
         for start, d in zip(np.cumsum([0, *widths[:-1]]), widths):
-            unmerge = np.zeros((d, r))
-            unmerge[np.arange(d), clusters[start:start + d]] = 1.0
-            unmerges.append(unmerge)
-            merges.append(unmerge.T / sizes[:, None])
+            mine = clusters[start:start + d]
+            unmerges.append(_one_hot(mine, r))
+            merges.append(_sparse((1.0 / sizes[mine], (mine, np.arange(d))), (r, d)))
         within = [int(k) for k in within_model_merges] if within_model_merges is not None else [0] * len(widths)
         return cls(merges, unmerges, clusters, float(mean_correlation), within)
 
@@ -100,10 +101,8 @@ class Matching:
                 clusters.append(self.clusters[start:start + d])
                 within.append(self.within_model_merges[k] if self.within_model_merges else 0)
                 continue
-            unmerge = np.zeros((d, r))
-            unmerge[np.arange(d), np.arange(d) % r] = 1.0
-            merges.append(np.zeros((r, d)))
-            unmerges.append(unmerge)
+            merges.append(_sparse(([], ([], [])), (r, d)))
+            unmerges.append(_one_hot(np.arange(d) % r, r))
             clusters.append(np.arange(d) % r)
             within.append(0)
         return Matching(merges, unmerges, np.concatenate(clusters), self.mean_correlation, within)
@@ -112,6 +111,18 @@ class Matching:
     def identity(cls, widths: Sequence[int]) -> "Matching":
         """Feature j of every model is cluster j (plain averaging; width max d_i)."""
         return cls.from_clusters(np.concatenate([np.arange(d) for d in widths]) if widths else [], widths)
+
+
+def _sparse(entries, shape: tuple[int, int]):
+    """A float64 CSR array of (values, (rows, columns)) (scipy, imported on first use: see
+    ``max_assignment``)."""
+    from scipy.sparse import csr_array
+    return csr_array(entries, shape=shape, dtype=np.float64)
+
+
+def _one_hot(columns: np.ndarray, width: int):
+    """The (len(columns) x width) CSR array with a 1 at each row's column."""
+    return _sparse((np.ones(len(columns)), (np.arange(len(columns)), columns)), (len(columns), width))
 
 
 def checked_correlation(corr: np.ndarray, widths: Sequence[int], space: str = "") -> np.ndarray:

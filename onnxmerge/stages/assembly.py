@@ -79,6 +79,7 @@ def _check_finite(parameters: dict[str, np.ndarray], reference: onnx.ModelProto,
     limit): the model would compute NaN. A constant already not finite in the reference model
     (an attention mask's -inf) is the model's own."""
     for name, value in parameters.items():
+        value = weights.transient(value)  # a spilled tensor's pages are not kept
         if value.dtype.kind == "f" and not np.isfinite(value).all() and _finite_in(reference, name):
             raise RecipeError(f"the merged parameter {name!r} overflows {value.dtype} ({int((~np.isfinite(value)).sum())} "
                               f"non-finite values) with --method {options.method}; use a smaller --scale or weights")
