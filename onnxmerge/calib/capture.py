@@ -167,8 +167,7 @@ def plan_captures(model: onnx.ModelProto, graph: SpaceGraph, wanted: set[int]) -
     (matched as identity).
     """
     order = {name: k for k, node in enumerate(model.graph.node) for name in node.output}
-    written = {name for node in model.graph.node for name in node.output
-               if op_facts(node.op_type).weight or op_facts(node.op_type).adds}
+    written = _written(model)
     shapes = tensor_shapes(model)
 
     def score(unit: CaptureUnit) -> tuple[int, int]:
@@ -198,6 +197,21 @@ def plan_captures(model: onnx.ModelProto, graph: SpaceGraph, wanted: set[int]) -
         if len(key) == 1:
             companions += [u for u in candidates[key] if u is not chosen and u.tensor in written]
     return units + companions, wanted - covered
+
+
+def _written(model: onnx.ModelProto) -> set[str]:
+    """Outputs of weight layers (a computed input and a constant weight) and of sums of two
+    computed tensors (residual joins; not a constant bias, nor a mask that may hold -inf)."""
+    computed = {i.name for i in model.graph.input} - {init.name for init in model.graph.initializer}
+    written = set()
+    for node in model.graph.node:
+        inputs = [x for x in node.input if x]
+        facts, fed = op_facts(node.op_type), [x in computed for x in inputs]
+        if any(fed) and ((facts.weight and not all(fed)) or (facts.adds and all(fed))):
+            written.update(node.output)
+        if any(fed):
+            computed.update(o for o in node.output if o)
+    return written
 
 
 def _readings(axes: dict, grids: set[tuple[int, int]]):
