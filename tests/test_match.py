@@ -261,6 +261,33 @@ def test_near_constant_space_keeps_a_model_whose_copy_falls_under_the_dead_thres
     np.testing.assert_array_equal(matched[0].clusters[8:], matched[0].clusters[perm])
 
 
+def test_companions_outvote_a_misleading_chosen_tensor_and_a_featureless_one_is_left_out():
+    """A space is matched on the similarity pooled over its capture unit and its companions
+    (other tensors of a residual stream): three companions showing one pairing outvote the
+    chosen tensor showing another, and a companion where model 1 is constant changes nothing."""
+    from onnxmerge.calib.capture import CaptureUnit
+    from onnxmerge.stages.matching import match_unit
+    rng = np.random.default_rng(5)
+    right, wrong = rng.permutation(8), rng.permutation(8)
+
+    def tensor(perm, constant=False) -> SpaceStats:
+        features = rng.normal(size=(300, 8))
+        other = np.ones_like(features) if constant else features[:, perm] + 0.2 * rng.normal(size=(300, 8))
+        stats = SpaceStats.empty((8, 8))
+        stats.update([features, other])
+        return stats
+
+    unit, chosen = CaptureUnit((0,), "t", 1), tensor(wrong)
+    companions = [(CaptureUnit((0,), f"c{k}", 1), tensor(right)) for k in range(3)]
+    alone = match_unit(None, unit, chosen, permute, {}, set())[0]
+    pooled = match_unit(None, unit, chosen, permute, {}, set(), companions)[0]
+    np.testing.assert_array_equal(alone.clusters[8:], wrong)
+    np.testing.assert_array_equal(pooled.clusters[8:], right)
+    featureless = (CaptureUnit((0,), "dead", 1), tensor(right, constant=True))
+    again = match_unit(None, unit, chosen, permute, {}, set(), [*companions, featureless])[0]
+    assert again.mean_correlation == pooled.mean_correlation
+
+
 def test_permute_recovers_a_known_permutation_with_noise():
     rng = np.random.default_rng(11)
     features = rng.normal(size=(2000, 16))

@@ -326,6 +326,30 @@ def test_channel_pad_and_pixel_shuffle_near_the_input_merge_every_trunk_layer(zo
         outputs_close(expected + expected, run_all(result.model, x))
 
 
+def test_a_residual_stream_is_matched_on_every_tensor_written_or_summed_into_it(tmp_path):
+    """The stream y -> y + conv(relu(y)) + bias is captured at the stem's output and, as
+    companions, at the other weight layer's output and the residual sum, not at the ReLUs or the
+    sum with a constant; merging the model with a permuted copy gives it back."""
+    from onnxmerge.calib.capture import plan_captures
+    from tests.helpers import const, model, weights
+    nodes = [onnx.helper.make_node("Relu", ["y"], ["r"]),
+             onnx.helper.make_node("Conv", ["r", "w3"], ["c"], kernel_shape=[1, 1], name="conv3"),
+             onnx.helper.make_node("Add", ["c", "y"], ["s"]), onnx.helper.make_node("Add", ["s", "bias"], ["sb"]),
+             onnx.helper.make_node("Relu", ["sb"], ["z"])]
+    m = model(nodes, [const("w3", weights((16, 16, 1, 1))), const("bias", weights((1, 16, 1, 1)))])
+    canonical, graph = api.analyse(m)
+    units, _ = plan_captures(canonical, graph, {s.id for s in graph.free_spaces})
+    stream = [u.tensor for u in units if u.spaces == (graph.layouts["y"][1].space,)]
+    assert stream == ["y", "c", "s"]
+    save_model(m, tmp_path / "m.onnx")
+    save_model(api.permute(m, seed=3), tmp_path / "p.onnx")
+    x = np.random.default_rng(0).standard_normal((64, 8, 4, 4)).astype(np.float32)
+    result = api.merge([str(tmp_path / "m.onnx"), str(tmp_path / "p.onnx")], x, method="zip")
+    assert ["y", "c", "s"] in [row["tensors"] for row in result.report["spaces"]]
+    expected = run_all(m, x)
+    outputs_close(expected + expected, run_all(result.model, x))
+
+
 @pytest.mark.parametrize("method", ["zip", "permute"])
 def test_a_space_no_tensor_shows_is_matched_from_the_weights(zoo_files, tmp_path, method):
     """The pair space of a depthwise conv with channel multiplier 2 after a grouped conv shows

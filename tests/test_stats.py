@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from onnxmerge.calib.stats import (AFFINE_BAND, ChannelMoments, SpaceStats, Statistics, combine_moments, combine_stats,
-                                   load_moments, load_stats, save_stats, to_samples)
+                                   load_moments, load_stats, pooled_similarity, save_stats, to_samples)
 from onnxmerge.errors import CalibrationError
 from tests.helpers import as_format_1, near_constant_copies
 
@@ -294,3 +294,13 @@ def test_moments_of_other_tensors_do_not_combine():
     x = np.ones((4, 9))
     with pytest.raises(CalibrationError, match="b.npz and a.npz hold the moments of different tensors"):
         combine_moments([_tensors(x), _tensors(x)[:1]], ["a.npz", "b.npz"])
+
+
+def test_pooled_similarity_is_the_count_weighted_mean_of_the_correlations():
+    """Two tensors of one space (300 and 100 rows): the mean of their numpy correlations,
+    weighted 3:1; one tensor alone gives its own similarity exactly."""
+    first, second = _accumulate([_features(1, 300)]), _accumulate([_features(2, 100)])
+    expected = (3 * np.corrcoef(np.hstack(_features(1, 300)), rowvar=False)
+                + np.corrcoef(np.hstack(_features(2, 100)), rowvar=False)) / 4
+    np.testing.assert_allclose(pooled_similarity([first, second]), expected, atol=1e-6)
+    np.testing.assert_array_equal(pooled_similarity([first]), first.similarity())

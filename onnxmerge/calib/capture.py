@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import onnx.compose
 
+from ..graph.facts import op_facts
 from ..graph.layout import Atom, Grid, leaves
 from ..graph.spaces import SpaceGraph, tensor_shapes
 from .stats import CKAStats, SpaceStats, to_samples
@@ -158,11 +159,17 @@ def plan_captures(model: onnx.ModelProto, graph: SpaceGraph, wanted: set[int]) -
     """Choose a tensor for each wanted space: the one with the most positions per sample
     (most statistics per batch), earliest in the graph on ties: the weight layer's output,
     before any nonlinearity, where no channel is dead and every channel identifies its
-    counterpart in the other models.
+    counterpart in the other models. A space that several weight layers write into (a residual
+    stream: the stem's output, each block's last conv, the sums) also gets a *companion* unit
+    for each other tensor of it that a weight layer or a sum produces, since one of them alone
+    shows only a part of what the stream carries (method.md §2).
 
-    Returns the units and the wanted spaces no tensor shows (matched as identity).
+    Returns the units, each space's or grid's chosen one first and the companions after them
+    (one space each, the chosen unit's ``spaces``), and the wanted spaces no tensor shows
+    (matched as identity).
     """
     order = {name: k for k, node in enumerate(model.graph.node) for name in node.output}
+    written = _written(model)
     shapes = tensor_shapes(model)
 
     def score(unit: CaptureUnit) -> tuple[int, int]:
@@ -170,7 +177,7 @@ def plan_captures(model: onnx.ModelProto, graph: SpaceGraph, wanted: set[int]) -
         positions = int(np.prod([d if isinstance(d, int) else 1 for d in dims])) * unit.fold[0] * unit.fold[1]
         return positions, -order.get(unit.tensor, -1)
 
-    best: dict[tuple[int, ...], tuple[tuple[int, int], CaptureUnit]] = {}
+    candidates: dict[tuple[int, ...], list[CaptureUnit]] = {}
     free = {s.id for s in graph.free_spaces}
     grids = graph.axis_grids()
     for tensor, axes in graph.layouts.items():
@@ -181,17 +188,32 @@ def plan_captures(model: onnx.ModelProto, graph: SpaceGraph, wanted: set[int]) -
             if any(set(leaves(other)) & free for k, other in axes.items() if not axis <= k < axis + span):
                 continue
             key, fold = found
-            unit = CaptureUnit(key, tensor, axis, fold, span)
-            candidate = (score(unit), unit)
-            if key not in best or candidate[0] > best[key][0]:
-                best[key] = candidate
-    units, covered = [], set()
-    for key in sorted(best, key=len):  # single spaces first, then grids for what is left
+            candidates.setdefault(key, []).append(CaptureUnit(key, tensor, axis, fold, span))
+    units, companions, covered = [], [], set()
+    for key in sorted(candidates, key=len):  # single spaces first, then grids for what is left
         if len(key) > 1 and set(key) <= covered:
             continue
-        units.append(best[key][1])
+        chosen = max(candidates[key], key=score)
+        units.append(chosen)
         covered.update(key)
-    return units, wanted - covered
+        if len(key) == 1:
+            companions += [u for u in candidates[key] if u is not chosen and u.tensor in written]
+    return units + companions, wanted - covered
+
+
+def _written(model: onnx.ModelProto) -> set[str]:
+    """Outputs of weight layers (a computed input and a constant weight) and of sums of two
+    computed tensors (residual joins; not a constant bias, nor a mask that may hold -inf)."""
+    computed = {i.name for i in model.graph.input} - {init.name for init in model.graph.initializer}
+    written = set()
+    for node in model.graph.node:
+        inputs = [x for x in node.input if x]
+        facts, fed = op_facts(node.op_type), [x in computed for x in inputs]
+        if any(fed) and ((facts.weight and not all(fed)) or (facts.adds and all(fed))):
+            written.update(node.output)
+        if any(fed):
+            computed.update(o for o in node.output if o)
+    return written
 
 
 def _readings(axes: dict, grids: set[tuple[int, int]]):

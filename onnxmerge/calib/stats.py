@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -254,6 +254,16 @@ class SpaceStats:
         np.subtract(1.0, agreement, out=agreement)
         np.copyto(corr, agreement, where=affine)
         return corr
+
+
+def pooled_similarity(stats: Sequence[SpaceStats]) -> np.ndarray:
+    """The similarity of features that several tensors show (a residual stream's stem output,
+    block outputs and sums): the mean of each tensor's ``similarity``, weighted by its sample
+    count. Correlations are averaged rather than read from the summed moments, so that a tensor
+    of a larger scale (a conv's output before its BatchNormalization, a sum deep in the stream)
+    does not outweigh the others; one tensor's is its own similarity exactly."""
+    total = sum(s.count for s in stats)
+    return sum(s.similarity() * (s.count / total) for s in stats)
 
 
 def combine(a: SpaceStats, b: SpaceStats) -> SpaceStats:

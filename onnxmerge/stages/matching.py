@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, replace
+from typing import Sequence
 
 import numpy as np
 
 from ..calib.capture import CaptureUnit
+from ..calib.stats import SpaceStats, pooled_similarity
 from ..errors import RecipeError, UnsupportedGraphError
 from ..match import MatchMethod, get_method
 from ..match.permute import permute as permute_features
@@ -42,7 +44,7 @@ def match_spaces(members: list[Member], split, units: list[CaptureUnit], stats: 
     run = _space_matcher(method, params, options.width)
     _check_widths(members, split.zipped, method)
     if method.same_base:  # fine-tunes of one base: aligned already, their parameters combine as they are
-        return {}, [_row(members, space, None, None) for space in sorted(split.zipped)]
+        return {}, [_row(members, space, None, []) for space in sorted(split.zipped)]
     matchings: dict[int, Matching] = {}
     if method.graph_level:
         matchings.update(method.function(members, sorted(split.zipped), params))
@@ -51,26 +53,42 @@ def match_spaces(members: list[Member], split, units: list[CaptureUnit], stats: 
             widths = [m.graph.table.widths[m.space_of(space)] for m in members]
             matchings[space] = method.function(None, widths, params, space=reference.graph.space(space).name)
     tensors, blocks = {}, reference.graph.block_spaces()
-    for unit, unit_stats in progress(zip(units, stats), "matching", len(stats), "unit"):
-        for space, matching in match_unit(reference, unit, unit_stats, run, matchings, blocks).items():
+    groups = _with_companions(units, stats)
+    for unit, unit_stats, companions in progress(groups, "matching", len(groups), "unit"):
+        for space, matching in match_unit(reference, unit, unit_stats, run, matchings, blocks, companions).items():
             matchings.setdefault(space, matching)
-            tensors.setdefault(space, unit.tensor)
+            tensors.setdefault(space, [unit.tensor, *(c.tensor for c, _ in companions)])
     matchings.update(_match_from_weights(members, sorted(set(split.zipped) - set(matchings)), matchings, options))
-    rows = [_row(members, space, matching, tensors.get(space)) for space, matching in sorted(matchings.items())]
+    rows = [_row(members, space, matching, tensors.get(space, [])) for space, matching in sorted(matchings.items())]
     for row in rows:
         log.debug("space %s (%s): widths %s -> %d, mean correlation %s", row["space"], row["tensor"] or "weights",
                   row["widths"], row["merged_width"], row["mean_correlation"])
     return matchings, rows
 
 
-def _row(members: list[Member], space: int, matching: Matching | None, tensor: str | None) -> dict:
-    """The report row of model 0's ``space``: widths, merged width and match quality."""
+def _row(members: list[Member], space: int, matching: Matching | None, tensors: list[str]) -> dict:
+    """The report row of model 0's ``space``: the tensors matched on (the chosen one first), widths,
+    merged width and match quality."""
     widths = [m.graph.table.widths[m.space_of(space)] for m in members]
     quality = float("nan") if matching is None else matching.mean_correlation
-    return {"space": members[0].graph.space(space).name, "tensor": tensor, "widths": widths,
+    return {"space": members[0].graph.space(space).name, "tensor": tensors[0] if tensors else None,
+            "tensors": tensors, "widths": widths,
             "merged_width": widths[0] if matching is None else matching.width,
             "mean_correlation": None if np.isnan(quality) else quality,
             "within_model_merges": [0] * len(members) if matching is None else list(matching.within_model_merges)}
+
+
+def _with_companions(units: list[CaptureUnit], stats: list) -> list[tuple]:
+    """(unit, statistics, companions) per chosen capture unit, in order: its companions
+    (``plan_captures``: other tensors of its space, listed after the chosen units) as
+    (unit, statistics) pairs."""
+    groups: dict[tuple[int, ...], tuple] = {}
+    for unit, unit_stats in zip(units, stats):
+        if unit.spaces in groups:
+            groups[unit.spaces][2].append((unit, unit_stats))
+        else:
+            groups[unit.spaces] = (unit, unit_stats, [])
+    return list(groups.values())
 
 
 def _match_from_weights(members: list[Member], spaces: list[int], matchings: dict[int, Matching],
@@ -120,16 +138,20 @@ def _space_matcher(method, params, width: float | str | None):
     return run
 
 
-def match_unit(reference: Member, unit: CaptureUnit, unit_stats, run, known: dict, blocks: set[int]) -> dict:
-    """Matchings of the spaces of one capture unit. Models with no features there (channels
-    constant, as inside a lifted identity block: ``SpaceStats.models_vary``) are matched among
-    the others only (method.md §5.5)."""
-    corr = unit_stats.similarity()
+def match_unit(reference: Member, unit: CaptureUnit, unit_stats, run, known: dict, blocks: set[int],
+               companions: Sequence[tuple[CaptureUnit, SpaceStats]] = ()) -> dict:
+    """Matchings of the spaces of one capture unit, on the similarity pooled over the unit and
+    those of its ``companions`` where every model's features vary (``pooled_similarity``).
+    Models with no features there (channels constant, as inside a lifted identity block:
+    ``SpaceStats.models_vary``) are matched among the others only, on the unit alone
+    (method.md §5.5)."""
     widths = list(unit_stats.widths)
     bounds = np.cumsum([0, *widths])
     live = [int(i) for i in np.flatnonzero(unit_stats.models_vary())]
     if not live or len(live) == len(widths):
-        return _match_features(reference, unit, corr, widths, run, known, blocks)
+        shown = [s for _, s in companions if s.models_vary().all()]
+        return _match_features(reference, unit, pooled_similarity([unit_stats, *shown]), widths, run, known, blocks)
+    corr = unit_stats.similarity()
     keep = np.concatenate([np.arange(bounds[i], bounds[i + 1]) for i in live])
     matched = _match_features(reference, unit, corr[np.ix_(keep, keep)], [widths[i] for i in live], run,
                               {}, blocks)
