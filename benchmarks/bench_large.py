@@ -7,7 +7,8 @@ weights in an external-data sidecar): A and B trained apart, and A2 and A3, fine
 ``merge A A2 --method linear`` and of A, A2 and A3, and an aligned merge
 ``merge A B --method zip --calib X.npy``,
 and prints wall time, peak RSS and the ratio of peak RSS to the inputs' size (the files the
-command reads). The issue's targets: same-base merge under 1.5 GB, aligned merge under 1.5x
+command reads), and whether each written model passes onnx.checker by path and runs in
+onnxruntime. The issue's targets: same-base merge under 1.5 GB, aligned merge under 1.5x
 its inputs.
 ``--only session`` runs just onnxruntime's session on one graph of two MLPs (an aligned
 merge's capture graph, the step that failed past 2 GB) in a child.
@@ -154,6 +155,16 @@ def build(folder: Path, width: int, layers: int, rows: int) -> None:
     np.save(folder / "X.npy", np.random.default_rng(3).standard_normal((rows, width), dtype=np.float32))
 
 
+def check_output(path: Path) -> str:
+    """Whether a written model passes onnx.checker by path and runs in onnxruntime (in a child,
+    which loads its weights: not part of the command's memory)."""
+    code = ("import sys, numpy as np, onnx, onnxruntime as ort; onnx.checker.check_model(sys.argv[1], full_check=True); "
+            "s = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider']); i = s.get_inputs()[0]; "
+            "s.run(None, {i.name: np.ones((2, i.shape[1]), np.float32)})")
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
+    return "checked, runs" if done.returncode == 0 else f"output FAILED: {done.stderr.strip().splitlines()[-1]}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=float, default=300, help="size of each model (default 300)")
@@ -203,8 +214,10 @@ def main() -> None:
                 continue
             wall, peak, status = measure(command, args.limit_gb)
             size = files_size(*inputs)
+            output = Path(command[command.index("-o") + 1]) if "-o" in command else None
+            checked = f", {check_output(output)}" if output is not None and status == 0 else ""
             print(f"{name:10} {wall:7.1f} {peak / 1e9:12.2f} {size / 1e9:10.2f} {peak / size:11.2f}  "
-                  f"{'ok' if status == 0 else 'FAILED'}", flush=True)
+                  f"{'ok' if status == 0 else 'FAILED'}{checked}", flush=True)
 
 
 if __name__ == "__main__":

@@ -272,7 +272,10 @@ def collect_statistics(models: list[onnx.ModelProto], units: list[list[CaptureUn
             require_finite(values)
             for k, unit_stats in enumerate(stats):
                 count, total, outer, shift = _assemble_moments(values, k, len(models))
+                for name in [n for n in values if n.startswith(f"moments{k}_")]:
+                    del values[name]  # each unit's outputs go once assembled: one (n, n) copy at a time
                 unit_stats.add_moments(count // widths[k][0], total, outer, shift)
+                del outer
         return stats, ran
     sessions, used = [], set()
     for model, model_units in zip(models, units):

@@ -132,6 +132,7 @@ class SpaceStats:
     def add_moments(self, count: int, total: np.ndarray, outer: np.ndarray, shift: np.ndarray | None = None) -> None:
         """Add a batch's moments computed elsewhere: count, sum of x - shift and sum of
         (x - shift)(x - shift)^T (shift 0 when None; see the module docstring for why to shift).
+        A float64 ``outer`` is used in place (the callers pass a batch's temporary).
 
         Raises:
             CalibrationError: a model produced NaN/Inf features.
@@ -141,7 +142,7 @@ class SpaceStats:
             # outer + cross + cross.T + count * shift shift^T, added in that order (the same
             # numbers) into one copy of outer: two (n, n) arrays at a time, not five
             shift = np.asarray(shift, np.float64)
-            outer = np.array(outer, np.float64)
+            outer = np.asarray(outer, np.float64)
             cross = np.outer(shift, total)
             outer += cross
             outer += cross.T
