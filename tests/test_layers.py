@@ -106,3 +106,17 @@ def f(node, other):
 '''
     lines = op_name_tests(ast.parse(source), {"Relu", "Abs", "Conv", "Add", "Sub"}, {"WEIGHTS"})
     assert lines == [2, 3, 6, 7, 8]
+
+
+# Where initializer values and graphsurgeon graphs cross the ModelProto boundary: weights that
+# stay in their files (onnxmerge/weights.py) are read and written there only, so that nothing
+# reads a mapped tensor as onnx would (it refuses their absolute locations) or copies it whole.
+BOUNDARY = {"to_array(": {"weights.py", "io.py"}, "gs.import_onnx(": {"graph/ir.py"},
+            "gs.export_onnx(": {"graph/ir.py"}}
+
+
+def test_weights_and_graphs_cross_the_boundary_in_one_place():
+    outside = [f"{path.relative_to(PACKAGE)}: {call}" for path in PACKAGE.rglob("*.py")
+               for call, allowed in BOUNDARY.items()
+               if call in path.read_text() and str(path.relative_to(PACKAGE)) not in allowed]
+    assert outside == []
