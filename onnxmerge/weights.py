@@ -186,7 +186,8 @@ def spill() -> Spill:
 def kept(value: np.ndarray, mapped: bool) -> np.ndarray:
     """A computed tensor as a merge keeps it: when the models are ``mapped`` and it is large,
     spilled (a memory map of the spill file, which ``tensor`` writes as a reference), else as it is."""
-    if mapped and value.size and value.nbytes >= MAPPED_MIN_BYTES and value.dtype.kind in "biufc":
+    if mapped and value.size and value.nbytes >= MAPPED_MIN_BYTES and value.dtype.kind in "biufc" \
+            and reference(value, "") is None:  # already a file's memory map: nothing to write
         return spill().store(value)
     return value
 

@@ -5,6 +5,7 @@ The digits models' tensors are small, so ``weights.MAPPED_MIN_BYTES`` is lowered
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -47,8 +48,10 @@ def test_large_external_tensors_load_mapped_and_stay_mapped_through_analysis(ext
     expected = _values(in_memory)
     for name, value in _values(loaded).items():
         np.testing.assert_array_equal(value, expected[name], err_msg=name)
+    spilled = os.path.getsize(weights.spill().path)
     canonical = canonicalize(loaded)
     assert _mapped(canonical), "canonicalisation copied every mapped weight into memory"
+    assert os.path.getsize(weights.spill().path) == spilled, "unchanged weights were written again"
     reference = canonicalize(in_memory)
     ours, theirs = _values(canonical), _values(reference)
     assert ours.keys() == theirs.keys()

@@ -40,7 +40,9 @@ def export_graph(graph: gs.Graph, **options) -> onnx.ModelProto:
     for tensor in constants:
         if isinstance(tensor._values, LazyValues):
             continue
-        reference = weights.reference(weights.kept(tensor._values, mapped), tensor.name)
+        reference = weights.reference(tensor._values, tensor.name)
+        if reference is None:  # computed here: spilled when the graph is a mapped model's
+            reference = weights.reference(weights.kept(tensor._values, mapped), tensor.name)
         if reference is not None:
             tensor._values = _MappedValues(reference)
     return gs.export_onnx(graph, **options)
