@@ -123,10 +123,12 @@ def unmerge_matrix(member: Member, index: int, layout: Layout, matchings: dict[i
 
 
 def merge_matrix(member: Member, index: int, layout: Layout, matchings: dict[int, Matching],
-                 count: int) -> np.ndarray:
+                 count: int):
     """The (r x d) matrix taking model ``index``'s features on an axis to its share of the
     merged ones, as ``merged_trunk_parameters`` merges producers: ``count * M_i`` on each matched
-    space (a grid's factors each), the identity on the others, all divided by ``count``."""
+    space (a grid's factors each), the identity on the others, all divided by ``count``. A
+    scipy.sparse CSR array (a few nonzeros per row; REPAIR holds one per repaired layer)."""
+    from scipy.sparse import csr_array  # imported on first use: scipy takes a while to import
     back = member.correspondence.reference_spaces
     widths = member.graph.table.widths
 
@@ -137,7 +139,7 @@ def merge_matrix(member: Member, index: int, layout: Layout, matchings: dict[int
     def width_of(part) -> int:  # the input of this transform is in model i's widths
         return layout_width(part, widths.__getitem__)
 
-    return transform_axis(np.eye(width_of(layout)), 0, layout, transform_for, width_of) / count
+    return csr_array(transform_axis(np.eye(width_of(layout)), 0, layout, transform_for, width_of) / count)
 
 
 class _HeadBuilder:

@@ -53,8 +53,11 @@ def match_spaces(members: list[Member], split, units: list[CaptureUnit], stats: 
             widths = [m.graph.table.widths[m.space_of(space)] for m in members]
             matchings[space] = method.function(None, widths, params, space=reference.graph.space(space).name)
     tensors, blocks = {}, reference.graph.block_spaces()
-    groups = _with_companions(units, stats)
-    for unit, unit_stats, companions in progress(groups, "matching", len(groups), "unit"):
+    groups = _with_companions(units) if len(stats) else []  # no statistics: spaces matched from the weights
+    for indices in progress(groups, "matching", len(groups), "unit"):
+        # read here, a space at a time: grouped statistics are computed a pass at a time
+        unit, unit_stats = units[indices[0]], stats[indices[0]]
+        companions = [(units[k], stats[k]) for k in indices[1:]]
         for space, matching in match_unit(reference, unit, unit_stats, run, matchings, blocks, companions).items():
             matchings.setdefault(space, matching)
             tensors.setdefault(space, [unit.tensor, *(c.tensor for c, _ in companions)])
@@ -78,16 +81,12 @@ def _row(members: list[Member], space: int, matching: Matching | None, tensors: 
             "within_model_merges": [0] * len(members) if matching is None else list(matching.within_model_merges)}
 
 
-def _with_companions(units: list[CaptureUnit], stats: list) -> list[tuple]:
-    """(unit, statistics, companions) per chosen capture unit, in order: its companions
-    (``plan_captures``: other tensors of its space, listed after the chosen units) as
-    (unit, statistics) pairs."""
-    groups: dict[tuple[int, ...], tuple] = {}
-    for unit, unit_stats in zip(units, stats):
-        if unit.spaces in groups:
-            groups[unit.spaces][2].append((unit, unit_stats))
-        else:
-            groups[unit.spaces] = (unit, unit_stats, [])
+def _with_companions(units: list[CaptureUnit]) -> list[list[int]]:
+    """Per chosen capture unit, in order, its index and its companions' (``plan_captures``:
+    other tensors of its space, listed after the chosen units)."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for k, unit in enumerate(units):
+        groups.setdefault(unit.spaces, []).append(k)
     return list(groups.values())
 
 

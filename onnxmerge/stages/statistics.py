@@ -41,11 +41,24 @@ def plan_units(members: list[Member], split):
     return units, per_model, widths
 
 
+STATISTICS_BUDGET = 2 << 30
+"""Bytes of statistics held at once when they are computed here from calibration data: past
+this the spaces are taken in groups, each group's statistics computed in its own pass over the
+data and matched before the next (``GroupedStatistics``). A space's statistics take
+(sum of its widths)^2 x 8 bytes (float64 X^T X of every model's features): 0.5 GB for two
+models 4096 wide. Read at each use, so that tests can lower it."""
+
+
 def statistics(members: list[Member], split, calib, stats_files, options: MergeOptions):
-    """Capture units of model 0, their statistics (computed and/or loaded), the provider used."""
+    """Capture units of model 0, their statistics (computed and/or loaded), the provider used.
+    Statistics past ``STATISTICS_BUDGET`` computed here come as a ``GroupedStatistics``."""
     units, per_model, widths = plan_units(members, split)
     fingerprint = plan_fingerprint(members, units)
     shards, provider = [], "none"
+    passes = _passes(units, widths) if calib is not None and not stats_files and options.ray is None else []
+    if len(passes) > 1:
+        grouped = GroupedStatistics(members, per_model, widths, calib, options, passes)
+        return units, grouped, grouped.provider
     if calib is not None:
         computed, _, provider = collect(members, per_model, widths, calib, options)
         shards.append(({stats_key(u): s for u, s in zip(units, computed)}, {"fingerprint": fingerprint}))
@@ -55,6 +68,60 @@ def statistics(members: list[Member], split, calib, stats_files, options: MergeO
     _check_fingerprints(stats_files or [], [meta for _, meta in shards[-len(stats_files or []):]], fingerprint)
     combined = combine_stats(shards, consume=True)  # the shards are dropped: no second copy
     return units, [combined[stats_key(u)] for u in units], provider
+
+
+def _passes(units: list[CaptureUnit], widths: list[list[int]]) -> list[list[int]]:
+    """The units' indices in passes of whole spaces (a space's chosen unit with its companions,
+    in the chosen units' order) whose statistics fit ``STATISTICS_BUDGET`` (a space larger
+    than that alone in its pass)."""
+    by_space: dict[tuple[int, ...], list[int]] = {}
+    for k, unit in enumerate(units):
+        by_space.setdefault(unit.spaces, []).append(k)
+    passes: list[list[int]] = []
+    held = 0
+    for indices in by_space.values():
+        size = sum(8 * sum(widths[k]) ** 2 for k in indices)
+        if not passes or held + size > STATISTICS_BUDGET:
+            passes.append([])
+            held = 0
+        passes[-1] += indices
+        held += size
+    return passes
+
+
+class GroupedStatistics:
+    """The statistics of every capture unit, as a sequence, computed a pass at a time: asking
+    for a unit of another pass computes that pass's statistics (one run over the calibration
+    data) and drops the previous pass's. Matching asks for them in pass order (a space's
+    units together, spaces in order), so each pass runs once and memory holds one pass's."""
+
+    def __init__(self, members: list[Member], per_model: list[list[CaptureUnit]], widths: list[list[int]],
+                 calib, options: MergeOptions, passes: list[list[int]]):
+        self._args = members, per_model, widths, calib, options
+        self._passes = passes
+        self._pass_of = {k: p for p, indices in enumerate(passes) for k in indices}
+        self._current: dict[int, SpaceStats] = {}
+        self._load(0)  # the first pass now: it says which provider runs
+
+    def _load(self, index: int) -> None:
+        members, per_model, widths, calib, options = self._args
+        wanted = self._passes[index]
+        self._current = {}  # the previous pass's statistics go first
+        log.info("statistics pass %d of %d: %d capture units", index + 1, len(self._passes), len(wanted))
+        computed, _, self.provider = collect(members, [[units[k] for k in wanted] for units in per_model],
+                                             [widths[k] for k in wanted], calib, options)
+        self._current = dict(zip(wanted, computed))
+
+    def __len__(self) -> int:
+        return len(self._pass_of)
+
+    def __getitem__(self, k: int) -> SpaceStats:
+        if k not in self._current:
+            self._load(self._pass_of[k])
+        return self._current[k]
+
+    def __iter__(self):
+        return (self[k] for k in range(len(self)))
 
 
 def collect(members: list[Member], per_model: list[list[CaptureUnit]], widths: list[list[int]], calib,
