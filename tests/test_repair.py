@@ -12,8 +12,8 @@ from onnxmerge.calib.stats import combine_moments, save_stats
 from onnxmerge.calib.capture import expose, open_session
 from onnxmerge.graph.canonical import canonicalize
 from onnxmerge.io import load_model, save_model
-from onnxmerge.rewrite.repair import reset_batch_norm, train_mode
-from tests.helpers import as_format_1, outputs_close, run_all, with_opset
+from onnxmerge.rewrite.repair import RepairTarget, insert_repair, reset_batch_norm, train_mode
+from tests.helpers import as_format_1, model, outputs_close, run_all, with_opset
 
 
 def bn_input_stats(model: onnx.ModelProto, x: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
@@ -125,6 +125,28 @@ def test_every_merged_conv_output_is_repaired_and_the_corrections_are_folded(zoo
     original = canonicalize(load_model(path))
     per_model = sum(1 for n in result.model.graph.node if n.output[0].endswith("_m1"))
     assert len(result.model.graph.node) == len(original.graph.node) + per_model  # no node added
+
+
+def test_repair_of_a_layer_with_a_constant_channel_shifts_it_and_corrects_the_others():
+    """A channel constant on the data (as a lifted block's zeroed residual branch gives) has zero
+    variance: REPAIR only shifts it to its target mean, and every other channel, downstream ones
+    included, gets its target mean and std (the guess once divided 0 by 0 there)."""
+    dead = model([helper.make_node("Relu", ["y"], ["z"])], [])
+    for init in dead.graph.initializer:
+        if init.name in ("w1", "b1"):
+            value = numpy_helper.to_array(init).copy()
+            value[0] = 0.0
+            init.CopyFrom(numpy_helper.from_array(value, init.name))
+    x = np.random.default_rng(1).standard_normal((64, 8, 4, 4)).astype(np.float32)
+    targets = [RepairTarget(name, 1, 4, np.full(width, 0.5), np.full(width, 2.0)) for name, width in (("y", 16), ("c2", 5))]
+    repaired, _ = insert_repair(dead, targets, lambda: [{"x": x[:32]}, {"x": x[32:]}], "cpu")
+    head = next(n.input[0] for n in repaired.graph.node if n.op_type == "GlobalAveragePool")  # c2, corrected
+    session, _ = open_session(expose(repaired, ["y", head]), "cpu")
+    y, c2 = session.run(["y", head], {"x": x})
+    np.testing.assert_array_equal(y[:, 0], 0.5)
+    for value in (y[:, 1:], c2):
+        np.testing.assert_allclose(value.mean((0, 2, 3)), 0.5, atol=1e-4)
+        np.testing.assert_allclose(value.std((0, 2, 3)), 2.0, rtol=1e-4)
 
 
 def _different_pair(zoo_files, tmp_path) -> tuple[str, str, np.ndarray]:

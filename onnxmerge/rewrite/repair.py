@@ -151,8 +151,9 @@ def _first_guess(model: onnx.ModelProto, targets: list[RepairTarget], dtypes: di
     for t in normalised:
         parameters = [gs.Constant(f"{t.tensor}__guess_{part}", value.astype(dtypes[t.tensor])) for part, value in
                       (("scale", t.std), ("bias", t.mean), ("mean", np.zeros_like(t.mean)), ("var", np.ones_like(t.mean)))]
+        attrs = {"epsilon": _guess_epsilon(dtypes[t.tensor])}
         _insert_after(graph, t.tensor, lambda source, result: [gs.Node("BatchNormalization", inputs=[source, *parameters],
-                                                                       outputs=[result], attrs={"epsilon": 0.0})])
+                                                                       outputs=[result], attrs=attrs)])
     graph.toposort()
     guide = export_like(graph, model)
     train, measured = train_mode(guide)
@@ -162,6 +163,14 @@ def _first_guess(model: onnx.ModelProto, targets: list[RepairTarget], dtypes: di
     guesses = {guide.graph.node[k].input[0]: _correction(by_name[guide.graph.node[k].input[0]], pooled)
                for k, pooled in moments.items() if guide.graph.node[k].input[0] in by_name}
     return {t.tensor: guesses.get(t.tensor, (np.ones(len(t.mean)), np.zeros(len(t.mean)))) for t in targets}
+
+
+def _guess_epsilon(dtype: np.dtype) -> float:
+    """The guess's BN epsilon: a channel constant on the data (a lifted block's zeroed residual
+    branch, or channels merged only with such ones) has zero variance, and 0 / sqrt(0) is NaN,
+    where any positive epsilon gives it the target mean. This one is far below a live channel's
+    variance (``_correction`` calls a std below 1e-6 constant) and survives addition in ``dtype``."""
+    return max(1e-12, float(np.finfo(dtype).tiny))
 
 
 def _change(target: RepairTarget, old: tuple[np.ndarray, np.ndarray], new: tuple[np.ndarray, np.ndarray]) -> float:
