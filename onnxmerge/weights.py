@@ -25,6 +25,11 @@ from onnx import helper, numpy_helper
 
 # Read at each use, so that tests can lower it to send small models down the mapped path.
 MAPPED_MIN_BYTES = 1 << 16
+FEED_MIN_BYTES = 1 << 30
+"""Mapped weights of at least this many bytes in all are fed to onnxruntime as inputs on the
+CPU, read in place, instead of given as initializers, which it copies (twice the memory) but
+can fuse into the layers (Conv with BatchNormalization, ...), a last-bit difference in the
+outputs. Read at each use, so that tests can lower it."""
 _SESSION_LOCATION = "onnxmerge-mapped"  # the stub location onnxruntime sees; the values come from memory
 _ALIGNMENT = 64  # spilled tensors start at offsets numpy can view as any dtype
 
@@ -45,6 +50,11 @@ def unreadable(model: onnx.ModelProto) -> str | None:
         if is_mapped(init) and not os.access(_location(init)[0], os.R_OK):
             return _location(init)[0]
     return None
+
+
+def mapped_bytes(model: onnx.ModelProto) -> int:
+    """The bytes of ``model``'s mapped initializers."""
+    return sum(length(init) for init in model.graph.initializer if is_mapped(init))
 
 
 def _location(tensor: onnx.TensorProto) -> tuple[str, int, int | None]:
@@ -193,12 +203,11 @@ def kept(value: np.ndarray, mapped: bool) -> np.ndarray:
 
 
 def session_parts(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str], list[np.ndarray]]:
-    """What onnxruntime opens ``model`` from: a copy whose mapped initializers are external
-    stubs it does not read, and their names and values (memory maps) to pass as external
-    initializers (``SessionOptions.add_external_initializers``). ``model`` is not modified."""
+    """What onnxruntime opens ``model`` from on a GPU: a copy whose mapped initializers are
+    external stubs it does not read, and their names and values (memory maps) to pass as
+    external initializers (``SessionOptions.add_external_initializers``), which it copies to
+    the device. ``model`` is not modified."""
     mapped = [init for init in model.graph.initializer if is_mapped(init)]
-    if not mapped:
-        return model, [], []
     copy = onnx.ModelProto()
     copy.CopyFrom(model)  # mapped tensors hold no data: a copy of the weightless model
     for init in copy.graph.initializer:
@@ -207,3 +216,17 @@ def session_parts(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str], l
                 if entry.key == "location":
                     entry.value = _SESSION_LOCATION
     return copy, [init.name for init in mapped], [np.ascontiguousarray(read(init)) for init in mapped]
+
+
+def as_inputs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """What onnxruntime runs ``model`` from on the CPU: a copy whose mapped initializers are
+    graph inputs, and their values (memory maps) to feed with every run, which onnxruntime
+    reads in place (initializers it is given it copies). ``model`` is not modified."""
+    mapped = [init for init in model.graph.initializer if is_mapped(init)]
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    kept_inits = [init for init in copy.graph.initializer if not is_mapped(init)]
+    del copy.graph.initializer[:]
+    copy.graph.initializer.extend(kept_inits)
+    copy.graph.input.extend(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)) for init in mapped)
+    return copy, {init.name: read(init) for init in mapped}

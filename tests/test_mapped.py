@@ -110,3 +110,19 @@ def test_external_data_of_the_wrong_length_is_refused(external):
     onnx.save(model, str(external))
     with pytest.raises(InvalidModelError, match=f"tensor '{tensor.name}'.*bytes of external data"):
         io.load_model(external)
+
+
+def test_large_mapped_weights_are_fed_in_place_and_compute_the_same(external, monkeypatch):
+    """From ``weights.FEED_MIN_BYTES`` on, onnxruntime reads mapped weights in place, as inputs
+    fed with every run (it copies initializers): the same outputs, up to the last bits its
+    layer fusions change, and the weights are no inputs a caller sees."""
+    monkeypatch.setattr(weights, "FEED_MIN_BYTES", 0)
+    loaded, in_memory = io.load_model(external), io.load_model(A)
+    fed, _ = open_session(loaded, "cpu")
+    given, _ = open_session(in_memory, "cpu")
+    assert [i.name for i in fed.get_inputs()] == [i.name for i in given.get_inputs()]
+    x = np.load(CALIB)
+    x = x[x.files[0]][:8]
+    feed = {in_memory.graph.input[0].name: x}
+    for ours, theirs in zip(fed.run(None, feed), given.run(None, feed)):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)

@@ -51,17 +51,25 @@ def expose(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
 class Session:
     """An onnxruntime session whose ``run`` fails with one line (``CalibrationError``) instead
     of onnxruntime's own exceptions: a model that loads may still fail on data (a weight that
-    does not fit its input, a shape the data breaks). Everything else is the session's."""
+    does not fit its input, a shape the data breaks). ``fed``: mapped weights the graph takes
+    as inputs, added to every run's feed and left out of ``get_inputs``. Everything else is the
+    session's."""
 
-    def __init__(self, session: onnxruntime.InferenceSession):
+    def __init__(self, session: onnxruntime.InferenceSession, fed: dict[str, np.ndarray] | None = None,
+                 keep: list | None = None):
         self._session = session
+        self._fed = fed or {}
+        self._keep = keep  # values onnxruntime reads for as long as the session lives
 
     def run(self, names, feed, *args, **kwargs):
         try:
-            return self._session.run(names, feed, *args, **kwargs)
+            return self._session.run(names, {**feed, **self._fed}, *args, **kwargs)
         except Exception as error:  # onnxruntime's error classes share no base but Exception
             raise CalibrationError(f"onnxruntime failed running the model ({_first_line(error)}); check that "
                                    "the model runs in onnxruntime and that the data fits its inputs") from error
+
+    def get_inputs(self):
+        return [i for i in self._session.get_inputs() if i.name not in self._fed]
 
     def __getattr__(self, name: str):
         return getattr(self._session, name)
@@ -75,36 +83,51 @@ def open_session(model: onnx.ModelProto, provider: str = "auto", *,
     raises when it does not. onnxruntime silently falls back to CPU when CUDA is requested
     without a usable GPU, so the answer comes from ``session.get_providers()``. ``threads``
     caps onnxruntime's intra-op threads (default: one per physical core), e.g. to the CPUs a
-    Ray task holds.
+    Ray task holds. Mapped weights (``onnxmerge.weights``) are given as initializers, which
+    onnxruntime copies (to the GPU, or on the CPU beside their memory maps); on the CPU, from
+    ``weights.FEED_MIN_BYTES`` on, they are read in place instead, as inputs fed with every run.
     """
     if provider not in PROVIDERS:
         raise CalibrationError(f"unknown provider {provider!r}; use one of {', '.join(PROVIDERS)}")
     onnxruntime = import_onnxruntime()  # an extra: without it, one error line names what to install
+    if too_big(model):  # past protobuf's limit: onnxruntime reads a file with external data
+        with model_file(model) as path:
+            return _session(onnxruntime, lambda _: (path, _options(onnxruntime, threads), None, None), provider)
+    return _session(onnxruntime, lambda where: _source(onnxruntime, model, where, threads), provider)
+
+
+def _options(onnxruntime, threads: int | None):
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 4  # fatal only: a failed run raises, and its error line is ours
     # spinning worker threads would compete with numpy for the cores between runs
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads = threads
-    if too_big(model):  # past protobuf's limit: onnxruntime reads a file with external data
-        with model_file(model) as path:
-            return _session(onnxruntime, path, options, provider)
-    shell, names, arrays = weights.session_parts(model)  # mapped weights: from their memory maps
-    values = [onnxruntime.OrtValue.ortvalue_from_numpy(array) for array in arrays]
-    if values:
+    return options
+
+
+def _source(onnxruntime, model: onnx.ModelProto, where: str, threads: int | None):
+    """(serialized model, session options, weights to feed, values the session must keep) of
+    ``model`` for a session on ``where`` (cpu or cuda), its mapped weights as ``open_session`` says."""
+    options = _options(onnxruntime, threads)
+    if not weights.has_mapped(model):
+        return model.SerializeToString(), options, None, None
+    if where == "cuda" or weights.mapped_bytes(model) < weights.FEED_MIN_BYTES:
+        shell, names, arrays = weights.session_parts(model)
+        values = [onnxruntime.OrtValue.ortvalue_from_numpy(array) for array in arrays]
         options.add_external_initializers(names, values)
-        # read in place: pre-packed copies of the weights would double the memory they take
-        options.add_session_config_entry("session.disable_prepacking", "1")
-    session, ran = _session(onnxruntime, shell.SerializeToString(), options, provider)
-    session.keep = values  # onnxruntime reads them for as long as the session lives
-    return session, ran
+        return shell.SerializeToString(), options, None, values
+    shell, fed = weights.as_inputs(model)
+    return shell.SerializeToString(), options, fed, None
 
 
-def _session(onnxruntime, source: bytes | str, options, provider: str) -> tuple[Session, str]:
-    """open_session's session from serialized bytes or a path."""
+def _session(onnxruntime, source, provider: str) -> tuple[Session, str]:
+    """open_session's session: ``source(where)`` gives (serialized model or path, options,
+    weights to feed, values to keep) for a session on ``where``, cuda or cpu."""
     if provider in ("auto", "cuda") and _CUDA in onnxruntime.get_available_providers():
+        data, options, fed, keep = source("cuda")
         try:
-            session = onnxruntime.InferenceSession(source, options, providers=[_CUDA, _CPU])
+            session = onnxruntime.InferenceSession(data, options, providers=[_CUDA, _CPU])
         except Exception as error:  # onnxruntime's error classes share no base but Exception
             if provider == "cuda":
                 raise CalibrationError(f"onnxruntime cannot run the model on CUDA ({_first_line(error)}); "
@@ -112,12 +135,13 @@ def _session(onnxruntime, source: bytes | str, options, provider: str) -> tuple[
             log.warning("onnxruntime cannot run the model on CUDA (%s); running on CPU", _first_line(error))
         else:
             if session.get_providers()[0] == _CUDA:
-                return Session(session), "cuda"
+                return Session(session, fed, keep), "cuda"
     if provider == "cuda":
         raise CalibrationError("the CUDA provider is not usable here (onnxruntime-gpu and a GPU are needed); "
                                "use --provider cpu or auto")
+    data, options, fed, keep = source("cpu")
     try:
-        return Session(onnxruntime.InferenceSession(source, options, providers=[_CPU])), "cpu"
+        return Session(onnxruntime.InferenceSession(data, options, providers=[_CPU]), fed, keep), "cpu"
     except Exception as error:
         raise CalibrationError(f"onnxruntime cannot run the model ({_first_line(error)}); "
                                "check it with onnx.checker and onnxruntime") from error
