@@ -25,7 +25,7 @@ from onnx import helper, numpy_helper
 
 # Read at each use, so that tests can lower it to send small models down the mapped path.
 MAPPED_MIN_BYTES = 1 << 16
-FEED_MIN_BYTES = 1 << 30
+FEED_MIN_BYTES = 1 << 28
 """Mapped weights of at least this many bytes in all are fed to onnxruntime as inputs on the
 CPU, read in place, instead of given as initializers, which it copies (twice the memory) but
 can fuse into the layers (Conv with BatchNormalization, ...), a last-bit difference in the

@@ -11,6 +11,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from .. import weights
 from ..calib.capture import CaptureUnit, collect_statistics, plan_captures
 from ..calib.channels import Tensors, source_moments
 from ..calib.stats import SourceMoments, SpaceStats, Statistics, combine_moments, combine_stats, load_moments, load_stats
@@ -42,11 +43,14 @@ def plan_units(members: list[Member], split):
 
 
 STATISTICS_BUDGET = 2 << 30
-"""Bytes of statistics held at once when they are computed here from calibration data: past
-this the spaces are taken in groups, each group's statistics computed in its own pass over the
-data and matched before the next (``GroupedStatistics``). A space's statistics take
-(sum of its widths)^2 x 8 bytes (float64 X^T X of every model's features): 0.5 GB for two
-models 4096 wide. Read at each use, so that tests can lower it."""
+"""Bytes of statistics held at once when they are computed here from calibration data, at
+most, and at most a quarter of the models' mapped weights (``onnxmerge.weights``) when that is
+more than ``STATISTICS_FLOOR``: past this the spaces are taken in groups, each group's
+statistics computed in its own pass over the data and matched before the next
+(``GroupedStatistics``), so that memory stays near what the models' weights take. A space's
+statistics take (sum of its widths)^2 x 8 bytes (float64 X^T X of every model's features):
+0.5 GB for two models 4096 wide. Read at each use, so that tests can lower it."""
+STATISTICS_FLOOR = 256 << 20
 
 
 def statistics(members: list[Member], split, calib, stats_files, options: MergeOptions):
@@ -55,7 +59,8 @@ def statistics(members: list[Member], split, calib, stats_files, options: MergeO
     units, per_model, widths = plan_units(members, split)
     fingerprint = plan_fingerprint(members, units)
     shards, provider = [], "none"
-    passes = _passes(units, widths) if calib is not None and not stats_files and options.ray is None else []
+    budget = min(STATISTICS_BUDGET, max(STATISTICS_FLOOR, sum(weights.mapped_bytes(m.model) for m in members) // 4))
+    passes = _passes(units, widths, budget) if calib is not None and not stats_files and options.ray is None else []
     if len(passes) > 1:
         grouped = GroupedStatistics(members, per_model, widths, calib, options, passes)
         return units, grouped, grouped.provider
@@ -70,10 +75,10 @@ def statistics(members: list[Member], split, calib, stats_files, options: MergeO
     return units, [combined[stats_key(u)] for u in units], provider
 
 
-def _passes(units: list[CaptureUnit], widths: list[list[int]]) -> list[list[int]]:
+def _passes(units: list[CaptureUnit], widths: list[list[int]], budget: int) -> list[list[int]]:
     """The units' indices in passes of whole spaces (a space's chosen unit with its companions,
-    in the chosen units' order) whose statistics fit ``STATISTICS_BUDGET`` (a space larger
-    than that alone in its pass)."""
+    in the chosen units' order) whose statistics fit ``budget`` bytes (a space larger than
+    that alone in its pass)."""
     by_space: dict[tuple[int, ...], list[int]] = {}
     for k, unit in enumerate(units):
         by_space.setdefault(unit.spaces, []).append(k)
@@ -81,7 +86,7 @@ def _passes(units: list[CaptureUnit], widths: list[list[int]]) -> list[list[int]
     held = 0
     for indices in by_space.values():
         size = sum(8 * sum(widths[k]) ** 2 for k in indices)
-        if not passes or held + size > STATISTICS_BUDGET:
+        if not passes or held + size > budget:
             passes.append([])
             held = 0
         passes[-1] += indices
