@@ -209,6 +209,7 @@ def main() -> None:
                          "--rows", str(args.rows), "--layers", str(args.layers)], [a, b]),
         }
         print(f"{'command':10} {'wall s':>7} {'peak RSS GB':>12} {'inputs GB':>10} {'RSS/inputs':>11}  status")
+        failed = []
         for name, (command, inputs) in runs.items():
             if (args.only is not None and name not in args.only) or (args.only is None and name == "session"):
                 continue
@@ -218,6 +219,10 @@ def main() -> None:
             checked = f", {check_output(output)}" if output is not None and status == 0 else ""
             print(f"{name:10} {wall:7.1f} {peak / 1e9:12.2f} {size / 1e9:10.2f} {peak / size:11.2f}  "
                   f"{'ok' if status == 0 else 'FAILED'}{checked}", flush=True)
+            if status or "FAILED" in checked:
+                failed.append(name)
+    if failed:  # a command or its output failed: CI runs this benchmark
+        sys.exit(f"failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":
