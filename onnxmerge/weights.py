@@ -4,8 +4,9 @@ A model file with external data is loaded with its large tensors left there (``m
 each such ``TensorProto`` keeps its offset and length but names its file by absolute path.
 onnx and onnxruntime refuse absolute locations, so nothing reads these tensors behind this
 module's back: ``read`` maps them (``np.memmap``, read-only: its pages leave memory with the
-array), ``session_parts`` hands them to onnxruntime as external initializers, and ``raw_bytes``
-lets ``io.save_model`` copy them into the output's sidecar. Large tensors a merge computes go
+array), onnxruntime gets them as inputs it reads in place (``as_inputs``) or as external
+initializers (``session_parts``), and ``raw_bytes`` lets ``io.save_model`` copy them into the
+output's sidecar. Large tensors a merge computes go
 to a temporary spill file the same way (``spill``), so a merged model is not held in memory
 either. Small tensors (under ``MAPPED_MIN_BYTES``) are read into memory as usual: shape
 computations read them, and they cost nothing.
