@@ -20,8 +20,10 @@ class _MappedValues(LazyValues):
 
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
-    """``gs.import_onnx(model)``; mapped constants load as memory maps of their files."""
+    """``gs.import_onnx(model)``; mapped constants load as memory maps of their files, and the
+    graph remembers whether the model had any (``mapped_weights``)."""
     graph = gs.import_onnx(model)
+    graph.mapped_weights = weights.has_mapped(model)  # what export_graph spills by
     for tensor in graph.tensors().values():
         values = getattr(tensor, "_values", None)
         if isinstance(values, LazyValues) and weights.is_mapped(values.tensor):
@@ -35,8 +37,9 @@ def export_graph(graph: gs.Graph, **options) -> onnx.ModelProto:
     holds such constants (a model with mapped weights) a large computed one is spilled first
     (``weights.kept``), so that the exported model holds no weights in memory either."""
     constants = [t for t in graph.tensors().values() if isinstance(t, gs.Constant)]
-    mapped = any(isinstance(t._values, _MappedValues) or weights.reference(t._values, t.name) is not None
-                 for t in constants)
+    # a mapped model's graph, even once every weight of it is recomputed (REPAIR folds them all)
+    mapped = getattr(graph, "mapped_weights", False) or any(
+        isinstance(t._values, _MappedValues) or weights.reference(t._values, t.name) is not None for t in constants)
     for tensor in constants:
         if isinstance(tensor._values, LazyValues):
             continue
