@@ -32,20 +32,16 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
 
 
 def export_graph(graph: gs.Graph, **options) -> onnx.ModelProto:
-    """``gs.export_onnx(graph, **options)``; a constant whose values are still a whole memory
-    map of a file is written as a reference to it (``weights.reference``), and in a graph that
-    holds such constants (a model with mapped weights) a large computed one is spilled first
-    (``weights.kept``), so that the exported model holds no weights in memory either."""
-    constants = [t for t in graph.tensors().values() if isinstance(t, gs.Constant)]
-    # a mapped model's graph, even once every weight of it is recomputed (REPAIR folds them all)
-    mapped = getattr(graph, "mapped_weights", False) or any(
-        isinstance(t._values, _MappedValues) or weights.reference(t._values, t.name) is not None for t in constants)
-    for tensor in constants:
-        if isinstance(tensor._values, LazyValues):
-            continue
-        reference = weights.reference(tensor._values, tensor.name)
-        if reference is None:  # computed here: spilled when the graph is a mapped model's
+    """``gs.export_onnx(graph, **options)``; a constant whose values are a whole memory map of a
+    file is written as a reference to it (``weights.reference``), and in the graph of a model
+    with mapped weights (``import_graph``'s ``mapped_weights``, which stays true once every
+    weight is recomputed, as REPAIR folds them all) a large computed one is spilled first
+    (``weights.kept``), so that the exported model holds no weights in memory either. A copy
+    (``graph.copy()``, exported to be read and dropped) spills nothing."""
+    mapped = getattr(graph, "mapped_weights", False)
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Constant) and not isinstance(tensor._values, LazyValues):
             reference = weights.reference(weights.kept(tensor._values, mapped), tensor.name)
-        if reference is not None:
-            tensor._values = _MappedValues(reference)
+            if reference is not None:
+                tensor._values = _MappedValues(reference)
     return gs.export_onnx(graph, **options)
