@@ -225,6 +225,15 @@ def plan_captures(model: onnx.ModelProto, graph: SpaceGraph, wanted: set[int]) -
     return units + companions, wanted - covered
 
 
+def space_groups(units: list[CaptureUnit]) -> list[list[int]]:
+    """Per chosen capture unit of ``plan_captures``, in order, its index and its companions'
+    (the other units of its space, listed after the chosen ones)."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for k, unit in enumerate(units):
+        groups.setdefault(unit.spaces, []).append(k)
+    return list(groups.values())
+
+
 def _written(model: onnx.ModelProto) -> set[str]:
     """Outputs of weight layers (a computed input and a constant weight) and of sums of two
     computed tensors (residual joins; not a constant bias, nor a mask that may hold -inf)."""

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..calib.capture import CaptureUnit
+from ..calib.capture import CaptureUnit, space_groups
 from ..calib.stats import SpaceStats, pooled_similarity
 from ..errors import RecipeError, UnsupportedGraphError
 from ..match import MatchMethod, get_method
@@ -53,7 +53,7 @@ def match_spaces(members: list[Member], split, units: list[CaptureUnit], stats: 
             widths = [m.graph.table.widths[m.space_of(space)] for m in members]
             matchings[space] = method.function(None, widths, params, space=reference.graph.space(space).name)
     tensors, blocks = {}, reference.graph.block_spaces()
-    groups = _with_companions(units) if len(stats) else []  # no statistics: spaces matched from the weights
+    groups = space_groups(units) if len(stats) else []  # no statistics: spaces matched from the weights
     for indices in progress(groups, "matching", len(groups), "unit"):
         # read here, a space at a time: grouped statistics are computed a pass at a time
         unit, unit_stats = units[indices[0]], stats[indices[0]]
@@ -79,15 +79,6 @@ def _row(members: list[Member], space: int, matching: Matching | None, tensors: 
             "merged_width": widths[0] if matching is None else matching.width,
             "mean_correlation": None if np.isnan(quality) else quality,
             "within_model_merges": [0] * len(members) if matching is None else list(matching.within_model_merges)}
-
-
-def _with_companions(units: list[CaptureUnit]) -> list[list[int]]:
-    """Per chosen capture unit, in order, its index and its companions' (``plan_captures``:
-    other tensors of its space, listed after the chosen units)."""
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for k, unit in enumerate(units):
-        groups.setdefault(unit.spaces, []).append(k)
-    return list(groups.values())
 
 
 def _match_from_weights(members: list[Member], spaces: list[int], matchings: dict[int, Matching],

@@ -12,7 +12,7 @@ from dataclasses import replace
 import numpy as np
 
 from .. import weights
-from ..calib.capture import CaptureUnit, collect_statistics, plan_captures
+from ..calib.capture import CaptureUnit, collect_statistics, plan_captures, space_groups
 from ..calib.channels import Tensors, source_moments
 from ..calib.stats import SourceMoments, SpaceStats, Statistics, combine_moments, combine_stats, load_moments, load_stats
 from ..errors import CalibrationError
@@ -79,12 +79,9 @@ def _passes(units: list[CaptureUnit], widths: list[list[int]], budget: int) -> l
     """The units' indices in passes of whole spaces (a space's chosen unit with its companions,
     in the chosen units' order) whose statistics fit ``budget`` bytes (a space larger than
     that alone in its pass)."""
-    by_space: dict[tuple[int, ...], list[int]] = {}
-    for k, unit in enumerate(units):
-        by_space.setdefault(unit.spaces, []).append(k)
     passes: list[list[int]] = []
     held = 0
-    for indices in by_space.values():
+    for indices in space_groups(units):
         size = sum(8 * sum(widths[k]) ** 2 for k in indices)
         if not passes or held + size > budget:
             passes.append([])
