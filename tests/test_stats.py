@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from onnxmerge.calib import stats as stats_module
 from onnxmerge.calib.stats import (AFFINE_BAND, ChannelMoments, SpaceStats, Statistics, combine_moments, combine_stats,
                                    load_moments, load_stats, pooled_similarity, save_stats, to_samples)
 from onnxmerge.errors import CalibrationError
@@ -54,6 +55,27 @@ def test_two_shards_combined_equal_one_run():
     assert combined.count == whole.count
     _assert_close(combined.sum, whole.sum)
     _assert_close(combined.outer, whole.outer)
+
+
+@pytest.mark.parametrize("band_bytes", [8 * 16 * 3, 64 << 20])  # bands of 3 rows cross the model boundary
+def test_moments_by_blocks_add_as_the_whole_matrix(monkeypatch, band_bytes):
+    """A moments graph's upper blocks of X^T X add, band by band, to the same numbers as the
+    whole (n, n) matrix, and these equal the direct computation on the uncentred rows."""
+    monkeypatch.setattr(stats_module, "_BAND_BYTES", band_bytes)
+    first, second = _features(7, 50)
+    shift = np.concatenate([first[0], second[0]]).astype(np.float64)
+    rows = np.hstack([first, second]).astype(np.float64)
+    centred = (rows - shift).astype(np.float32)
+    a, b = centred[:, :6], centred[:, 6:]
+    whole, blocks = SpaceStats.empty(WIDTHS), SpaceStats.empty(WIDTHS)
+    total = centred.sum(axis=0, dtype=np.float64)
+    whole.add_moments(50, total, (centred.T @ centred).astype(np.float64), shift)
+    blocks.add_moments(50, total, [[a.T @ a, a.T @ b], [None, b.T @ b]], shift)
+    np.testing.assert_array_equal(blocks.outer, whole.outer)
+    np.testing.assert_array_equal(blocks.sum, whole.sum)
+    # float32 products of the centred rows: relative error ~1e-7 * sqrt(rows) of the centred moments
+    np.testing.assert_allclose(blocks.outer, rows.T @ rows, rtol=1e-5, atol=1e-5 * np.abs(rows.T @ rows).max())
+    np.testing.assert_allclose(blocks.sum, rows.sum(axis=0), rtol=1e-6)
 
 
 def test_fast_update_is_close():

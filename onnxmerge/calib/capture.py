@@ -305,10 +305,10 @@ def collect_statistics(models: list[onnx.ModelProto], units: list[list[CaptureUn
             require_finite(values)
             for k, unit_stats in enumerate(stats):
                 count, total, outer, shift = _assemble_moments(values, k, len(models))
-                for name in [n for n in values if n.startswith(f"moments{k}_")]:
-                    del values[name]  # each unit's outputs go once assembled: one (n, n) copy at a time
                 unit_stats.add_moments(count // widths[k][0], total, outer, shift)
                 del outer
+                for name in [n for n in values if n.startswith(f"moments{k}_")]:
+                    del values[name]  # each unit's outputs go once added
         return stats, ran
     sessions, used = [], set()
     for model, model_units in zip(models, units):
@@ -394,18 +394,14 @@ def _centred(nodes: list, x: str, batched: bool, shift: str) -> str:
     return f"{x}_centred"
 
 
-def _assemble_moments(values: dict[str, np.ndarray], k: int, count: int) -> tuple[int, np.ndarray, np.ndarray,
-                                                                                   np.ndarray]:
-    """Unit k's (elements of model 0's features, sum, X^T X, shift) in float64 from
-    ``moments_model``'s outputs, sum and X^T X of the features minus the shift."""
+def _assemble_moments(values: dict[str, np.ndarray], k: int, count: int) -> tuple[int, np.ndarray, list, np.ndarray]:
+    """Unit k's (elements of model 0's features, sum, X^T X by blocks as
+    ``SpaceStats.add_moments`` takes them, shift) from ``moments_model``'s outputs: sum and
+    X^T X of the features minus the shift."""
     shift = np.concatenate([values[f"moments{k}_shift{i}"].reshape(-1) for i in range(count)]).astype(np.float64)
     total = np.concatenate([values[f"moments{k}_sum{i}"] for i in range(count)]).astype(np.float64)
-    blocks = [[None] * count for _ in range(count)]
-    for i in range(count):
-        for j in range(i, count):
-            blocks[i][j] = values[f"moments{k}_outer{i}_{j}"].astype(np.float64)
-            blocks[j][i] = blocks[i][j].T
-    return int(values[f"moments{k}_size"]), total, np.block(blocks), shift
+    blocks = [[values[f"moments{k}_outer{i}_{j}"] if j >= i else None for j in range(count)] for i in range(count)]
+    return int(values[f"moments{k}_size"]), total, blocks, shift
 
 
 def _rows(nodes: list, inits: list, tensor: str, unit: CaptureUnit, rank: int, width: int, name: str) -> str:

@@ -83,6 +83,26 @@ def to_samples(x: np.ndarray, axis: int, fold: tuple[int, int] = (1, 1), span: i
     return np.moveaxis(x, axis, -1).reshape(-1, width)
 
 
+_BAND_BYTES = 16 << 20  # float64 rows of X^T X that add_moments takes at a time
+
+
+def _band(outer: np.ndarray | list[list[np.ndarray | None]], rows: slice, widths: tuple[int, ...]) -> np.ndarray:
+    """Rows ``rows`` of an (n, n) matrix given whole or by blocks (``SpaceStats.add_moments``),
+    in float64 (a view of a float64 array)."""
+    if isinstance(outer, np.ndarray):
+        return np.asarray(outer[rows], np.float64)
+    edges = np.concatenate([[0], np.cumsum(widths)])
+    band = np.empty((rows.stop - rows.start, edges[-1]), np.float64)
+    for i in range(len(widths)):
+        lo, hi = max(rows.start, edges[i]), min(rows.stop, edges[i + 1])
+        if lo >= hi:
+            continue
+        for j in range(len(widths)):
+            block = outer[i][j] if outer[i][j] is not None else outer[j][i].T
+            band[lo - rows.start:hi - rows.start, edges[j]:edges[j + 1]] = block[lo - edges[i]:hi - edges[i]]
+    return band
+
+
 @dataclass(eq=False)
 class SpaceStats:
     """Count, sum and sum of outer products of the concatenated features at one space.
@@ -129,38 +149,43 @@ class SpaceStats:
         # numpy uses a symmetric rank-k product for X^T X
         self.add_moments(batch.shape[0], batch.sum(axis=0, dtype=np.float64), batch.T @ batch, shift)
 
-    def add_moments(self, count: int, total: np.ndarray, outer: np.ndarray, shift: np.ndarray | None = None) -> None:
+    def add_moments(self, count: int, total: np.ndarray, outer: np.ndarray | list[list[np.ndarray | None]],
+                    shift: np.ndarray | None = None) -> None:
         """Add a batch's moments computed elsewhere: count, sum of x - shift and sum of
         (x - shift)(x - shift)^T (shift 0 when None; see the module docstring for why to shift).
-        A float64 ``outer`` is used in place (the callers pass a batch's temporary).
+
+        Args:
+            outer: the (n, n) array, or its blocks by model: ``outer[i][j]`` the (d_i, d_j)
+                block, None below the diagonal for the transpose of the block above it (what a
+                moments graph computes). Taken into float64 a band of rows at a time, so that
+                no (n, n) temporary is made; a float64 array is used in place (the callers pass
+                a batch's temporary).
 
         Raises:
             CalibrationError: a model produced NaN/Inf features.
         """
         total = np.asarray(total, np.float64)
         if shift is not None:
-            # outer + cross + cross.T + count * shift shift^T, added in that order (the same
-            # numbers) into one copy of outer: two (n, n) arrays at a time, not five
             shift = np.asarray(shift, np.float64)
-            outer = np.asarray(outer, np.float64)
-            cross = np.outer(shift, total)
-            outer += cross
-            outer += cross.T
-            np.outer(shift, shift, out=cross)
-            cross *= count
-            outer += cross
-            del cross
-            total = total + count * shift
-        else:
-            outer = np.asarray(outer, np.float64)
-        if not np.isfinite(total).all():
-            bad = np.flatnonzero(~np.isfinite(total))
+        shifted = total if shift is None else total + count * shift
+        if not np.isfinite(shifted).all():
+            bad = np.flatnonzero(~np.isfinite(shifted))
             model = int(np.searchsorted(np.cumsum(self.widths), bad[0], side="right"))
             raise CalibrationError(f"model {model} produced NaN or Inf features ({len(bad)} channels); "
                                    "check the model on the calibration data with onnxruntime")
+        n = self.width
+        step = max(1, _BAND_BYTES // (8 * n))
+        for start in range(0, n, step):
+            rows = slice(start, min(n, start + step))
+            band = _band(outer, rows, self.widths)
+            if shift is not None:
+                # outer + cross + cross^T + count * shift shift^T, added in this order
+                band += np.outer(shift[rows], total)
+                band += np.outer(total[rows], shift)
+                band += count * np.outer(shift[rows], shift)
+            self.outer[rows] += band
         self.count += int(count)
-        self.sum += total
-        self.outer += outer
+        self.sum += shifted
 
     def _check_batch(self, features: list[np.ndarray]) -> None:
         if len(features) != len(self.widths):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from .. import weights
+
 
 def constant(tensor: gs.Tensor) -> np.ndarray | None:
     """The value of a constant tensor, else None."""
@@ -91,7 +93,10 @@ def fresh_variable(graph: gs.Graph, like: gs.Tensor, suffix: str) -> gs.Variable
 
 def replacement(graph: gs.Graph, old: gs.Tensor, values: np.ndarray, suffix: str) -> gs.Constant:
     """A constant to use instead of ``old`` in its one use: it keeps the name when nothing else
-    reads ``old``, so folded parameters keep their names."""
+    reads ``old``, so folded parameters keep their names. In the graph of a model with mapped
+    weights a large one is spilled at once (``weights.kept``): a pass folding every layer
+    would otherwise hold all their new weights in memory until the graph is exported."""
+    values = weights.kept(values, getattr(graph, "mapped_weights", False))
     if isinstance(old, gs.Constant) and len(old.outputs) == 1:
         return gs.Constant(old.name, values)
     return gs.Constant(f"{old.name}_{suffix}", values)

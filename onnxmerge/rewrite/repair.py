@@ -126,6 +126,16 @@ def insert_repair(model: onnx.ModelProto, targets: list[RepairTarget], batches: 
     """
     dtypes = _dtypes(import_graph(model), targets)
     corrections = _first_guess(model, targets, dtypes, batches, provider)
+    corrections, ran = _refine(model, targets, dtypes, corrections, batches, provider)
+    # the probe's session is closed by now: its weights leave memory before the folded ones are made
+    return _fold(model, targets, dtypes, corrections), ran
+
+
+def _refine(model: onnx.ModelProto, targets: list[RepairTarget], dtypes: dict[str, np.dtype],
+            corrections: dict[str, tuple[np.ndarray, np.ndarray]], batches: Batches,
+            provider: str) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], str]:
+    """The exact passes of ``insert_repair`` from the first-guess ``corrections``; the final
+    corrections and the provider that ran."""
     probe, outputs = _probe(model, targets, dtypes)
     session, ran = open_session(probe, provider)
     for _ in range(_depth(model, set(corrections))):
@@ -138,7 +148,7 @@ def insert_repair(model: onnx.ModelProto, targets: list[RepairTarget], batches: 
         corrections = updated
         if change < TOLERANCE:
             break
-    return _fold(model, targets, dtypes, corrections), ran
+    return corrections, ran
 
 
 def _first_guess(model: onnx.ModelProto, targets: list[RepairTarget], dtypes: dict[str, np.dtype], batches: Batches,
