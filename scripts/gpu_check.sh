@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # CUDA-provider checks, run from the repository root on a machine with a GPU where
 # onnxruntime-gpu (and onnxmerge's dependencies) import: which providers really run, the GPU
-# tests, the digits merge with --provider auto, and bench_merge on cuda and cpu (same machine).
+# tests, the digits merge with --provider auto, bench_merge on cuda and cpu (same machine), and
+# bench_statistics (moments accumulated on the GPU against on the host).
 # Usage: scripts/gpu_check.sh [OUTPUT_FOLDER]   (default: a temporary folder)
 set -u
 out=${1:-$(mktemp -d)}
@@ -17,4 +18,5 @@ $python -m onnxmerge merge samples/digits/resnet_a.onnx samples/digits/resnet_b.
 $python -m onnxmerge eval "$out/merged.onnx" --data samples/digits/test.npz --tasks 0-4,5-9 --provider cuda || status=1
 $python benchmarks/bench_merge.py --provider cuda || status=1
 $python benchmarks/bench_merge.py --provider cpu || status=1
+$python benchmarks/bench_statistics.py --provider cuda || status=1
 exit $status

@@ -118,6 +118,20 @@ def permuted_copies(zoo_files, tmp_path, name, exporter, seeds=(1,)):
     return path, x, str(calib), copies
 
 
+def statistics_plan(paths: list[str], calib: str, batch_size: int = 16):
+    """What ``collect_statistics`` takes for a full merge of ``paths`` on ``calib``: the
+    canonical models, each model's capture units, the units' widths, and a function giving the
+    batches (a fresh iterator at each call)."""
+    from onnxmerge.rewrite.heads import split_trunk
+    from onnxmerge.sources import read_data, read_models
+    from onnxmerge.stages.prepare import lockstep_batches, prepare
+    from onnxmerge.stages.statistics import plan_units
+    members, _, _, data, _, _ = prepare(read_models(paths), read_data(calib), api.MergeOptions())
+    split = split_trunk(members[0].model, members[0].graph, heads="separate", zip_layers=None)
+    _, per_model, widths = plan_units(members, split)
+    return [m.model for m in members], per_model, widths, lambda: lockstep_batches(data, len(paths), batch_size)
+
+
 def near_constant_copies(seed: int = 9) -> tuple[SpaceStats, np.ndarray]:
     """Statistics of 8 nearly constant features (variance 1e-12 of E[x^2], 16 samples, as a
     pooled squeeze-excite tensor of a random network) and a permuted copy whose channel 0 varies

@@ -14,7 +14,7 @@ from onnxmerge import api
 from onnxmerge.calib.capture import open_session
 from onnxmerge.errors import CalibrationError
 from onnxmerge.io import load_model
-from tests.helpers import permuted_copies, run_all, outputs_close
+from tests.helpers import permuted_copies, run_all, outputs_close, statistics_plan
 
 
 def _cuda_usable() -> bool:
@@ -67,3 +67,16 @@ def test_bn_reset_on_cuda_matches_cpu(zoo_files, tmp_path):
     assert "on cuda" in merged["cuda"].report["repair"]
     outputs = {provider: run_all(result.model, x) for provider, result in merged.items()}
     outputs_close(outputs["cpu"], outputs["cuda"])
+
+
+def test_moments_accumulated_on_the_gpu_equal_those_added_on_the_host(zoo_files, tmp_path):
+    """With CUDA running, the moments stay on the device (``calib.device``) by default."""
+    from onnxmerge.calib.capture import collect_statistics
+    path, _, calib, (copy,) = permuted_copies(zoo_files, tmp_path, "resnet_basic", "legacy_folded")
+    models, per_model, widths, batches = statistics_plan([path, copy], calib)
+    runs = {flag: collect_statistics(models, per_model, batches(), widths, "cuda", on_device=flag)
+            for flag in (None, False)}
+    assert runs[None][1] == runs[False][1] == "cuda"
+    for device, host in zip(runs[None][0], runs[False][0]):
+        assert device.count == host.count
+        np.testing.assert_allclose(device.outer, host.outer, rtol=0, atol=1e-6 * np.abs(host.outer).max())

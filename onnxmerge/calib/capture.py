@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable
 
@@ -13,6 +14,7 @@ import onnx.compose
 from ..graph.facts import op_facts
 from ..graph.layout import Atom, Grid, leaves
 from ..graph.spaces import SpaceGraph, tensor_shapes
+from .device import accumulate, accumulating_model
 from .stats import CKAStats, SpaceStats, to_samples
 
 from ..choices import PROVIDERS
@@ -62,17 +64,39 @@ class Session:
         self._keep = keep  # values onnxruntime reads for as long as the session lives
 
     def run(self, names, feed, *args, **kwargs):
-        try:
+        with _run_errors():
             return self._session.run(names, {**feed, **self._fed}, *args, **kwargs)
-        except Exception as error:  # onnxruntime's error classes share no base but Exception
-            raise CalibrationError(f"onnxruntime failed running the model ({_first_line(error)}); check that "
-                                   "the model runs in onnxruntime and that the data fits its inputs") from error
+
+    def run_bound(self, feed: dict[str, np.ndarray], inputs: dict[str, onnxruntime.OrtValue],
+                  outputs: dict[str, onnxruntime.OrtValue]) -> None:
+        """One run through an IOBinding: host arrays ``feed`` and OrtValues ``inputs`` (on
+        any device) in, the results written into the OrtValues ``outputs``, which stay where
+        they are (``calib.device``)."""
+        binding = self._session.io_binding()
+        for name, value in {**feed, **self._fed}.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name, value in inputs.items():
+            binding.bind_ortvalue_input(name, value)
+        for name, value in outputs.items():
+            binding.bind_ortvalue_output(name, value)
+        with _run_errors():
+            self._session.run_with_iobinding(binding)
 
     def get_inputs(self):
         return [i for i in self._session.get_inputs() if i.name not in self._fed]
 
     def __getattr__(self, name: str):
         return getattr(self._session, name)
+
+
+@contextmanager
+def _run_errors():
+    """A failed run as one line (``CalibrationError``)."""
+    try:
+        yield
+    except Exception as error:  # onnxruntime's error classes share no base but Exception
+        raise CalibrationError(f"onnxruntime failed running the model ({_first_line(error)}); check that "
+                               "the model runs in onnxruntime and that the data fits its inputs") from error
 
 
 def open_session(model: onnx.ModelProto, provider: str = "auto", *,
@@ -124,7 +148,7 @@ def _source(onnxruntime, model: onnx.ModelProto, where: str, threads: int | None
 def _session(onnxruntime, source, provider: str) -> tuple[Session, str]:
     """open_session's session: ``source(where)`` gives (serialized model or path, options,
     weights to feed, values to keep) for a session on ``where``, cuda or cpu."""
-    if provider in ("auto", "cuda") and _CUDA in onnxruntime.get_available_providers():
+    if _cuda_asked(provider):
         data, options, fed, keep = source("cuda")
         try:
             session = onnxruntime.InferenceSession(data, options, providers=[_CUDA, _CPU])
@@ -276,7 +300,8 @@ def _unit_key(layout) -> tuple[tuple[int, ...], tuple[int, int]] | None:
 
 def collect_statistics(models: list[onnx.ModelProto], units: list[list[CaptureUnit]],
                        batches: Iterable[list[dict[str, np.ndarray]]], widths: list[list[int]],
-                       provider: str = "auto", *, threads: int | None = None) -> tuple[list[SpaceStats], str]:
+                       provider: str = "auto", *, threads: int | None = None,
+                       on_device: bool | None = None) -> tuple[list[SpaceStats], str]:
     """Stream the calibration batches through every model and accumulate unit statistics.
 
     Args:
@@ -286,6 +311,9 @@ def collect_statistics(models: list[onnx.ModelProto], units: list[list[CaptureUn
         widths: for each unit, each model's feature width there.
         provider: ``auto``, ``cpu`` or ``cuda``.
         threads: onnxruntime intra-op threads (default: one per physical core).
+        on_device: accumulate the moments in the graph, on the device that runs it
+            (``calib.device``; default: when CUDA runs it), instead of on the host; the same
+            numbers up to the last bits of the blocks below the diagonal.
 
     Returns:
         One ``SpaceStats`` per unit (features of all models concatenated) and the provider
@@ -295,13 +323,17 @@ def collect_statistics(models: list[onnx.ModelProto], units: list[list[CaptureUn
     if not stats:  # nothing is merged (--zip-layers 0)
         return stats, "none"
     fused = moments_model(models, units, widths)
+    if fused is not None and (on_device if on_device is not None else _cuda_asked(provider)):
+        session, ran = open_session(accumulating_model(fused, widths), provider, threads=threads)
+        del fused
+        return accumulate(session, (_fused_feed(feeds) for feeds in batches), widths,
+                          "cuda" if ran == "cuda" else "cpu"), ran
     if fused is not None:
         session, ran = open_session(fused, provider, threads=threads)
         names = [o.name for o in fused.graph.output]
         del fused  # a copy of every model's weights; the session has its own
         for feeds in batches:
-            feed = {f"m{i}_{name}": value for i, model_feed in enumerate(feeds) for name, value in model_feed.items()}
-            values = dict(zip(names, session.run(names, feed)))
+            values = dict(zip(names, session.run(names, _fused_feed(feeds))))
             require_finite(values)
             for k, unit_stats in enumerate(stats):
                 count, total, outer, shift = _assemble_moments(values, k, len(models))
@@ -326,6 +358,16 @@ def collect_statistics(models: list[onnx.ModelProto], units: list[list[CaptureUn
             # float32 products of centred rows, float64 accumulation: ~1e-7 relative error, twice as fast
             unit_stats.update([per_model[k] for per_model in outputs], precise=False)
     return stats, "+".join(sorted(used))
+
+
+def _fused_feed(feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """One feed of ``moments_model`` from each model's feed."""
+    return {f"m{i}_{name}": value for i, model_feed in enumerate(feeds) for name, value in model_feed.items()}
+
+
+def _cuda_asked(provider: str) -> bool:
+    """Whether ``provider`` asks for CUDA where onnxruntime has it."""
+    return provider in ("auto", "cuda") and _CUDA in import_onnxruntime().get_available_providers()
 
 
 def moments_model(models: list[onnx.ModelProto], units: list[list[CaptureUnit]],

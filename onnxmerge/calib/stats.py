@@ -183,6 +183,9 @@ class SpaceStats:
                 band += np.outer(shift[rows], total)
                 band += np.outer(total[rows], shift)
                 band += count * np.outer(shift[rows], shift)
+            if not np.isfinite(band).all():  # finite features whose products overflowed float32
+                raise CalibrationError("the features' products X^T X hold NaN or Inf values (they overflow); check "
+                                       "the model on the calibration data with onnxruntime")
             self.outer[rows] += band
         self.count += int(count)
         self.sum += shifted
