@@ -15,8 +15,11 @@ from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+import onnx_graphsurgeon as gs
+from onnx import TensorProto
 
+from ..graph.canonical import export_like
+from ..graph.ir import import_graph
 from .stats import SpaceStats
 
 if TYPE_CHECKING:
@@ -28,71 +31,40 @@ def accumulating_model(fused: onnx.ModelProto, widths: list[list[int]]) -> onnx.
     per unit k, the accumulators ``next<k>_count`` (float64 scalar: feature rows),
     ``next<k>_sum<i>`` ([d_i]) and ``next<k>_outer<i>_<j>`` ([d_i, d_j], i <= j), each its
     ``acc<k>_...`` input plus the batch's uncentred moments (shift added back in float64)."""
-    nodes, batch = [], {}  # accumulator name: the batch's value to add
+    graph = import_graph(fused)
+    tensors = graph.tensors()
+
+    def op(kind: str, inputs: list, **attrs) -> gs.Variable:
+        return graph.layer(op=kind, inputs=inputs, outputs=["acc_batch"], attrs=attrs)[0]
+
+    def double(tensor: gs.Tensor) -> gs.Variable:
+        return op("Cast", [tensor], to=TensorProto.DOUBLE)
+
+    def outer(left: gs.Tensor, right: gs.Tensor) -> gs.Variable:  # [d, 1] x [1, d]: one rounding per entry
+        return op("MatMul", [op("Unsqueeze", [left, column]), op("Unsqueeze", [right, row])])
+
+    column, row, flat = (gs.Constant(f"acc_{name}", np.array([axis], np.int64))
+                         for name, axis in (("column", 1), ("row", 0), ("flat", -1)))
+    batch = {}  # accumulator name: the batch's value to add
     for k, unit in enumerate(widths):
-        rows = f"acc{k}_batch_rows"
-        nodes += [helper.make_node("Cast", [f"moments{k}_size"], [f"{rows}_size"], to=TensorProto.DOUBLE),
-                  helper.make_node("Div", [f"{rows}_size", f"acc{k}_width0"], [rows])]
-        shift, total = [], []
+        rows = op("Div", [double(tensors[f"moments{k}_size"]), gs.Constant(f"acc{k}_width0", np.array(float(unit[0])))])
+        shift = [double(op("Reshape", [tensors[f"moments{k}_shift{i}"], flat])) for i in range(len(unit))]
+        total = [double(tensors[f"moments{k}_sum{i}"]) for i in range(len(unit))]
         for i in range(len(unit)):
-            shift.append(_double(nodes, f"moments{k}_shift{i}", flat=True))
-            total.append(_double(nodes, f"moments{k}_sum{i}"))
-            scaled = f"acc{k}_shift{i}_scaled"
-            nodes += [helper.make_node("Mul", [rows, shift[i]], [scaled]),
-                      helper.make_node("Add", [total[i], scaled], [f"acc{k}_batch_sum{i}"])]
-            batch[f"{k}_sum{i}"] = f"acc{k}_batch_sum{i}"
+            batch[f"{k}_sum{i}"] = op("Add", [total[i], op("Mul", [rows, shift[i]])])
         for i, j in ((i, j) for i in range(len(unit)) for j in range(i, len(unit))):
-            batch[f"{k}_outer{i}_{j}"] = _shifted_block(nodes, f"moments{k}_outer{i}_{j}", shift, total, rows, i, j)
+            # ((B + s_i t_j^T) + t_i s_j^T) + rows * s_i s_j^T: add_moments's operations in its order
+            block = op("Add", [double(tensors[f"moments{k}_outer{i}_{j}"]), outer(shift[i], total[j])])
+            block = op("Add", [block, outer(total[i], shift[j])])
+            batch[f"{k}_outer{i}_{j}"] = op("Add", [block, op("Mul", [outer(shift[i], shift[j]), rows])])
         batch[f"{k}_count"] = rows
-    inputs, outputs = [], []
+    graph.outputs = []
     for name, shape in _accumulators(widths).items():
-        nodes.append(helper.make_node("Add", [f"acc{name}", batch[name]], [f"next{name}"]))
-        inputs.append(helper.make_tensor_value_info(f"acc{name}", TensorProto.DOUBLE, shape))
-        outputs.append(helper.make_tensor_value_info(f"next{name}", TensorProto.DOUBLE, shape))
-    result = onnx.ModelProto()
-    result.CopyFrom(fused)
-    graph = result.graph
-    graph.initializer.extend(helper.make_tensor(f"acc{k}_width0", TensorProto.DOUBLE, [], [float(unit[0])])
-                             for k, unit in enumerate(widths))
-    graph.initializer.extend([helper.make_tensor("acc_column", TensorProto.INT64, [1], [1]),
-                              helper.make_tensor("acc_row", TensorProto.INT64, [1], [0]),
-                              helper.make_tensor("acc_flat", TensorProto.INT64, [1], [-1])])
-    graph.node.extend(nodes)
-    graph.input.extend(inputs)
-    del graph.output[:]
-    graph.output.extend(outputs)
-    return result
-
-
-def _double(nodes: list, name: str, flat: bool = False) -> str:
-    """``name`` cast to float64 (flattened to one axis when ``flat``)."""
-    source = name
-    if flat:
-        source = f"{name}_flat"
-        nodes.append(helper.make_node("Reshape", [name, "acc_flat"], [source]))
-    nodes.append(helper.make_node("Cast", [source], [f"{name}_f64"], to=TensorProto.DOUBLE))
-    return f"{name}_f64"
-
-
-def _shifted_block(nodes: list, block: str, shift: list[str], total: list[str], rows: str, i: int, j: int) -> str:
-    """Block (i, j) of the batch's X^T X with the shift added back, as ``add_moments`` adds it:
-    ((B + s_i t_j^T) + t_i s_j^T) + rows * s_i s_j^T (outer products as [d, 1] x [1, d] MatMuls,
-    one rounding each)."""
-    def outer(left: str, right: str, name: str) -> str:
-        nodes.extend([helper.make_node("Unsqueeze", [left, "acc_column"], [f"{name}_l"]),
-                      helper.make_node("Unsqueeze", [right, "acc_row"], [f"{name}_r"]),
-                      helper.make_node("MatMul", [f"{name}_l", f"{name}_r"], [name])])
-        return name
-
-    base = _double(nodes, block)
-    cross = outer(shift[i], total[j], f"{block}_st")
-    cross_t = outer(total[i], shift[j], f"{block}_ts")
-    squares = outer(shift[i], shift[j], f"{block}_ss")
-    nodes += [helper.make_node("Add", [base, cross], [f"{block}_a1"]),
-              helper.make_node("Add", [f"{block}_a1", cross_t], [f"{block}_a2"]),
-              helper.make_node("Mul", [squares, rows], [f"{block}_ssn"]),
-              helper.make_node("Add", [f"{block}_a2", f"{block}_ssn"], [f"{block}_batch"])]
-    return f"{block}_batch"
+        accumulator = gs.Variable(f"acc{name}", dtype=np.float64, shape=shape)
+        graph.inputs.append(accumulator)
+        graph.outputs += graph.layer(op="Add", inputs=[accumulator, batch[name]],
+                                     outputs=[gs.Variable(f"next{name}", dtype=np.float64, shape=shape)])
+    return export_like(graph, fused)
 
 
 def _accumulators(widths: list[list[int]]) -> dict[str, list[int]]:
