@@ -142,6 +142,8 @@ def _source(onnxruntime, model: onnx.ModelProto, where: str, threads: int | None
         options.add_external_initializers(names, values)
         return shell.SerializeToString(), options, None, values
     shell, fed = weights.as_inputs(model)
+    # models this large: memory over allocation speed (the arena keeps a run's peak of buffers)
+    options.enable_cpu_mem_arena = False
     return shell.SerializeToString(), options, fed, None
 
 

@@ -31,17 +31,32 @@ def transformed_arrays(model: onnx.ModelProto, graph: SpaceGraph, transform_for:
 def iter_transformed(model: onnx.ModelProto, graph: SpaceGraph, transform_for: TransformFor,
                      names: Iterable[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """``transformed_arrays`` one (name, array) at a time, each computed when asked for."""
+    wanted = None if names is None else set(names)
+    transformed = transformer(model, graph, transform_for)
+    for init in model.graph.initializer:
+        if wanted is None or init.name in wanted:
+            yield init.name, transformed(init.name)
+
+
+def transformer(model: onnx.ModelProto, graph: SpaceGraph, transform_for: TransformFor) -> Callable[[str], np.ndarray]:
+    """A function giving one initializer of ``model`` by name, transformed as
+    ``transformed_arrays`` says; the table of parameter uses is built once, here.
+
+    Raises:
+        KeyError: no initializer has that name.
+    """
     uses: dict[str, dict[int, tuple]] = {}
     for use in graph.params:
         uses.setdefault(use.name, {})[use.axis] = (use.layout, use.role)
-    wanted = None if names is None else set(names)
-    for init in model.graph.initializer:
-        if wanted is not None and init.name not in wanted:
-            continue
-        array = weights.read(init)
-        for axis, (layout, role) in uses.get(init.name, {}).items():
+    initializers = {init.name: init for init in model.graph.initializer}
+
+    def transformed(name: str) -> np.ndarray:
+        array = weights.read(initializers[name])
+        for axis, (layout, role) in uses.get(name, {}).items():
             array = transform_axis(array, axis, layout, lambda s, r=role: transform_for(s, r), graph.table.width)
-        yield init.name, array
+        return array
+
+    return transformed
 
 
 def replace_initializers(model: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> onnx.ModelProto:

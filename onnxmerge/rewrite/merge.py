@@ -20,7 +20,7 @@ from ..graph.layout import Layout, layout_width, leaves
 from ..graph.rules import RULES
 from ..graph.spaces import SpaceGraph
 from ..match.matching import Matching
-from ..graph.apply import transformed_arrays
+from ..graph.apply import transformed_arrays, transformer
 from .heads import TrunkSplit
 from ..graph.transform import Linear, transform_axis
 from .. import weights
@@ -54,14 +54,14 @@ def merged_trunk_parameters(members: list[Member], split: TrunkSplit, matchings:
     names = [init.name for init in reference.graph.initializer if init.name in trunk_inputs]
     dtypes = {init.name: helper.tensor_dtype_to_np_dtype(init.data_type) for init in reference.graph.initializer}
     count = len(members)
-    transforms = [_transform_for(member, i, matchings, count) for i, member in enumerate(members)]
+    transformed = [transformer(member.model, member.graph, _transform_for(member, i, matchings, count))
+                   for i, member in enumerate(members)]
     mapped = any(weights.has_mapped(member.model) for member in members)
     merged: dict[str, np.ndarray] = {}
     for name in names:
         floats = []
-        for member, transform_for in zip(members, transforms):
-            my_name = member.correspondence.params[name]
-            value = transformed_arrays(member.model, member.graph, transform_for, [my_name])[my_name]
+        for member, transform in zip(members, transformed):
+            value = transform(member.correspondence.params[name])
             if value.dtype.kind != "f":  # shapes, axes, indices: identical across models
                 merged.setdefault(name, np.asarray(value).astype(dtypes[name]))
             else:
