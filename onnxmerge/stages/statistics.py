@@ -47,9 +47,11 @@ STATISTICS_BUDGET = 2 << 30
 most, and at most a quarter of the models' mapped weights (``onnxmerge.weights``) when that is
 more than ``STATISTICS_FLOOR``: past this the spaces are taken in groups, each group's
 statistics computed in its own pass over the data and matched before the next
-(``GroupedStatistics``), so that memory stays near what the models' weights take. A space's
-statistics take (sum of its widths)^2 x 8 bytes (float64 X^T X of every model's features):
-0.5 GB for two models 4096 wide. Read at each use, so that tests can lower it."""
+(``GroupedStatistics``), so that memory stays near what the models' weights take. A space of
+n = sum of its widths d_i takes 8 n^2 bytes of statistics (float64 X^T X of every model's
+features) and 2 (n^2 + sum d_i^2) bytes of a batch's products (the float32 blocks on and above
+the diagonal, ``capture.moments_model``): 0.7 GB for two models 4096 wide. Read at each use, so
+that tests can lower it."""
 STATISTICS_FLOOR = 256 << 20
 
 
@@ -82,13 +84,19 @@ def _passes(units: list[CaptureUnit], widths: list[list[int]], budget: int) -> l
     passes: list[list[int]] = []
     held = 0
     for indices in space_groups(units):
-        size = sum(8 * sum(widths[k]) ** 2 for k in indices)
+        size = sum(_held_bytes(widths[k]) for k in indices)
         if not passes or held + size > budget:
             passes.append([])
             held = 0
         passes[-1] += indices
         held += size
     return passes
+
+
+def _held_bytes(widths: list[int]) -> int:
+    """What one unit's statistics and a batch's products take (``STATISTICS_BUDGET``)."""
+    n = sum(widths)
+    return 8 * n * n + 2 * (n * n + sum(d * d for d in widths))
 
 
 class GroupedStatistics:
