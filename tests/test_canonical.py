@@ -12,7 +12,8 @@ from onnxmerge.rewrite.heads import split_trunk
 from onnxmerge.stages.prepare import lockstep_batches, prepare
 from onnxmerge.stages.statistics import plan_units
 from onnxmerge.sources import read_data, read_models
-from onnxmerge.graph.canonical import canonicalize
+from onnxmerge.graph.canonical import canonicalize, export_like
+from onnxmerge.graph.ir import import_graph
 from tests.helpers import model, run_all, weights, with_opset
 
 
@@ -288,3 +289,16 @@ def test_folded_statistics_in_the_graph_equal_numpy(tmp_path):
         assert fused.count == copied.count
         np.testing.assert_allclose(fused.outer, copied.outer, rtol=1e-5, atol=1e-4)
         np.testing.assert_allclose(fused.sum, copied.sum, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("producer", [None, "pytorch"])
+def test_export_like_keeps_the_producer_fields_as_they_were(producer):
+    """graphsurgeon writes producer_name and producer_version even where empty; a model exported
+    through export_like serialises as the original did."""
+    m = model([helper.make_node("Relu", ["y"], ["z"])], [])
+    if producer:
+        m.producer_name, m.producer_version = producer, "2.13"
+    exported = export_like(import_graph(m), m)
+    for field in ("producer_name", "producer_version"):
+        assert exported.HasField(field) == m.HasField(field)
+        assert getattr(exported, field) == getattr(m, field)

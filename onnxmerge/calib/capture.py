@@ -10,8 +10,12 @@ from typing import TYPE_CHECKING, Iterable
 import numpy as np
 import onnx
 import onnx.compose
+import onnx_graphsurgeon as gs
 
+from ..graph.canonical import export_like
 from ..graph.facts import op_facts
+from ..graph.ir import import_graph
+from ..graph.surgery import add_node
 from ..graph.layout import Atom, Grid, leaves
 from ..graph.spaces import SpaceGraph, tensor_shapes
 from .device import accumulate, accumulating_model
@@ -33,21 +37,10 @@ _CUDA, _CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 
 def expose(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
     """A copy of ``model`` whose graph outputs also list ``tensors`` (types from shape inference)."""
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
-    known = {v.name: v for v in list(model.graph.value_info) + list(model.graph.input)}
-    present = {o.name for o in model.graph.output}
-    for name in tensors:
-        if name in present:
-            continue
-        info = onnx.ValueInfoProto()
-        if name in known:
-            info.CopyFrom(known[name])
-        else:
-            info.name = name
-        exposed.graph.output.append(info)
-        present.add(name)
-    return exposed
+    graph = import_graph(model)
+    known = graph.tensors()
+    graph.outputs += [known[name] for name in dict.fromkeys(tensors) if all(o.name != name for o in graph.outputs)]
+    return export_like(graph, model)
 
 
 class Session:
@@ -387,55 +380,48 @@ def moments_model(models: list[onnx.ModelProto], units: list[list[CaptureUnit]],
     default = default_opset(models[0])
     if len(opsets) != 1 or default < 13:
         return None
-    parts = [onnx.compose.add_prefix(m, f"m{i}_") for i, m in enumerate(models)]
-    nodes, inits, outputs = [], [], []
-    for part in parts:
-        nodes.extend(part.graph.node)
-        inits.extend(part.graph.initializer)
-    inits += [onnx.numpy_helper.from_array(np.array(axes, np.int64), f"moments_axes{len(axes)}") for axes in ([0], [0, 2])]
-    inits.append(onnx.numpy_helper.from_array(np.array([0], np.int64), "moments_first"))
+    # onnx.compose renames a whole model (subgraphs too) in one call: the IR has no such step
+    parts = [import_graph(onnx.compose.add_prefix(m, f"m{i}_")) for i, m in enumerate(models)]
+    graph = gs.Graph([n for p in parts for n in p.nodes], [i for p in parts for i in p.inputs], name="moments")
+    graph.mapped_weights = any(p.mapped_weights for p in parts)  # import_graph's flag, which export reads
+    known = {name: tensor for p in parts for name, tensor in p.tensors().items()}
+    axes = {len(a): gs.Constant(f"moments_axes{len(a)}", np.array(a, np.int64)) for a in ([0], [0, 2])}
+    first = gs.Constant("moments_first", np.array([0], np.int64))
     for k in range(len(units[0])):
         features, batched = [], False
         for i, (model, model_units) in enumerate(zip(models, units)):
             unit = model_units[k]
             rank = len(tensor_shapes(model)[unit.tensor]) - unit.span + 1
             batched = unit.axis == 1 and rank > 2 and unit.fold == (1, 1)
-            features.append(_rows(nodes, inits, f"m{i}_{unit.tensor}", unit, rank, widths[k][i],
-                                  f"moments{k}_m{i}"))
+            features.append(_rows(graph, known[f"m{i}_{unit.tensor}"], unit, rank, widths[k][i], f"moments{k}_m{i}"))
         # [N, C, L] (channels first: no transpose of the activations) or [rows, C]
-        perm, sum_axes = ([0, 2, 1], "moments_axes2") if batched else ([1, 0], "moments_axes1")
-        features = [_centred(nodes, x, batched, f"moments{k}_shift{i}") for i, x in enumerate(features)]
-        outputs += [f"moments{k}_shift{i}" for i in range(len(features))]
-        for i, x in enumerate(features):
-            nodes += [onnx.helper.make_node("ReduceSum", [x, sum_axes], [f"moments{k}_sum{i}"], keepdims=0),
-                      onnx.helper.make_node("Transpose", [x], [f"{x}_t"], perm=perm)]
-            outputs.append(f"moments{k}_sum{i}")
-        for i, j in ((i, j) for i in range(len(features)) for j in range(i, len(features))):
+        perm, sum_axes = ([0, 2, 1], axes[2]) if batched else ([1, 0], axes[1])
+        centred = [_centred(graph, x, batched, first, f"moments{k}_shift{i}") for i, x in enumerate(features)]
+        graph.outputs += [shift for _, shift in centred]
+        transposed = []
+        for i, (x, _) in enumerate(centred):
+            graph.outputs.append(add_node(graph, "ReduceSum", [x, sum_axes], f"moments{k}_sum{i}", keepdims=0))
+            transposed.append(add_node(graph, "Transpose", [x], f"{x.name}_t", perm=perm))
+        for i, j in ((i, j) for i in range(len(centred)) for j in range(i, len(centred))):
             block = f"moments{k}_outer{i}_{j}"
             if batched:  # per sample [C_i, L] x [L, C_j], summed over the batch
-                nodes += [onnx.helper.make_node("MatMul", [features[i], f"{features[j]}_t"], [f"{block}_n"]),
-                          onnx.helper.make_node("ReduceSum", [f"{block}_n", "moments_axes1"], [block], keepdims=0)]
+                product = add_node(graph, "MatMul", [centred[i][0], transposed[j]], f"{block}_n")
+                graph.outputs.append(add_node(graph, "ReduceSum", [product, axes[1]], block, keepdims=0))
             else:
-                nodes.append(onnx.helper.make_node("MatMul", [f"{features[i]}_t", features[j]], [block]))
-            outputs.append(block)
-        nodes.append(onnx.helper.make_node("Size", [features[0]], [f"moments{k}_size"]))
-        outputs.append(f"moments{k}_size")
-    graph = onnx.helper.make_graph(nodes, "moments", [i for p in parts for i in p.graph.input],
-                                   [onnx.helper.make_empty_tensor_value_info(n) for n in outputs], inits)
-    fused = onnx.helper.make_model(graph, opset_imports=list(models[0].opset_import))
-    fused.ir_version = models[0].ir_version
-    return fused
+                graph.outputs.append(add_node(graph, "MatMul", [transposed[i], centred[j][0]], block))
+        graph.outputs.append(add_node(graph, "Size", [centred[0][0]], f"moments{k}_size"))
+    return export_like(graph, models[0])
 
 
-def _centred(nodes: list, x: str, batched: bool, shift: str) -> str:
-    """Nodes giving ``x`` minus ``shift``, its first row ([rows, C]) or its first sample's first
-    position ([N, C, L]), per channel."""
-    first = f"{shift}_row"
-    nodes.append(onnx.helper.make_node("Gather", [x, "moments_first"], [first if batched else shift], axis=0))
+def _centred(graph: gs.Graph, x: gs.Tensor, batched: bool, first: gs.Constant, shift: str) -> tuple[gs.Variable, gs.Variable]:
+    """``x`` minus its first row ([rows, C]) or its first sample's first position ([N, C, L]),
+    per channel (``first``: the index 0), and that shift, named ``shift``."""
     if batched:
-        nodes.append(onnx.helper.make_node("Gather", [first, "moments_first"], [shift], axis=2))
-    nodes.append(onnx.helper.make_node("Sub", [x, shift], [f"{x}_centred"]))
-    return f"{x}_centred"
+        row = add_node(graph, "Gather", [x, first], f"{shift}_row", axis=0)
+        values = add_node(graph, "Gather", [row, first], shift, axis=2)
+    else:
+        values = add_node(graph, "Gather", [x, first], shift, axis=0)
+    return add_node(graph, "Sub", [x, values], f"{x.name}_centred"), values
 
 
 def _assemble_moments(values: dict[str, np.ndarray], k: int, count: int) -> tuple[int, np.ndarray, list, np.ndarray]:
@@ -448,34 +434,30 @@ def _assemble_moments(values: dict[str, np.ndarray], k: int, count: int) -> tupl
     return int(values[f"moments{k}_size"]), total, blocks, shift
 
 
-def _rows(nodes: list, inits: list, tensor: str, unit: CaptureUnit, rank: int, width: int, name: str) -> str:
+def _rows(graph: gs.Graph, tensor: gs.Tensor, unit: CaptureUnit, rank: int, width: int, name: str) -> gs.Variable:
     """Nodes giving ``tensor``'s features as float32 [N, C, L] when channels are axis 1 (not
-    folded), else as rows [rows, C] (the space's axis moved last, the rest flattened). ``rank``
-    counts the unit's ``span`` axes as one."""
+    folded), else as rows [rows, C] (the space's axis moved last, the rest flattened), named
+    ``name``. ``rank`` counts the unit's ``span`` axes as one."""
+    def target(values: list[int], suffix: str) -> gs.Constant:
+        return gs.Constant(f"{name}_{suffix}", np.array(values, np.int64))
+
     current, shape, axis = tensor, [-1, width], unit.axis
     if unit.span > 1:  # its axes merged, the axes after them too: [..., H, Dh, T] -> [..., H*Dh, T]
         rank = axis + 1 + (rank > axis + 1)
         merged = [0] * axis + [width] + [-1] * (rank - axis - 1)
-        inits.append(onnx.numpy_helper.from_array(np.array(merged, np.int64), f"{name}_merged"))
-        nodes.append(onnx.helper.make_node("Reshape", [current, f"{name}_merged"], [f"{name}_merged_out"]))
-        current = f"{name}_merged_out"
+        current = add_node(graph, "Reshape", [current, target(merged, "merged")], f"{name}_merged_out")
     if unit.fold != (1, 1):  # split the axis into (before, space, after) and move the space last
         split = [0] * axis + [unit.fold[0], width, unit.fold[1]] + ([-1] if axis < rank - 1 else [])
-        inits.append(onnx.numpy_helper.from_array(np.array(split, np.int64), f"{name}_split"))
         perm = [k for k in range(len(split)) if k != axis + 1] + [axis + 1]
-        nodes += [onnx.helper.make_node("Reshape", [current, f"{name}_split"], [f"{name}_split_out"]),
-                  onnx.helper.make_node("Transpose", [f"{name}_split_out"], [f"{name}_last"], perm=perm)]
-        current = f"{name}_last"
+        current = add_node(graph, "Reshape", [current, target(split, "split")], f"{name}_split_out")
+        current = add_node(graph, "Transpose", [current], f"{name}_last", perm=perm)
     elif axis == 1 and rank > 2:
         shape = [0, width, -1]
     elif axis != rank - 1:
         perm = [k for k in range(rank) if k != axis] + [axis]
-        nodes.append(onnx.helper.make_node("Transpose", [current], [f"{name}_last"], perm=perm))
-        current = f"{name}_last"
-    inits.append(onnx.numpy_helper.from_array(np.array(shape, np.int64), f"{name}_shape"))
-    nodes += [onnx.helper.make_node("Reshape", [current, f"{name}_shape"], [f"{name}_rows"]),
-              onnx.helper.make_node("Cast", [f"{name}_rows"], [name], to=onnx.TensorProto.FLOAT)]
-    return name
+        current = add_node(graph, "Transpose", [current], f"{name}_last", perm=perm)
+    rows = add_node(graph, "Reshape", [current, target(shape, "shape")], f"{name}_rows")
+    return add_node(graph, "Cast", [rows], name, to=onnx.TensorProto.FLOAT)
 
 
 def collect_cka(models: list[onnx.ModelProto], tensors: list[list[str]],

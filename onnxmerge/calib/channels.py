@@ -12,8 +12,11 @@ from typing import Callable, Iterable
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+import onnx_graphsurgeon as gs
 
+from ..graph.canonical import export_like
+from ..graph.ir import import_graph
+from ..graph.surgery import add_node
 from ..io import default_opset
 from .capture import open_session, require_finite
 from .stats import ChannelMoments, SourceMoments
@@ -24,53 +27,48 @@ Tensors = list[dict[str, tuple[int, int]]]
 """Per model, tensor name -> (channel axis, rank)."""
 
 
-def moment_nodes(tensor: str, axis: int, name: str, opset: int, rank: int = 0) -> tuple[list[onnx.NodeProto], str, str]:
-    """Nodes giving the per-channel batch mean and biased variance of ``tensor`` (channels on
-    ``axis``; ``rank`` is needed when ``axis`` is not 1), as ``<name>_mean`` and ``<name>_var`` of shape [C]:
-    ``tensor`` viewed as [N, C, L] and reduced over N and L. They read the shared constants of
-    ``moment_constants``."""
-    nodes, source = [], tensor
-    if axis != 1:  # channels to axis 1; rank-2 tensors with channels on 0 do not occur
-        perm = [0, axis] + [k for k in range(1, rank) if k != axis]
-        nodes.append(helper.make_node("Transpose", [tensor], [f"{name}_t"], perm=perm))
-        source = f"{name}_t"
+class MomentNodes:
+    """Adds to ``graph`` (of a model of default ``opset``) the nodes giving tensors' per-channel
+    batch mean and biased variance; they share one set of constants."""
 
-    def mean(x: str, target: str, keep: int) -> onnx.NodeProto:
+    def __init__(self, graph: gs.Graph, opset: int):
+        self.graph, self.opset = graph, opset
+        self.constants = {n: gs.Constant(n, np.array(v, np.int64)) for n, v in SHAPES.items()}
         if opset >= 18:  # ReduceMean's axes became an input
-            return helper.make_node("ReduceMean", [x, "moments_axes"], [target], keepdims=keep)
-        return helper.make_node("ReduceMean", [x], [target], axes=[0, 2], keepdims=keep)
+            self.constants["moments_axes"] = gs.Constant("moments_axes", np.array([0, 2], np.int64))
 
-    nodes += [helper.make_node("Reshape", [source, "moments_flat"], [f"{name}_x"]),
-              mean(f"{name}_x", f"{name}_mean_kept", 1),
-              helper.make_node("Sub", [f"{name}_x", f"{name}_mean_kept"], [f"{name}_centred"]),
-              helper.make_node("Mul", [f"{name}_centred", f"{name}_centred"], [f"{name}_squares"]),
-              mean(f"{name}_squares", f"{name}_var", 0),
-              helper.make_node("Reshape", [f"{name}_mean_kept", "moments_vector"], [f"{name}_mean"])]
-    return nodes, f"{name}_mean", f"{name}_var"
+    def add(self, tensor: gs.Tensor, axis: int, name: str, rank: int = 0) -> tuple[gs.Variable, gs.Variable]:
+        """Nodes giving ``<name>_mean`` and ``<name>_var`` of shape [C] of ``tensor`` (channels
+        on ``axis``; ``rank`` is needed when ``axis`` is not 1): ``tensor`` viewed as [N, C, L]
+        and reduced over N and L. Returns the two tensors."""
+        source = tensor
+        if axis != 1:  # channels to axis 1; rank-2 tensors with channels on 0 do not occur
+            perm = [0, axis] + [k for k in range(1, rank) if k != axis]
+            source = add_node(self.graph, "Transpose", [tensor], f"{name}_t", perm=perm)
+        x = add_node(self.graph, "Reshape", [source, self.constants["moments_flat"]], f"{name}_x")
+        kept = self._mean(x, f"{name}_mean_kept", 1)
+        centred = add_node(self.graph, "Sub", [x, kept], f"{name}_centred")
+        var = self._mean(add_node(self.graph, "Mul", [centred, centred], f"{name}_squares"), f"{name}_var", 0)
+        mean = add_node(self.graph, "Reshape", [kept, self.constants["moments_vector"]], f"{name}_mean")
+        return mean, var
 
-
-def moment_constants(opset: int) -> list[onnx.TensorProto]:
-    """The constants ``moment_nodes`` reads (add once per graph)."""
-    inits = [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in SHAPES.items()]
-    if opset >= 18:
-        inits.append(numpy_helper.from_array(np.array([0, 2], np.int64), "moments_axes"))
-    return inits
+    def _mean(self, x: gs.Tensor, name: str, keep: int) -> gs.Variable:
+        if self.opset >= 18:
+            return add_node(self.graph, "ReduceMean", [x, self.constants["moments_axes"]], name, keepdims=keep)
+        return add_node(self.graph, "ReduceMean", [x], name, axes=[0, 2], keepdims=keep)
 
 
 def with_moments(model: onnx.ModelProto, tensors: dict[str, tuple[int, int]]) -> tuple[onnx.ModelProto, dict[str, tuple[str, str]]]:
     """A copy of ``model`` that also outputs the batch moments of ``tensors`` (name -> (channel
     axis, rank)), and for each tensor the names of its mean and variance outputs."""
-    result = onnx.ModelProto()
-    result.CopyFrom(model)
-    opset = default_opset(model)
+    graph = import_graph(model)
+    known, moments = graph.tensors(), MomentNodes(graph, default_opset(model))
     outputs = {}
     for k, (tensor, (axis, rank)) in enumerate(tensors.items()):
-        nodes, mean, var = moment_nodes(tensor, axis, f"moments{k}", opset, rank)
-        result.graph.node.extend(nodes)
-        outputs[tensor] = (mean, var)
-    result.graph.initializer.extend(moment_constants(opset))
-    result.graph.output.extend(helper.make_empty_tensor_value_info(n) for pair in outputs.values() for n in pair)
-    return result, outputs
+        pair = moments.add(known[tensor], axis, f"moments{k}", rank)
+        graph.outputs += pair
+        outputs[tensor] = tuple(t.name for t in pair)
+    return export_like(graph, model), outputs
 
 
 def measure(session, outputs: dict[str, tuple[str, str]], batches: Iterable[dict[str, np.ndarray]],

@@ -11,10 +11,14 @@ import logging
 
 import onnx
 import onnx.version_converter
+import onnx_graphsurgeon as gs
 from onnx import helper
 
 from ..errors import RecipeError, UnsupportedGraphError
 from ..io import default_opset
+from .canonical import export_like
+from .ir import import_graph
+from .surgery import replace_input
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +32,8 @@ def channels_first(layout: str) -> str:
 
 def channels_first_input(model: onnx.ModelProto, layout: str, path: str) -> onnx.ModelProto:
     """A copy of ``model`` (whose only input has ``layout``, e.g. NHWC) that takes the
-    channels-first input (NCHW) of the same name, transposed to ``layout`` inside the graph."""
+    channels-first input (NCHW) of the same name, transposed to ``layout`` inside the graph
+    (``model`` itself when ``layout`` is channels-first)."""
     inputs = _graph_inputs(model)
     if len(inputs) != 1:
         raise RecipeError(f"{path}: --input-layout needs a model with one input, it has {len(inputs)}")
@@ -40,21 +45,17 @@ def channels_first_input(model: onnx.ModelProto, layout: str, path: str) -> onnx
         raise RecipeError(f"{path}: --input-layout {layout} does not describe input {source.name!r} of rank "
                           f"{len(dims)}; give one letter per axis, with N and C, e.g. {example}")
     target = channels_first(layout)
-    result = onnx.ModelProto()
-    result.CopyFrom(model)
     if target == layout:
-        return result
-    inner = f"{source.name}_{layout.lower()}"
-    for node in result.graph.node:
-        node.input[:] = [inner if name == source.name else name for name in node.input]
+        return model
+    graph = import_graph(model)
+    given = next(t for t in graph.inputs if t.name == source.name)
+    inner = gs.Variable(f"{source.name}_{layout.lower()}")
+    for node in list(given.outputs):
+        replace_input(node, given, inner)
     perm = [target.index(axis) for axis in layout]
-    transpose = helper.make_node("Transpose", [source.name], [inner], name=f"{inner}_layout", perm=perm)
-    result.graph.node.insert(0, transpose)
-    graph_input = next(i for i in result.graph.input if i.name == source.name)
-    reordered = [dims[layout.index(axis)] for axis in target]
-    del graph_input.type.tensor_type.shape.dim[:]
-    graph_input.type.tensor_type.shape.dim.extend(reordered)
-    return result
+    graph.nodes.insert(0, gs.Node("Transpose", f"{inner.name}_layout", {"perm": perm}, [given], [inner]))
+    given.shape = [given.shape[layout.index(axis)] for axis in target]
+    return export_like(graph, model)
 
 
 def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:

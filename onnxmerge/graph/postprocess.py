@@ -21,6 +21,9 @@ from typing import Callable
 
 import onnx
 
+from .canonical import export_like
+from .ir import import_graph
+
 FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 
 
@@ -117,7 +120,7 @@ def split_postprocessing(model: onnx.ModelProto) -> tuple[onnx.ModelProto, PostP
     if any(name not in known for name in scores):  # untyped (after a custom op): keep it all in the core
         return model, PostProcessing()
     exposed = _exposed(model, tail)
-    core = _core(model, tail, own_names, [known[name] for name in scores])
+    core = _core(model, tail, scores)
     post = PostProcessing(tuple(nodes), tuple(own), tuple(scores),
                           tuple(o for o in graph.output if o.name in produced)
                           + tuple(known[name] for name in exposed if name in produced),
@@ -136,22 +139,19 @@ def _exposed(model: onnx.ModelProto, tail: set[int]) -> list[str]:
                               if floats.get(name) and name not in hidden))
 
 
-def _core(model: onnx.ModelProto, tail: set[int], own: set[str], scores: list[onnx.ValueInfoProto]) -> onnx.ModelProto:
-    """The model without the ``tail`` nodes and the initializers only they read (``own``),
-    its outputs those the tail does not produce and the ``scores`` the tail reads."""
-    graph = model.graph
-    produced = {name for k in tail for name in graph.node[k].output}
-    core = onnx.ModelProto()
-    core.CopyFrom(model)
-    del core.graph.node[:]
-    core.graph.node.extend(n for k, n in enumerate(graph.node) if k not in tail)
-    del core.graph.initializer[:]
-    core.graph.initializer.extend(init for init in graph.initializer if init.name not in own)
-    outputs = [o for o in graph.output if o.name not in produced]
-    outputs += [o for o in scores if o.name not in {kept.name for kept in outputs}]
-    del core.graph.output[:]
-    core.graph.output.extend(outputs)
-    return core
+def _core(model: onnx.ModelProto, tail: set[int], scores: list[str]) -> onnx.ModelProto:
+    """The model without the ``tail`` nodes and the initializers only they read, its outputs
+    those the tail does not produce and the ``scores`` the tail reads."""
+    produced = {name for k in tail for name in model.graph.node[k].output if name}
+    graph = import_graph(model)  # the same nodes in the same order: tail indices hold
+    for node in [graph.nodes[k] for k in tail]:
+        node.inputs.clear()
+        node.outputs.clear()
+    graph.nodes = [node for k, node in enumerate(graph.nodes) if k not in tail]
+    tensors = graph.tensors()  # the tail's own initializers are gone with it
+    outputs = [o for o in graph.outputs if o.name not in produced]
+    graph.outputs = outputs + [tensors[name] for name in scores if name not in {kept.name for kept in outputs}]
+    return export_like(graph, model)
 
 
 def attach_postprocessing(model: onnx.ModelProto, post: PostProcessing, rename: Callable[[str], str]) -> None:

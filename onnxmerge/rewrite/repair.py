@@ -24,10 +24,9 @@ from typing import Callable, Iterable
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import helper, numpy_helper
 
 from ..calib.capture import open_session
-from ..calib.channels import Tensors, measure, moment_constants, moment_nodes, with_moments
+from ..calib.channels import MomentNodes, Tensors, measure, with_moments
 from ..calib.stats import ChannelMoments, SourceMoments
 from ..graph.canonical import export_like
 from ..graph.facts import op_facts
@@ -39,7 +38,6 @@ from ..io import default_opset
 from ..match.matching import Matching
 from .heads import TrunkSplit, weight_layers
 from .merge import Member, merge_matrix
-from .. import weights
 
 log = logging.getLogger(__name__)
 
@@ -54,46 +52,41 @@ def reset_batch_norm(model: onnx.ModelProto, batches: Batches, provider: str = "
     train, measured = train_mode(model)
     session, ran = open_session(train, provider)
     moments = measure(session, measured, batches())
-    result = onnx.ModelProto()
-    result.CopyFrom(model)
-    for k, pooled in moments.items():
-        _set_statistics(result, result.graph.node[k], pooled.mean, pooled.var)
-    return result, ran
+    graph = import_graph(model)
+    for node in graph.nodes:
+        if node.outputs and node.outputs[0].name in moments:
+            _set_statistics(node, moments[node.outputs[0].name])
+    return export_like(graph, model), ran
 
 
-def train_mode(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[int, tuple[str, str]]]:
+def train_mode(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, tuple[str, str]]]:
     """A copy of ``model`` whose BatchNormalization nodes normalise with their batch statistics,
-    and for each BN node (by index) the outputs holding its batch mean and (biased) variance.
+    and for each BN node (by its output's name) the outputs holding its batch mean and (biased)
+    variance.
 
     Each BN stays an inference-mode BN fed with the mean and variance of its input, computed
     with plain ops. BatchNormalization's own ``training_mode`` would do, but onnxruntime's CUDA
     provider refuses it from opset 14 and opsets before 14 lack it.
     """
-    train = onnx.ModelProto()
-    train.CopyFrom(model)
-    opset = default_opset(model)
-    train.graph.initializer.extend(moment_constants(opset))
-    nodes, measured = [], {}
-    for k, node in enumerate(train.graph.node):
-        if op_facts(node.op_type).norm == "running":
-            statistics, mean, var = moment_nodes(node.input[0], 1, f"{node.output[0]}__reset", opset)
-            nodes += statistics
-            node.input[3], node.input[4] = mean, var
-            del node.output[1:]
-            measured[k] = (mean, var)
-        nodes.append(node)
-    train.graph.output.extend(helper.make_empty_tensor_value_info(n) for pair in measured.values() for n in pair)
-    del train.graph.node[:]
-    train.graph.node.extend(nodes)
-    return train, measured
+    graph = import_graph(model)
+    moments, nodes, measured = MomentNodes(graph, default_opset(model)), graph.nodes, {}
+    graph.nodes = []  # rebuilt in order, each BN's statistics just before it
+    for node in nodes:
+        if op_facts(node.op).norm == "running":
+            name = node.outputs[0].name
+            node.inputs[3], node.inputs[4] = moments.add(node.inputs[0], 1, f"{name}__reset")
+            while len(node.outputs) > 1:  # the running statistics outputs of training
+                node.outputs.pop()
+            graph.outputs += node.inputs[3:5]
+            measured[name] = (node.inputs[3].name, node.inputs[4].name)
+        graph.nodes.append(node)
+    return export_like(graph, model), measured
 
 
-def _set_statistics(model: onnx.ModelProto, node: onnx.NodeProto, mean: np.ndarray, var: np.ndarray) -> None:
-    inits = {init.name: init for init in model.graph.initializer}
-    for slot, value in ((3, mean), (4, var)):
-        init = inits[node.input[slot]]
-        dtype = weights.read(init).dtype
-        init.CopyFrom(numpy_helper.from_array(value.astype(dtype), init.name))
+def _set_statistics(node: gs.Node, pooled: ChannelMoments) -> None:
+    """A BatchNormalization's running mean and variance set to ``pooled``'s, in their own type."""
+    for tensor, value in ((node.inputs[3], pooled.mean), (node.inputs[4], pooled.var)):
+        tensor.values = value.astype(tensor.values.dtype)
 
 
 @dataclass(frozen=True)
@@ -169,9 +162,7 @@ def _first_guess(model: onnx.ModelProto, targets: list[RepairTarget], dtypes: di
     train, measured = train_mode(guide)
     session, _ = open_session(train, provider)
     moments = measure(session, measured, batches())
-    by_name = {t.tensor: t for t in normalised}
-    guesses = {guide.graph.node[k].input[0]: _correction(by_name[guide.graph.node[k].input[0]], pooled)
-               for k, pooled in moments.items() if guide.graph.node[k].input[0] in by_name}
+    guesses = {t.tensor: _correction(t, moments[f"{t.tensor}__repaired"]) for t in normalised}
     return {t.tensor: guesses.get(t.tensor, (np.ones(len(t.mean)), np.zeros(len(t.mean)))) for t in targets}
 
 
