@@ -11,6 +11,7 @@ inputs to the device, and the moments come back once, at the end.
 
 from __future__ import annotations
 
+import itertools
 from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
@@ -20,6 +21,7 @@ from onnx import TensorProto
 
 from ..graph.canonical import export_like
 from ..graph.ir import import_graph
+from ..graph.surgery import add_node
 from .stats import SpaceStats
 
 if TYPE_CHECKING:
@@ -34,8 +36,10 @@ def accumulating_model(fused: onnx.ModelProto, widths: list[list[int]]) -> onnx.
     graph = import_graph(fused)
     tensors = graph.tensors()
 
+    names = itertools.count()
+
     def op(kind: str, inputs: list, **attrs) -> gs.Variable:
-        return graph.layer(op=kind, inputs=inputs, outputs=["acc_batch"], attrs=attrs)[0]
+        return add_node(graph, kind, inputs, f"acc_batch{next(names)}", **attrs)
 
     def double(tensor: gs.Tensor) -> gs.Variable:
         return op("Cast", [tensor], to=TensorProto.DOUBLE)
@@ -62,8 +66,9 @@ def accumulating_model(fused: onnx.ModelProto, widths: list[list[int]]) -> onnx.
     for name, shape in _accumulators(widths).items():
         accumulator = gs.Variable(f"acc{name}", dtype=np.float64, shape=shape)
         graph.inputs.append(accumulator)
-        graph.outputs += graph.layer(op="Add", inputs=[accumulator, batch[name]],
-                                     outputs=[gs.Variable(f"next{name}", dtype=np.float64, shape=shape)])
+        result = add_node(graph, "Add", [accumulator, batch[name]], f"next{name}")
+        result.dtype, result.shape = np.float64, shape
+        graph.outputs.append(result)
     return export_like(graph, fused)
 
 
