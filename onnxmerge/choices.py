@@ -47,3 +47,8 @@ PARAMETERS = {
     "t": (0.5, "position between model 0 (0) and model 1 (1)", ("slerp",), (), (0.0, 1.0, False, False)),
     "weights": (None, "one non-negative weight per model (default equal)", ("linear",), (), None),
 }
+
+
+def default(parameter: str):
+    """The default of a method parameter (``PARAMETERS``), which every dataclass holding it uses."""
+    return PARAMETERS[parameter][0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 
+from .choices import default
 from .errors import RecipeError
 
 
@@ -55,18 +56,18 @@ class MergeOptions:
     """
 
     method: str | None = None
-    alpha: float = 0.5
-    beta: float = 1.0
+    alpha: float = default("alpha")
+    beta: float = default("beta")
     width: float | str | None = None
     heads: str = "separate"
     zip_layers: int | str | None = None
     max_loss: float = 0.05
-    scale: float = 1.0
-    density: float = 0.2
-    drop_rate: float = 0.9
-    dare_then: str = "task-arithmetic"
-    t: float = 0.5
-    weights: tuple[float, ...] | None = None
+    scale: float = default("scale")
+    density: float = default("density")
+    drop_rate: float = default("drop_rate")
+    dare_then: str = default("dare_then")
+    t: float = default("t")
+    weights: tuple[float, ...] | None = default("weights")
     align_first: bool = False
     repair: str = "auto"
     bn: str = "keep"

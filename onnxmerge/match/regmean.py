@@ -21,13 +21,14 @@ import numpy as np
 import onnx
 
 from ..graph.facts import op_facts
+from ..choices import default
 
 
 @dataclass(frozen=True)
 class RegMeanParams:
     """alpha: scale of the Gram matrices' off-diagonal entries, in [0, 1]."""
 
-    alpha: float = 0.5
+    alpha: float = default("alpha")
 
 
 @dataclass(frozen=True)

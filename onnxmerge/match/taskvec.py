@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import RecipeError
+from ..choices import default
 
 _PARALLEL = 1 - 1e-6  # cosine above which SLERP falls back to linear interpolation
 
@@ -32,30 +33,30 @@ _PARALLEL = 1 - 1e-6  # cosine above which SLERP falls back to linear interpolat
 # Parameters of each method; what each means and its range: choices.PARAMETERS.
 @dataclass(frozen=True)
 class TaskArithmeticParams:
-    scale: float = 1.0
+    scale: float = default("scale")
 
 
 @dataclass(frozen=True)
 class TiesParams:
-    scale: float = 1.0
-    density: float = 0.2
+    scale: float = default("scale")
+    density: float = default("density")
 
 
 @dataclass(frozen=True)
 class DareParams:
-    scale: float = 1.0
-    drop_rate: float = 0.9
-    dare_then: str = "task-arithmetic"
+    scale: float = default("scale")
+    drop_rate: float = default("drop_rate")
+    dare_then: str = default("dare_then")
 
 
 @dataclass(frozen=True)
 class SlerpParams:
-    t: float = 0.5
+    t: float = default("t")
 
 
 @dataclass(frozen=True)
 class LinearParams:
-    weights: tuple[float, ...] | None = None
+    weights: tuple[float, ...] | None = default("weights")
 
 
 def task_arithmetic(base: np.ndarray, tuned: Sequence[np.ndarray], params, rng=None) -> np.ndarray:

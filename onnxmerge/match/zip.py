@@ -41,6 +41,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import RecipeError
+from ..choices import default
 from .matching import Matching, checked_correlation
 
 
@@ -50,8 +51,8 @@ class ZipParams:
     beta: scale of the within-model merge budgets (>= 0); width: target width r
     (max d_i .. sum d_i, default max d_i)."""
 
-    alpha: float = 0.5
-    beta: float = 1.0
+    alpha: float = default("alpha")
+    beta: float = default("beta")
     width: int | None = None
 
 
