@@ -132,7 +132,7 @@ def session_check(width: int, rows: int, layers: int) -> None:
     """The step that failed past 2 GB (issue 18): an onnxruntime session for calibration on one
     graph holding two MLPs (the capture graph of an aligned merge holds both models), run on
     ``rows`` rows. Run in a child by ``main``."""
-    from onnxmerge.calib.capture import open_session
+    from onnxmerge.calib.sessions import open_session
     from onnxmerge.io import serialized_size
 
     model = mlp(width, 0, copies=2, layers=layers)

@@ -57,7 +57,7 @@ def build_pair(folder: Path, width: int) -> list[str]:
 
 
 def inference_time(paths: list[str], data: np.ndarray, provider: str) -> float:
-    from onnxmerge.calib.capture import open_session
+    from onnxmerge.calib.sessions import open_session
     from onnxmerge.io import load_model
 
     sessions = [open_session(load_model(p), provider)[0] for p in paths]

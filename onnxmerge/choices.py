@@ -8,7 +8,7 @@ the tests check that both agree.
 """
 
 BN_MODES = ("keep", "fold")  # graph/canonical.py: keep BatchNormalization or fold it into the Conv
-PROVIDERS = ("auto", "cpu", "cuda")  # calib/capture.py: onnxruntime execution provider
+PROVIDERS = ("auto", "cpu", "cuda")  # calib/sessions.py: onnxruntime execution provider
 HEADS = ("separate", "shared")  # rewrite/heads.py
 REPAIRS = ("auto", "none", "reset", "repair")  # rewrite/repair.py
 ALIGNMENTS = ("auto", "sma", "lma", "uniform", "head-tail", "none")  # depth.py; the aligners are match/align.py's

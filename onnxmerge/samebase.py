@@ -10,7 +10,8 @@ from collections.abc import Callable
 import numpy as np
 import onnx
 
-from .calib.capture import expose, open_session
+from .calib.capture import expose
+from .calib.sessions import open_session
 from .errors import RecipeError, UnsupportedGraphError
 from .match import MatchMethod
 from .match.regmean import gram_matrices, merged_weight, regmean_layers

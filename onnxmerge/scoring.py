@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 
 from .calib.arrays import ArrayFile
-from .calib.capture import _first_line, open_session
+from .calib.sessions import first_line, open_session
 from .calib.data import CalibrationSet, InputSpec, input_specs, load_calibration
 from .errors import CalibrationError, RecipeError, about
 
@@ -211,7 +211,7 @@ def _collect(session, heads: list[str], feeds, count: int, name: str) -> list[np
             raise
         except Exception as error:  # onnxruntime's error classes share no base but Exception
             raise CalibrationError(f"{name}: onnxruntime cannot run the model on the test data "
-                                   f"({_first_line(error)}); check the data's shapes and dtypes against the "
+                                   f"({first_line(error)}); check the data's shapes and dtypes against the "
                                    "model's inputs (onnxmerge inspect)") from error
     results = [np.concatenate([batch[k] for batch in outputs]) for k in range(len(heads))]
     for head, values in zip(heads, results):

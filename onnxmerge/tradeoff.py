@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from .calib.capture import open_session
+from .calib.sessions import open_session
 from .calib.data import CalibrationSet
 from .errors import RecipeError
 from .progress import progress

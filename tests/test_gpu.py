@@ -11,7 +11,7 @@ import onnx
 import pytest
 
 from onnxmerge import api
-from onnxmerge.calib.capture import open_session
+from onnxmerge.calib.sessions import open_session
 from onnxmerge.errors import CalibrationError
 from onnxmerge.io import load_model
 from tests.helpers import permuted_copies, run_all, outputs_close, statistics_plan

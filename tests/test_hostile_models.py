@@ -295,7 +295,7 @@ def test_metadata_holds_file_names_only(tmp_path, capsys):
 
 def test_sessions_are_opened_with_telemetry_off(monkeypatch):
     import onnxruntime
-    from onnxmerge.calib.capture import open_session
+    from onnxmerge.calib.sessions import open_session
     calls = []
     monkeypatch.setattr(onnxruntime, "disable_telemetry_events", lambda: calls.append(1))
     open_session(cnn(), "cpu")

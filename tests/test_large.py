@@ -14,7 +14,7 @@ import pytest
 from onnx import numpy_helper
 
 from onnxmerge import api, io, weights
-from onnxmerge.calib import capture
+from onnxmerge.calib import sessions
 from onnxmerge.graph import shapes
 
 DIGITS = Path(__file__).resolve().parent.parent / "samples" / "digits"
@@ -32,7 +32,7 @@ def _lower_limit(monkeypatch, limit: int = SMALL_LIMIT) -> list[int]:
         through_files.append(io.serialized_size(model))
         return real(model)
 
-    for module in (io, capture, shapes):
+    for module in (io, sessions, shapes):
         monkeypatch.setattr(module, "model_file", counting)
     return through_files
 

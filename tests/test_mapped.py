@@ -13,7 +13,7 @@ import onnx
 import pytest
 
 from onnxmerge import io, models, weights
-from onnxmerge.calib.capture import open_session
+from onnxmerge.calib.sessions import open_session
 from onnxmerge.errors import InvalidModelError
 from onnxmerge.graph.canonical import canonicalize
 

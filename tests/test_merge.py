@@ -233,7 +233,7 @@ def test_an_op_whose_meaning_changed_between_opsets_is_not_merged_silently(tmp_p
 
 def test_a_model_onnxruntime_refuses_is_one_error_not_a_traceback():
     from onnx import TensorProto, helper
-    from onnxmerge.calib.capture import open_session
+    from onnxmerge.calib.sessions import open_session
     graph = helper.make_graph([helper.make_node("NoSuchOp", ["x"], ["y"])], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])

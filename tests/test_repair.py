@@ -9,7 +9,8 @@ from onnx import helper, numpy_helper
 
 from onnxmerge import api
 from onnxmerge.calib.stats import combine_moments, save_stats
-from onnxmerge.calib.capture import expose, open_session
+from onnxmerge.calib.capture import expose
+from onnxmerge.calib.sessions import open_session
 from onnxmerge.graph.canonical import canonicalize
 from onnxmerge.io import load_model, save_model
 from onnxmerge.rewrite.repair import RepairTarget, insert_repair, reset_batch_norm, train_mode

@@ -18,7 +18,7 @@ from ..graph.canonical import export_like
 from ..graph.ir import import_graph
 from ..graph.surgery import add_node
 from ..io import default_opset
-from .capture import open_session, require_finite
+from .sessions import open_session, require_finite
 from .stats import ChannelMoments, SourceMoments
 
 SHAPES = {"moments_flat": [0, 0, -1], "moments_vector": [-1]}

@@ -25,7 +25,7 @@ from ..graph.surgery import add_node
 from .stats import SpaceStats
 
 if TYPE_CHECKING:
-    from .capture import Session
+    from .sessions import Session
 
 
 def accumulating_model(fused: onnx.ModelProto, widths: list[list[int]]) -> onnx.ModelProto:

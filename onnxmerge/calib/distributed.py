@@ -39,6 +39,7 @@ from .. import weights
 from ..errors import CalibrationError, MissingDependencyError, OnnxMergeError, RecipeError, UnsupportedGraphError
 from ..progress import progress
 from .capture import CaptureUnit, collect_statistics
+from .sessions import first_line
 from .channels import Tensors, source_moments
 from .data import CalibrationSet
 from .stats import SourceMoments, SpaceStats, combine_moments, combine_stats
@@ -247,7 +248,7 @@ def _result(ray: ModuleType, ref, samples: tuple[int, int]):
                                          "(docs/scale.md)") from None
         raise cause from None  # anything else is a bug, as in one process
     except ray.exceptions.RayError as error:  # a worker died, an object was lost, ...
-        raise CalibrationError(f"Ray shard of samples {samples[0]}:{samples[1]} failed ({_first_line(error)}); "
+        raise CalibrationError(f"Ray shard of samples {samples[0]}:{samples[1]} failed ({first_line(error)}); "
                                "check the Ray cluster (ray status) and its workers' logs") from None
 
 
@@ -256,12 +257,12 @@ def _import_failure(cause: BaseException) -> str | None:
     Ray's report that the task's function failed to import there (onnxmerge missing, or a
     version without this module); None for any other error."""
     if isinstance(cause, ImportError):
-        return _first_line(cause)
+        return first_line(cause)
     text = str(cause)
     if not isinstance(cause, RuntimeError) or "failed to import on the worker" not in text:
         return None
     errors = [line.strip() for line in text.splitlines() if re.match(r"\s*\w+(Error|Exception): ", line)]
-    return errors[-1] if errors else _first_line(cause)
+    return errors[-1] if errors else first_line(cause)
 
 
 @contextlib.contextmanager
@@ -300,11 +301,11 @@ def _init(ray: ModuleType, address: str) -> None:
             ray.init(address=address, logging_level=level)
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as error:
         if address == LOCAL:
-            raise CalibrationError(f"--ray local: cannot start a local Ray instance ({_first_line(error)}); "
+            raise CalibrationError(f"--ray local: cannot start a local Ray instance ({first_line(error)}); "
                                    "check Ray with `ray start --head`, or run without --ray") from None
         token = "" if os.environ.get("RAY_AUTH_MODE") else (
             " (a cluster with token authentication, Ray's default, needs RAY_AUTH_MODE=token here too)")
-        raise CalibrationError(f"--ray {address}: cannot connect to a Ray cluster there ({_first_line(error)}); "
+        raise CalibrationError(f"--ray {address}: cannot connect to a Ray cluster there ({first_line(error)}); "
                                f"start one with `ray start --head` and give its address or auto{token}, "
                                "or use --ray local") from None
     finally:
@@ -360,8 +361,3 @@ def _slots(ray: ModuleType, gpu: bool) -> int:
 def _local_cpus() -> int:
     """The cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

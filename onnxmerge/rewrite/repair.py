@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..calib.capture import open_session
+from ..calib.sessions import open_session
 from ..calib.channels import MomentNodes, Tensors, measure, with_moments
 from ..calib.stats import ChannelMoments, SourceMoments
 from ..graph.canonical import export_like
