@@ -110,3 +110,13 @@ def add_node(graph: gs.Graph, op: str, inputs: list[gs.Tensor], output: str, *, 
     result = gs.Variable(output)
     graph.nodes.append(gs.Node(op, name=node_name, attrs=attrs, inputs=inputs, outputs=[result]))
     return result
+
+
+def drop_shapes(graph: gs.Graph) -> None:
+    """Forget the type and shape of every intermediate tensor (graph inputs and outputs keep
+    theirs): after a rewrite that changes widths they are inferred again, and none is exported
+    as value_info meanwhile."""
+    typed = {id(t) for t in graph.inputs + graph.outputs}
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Variable) and id(tensor) not in typed:
+            tensor.dtype = tensor.shape = None

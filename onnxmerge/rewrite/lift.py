@@ -20,7 +20,9 @@ from onnx import numpy_helper
 
 from ..errors import UnsupportedGraphError
 from ..graph.blocks import Block, BlockStructure, Unit
+from ..graph.canonical import export_like
 from ..graph.facts import op_facts
+from ..graph.ir import import_graph
 from ..graph.layout import Atom
 from ..graph.rules import attr
 from ..graph.spaces import SpaceGraph
@@ -290,7 +292,9 @@ def lift(shallow: onnx.ModelProto, shallow_blocks: BlockStructure, deep: onnx.Mo
                         mine[x] = np.zeros(_lifted_shape(mine[x], uses[x], widths), mine[x].dtype)
             unit_identity(lifted, unit, mine, f"{name}: identity at unit {l} of {len(mapping)}")
     _store(lifted, mine)
-    resize_constants(lifted, deep_graph, lambda s: widths.get(s, deep_graph.table.widths[s]))
+    graph = import_graph(lifted)
+    resize_constants(graph, deep_graph, lambda s: widths.get(s, deep_graph.table.widths[s]))
+    lifted = export_like(graph, lifted)
     _rename_io(lifted, shallow)
     return lifted
 

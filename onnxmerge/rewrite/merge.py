@@ -24,8 +24,9 @@ from ..match.matching import Matching
 from ..graph.apply import transformed_arrays, transformer
 from ..graph.canonical import export_like
 from ..graph.ir import import_graph
-from ..graph.surgery import add_node
+from ..graph.surgery import add_node, drop_shapes
 from .heads import TrunkSplit
+from .resize import resize_constants
 from ..graph.transform import Linear, transform_axis
 from .. import weights
 
@@ -236,19 +237,17 @@ class _HeadBuilder:
 
 def assemble(members: list[Member], split: TrunkSplit, matchings: dict[int, Matching],
              trunk_params: dict[str, np.ndarray], *, heads: str) -> onnx.ModelProto:
-    """The merged model: model 0's trunk nodes with merged parameters plus the heads."""
+    """The merged model: model 0's trunk nodes with merged parameters plus the heads, its
+    width-bearing constants (reshape targets, split sizes, slices) following the merged widths."""
     reference = members[0].model
     graph = import_graph(reference)  # the same nodes in the same order: head indices hold
     for node in [graph.nodes[k] for k in split.head_nodes]:
         node.inputs.clear()
         node.outputs.clear()
     graph.nodes = [node for k, node in enumerate(graph.nodes) if k not in split.head_nodes]
-    typed = {id(t) for t in graph.inputs + (graph.outputs if heads == "shared" else [])}
     for tensor in graph.tensors().values():
         if tensor.name in trunk_params:
             tensor.values = trunk_params[tensor.name]
-        elif isinstance(tensor, gs.Variable) and id(tensor) not in typed:
-            tensor.dtype = tensor.shape = None  # model 0's widths: the merged model's are inferred later
     if heads == "shared":
         for output in graph.outputs:
             _merged_output(output, members[0], matchings)
@@ -266,6 +265,8 @@ def assemble(members: list[Member], split: TrunkSplit, matchings: dict[int, Matc
                 result.dtype, result.shape = output.dtype, output.shape
                 outputs.append(result)
         graph.outputs = outputs
+    drop_shapes(graph)  # model 0's widths: the merged model's are inferred later
+    resize_constants(graph, members[0].graph, reference_widths(members[0], matchings))
     graph.name = graph.name or "merged"
     return export_like(graph, reference, provenance=False)
 

@@ -17,8 +17,7 @@ from ..graph.ir import import_graph
 from ..graph.postprocess import PostProcessing, attach_postprocessing
 from ..match import MatchMethod
 from ..options import MergeOptions
-from ..rewrite.merge import Member, assemble, merged_trunk_parameters, reference_widths
-from ..rewrite.resize import resize_constants
+from ..rewrite.merge import Member, assemble, merged_trunk_parameters
 from .prepare import lockstep_batches
 from ..samebase import combiner
 from .. import weights
@@ -81,9 +80,7 @@ def assemble_merged(members: list[Member], split, matchings: dict, base: Member 
     with np.errstate(over="ignore", invalid="ignore"):  # checked below, in one line
         parameters = merged_trunk_parameters(members, split, matchings, combine)
     _check_finite(parameters, members[0].model, options)
-    merged = assemble(members, split, matchings, parameters, heads=options.heads)
-    resize_constants(merged, members[0].graph, reference_widths(members[0], matchings))
-    return merged
+    return assemble(members, split, matchings, parameters, heads=options.heads)
 
 
 def _check_finite(parameters: dict[str, np.ndarray], reference: onnx.ModelProto, options: MergeOptions) -> None:
