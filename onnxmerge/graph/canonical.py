@@ -241,12 +241,9 @@ def _constant_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` whose initializers are constants. Old IR versions list every weight as
     a graph input too (IR 3 requires it); here they are constants, so those inputs go and the IR
     version becomes at least 4, where initializers need not be inputs (onnx.checker insists)."""
-    proto = onnx.ModelProto()
-    proto.CopyFrom(model)
-    initializer_names = {init.name for init in proto.graph.initializer}
-    kept = [i for i in proto.graph.input if i.name not in initializer_names]
-    del proto.graph.input[:]
-    proto.graph.input.extend(kept)
+    graph = import_graph(model)
+    graph.inputs = [tensor for tensor in graph.inputs if not isinstance(tensor, gs.Constant)]
+    proto = export_like(graph, model)
     proto.ir_version = max(proto.ir_version, INITIALIZERS_APART_IR)
     return proto
 
