@@ -73,7 +73,7 @@ def read_models(models: Iterable[ModelLike]) -> list[Source]:
         if isinstance(item, onnx.ModelProto):
             name = f"model {index}"
             copy = onnx.ModelProto()
-            copy.CopyFrom(item)
+            copy.CopyFrom(item)  # the caller's model, which read_as_float would convert in place: no graph edit
             check_loaded_model(name, copy)
             read_as_float(name, copy)
             sources.append(Source(name, copy, None, item))
