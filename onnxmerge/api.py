@@ -155,7 +155,7 @@ def _merge_prepared(sources: list[Source], prepared: Prepared, stats: list[str],
     clock = lap(timings, "match", clock)
     merged = assemble_merged(members, split, matchings, prepared.base, method, options, calib)
     merged, repair, repaired = repair_merged(merged, members, split, matchings, calib, options, method.same_base, stats)
-    attach_model_postprocessing(merged, members, prepared.post, options.heads)
+    merged = attach_model_postprocessing(merged, members, prepared.post, options.heads)
     merged = infer_shapes(merged)
     lap(timings, "rewrite", clock)
     report = {"format": "onnxmerge.merge/1", "models": [s.name for s in sources], "method": options.method,

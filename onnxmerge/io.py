@@ -386,9 +386,9 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     return model
 
 
-def check_loaded_model(name: str, model: onnx.ModelProto) -> None:
-    """The checks of ``load_model`` on a model already in memory (the Python API's input),
-    which is sorted in place: pass a copy.
+def check_loaded_model(name: str, model: onnx.ModelProto) -> onnx.ModelProto:
+    """The checks of ``load_model`` on a copy of a model already in memory (the Python API's
+    input); the copy, sorted (the caller's model stays as it is).
 
     Raises:
         InvalidModelError: tensors refer to external data that is not loaded, or the model
@@ -400,8 +400,11 @@ def check_loaded_model(name: str, model: onnx.ModelProto) -> None:
     if where is not None:
         raise InvalidModelError(f"{name}: the string field {where} is not UTF-8 text; give names as text")
     _check_versions(name, model)
-    _sort_nodes(model.graph)
-    _check_model(name, model)
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    _sort_nodes(copy.graph)
+    _check_model(name, copy)
+    return copy
 
 
 def model_sha256(path: str | os.PathLike) -> str:

@@ -13,12 +13,12 @@ import onnx
 from . import inspection
 from .errors import InvalidModelError, RecipeError, UnsupportedGraphError, about
 from .graph.blocks import BlockStructure, find_blocks
-from .graph.canonical import canonicalize, check_finite_parameters
+from .graph.canonical import canonicalize, check_finite_parameters, export_like
 from .graph.shapes import infer_shapes
 from .graph.spaces import SpaceGraph, find_spaces
 from .io import check_model
 from .limits import MAX_DEEPEN_PER_BLOCK, check_factor, check_memory, check_range, check_seed
-from .graph.apply import transform_parameters
+from .graph.apply import transform_parameters, transformed_graph
 from .rewrite.lift import insert_identities
 from .rewrite.resize import resize_constants
 from .graph.transform import Permutation
@@ -103,10 +103,10 @@ def widen(model: ModelLike, *, factor: float, seed: int = 0, bn: str = "keep") -
     check_memory(widening_bytes(canonical, graph, factor), f"widening by --factor {factor}",
                  "use a smaller factor")
     transforms = widening(graph, factor, np.random.default_rng(seed))
-    wider = transform_parameters(canonical, graph,
-                                 lambda space, role: transforms.get(space, (None, None))[role == "consumer"])
+    wider = transformed_graph(canonical, graph,
+                              lambda space, role: transforms.get(space, (None, None))[role == "consumer"])
     resize_constants(wider, graph, lambda s: transforms[s][0].matrix.shape[0] if s in transforms else graph.table.widths[s])
-    wider = infer_shapes(wider)
+    wider = infer_shapes(export_like(wider, canonical))
     check(wider, "widened model")
     return wider
 

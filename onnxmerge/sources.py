@@ -72,9 +72,7 @@ def read_models(models: Iterable[ModelLike]) -> list[Source]:
     for index, item in enumerate(models):
         if isinstance(item, onnx.ModelProto):
             name = f"model {index}"
-            copy = onnx.ModelProto()
-            copy.CopyFrom(item)
-            check_loaded_model(name, copy)
+            copy = check_loaded_model(name, item)
             read_as_float(name, copy)
             sources.append(Source(name, copy, None, item))
         elif isinstance(item, (str, os.PathLike)):

@@ -13,7 +13,7 @@ from onnxmerge.stages.prepare import lockstep_batches, prepare
 from onnxmerge.stages.statistics import plan_units
 from onnxmerge.sources import read_data, read_models
 from onnxmerge.graph.canonical import canonicalize, export_like
-from onnxmerge.graph.ir import import_graph
+from onnxmerge.graph.ir import import_graph, renamed_copy
 from tests.helpers import model, run_all, weights, with_opset
 
 
@@ -302,3 +302,27 @@ def test_export_like_keeps_the_producer_fields_as_they_were(producer):
     for field in ("producer_name", "producer_version"):
         assert exported.HasField(field) == m.HasField(field)
         assert getattr(exported, field) == getattr(m, field)
+
+
+def test_export_like_without_provenance_writes_no_producer_nor_metadata():
+    """A merged model is none of its sources': it keeps their IR version and opsets only."""
+    m = model([helper.make_node("Relu", ["y"], ["z"])], [])
+    m.producer_name, m.producer_version = "pytorch", "2.13"
+    helper.set_model_props(m, {"author": "someone"})
+    exported = export_like(import_graph(m), m, provenance=False)
+    assert not exported.HasField("producer_name") and not exported.HasField("producer_version")
+    assert list(exported.metadata_props) == []
+    assert exported.ir_version == m.ir_version and list(exported.opset_import) == list(m.opset_import)
+
+
+def test_a_renamed_copy_keeps_the_stored_encoding_and_leaves_the_original():
+    """graphsurgeon renames a stored tensor in place on export: the copy holds its own, written
+    as it was stored (float_data, not raw_data), and the source model keeps its name."""
+    bias = helper.make_tensor("bias", TensorProto.FLOAT, [1], [0.5])
+    m = model([helper.make_node("Add", ["y", "bias"], ["z"])], [bias])
+    graph = import_graph(m)
+    add = next(node for node in graph.nodes if node.op == "Add")
+    add.inputs[1] = renamed_copy(add.inputs[1], "bias_m0")
+    stored = {t.name: t for t in export_like(graph, m).graph.initializer}
+    assert list(stored["bias_m0"].float_data) == [0.5] and not stored["bias_m0"].raw_data
+    assert "bias" not in stored and "bias" in {t.name for t in m.graph.initializer}

@@ -6,7 +6,10 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
+from .canonical import export_like
+from .ir import import_graph
 from .spaces import SpaceGraph
 from .transform import Transform, transform_axis
 from .. import weights
@@ -59,22 +62,20 @@ def transformer(model: onnx.ModelProto, graph: SpaceGraph, transform_for: Transf
     return transformed
 
 
-def replace_initializers(model: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> onnx.ModelProto:
-    """A copy of ``model`` with the named initializers replaced (memory maps by reference,
-    ``weights.tensor``)."""
-    result = onnx.ModelProto()
-    result.CopyFrom(model)
-    for init in result.graph.initializer:
-        if init.name in arrays:
-            init.CopyFrom(weights.tensor(arrays[init.name], init.name))
+def transformed_graph(model: onnx.ModelProto, graph: SpaceGraph, transform_for: TransformFor) -> gs.Graph:
+    """``model``'s graph with its parameters transformed along their space axes; a model with
+    mapped weights gets its large results spilled as they are computed (``weights.kept``)."""
+    uses = {use.name for use in graph.params}
+    mapped = weights.has_mapped(model)
+    result = import_graph(model)
+    tensors = result.tensors()
+    for name, array in iter_transformed(model, graph, transform_for, uses):
+        tensors[name].values = weights.kept(array, mapped)
     return result
 
 
 def transform_parameters(model: onnx.ModelProto, graph: SpaceGraph,
                          transform_for: TransformFor) -> onnx.ModelProto:
-    """A copy of ``model`` whose parameters are transformed along their space axes; a model
-    with mapped weights gets its large results spilled as they are computed (``weights.kept``)."""
-    uses = {use.name for use in graph.params}
-    mapped = weights.has_mapped(model)
-    return replace_initializers(model, {name: weights.kept(array, mapped) for name, array
-                                        in iter_transformed(model, graph, transform_for, uses)})
+    """A copy of ``model`` whose parameters are transformed along their space axes
+    (``transformed_graph``)."""
+    return export_like(transformed_graph(model, graph, transform_for), model)

@@ -241,33 +241,35 @@ def _constant_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` whose initializers are constants. Old IR versions list every weight as
     a graph input too (IR 3 requires it); here they are constants, so those inputs go and the IR
     version becomes at least 4, where initializers need not be inputs (onnx.checker insists)."""
-    proto = onnx.ModelProto()
-    proto.CopyFrom(model)
-    initializer_names = {init.name for init in proto.graph.initializer}
-    kept = [i for i in proto.graph.input if i.name not in initializer_names]
-    del proto.graph.input[:]
-    proto.graph.input.extend(kept)
+    graph = import_graph(model)
+    graph.inputs = [tensor for tensor in graph.inputs if not isinstance(tensor, gs.Constant)]
+    proto = export_like(graph, model)
     proto.ir_version = max(proto.ir_version, INITIALIZERS_APART_IR)
     return proto
 
 
-def export_like(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
+def export_like(graph: gs.Graph, like: onnx.ModelProto, *, provenance: bool = True,
+                types: dict[str, onnx.TypeProto] | None = None) -> onnx.ModelProto:
     """Export a gs graph with the IR version, opsets, producer and metadata of the original
-    model, and its graph outputs' types where they are no tensors (graphsurgeon writes a
-    ZipMap's sequence of maps as a sequence of tensors of no type)."""
+    model (without ``provenance``, no producer nor metadata: a model that is none of the
+    sources', the merged one), and its graph outputs' types (or those ``types`` gives, for
+    outputs ``like`` lacks) where they are no tensors (graphsurgeon writes a ZipMap's sequence
+    of maps as a sequence of tensors of no type)."""
     result = export_graph(graph, do_type_check=False)
-    declared = {o.name: o for o in like.graph.output if not o.type.HasField("tensor_type")}
+    declared = {name: kind for name, kind in ({o.name: o.type for o in like.graph.output} | (types or {})).items()
+                if not kind.HasField("tensor_type")}
     for output in result.graph.output:
         if output.name in declared:
-            output.type.CopyFrom(declared[output.name].type)
+            output.type.CopyFrom(declared[output.name])  # a value-info type, which gs cannot express
     result.ir_version = like.ir_version
     for field in ("producer_name", "producer_version"):  # graphsurgeon writes them even where empty
         result.ClearField(field)
-        if like.HasField(field):
+        if provenance and like.HasField(field):
             setattr(result, field, getattr(like, field))
     del result.opset_import[:]
     result.opset_import.extend(like.opset_import)
-    result.metadata_props.extend(like.metadata_props)
+    if provenance:
+        result.metadata_props.extend(like.metadata_props)
     return result
 
 

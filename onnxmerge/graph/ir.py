@@ -45,3 +45,16 @@ def export_graph(graph: gs.Graph, **options) -> onnx.ModelProto:
             if reference is not None:
                 tensor._values = _MappedValues(reference)
     return gs.export_onnx(graph, **options)
+
+
+def renamed_copy(tensor: gs.Constant, name: str) -> gs.Constant:
+    """A copy of ``tensor`` named ``name`` whose stored tensor is written as it was read (its
+    encoding kept, a mapped one still a reference): gs renames a stored tensor in place on
+    export, so the copy holds its own."""
+    values = tensor._values
+    if not isinstance(values, LazyValues):
+        return gs.Constant(name, tensor.values)
+    stored = onnx.TensorProto()
+    stored.CopyFrom(values.tensor)  # the stored tensor itself, not a graph edit
+    stored.name = name
+    return gs.Constant(name, type(values)(stored))

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 import onnx
+import onnx_graphsurgeon as gs
 
 from .canonical import export_like
-from .ir import import_graph
+from .ir import import_graph, renamed_copy
 
 FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 
@@ -31,10 +32,8 @@ FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOA
 class PostProcessing:
     """The post-processing nodes of a model, what they read from the core and produce."""
 
-    nodes: tuple[onnx.NodeProto, ...] = ()
-    initializers: tuple[onnx.TensorProto, ...] = ()
+    model: onnx.ModelProto | None = None  # the post-processing alone, reading the scores as inputs
     scores: tuple[str, ...] = ()  # core tensors the nodes read; outputs of the core
-    outputs: tuple[onnx.ValueInfoProto, ...] = ()
     opsets: tuple[onnx.OperatorSetIdProto, ...] = ()
     order: tuple[str, ...] = ()  # the model's outputs in order, after scores that were none
     head: tuple[str, ...] = ()  # its floating-point ops (Softmax, ...) with their attributes
@@ -113,17 +112,15 @@ def split_postprocessing(model: onnx.ModelProto) -> tuple[onnx.ModelProto, PostP
     nodes = [n for k, n in enumerate(graph.node) if k in tail]
     produced = {name for node in nodes for name in node.output}
     read = list(dict.fromkeys(name for node in nodes for name in node.input if name and name not in produced))
-    own = [init for init in graph.initializer if init.name in read]  # untied: read by the tail only
-    own_names = {init.name for init in own}
-    scores = [name for name in read if name not in own_names]
+    constants = {init.name for init in graph.initializer}  # copied with the tail
+    scores = [name for name in read if name not in constants]
     known = {v.name: v for v in list(graph.value_info) + list(graph.input) + list(graph.output)}
     if any(name not in known for name in scores):  # untyped (after a custom op): keep it all in the core
         return model, PostProcessing()
     exposed = _exposed(model, tail)
+    outputs = [o.name for o in graph.output if o.name in produced] + [name for name in exposed if name in produced]
     core = _core(model, tail, scores)
-    post = PostProcessing(tuple(nodes), tuple(own), tuple(scores),
-                          tuple(o for o in graph.output if o.name in produced)
-                          + tuple(known[name] for name in exposed if name in produced),
+    post = PostProcessing(_tail(model, tail, scores, outputs), tuple(scores),
                           tuple(o for o in model.opset_import if o.domain not in ("", "ai.onnx")),
                           tuple(exposed + [o.name for o in graph.output]),
                           tuple(_signature(graph.node[k]) for k in sorted(tail - _non_float(model))))
@@ -154,25 +151,39 @@ def _core(model: onnx.ModelProto, tail: set[int], scores: list[str]) -> onnx.Mod
     return export_like(graph, model)
 
 
-def attach_postprocessing(model: onnx.ModelProto, post: PostProcessing, rename: Callable[[str], str]) -> None:
-    """Append ``post`` to ``model`` (in place), every tensor name passed through ``rename``
-    (the scores must exist in ``model`` under their renamed names)."""
-    for node in post.nodes:
-        copy = onnx.NodeProto()
-        copy.CopyFrom(node)
-        copy.input[:] = [rename(name) if name else name for name in node.input]
-        copy.output[:] = [rename(name) if name else name for name in node.output]
-        copy.name = rename(node.name or f"{node.op_type}_{node.output[0]}")  # unnamed nodes: unique names
-        model.graph.node.append(copy)
-    for init in post.initializers:
-        copy = onnx.TensorProto()
-        copy.CopyFrom(init)
-        copy.name = rename(init.name)
-        model.graph.initializer.append(copy)
-    for output in post.outputs:
-        copy = onnx.ValueInfoProto()
-        copy.CopyFrom(output)
-        copy.name = rename(output.name)
-        model.graph.output.append(copy)
-    domains = {o.domain for o in model.opset_import}
-    model.opset_import.extend(o for o in post.opsets if o.domain not in domains)
+def _tail(model: onnx.ModelProto, tail: set[int], scores: list[str], outputs: list[str]) -> onnx.ModelProto:
+    """The ``tail`` nodes of ``model`` alone, with the initializers they read: a model of the
+    ``scores`` with the post-processing ``outputs``."""
+    graph = import_graph(model)  # the same nodes in the same order: tail indices hold
+    graph.nodes = [node for k, node in enumerate(graph.nodes) if k in tail]
+    tensors = graph.tensors()
+    graph.inputs = [tensors[name] for name in scores]
+    graph.outputs = [tensors[name] for name in outputs]
+    return export_like(graph, model)
+
+
+def attach_postprocessing(graph: gs.Graph, post: PostProcessing, rename: Callable[[str], str]) -> None:
+    """Append ``post`` to ``graph`` (in place), every tensor name passed through ``rename``
+    (the scores must exist in ``graph`` under their renamed names)."""
+    if post.model is None:
+        return
+    source = import_graph(post.model)
+    tensors = graph.tensors()
+    copies = {score.name: tensors[rename(score.name)] for score in source.inputs}
+
+    def copy(tensor: gs.Tensor) -> gs.Tensor:
+        if not tensor.name:
+            return gs.Variable.empty()
+        if tensor.name not in copies:
+            name = rename(tensor.name)
+            copies[tensor.name] = renamed_copy(tensor, name) if isinstance(tensor, gs.Constant) else gs.Variable(name)
+        return copies[tensor.name]
+
+    for node in source.nodes:
+        name = rename(node.name or f"{node.op}_{node.outputs[0].name}")  # unnamed nodes: unique names
+        graph.nodes.append(gs.Node(node.op, name=name, attrs=dict(node.attrs), inputs=[copy(t) for t in node.inputs],
+                                   outputs=[copy(t) for t in node.outputs], domain=node.domain))
+    for output in source.outputs:
+        result = copy(output)
+        result.dtype, result.shape, result.type = output.dtype, output.shape, output.type
+        graph.outputs.append(result)

@@ -109,7 +109,7 @@ def _fill_unknown_dims(ours, theirs, whole: bool = True, outputs: frozenset[str]
             continue
         for dim, other in zip(dims, others):
             if not _known(dim, _ONNX_FRESH) and _known(other, _SYMBOLIC_FRESH):
-                dim.CopyFrom(other)
+                dim.CopyFrom(other)  # a value-info dimension between two shape inferences: no graph edit
 
 
 # names each inference gives dims it cannot relate to any other

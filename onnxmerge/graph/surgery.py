@@ -102,10 +102,21 @@ def replacement(graph: gs.Graph, old: gs.Tensor, values: np.ndarray, suffix: str
     return gs.Constant(f"{old.name}_{suffix}", values)
 
 
-def add_node(graph: gs.Graph, op: str, inputs: list[gs.Tensor], output: str, **attrs) -> gs.Variable:
-    """Append an ``op`` node reading ``inputs`` to ``graph``; its output, a new tensor named
-    ``output``. (``graph.layer`` scans the whole graph for free names at every call: quadratic
-    in the nodes a pass adds to a large model.)"""
+def add_node(graph: gs.Graph, op: str, inputs: list[gs.Tensor], output: str, *, node_name: str = "",
+             **attrs) -> gs.Variable:
+    """Append an ``op`` node (named ``node_name``) reading ``inputs`` to ``graph``; its output, a
+    new tensor named ``output``. (``graph.layer`` scans the whole graph for free names at every
+    call: quadratic in the nodes a pass adds to a large model.)"""
     result = gs.Variable(output)
-    graph.nodes.append(gs.Node(op, attrs=attrs, inputs=inputs, outputs=[result]))
+    graph.nodes.append(gs.Node(op, name=node_name, attrs=attrs, inputs=inputs, outputs=[result]))
     return result
+
+
+def drop_shapes(graph: gs.Graph) -> None:
+    """Forget the type and shape of every intermediate tensor (graph inputs and outputs keep
+    theirs): after a rewrite that changes widths they are inferred again, and none is exported
+    as value_info meanwhile."""
+    typed = {id(t) for t in graph.inputs + graph.outputs}
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Variable) and id(tensor) not in typed:
+            tensor.dtype = tensor.shape = None

@@ -13,7 +13,8 @@ from typing import Callable
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+import onnx_graphsurgeon as gs
+from onnx import helper
 
 from ..graph.correspond import Correspondence
 from ..graph.layout import Layout, layout_width, leaves
@@ -21,7 +22,11 @@ from ..graph.rules import RULES
 from ..graph.spaces import SpaceGraph
 from ..match.matching import Matching
 from ..graph.apply import transformed_arrays, transformer
+from ..graph.canonical import export_like
+from ..graph.ir import import_graph
+from ..graph.surgery import add_node, drop_shapes
 from .heads import TrunkSplit
+from .resize import resize_constants
 from ..graph.transform import Linear, transform_axis
 from .. import weights
 
@@ -143,54 +148,53 @@ def merge_matrix(member: Member, index: int, layout: Layout, matchings: dict[int
 
 
 class _HeadBuilder:
-    """Copies model i's head nodes, renamed with ``_m<i>``, reading the trunk through U_i."""
+    """Copies model i's head nodes into the merged ``graph``, renamed with ``_m<i>``, reading
+    the trunk through U_i."""
 
-    def __init__(self, members: list[Member], split: TrunkSplit, matchings: dict[int, Matching]):
-        self.members, self.split, self.matchings = members, split, matchings
-        self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[onnx.TensorProto] = []
-        self._unmerged: dict[tuple[int, str], str] = {}
+    def __init__(self, graph: gs.Graph, members: list[Member], split: TrunkSplit, matchings: dict[int, Matching]):
+        self.graph, self.members, self.split, self.matchings = graph, members, split, matchings
+        self.trunk = graph.tensors()  # the trunk's tensors by name, before any head is added
+        self._unmerged: dict[tuple[int, str], gs.Tensor] = {}
 
-    def build(self, index: int) -> dict[str, str]:
-        """Append model ``index``'s head; return its tensor renames (model i name -> merged)."""
+    def build(self, index: int) -> tuple[gs.Graph, dict[str, gs.Tensor]]:
+        """Append model ``index``'s head; return model i's graph and its head tensors (by model
+        i name)."""
         member = self.members[index]
-        model = member.model
-        back_tensors = member.correspondence.reference_tensors
-        produced = {name for k in self.split.head_nodes for name in model.graph.node[k].output}
+        source = import_graph(member.model)  # the same nodes in the same order: head indices hold
+        heads = [source.nodes[k] for k in sorted(self.split.head_nodes)]
+        produced = {t.name for node in heads for t in node.outputs}
         suffix = f"_m{index}"
-        params = {init.name: init for init in model.graph.initializer}
-        for k in sorted(self.split.head_nodes):
-            node = onnx.NodeProto()
-            node.CopyFrom(model.graph.node[k])
-            fold = self._foldable(node, params, produced)
+        renamed: dict[str, gs.Tensor] = {}
+        for node in heads:
+            fold = self._foldable(node, produced)
             arrays = self._folded_params(member, index, node) if fold else {}
-            for slot, name in enumerate(node.input):
-                if not name:
-                    continue
-                if name in params:
-                    value = arrays.get(name, weights.read(params[name]))
-                    self.initializers.append(weights.tensor(value, name + suffix))
-                    node.input[slot] = name + suffix
-                elif name in produced:
-                    node.input[slot] = name + suffix
+            inputs = []
+            for tensor in node.inputs:
+                if not tensor.name:
+                    inputs.append(gs.Variable.empty())
+                elif isinstance(tensor, gs.Constant):
+                    renamed[tensor.name] = gs.Constant(tensor.name + suffix, arrays.get(tensor.name, tensor.values))
+                    inputs.append(renamed[tensor.name])
+                elif tensor.name in produced:
+                    inputs.append(renamed.setdefault(tensor.name, gs.Variable(tensor.name + suffix)))
                 else:
-                    trunk = back_tensors[name]
-                    node.input[slot] = trunk if fold else self.unmerged(index, trunk, name)
-            for slot, name in enumerate(node.output):
-                if name:
-                    node.output[slot] = name + suffix
-            node.name = (node.name or f"{node.op_type}_{node.output[0]}") + suffix  # unnamed nodes: unique names
-            self.nodes.append(node)
-        return {name: name + suffix for name in produced}
+                    trunk = member.correspondence.reference_tensors[tensor.name]
+                    inputs.append(self.trunk[trunk] if fold else self.unmerged(index, trunk, tensor))
+            outputs = [renamed.setdefault(t.name, gs.Variable(t.name + suffix)) if t.name else gs.Variable.empty()
+                       for t in node.outputs]
+            name = (node.name or f"{node.op}_{node.outputs[0].name}") + suffix  # unnamed nodes: unique names
+            self.graph.nodes.append(gs.Node(node.op, name=name, attrs=dict(node.attrs), inputs=inputs,
+                                            outputs=outputs, domain=node.domain))
+        return source, {name: renamed[name] for name in produced}
 
     @staticmethod
-    def _foldable(node: onnx.NodeProto, params: dict, produced: set[str]) -> bool:
+    def _foldable(node: gs.Node, produced: set[str]) -> bool:
         """A weight layer reading one trunk tensor directly can absorb U_i into its weights."""
-        rule = RULES.get(node.op_type)
-        dynamic = [n for n in node.input if n and n not in params]
+        rule = RULES.get(node.op)
+        dynamic = [t.name for t in node.inputs if t.name and not isinstance(t, gs.Constant)]
         return rule is not None and rule.kind == "new-space" and len(dynamic) == 1 and dynamic[0] not in produced
 
-    def _folded_params(self, member: Member, index: int, node: onnx.NodeProto) -> dict[str, np.ndarray]:
+    def _folded_params(self, member: Member, index: int, node: gs.Node) -> dict[str, np.ndarray]:
         back = member.correspondence.reference_spaces
 
         def transform_for(space: int, role: str):
@@ -199,88 +203,83 @@ class _HeadBuilder:
                 return None
             return Linear(matching.unmerge[index].T)
 
-        return transformed_arrays(member.model, member.graph, transform_for, list(node.input))
+        return transformed_arrays(member.model, member.graph, transform_for, [t.name for t in node.inputs])
 
-    def unmerged(self, index: int, trunk: str, name: str) -> str:
-        """Model ``index``'s features of trunk tensor ``trunk`` (explicit MatMul per tracked axis)."""
+    def unmerged(self, index: int, trunk: str, tensor: gs.Tensor) -> gs.Tensor:
+        """Model ``index``'s features of trunk tensor ``trunk`` (explicit MatMul per tracked
+        axis); ``tensor`` is model i's, whose rank and type the result has."""
         key = (index, trunk)
         if key in self._unmerged:
             return self._unmerged[key]
         member = self.members[index]
-        current = trunk
-        tensor = _tensor_type(member.model, name)
-        rank, dtype = len(tensor.shape.dim), helper.tensor_dtype_to_np_dtype(tensor.elem_type)
-        for axis, layout in sorted(member.graph.layouts.get(name, {}).items()):
+        current = self.trunk[trunk]
+        rank = len(tensor.shape)
+        for axis, layout in sorted(member.graph.layouts.get(tensor.name, {}).items()):
             matrix = unmerge_matrix(member, index, layout, self.matchings)
             if matrix is None:
                 continue
             # in the tensor's own type: MatMul takes one type (float16 models stay float16)
-            current = self._matmul_on_axis(current, axis, rank, matrix.T.astype(dtype), f"{trunk}_unmerge{axis}_m{index}")
+            current = self._matmul_on_axis(current, axis, rank, matrix.T.astype(tensor.dtype),
+                                           f"{trunk}_unmerge{axis}_m{index}")
         self._unmerged[key] = current
         return current
 
-    def _matmul_on_axis(self, tensor: str, axis: int, rank: int, matrix: np.ndarray, name: str) -> str:
-        weight = numpy_helper.from_array(matrix, name + "_w")
-        self.initializers.append(weight)
+    def _matmul_on_axis(self, tensor: gs.Tensor, axis: int, rank: int, matrix: np.ndarray, name: str) -> gs.Tensor:
+        weight = gs.Constant(name + "_w", matrix)
         if axis == rank - 1:
-            self.nodes.append(helper.make_node("MatMul", [tensor, weight.name], [name], name=name))
-            return name
+            return add_node(self.graph, "MatMul", [tensor, weight], name, node_name=name)
         perm = [k for k in range(rank) if k != axis] + [axis]
-        inverse = list(np.argsort(perm))
-        self.nodes.append(helper.make_node("Transpose", [tensor], [name + "_t"], name=name + "_t", perm=perm))
-        self.nodes.append(helper.make_node("MatMul", [name + "_t", weight.name], [name + "_mm"], name=name))
-        self.nodes.append(helper.make_node("Transpose", [name + "_mm"], [name], name=name + "_back",
-                                           perm=[int(p) for p in inverse]))
-        return name
-
-
-def _tensor_type(model: onnx.ModelProto, name: str) -> onnx.TypeProto.Tensor:
-    for info in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
-        if info.name == name:
-            return info.type.tensor_type
-    raise KeyError(name)
+        inverse = [int(p) for p in np.argsort(perm)]
+        moved = add_node(self.graph, "Transpose", [tensor], name + "_t", node_name=name + "_t", perm=perm)
+        product = add_node(self.graph, "MatMul", [moved, weight], name + "_mm", node_name=name)
+        return add_node(self.graph, "Transpose", [product], name, node_name=name + "_back", perm=inverse)
 
 
 def assemble(members: list[Member], split: TrunkSplit, matchings: dict[int, Matching],
              trunk_params: dict[str, np.ndarray], *, heads: str) -> onnx.ModelProto:
-    """The merged model: model 0's trunk nodes with merged parameters plus the heads."""
+    """The merged model: model 0's trunk nodes with merged parameters plus the heads, its
+    width-bearing constants (reshape targets, split sizes, slices) following the merged widths."""
     reference = members[0].model
-    graph = reference.graph
-    trunk_nodes = [n for k, n in enumerate(graph.node) if k not in split.head_nodes]
-    initializers = [weights.tensor(value, name) for name, value in trunk_params.items()]
-    builder = _HeadBuilder(members, split, matchings)
-    outputs = []
+    graph = import_graph(reference)  # the same nodes in the same order: head indices hold
+    for node in [graph.nodes[k] for k in split.head_nodes]:
+        node.inputs.clear()
+        node.outputs.clear()
+    graph.nodes = [node for k, node in enumerate(graph.nodes) if k not in split.head_nodes]
+    for tensor in graph.tensors().values():
+        if tensor.name in trunk_params:
+            tensor.values = trunk_params[tensor.name]
     if heads == "shared":
-        outputs = [_merged_output(output, members[0], matchings) for output in graph.output]
+        for output in graph.outputs:
+            _merged_output(output, members[0], matchings)
     else:
+        builder = _HeadBuilder(graph, members, split, matchings)
+        outputs = []
         for index, member in enumerate(members):
-            renames = builder.build(index)
-            back_tensors = member.correspondence.reference_tensors
-            for output in member.model.graph.output:
-                info = onnx.ValueInfoProto()
-                info.CopyFrom(output)
-                info.name = f"{output.name}_m{index}"
-                source = renames.get(output.name) or builder.unmerged(index, back_tensors[output.name], output.name)
-                if source != info.name:
-                    builder.nodes.append(helper.make_node("Identity", [source], [info.name], name=info.name))
-                outputs.append(info)
-    merged_graph = helper.make_graph(trunk_nodes + builder.nodes, graph.name or "merged", list(graph.input),
-                                     outputs, initializers + builder.initializers)
-    model = helper.make_model(merged_graph, opset_imports=list(reference.opset_import))
-    model.ir_version = reference.ir_version
-    return model
+            source, renamed = builder.build(index)
+            for output in source.outputs:
+                name = f"{output.name}_m{index}"
+                result = renamed.get(output.name) or builder.unmerged(
+                    index, member.correspondence.reference_tensors[output.name], output)
+                if result.name != name:
+                    result = add_node(graph, "Identity", [result], name, node_name=name)
+                result.dtype, result.shape = output.dtype, output.shape
+                outputs.append(result)
+        graph.outputs = outputs
+    drop_shapes(graph)  # model 0's widths: the merged model's are inferred later
+    resize_constants(graph, members[0].graph, reference_widths(members[0], matchings))
+    graph.name = graph.name or "merged"
+    return export_like(graph, reference, provenance=False)
 
 
-def _merged_output(output: onnx.ValueInfoProto, member: Member, matchings: dict[int, Matching]) -> onnx.ValueInfoProto:
+def _merged_output(output: gs.Tensor, member: Member, matchings: dict[int, Matching]) -> None:
     """A graph output as the merged trunk computes it: a merged feature output (shared heads)
     has its merged width."""
-    info = onnx.ValueInfoProto()
-    info.CopyFrom(output)
-    dims = info.type.tensor_type.shape.dim
+    shape = list(output.shape or [])
     for axis, layout in member.graph.layouts.get(output.name, {}).items():
-        if axis < len(dims):
-            dims[axis].dim_value = merged_width(member, layout, matchings)
-    return info
+        if axis < len(shape):
+            shape[axis] = merged_width(member, layout, matchings)
+    if output.shape is not None:
+        output.shape = shape
 
 
 def reference_widths(reference: Member, matchings: dict[int, Matching]) -> Callable[[int], int]:

@@ -12,11 +12,12 @@ import onnx
 
 from ..calib.data import CalibrationSet
 from ..errors import RecipeError, UnsupportedGraphError
+from ..graph.canonical import export_like
+from ..graph.ir import import_graph
 from ..graph.postprocess import PostProcessing, attach_postprocessing
 from ..match import MatchMethod
 from ..options import MergeOptions
-from ..rewrite.merge import Member, assemble, merged_trunk_parameters, reference_widths
-from ..rewrite.resize import resize_constants
+from ..rewrite.merge import Member, assemble, merged_trunk_parameters
 from .prepare import lockstep_batches
 from ..samebase import combiner
 from .. import weights
@@ -39,20 +40,30 @@ def check_coverage(reference: Member, split, options: MergeOptions) -> None:
 
 
 def attach_model_postprocessing(merged: onnx.ModelProto, members: list[Member], post: list[PostProcessing],
-                           heads: str) -> None:
-    """Each model's post-processing (skl2onnx labels, ZipMap) reads that model's own scores
-    (model 0's alone with shared heads); each model's outputs keep their order."""
-    order = []
-    for index, (member, tail) in enumerate(zip(members[:1] if heads == "shared" else members, post)):
+                                heads: str) -> onnx.ModelProto:
+    """``merged`` where each model's post-processing (skl2onnx labels, ZipMap) reads that model's
+    own scores (model 0's alone with shared heads); each model's outputs keep their order."""
+    tails = list(zip(members[:1] if heads == "shared" else members, post))
+    if all(tail.model is None for _, tail in tails):  # the merged outputs are in order already
+        return merged
+    graph = import_graph(merged)
+    order, types, opsets = [], {}, {}
+    for index, (member, tail) in enumerate(tails):
         def rename(name: str, index=index) -> str:
             return name if heads == "shared" else f"{name}_m{index}"
 
-        attach_postprocessing(merged, tail, rename)
+        attach_postprocessing(graph, tail, rename)
         order += [rename(name) for name in tail.output_names(member.model)]
-    outputs = {o.name: o for o in merged.graph.output}
-    reordered = [outputs[name] for name in order]
-    del merged.graph.output[:]
-    merged.graph.output.extend(reordered)
+        if tail.model is not None:
+            types |= {rename(o.name): o.type for o in tail.model.graph.output}
+        for opset in tail.opsets:
+            opsets.setdefault(opset.domain, opset)
+    outputs = {o.name: o for o in graph.outputs}
+    graph.outputs = [outputs[name] for name in order]
+    result = export_like(graph, merged, types=types)
+    domains = {o.domain for o in result.opset_import}
+    result.opset_import.extend(o for domain, o in opsets.items() if domain not in domains)
+    return result
 
 
 def assemble_merged(members: list[Member], split, matchings: dict, base: Member | None, method: MatchMethod,
@@ -69,9 +80,7 @@ def assemble_merged(members: list[Member], split, matchings: dict, base: Member 
     with np.errstate(over="ignore", invalid="ignore"):  # checked below, in one line
         parameters = merged_trunk_parameters(members, split, matchings, combine)
     _check_finite(parameters, members[0].model, options)
-    merged = assemble(members, split, matchings, parameters, heads=options.heads)
-    resize_constants(merged, members[0].graph, reference_widths(members[0], matchings))
-    return merged
+    return assemble(members, split, matchings, parameters, heads=options.heads)
 
 
 def _check_finite(parameters: dict[str, np.ndarray], reference: onnx.ModelProto, options: MergeOptions) -> None:

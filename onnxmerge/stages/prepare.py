@@ -146,7 +146,8 @@ def cores(sources: list[Source], options: MergeOptions) -> tuple[list[tuple[str,
     for source in sources:  # before canonicalisation folds them, under the file's own names
         with about(source.name):
             check_finite_parameters(source.model)
-    models = common_opset([(s.name, _copy(s.model)) for s in sources])
+    # no copies: each step returns a new model (a file given twice is one model of two sources)
+    models = common_opset([(s.name, s.model) for s in sources])
     models = [_with_input_layout(s, model, options.input_layout) for s, model in zip(sources, models)]
     analysed, bn = _split_all(models, options.bn), options.bn
     if bn == "keep" and len({_batch_norms(core) > 0 for core, _ in analysed}) > 1:
@@ -158,12 +159,6 @@ def cores(sources: list[Source], options: MergeOptions) -> tuple[list[tuple[str,
             check_finite_parameters(core)
     check_same_inputs(named)
     return named, [post for _, post in analysed], bn
-
-
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    return copy
 
 
 def _batch_norms(model: onnx.ModelProto) -> int:
