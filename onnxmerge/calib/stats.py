@@ -83,7 +83,25 @@ def to_samples(x: np.ndarray, axis: int, fold: tuple[int, int] = (1, 1), span: i
     return np.moveaxis(x, axis, -1).reshape(-1, width)
 
 
-_BAND_BYTES = 16 << 20  # float64 rows of X^T X that add_moments takes at a time
+_BAND_BYTES = 16 << 20  # float64 rows of an (n, n) matrix that elementwise steps take at a time
+
+
+def _bands(n: int) -> list[slice]:
+    """Row bands of an (n, n) float64 matrix of ``_BAND_BYTES`` each."""
+    step = max(1, _BAND_BYTES // (8 * max(n, 1)))
+    return [slice(start, min(n, start + step)) for start in range(0, n, step)]
+
+
+def _symmetrize(matrix: np.ndarray) -> None:
+    """``matrix`` := (matrix + matrix^T) / 2 in place, a block at a time (each pair of entries
+    gets the same number the whole-matrix expression gives it)."""
+    for rows in _bands(len(matrix)):
+        for cols in _bands(len(matrix)):
+            if cols.start < rows.start:
+                continue
+            mean = (matrix[rows, cols] + matrix[cols, rows].T) / 2
+            matrix[rows, cols] = mean
+            matrix[cols, rows] = mean.T
 
 
 def _band(outer: np.ndarray | list[list[np.ndarray | None]], rows: slice, widths: tuple[int, ...]) -> np.ndarray:
@@ -173,10 +191,7 @@ class SpaceStats:
             model = int(np.searchsorted(np.cumsum(self.widths), bad[0], side="right"))
             raise CalibrationError(f"model {model} produced NaN or Inf features ({len(bad)} channels); "
                                    "check the model on the calibration data with onnxruntime")
-        n = self.width
-        step = max(1, _BAND_BYTES // (8 * n))
-        for start in range(0, n, step):
-            rows = slice(start, min(n, start + step))
+        for rows in _bands(self.width):
             band = _band(outer, rows, self.widths)
             if shift is not None:
                 # outer + cross + cross^T + count * shift shift^T, added in this order
@@ -215,13 +230,21 @@ class SpaceStats:
     def covariance(self) -> np.ndarray:
         """(n, n) population covariance E[xx^T] - mu mu^T (divides by count), symmetric."""
         mu = self.mean()
-        cov = self.outer / self.count - np.outer(mu, mu)
-        return (cov + cov.T) / 2
+        cov = self.outer / self.count
+        for rows in _bands(len(mu)):  # in bands: one (n, n) array, not four
+            cov[rows] -= np.outer(mu[rows], mu)
+        _symmetrize(cov)
+        return cov
+
+    def _variance(self) -> np.ndarray:
+        """(n,) the covariance's diagonal, computed as ``covariance`` computes it (same numbers)."""
+        mu = self.mean()
+        return np.diagonal(self.outer) / self.count - mu * mu
 
     def live(self, *, dead_rtol: float = DEAD_RTOL) -> np.ndarray:
         """(n,) bool: the channel varies, i.e. its variance exceeds ``dead_rtol`` * E[x^2]
         (see ``DEAD_RTOL``); the others are dead (constant)."""
-        return np.diag(self.covariance()) > dead_rtol * np.diag(self.outer) / self.count
+        return self._variance() > dead_rtol * np.diagonal(self.outer) / self.count
 
     def models_vary(self, *, dead_rtol: float = DEAD_RTOL) -> np.ndarray:
         """(models,) bool: model i's features vary, i.e. their summed variance exceeds
@@ -229,7 +252,7 @@ class SpaceStats:
         nearly constant channel on either side of ``live``'s threshold does not decide alone
         whether a model has features at a space."""
         bounds = np.cumsum([0, *self.widths])
-        variance, power = np.diag(self.covariance()), np.diag(self.outer) / self.count
+        variance, power = self._variance(), np.diagonal(self.outer) / self.count
         return np.array([variance[a:b].sum() > dead_rtol * power[a:b].sum() for a, b in zip(bounds[:-1], bounds[1:])])
 
     def correlation(self, *, dead_rtol: float = DEAD_RTOL) -> np.ndarray:
@@ -238,11 +261,12 @@ class SpaceStats:
         A dead channel (see ``live``) has correlation 0 to everything, itself included; a live
         channel has 1 on the diagonal.
         """
-        cov = self.covariance()
-        variance = np.diag(cov).copy()
+        corr = self.covariance()
+        variance = np.diag(corr).copy()
         live = self.live(dead_rtol=dead_rtol)
         std = np.where(live, np.sqrt(np.where(live, variance, 1.0)), 1.0)
-        corr = cov / np.outer(std, std)
+        for rows in _bands(len(std)):
+            corr[rows] /= np.outer(std[rows], std)
         corr[~live, :] = 0.0
         corr[:, ~live] = 0.0
         np.clip(corr, -1.0, 1.0, out=corr)
@@ -264,24 +288,22 @@ class SpaceStats:
         """
         corr = self.correlation(dead_rtol=dead_rtol)
         dead = ~self.live(dead_rtol=dead_rtol)
-        # the (n, n) arithmetic in place, in the order of the plain expressions (the same
-        # numbers): four such arrays at a time, not seven, as n is both models' widths
-        second = self.outer / self.count
-        diagonal = np.diag(second).copy()
-        power = diagonal[:, None] + diagonal[None, :]
-        second *= 2.0
-        # two channels that are 0 on every sample are equal
-        agreement = np.ones_like(second)
-        np.divide(second, power, out=agreement, where=power > 0)
-        del second, power
-        np.clip(agreement, 0.0, 1.0, out=agreement)
-        affine = corr >= 1.0 - AFFINE_BAND
-        affine |= np.outer(dead, dead)
-        affine |= agreement >= 1.0 - EQUAL_RTOL
-        np.subtract(1.0, agreement, out=agreement)
-        agreement *= AFFINE_BAND
-        np.subtract(1.0, agreement, out=agreement)
-        np.copyto(corr, agreement, where=affine)
+        diagonal = np.diagonal(self.outer) / self.count
+        for rows in _bands(len(corr)):  # elementwise, a band of rows at a time: one (n, n) array
+            second = self.outer[rows] / self.count
+            power = diagonal[rows, None] + diagonal[None, :]
+            second *= 2.0
+            # two channels that are 0 on every sample are equal
+            agreement = np.ones_like(second)
+            np.divide(second, power, out=agreement, where=power > 0)
+            np.clip(agreement, 0.0, 1.0, out=agreement)
+            affine = corr[rows] >= 1.0 - AFFINE_BAND
+            affine |= np.outer(dead[rows], dead)
+            affine |= agreement >= 1.0 - EQUAL_RTOL
+            np.subtract(1.0, agreement, out=agreement)
+            agreement *= AFFINE_BAND
+            np.subtract(1.0, agreement, out=agreement)
+            np.copyto(corr[rows], agreement, where=affine)
         return corr
 
 
@@ -292,7 +314,16 @@ def pooled_similarity(stats: Sequence[SpaceStats]) -> np.ndarray:
     of a larger scale (a conv's output before its BatchNormalization, a sum deep in the stream)
     does not outweigh the others; one tensor's is its own similarity exactly."""
     total = sum(s.count for s in stats)
-    return sum(s.similarity() * (s.count / total) for s in stats)
+    if len(stats) == 1:
+        return stats[0].similarity()
+    pooled = stats[0].similarity()
+    pooled *= stats[0].count / total
+    for more in stats[1:]:  # summed in place, in the order of the plain sum (the same numbers)
+        similarity = more.similarity()
+        similarity *= more.count / total
+        pooled += similarity
+        del similarity
+    return pooled
 
 
 def combine(a: SpaceStats, b: SpaceStats) -> SpaceStats:
