@@ -408,19 +408,22 @@ def check_loaded_model(name: str, model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def model_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of the model file at ``path`` (external data files not included), streamed.
+    """Hex sha256 of the model file at ``path`` followed by its external-data files (in order
+    of their paths), streamed: a changed weights file changes it as a changed model file does.
+    A model without external data gets its file's sha256.
 
     Raises:
-        InvalidModelError: the file cannot be read.
+        InvalidModelError: a file cannot be read.
     """
     digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as file:
-            for chunk in iter(lambda: file.read(_HASH_CHUNK), b""):
-                digest.update(chunk)
-    except OSError as error:
-        raise InvalidModelError(f"{os.fspath(path)}: cannot read the file ({_detail(error)}); "
-                                "check the path and its permissions") from error
+    for name in (os.fspath(path), *sorted(_external_files(path))):
+        try:
+            with open(name, "rb") as file:
+                for chunk in iter(lambda: file.read(_HASH_CHUNK), b""):
+                    digest.update(chunk)
+        except OSError as error:
+            raise InvalidModelError(f"{name}: cannot read the file ({_detail(error)}); "
+                                    "check the path and its permissions") from error
     return digest.hexdigest()
 
 

@@ -320,6 +320,21 @@ def test_checker_failure(tmp_path):
     assert "onnx.checker" in expect_refusal(path, InvalidModelError)
 
 
+def test_sha256_covers_the_external_data(tmp_path):
+    """A recipe refuses a changed weights file: its model's sha256 covers the sidecar too."""
+    model = tiny_model()
+    path = tmp_path / "m.onnx"
+    io.save_model(model, path, external_data=True)
+    sidecars = [p for p in tmp_path.iterdir() if p.name != "m.onnx"]
+    assert sidecars
+    before = io.model_sha256(path)
+    assert before != hashlib.sha256(path.read_bytes()).hexdigest()
+    data = bytearray(sidecars[0].read_bytes())
+    data[-1] ^= 0xFF  # same length, one weight changed
+    sidecars[0].write_bytes(bytes(data))
+    assert io.model_sha256(path) != before
+
+
 def test_sha256_of_missing_file(tmp_path):
     with pytest.raises(InvalidModelError, match="missing.onnx"):
         io.model_sha256(tmp_path / "missing.onnx")
