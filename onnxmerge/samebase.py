@@ -16,7 +16,7 @@ from .errors import RecipeError, UnsupportedGraphError
 from .match import MatchMethod
 from .match.regmean import gram_matrices, merged_weight, regmean_layers
 from .match.taskvec import check_params
-from .rewrite.merge import Member
+from .rewrite.merge import Member, row_bands
 from . import weights
 
 DRIFT_LIMIT = 1.0
@@ -66,16 +66,16 @@ def _difference(a: onnx.ModelProto, b: onnx.ModelProto, heads: frozenset[int]) -
 
 
 def _weight(member: Member, inits: dict[str, onnx.TensorProto], name: str) -> np.ndarray | None:
-    """``member``'s tensor (of its ``inits`` by name) at the reference's ``name`` in float64
-    when it is a float weight (two or more axes), else None."""
+    """``member``'s tensor (of its ``inits`` by name) at the reference's ``name`` when it is a
+    float weight (two or more axes), else None."""
     array = weights.read(inits[member.correspondence.params[name]])
-    return array.astype(np.float64) if array.dtype.kind == "f" and array.ndim >= 2 else None
+    return array if array.dtype.kind == "f" and array.ndim >= 2 else None
 
 
 def check_fine_tunes(members: list[Member], base: Member | None, names: list[str], labels: list[str]) -> None:
     """Refuse models whose weights are too far from the base's (or, without a base, from model
-    0's) to be fine-tunes of one base (``DRIFT_LIMIT``). Tensor by tensor: a float64 copy of
-    one weight per model at a time, not of every model.
+    0's) to be fine-tunes of one base (``DRIFT_LIMIT``). Tensor by tensor and a band of rows
+    at a time (``row_bands``), in float64: no whole tensor of any model is copied.
 
     Raises:
         UnsupportedGraphError: names the model and its relative distance.
@@ -87,11 +87,19 @@ def check_fine_tunes(members: list[Member], base: Member | None, names: list[str
         reference = _weight(reference_member, inits[0], name)
         if reference is None:
             continue
-        scale = np.linalg.norm(reference) or 1.0
-        for member_drifts, member, member_inits in zip(drifts, members, inits[1:]):
-            weight = _weight(member, member_inits, name)
+        tuned = [_weight(member, member_inits, name) for member, member_inits in zip(members, inits[1:])]
+        squares = np.zeros(1 + len(members))  # |reference|^2, then each |weight - reference|^2
+        for rows in row_bands(reference.shape):
+            part = weights.transient(reference)[rows].astype(np.float64)
+            squares[0] += np.vdot(part, part)
+            for k, weight in enumerate(tuned):
+                if weight is not None:
+                    difference = weights.transient(weight)[rows].astype(np.float64) - part
+                    squares[k + 1] += np.vdot(difference, difference)
+        scale = np.sqrt(squares[0]) or 1.0
+        for k, (member_drifts, weight) in enumerate(zip(drifts, tuned)):
             if weight is not None:
-                member_drifts.append(np.linalg.norm(weight - reference) / scale)
+                member_drifts.append(np.sqrt(squares[k + 1]) / scale)
     if not any(drifts):
         return
     for member_drifts, label in zip(drifts, labels):
@@ -105,8 +113,9 @@ def check_fine_tunes(members: list[Member], base: Member | None, names: list[str
 
 
 def combiner(method: MatchMethod, params, members: list[Member], base: Member | None, trunk_nodes: list[int],
-             batches: Callable | None, provider: str, seed: int) -> Callable[[str, list[np.ndarray]], np.ndarray]:
-    """The per-tensor combination of ``method`` for ``rewrite.merge.merged_trunk_parameters``.
+             batches: Callable | None, provider: str, seed: int) -> Callable[..., np.ndarray]:
+    """The per-tensor combination of ``method`` for ``rewrite.merge.merged_trunk_parameters``:
+    ``combine(name, values, rows=...)``, ``rows`` the slice of axis 0 that ``values`` hold.
 
     Args:
         params: the method's parameter dataclass.
@@ -128,10 +137,10 @@ def combiner(method: MatchMethod, params, members: list[Member], base: Member | 
     inits = {} if base is None else {i.name: i for i in base.model.graph.initializer}
     rng = np.random.default_rng(seed)
 
-    def combine(name: str, values: list[np.ndarray]) -> np.ndarray:
+    def combine(name: str, values: list[np.ndarray], rows=...) -> np.ndarray:
         base_value = None
         if base is not None:
-            base_value = weights.read(inits[base.correspondence.params[name]]).astype(np.float64)
+            base_value = weights.read(inits[base.correspondence.params[name]])[rows].astype(np.float64)
         return method.combine(base_value, values, params, rng)
 
     return combine
@@ -146,7 +155,7 @@ def _regmean(params, members: list[Member], trunk_nodes: list[int], batches: Cal
     grams = gram_matrices(sessions, inputs, layers, batches("Gram matrices")) if layers else []
     by_weight = {layer.weight: (layer, [g[k] for g in grams]) for k, layer in enumerate(layers)}
 
-    def combine(name: str, values: list[np.ndarray]) -> np.ndarray:
+    def combine(name: str, values: list[np.ndarray], rows=...) -> np.ndarray:  # never given rows: not elementwise
         if name not in by_weight:
             return sum(values) / len(values)
         layer, layer_grams = by_weight[name]

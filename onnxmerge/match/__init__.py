@@ -42,6 +42,8 @@ class MatchMethod:
         needs_base: the method reads the base model (``--base``).
         needs_grams: the method reads each weight layer's input Gram matrices on the
             calibration data (RegMean).
+        elementwise: ``combine`` computes each entry from the same entry of every tensor
+            alone, so it may be given a band of rows at a time (memory: a band, not a tensor).
     """
 
     name: str
@@ -55,6 +57,7 @@ class MatchMethod:
     combine: Callable | None = None
     needs_base: bool = False
     needs_grams: bool = False
+    elementwise: bool = False
 
     @property
     def same_base(self) -> bool:
@@ -82,7 +85,7 @@ METHODS: tuple[MatchMethod, ...] = (
     MatchMethod("task-arithmetic", SUMMARIES["task-arithmetic"],
                 "Ilharco et al. 2023 (Editing models with task arithmetic)",
                 TaskArithmeticParams, needs_calibration=False, unequal_widths=False, function=average,
-                combine=task_arithmetic, needs_base=True),
+                combine=task_arithmetic, needs_base=True, elementwise=True),
     MatchMethod("ties", SUMMARIES["ties"],
                 "Yadav et al. 2023 (TIES-Merging)",
                 TiesParams, needs_calibration=False, unequal_widths=False, function=average,
@@ -94,7 +97,8 @@ METHODS: tuple[MatchMethod, ...] = (
                 "Shoemake 1985; White 2016 (Sampling generative networks)",
                 SlerpParams, needs_calibration=False, unequal_widths=False, function=average, combine=slerp),
     MatchMethod("linear", SUMMARIES["linear"], "Wortsman et al. 2022",
-                LinearParams, needs_calibration=False, unequal_widths=False, function=average, combine=linear),
+                LinearParams, needs_calibration=False, unequal_widths=False, function=average, combine=linear,
+                elementwise=True),
     MatchMethod("regmean", SUMMARIES["regmean"], "Jin et al. 2023 (Dataless knowledge fusion, RegMean)",
                 RegMeanParams, needs_calibration=False, unequal_widths=False, function=average, needs_grams=True),
 )

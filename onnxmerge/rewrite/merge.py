@@ -44,15 +44,18 @@ class Member:
 
 
 def merged_trunk_parameters(members: list[Member], split: TrunkSplit, matchings: dict[int, Matching],
-                            combine: Callable[[str, list[np.ndarray]], np.ndarray] | None = None) -> dict[str, np.ndarray]:
+                            combine: Callable[..., np.ndarray] | None = None,
+                            elementwise: bool = False) -> dict[str, np.ndarray]:
     """Trunk parameters of the merged model, keyed by model 0's initializer names.
 
     Each model's parameters are carried into the merged feature spaces (producers through
     ``count * M_i``, consumers through ``U_i^T``); a floating tensor is then the mean of the
-    models' (ZipIt!'s merge), or ``combine(name, values)`` of their float64 values when given
-    (the same-base methods, whose matchings are identities). Tensor by tensor: the float64
-    values of one tensor of every model at a time; with mapped models (``weights``) each
-    large result is spilled as soon as it exists, so memory holds no whole model.
+    models' (ZipIt!'s merge), or ``combine(name, values, rows)`` of their float64 values when
+    given (the same-base methods, whose matchings are identities; ``rows`` the slice of axis 0
+    they hold, or ``...``). Tensor by tensor: the float64 values of one tensor of every model at a time,
+    and with an ``elementwise`` combine (each entry from the same entry of every model) a band
+    of rows of it at a time; with mapped models (``weights``) each large result is spilled as
+    soon as it exists, so memory holds no whole model.
     """
     reference = members[0].model
     trunk_inputs = {name for k, node in enumerate(reference.graph.node) if k not in split.head_nodes for name in node.input}
@@ -64,18 +67,32 @@ def merged_trunk_parameters(members: list[Member], split: TrunkSplit, matchings:
     mapped = any(weights.has_mapped(member.model) for member in members)
     merged: dict[str, np.ndarray] = {}
     for name in names:
-        floats = []
-        for member, transform in zip(members, transformed):
-            value = transform(member.correspondence.params[name])
-            if value.dtype.kind != "f":  # shapes, axes, indices: identical across models
-                merged.setdefault(name, np.asarray(value).astype(dtypes[name]))
-            else:
-                floats.append(value.astype(np.float64))
-            del value
-        if floats:
-            result = combine(name, floats) if combine is not None else _mean(floats)
-            merged[name] = weights.kept(np.asarray(result).astype(dtypes[name]), mapped)
+        values = [transform(member.correspondence.params[name]) for member, transform in zip(members, transformed)]
+        if values[0].dtype.kind != "f":  # shapes, axes, indices: identical across models
+            merged[name] = np.asarray(values[0]).astype(dtypes[name])
+            continue
+        bands = row_bands(values[0].shape) if combine is not None and elementwise else [...]
+        result = np.empty(values[0].shape, dtypes[name])
+        for rows in bands:
+            # a file's rows mapped afresh per band: the pages read leave memory with the band
+            floats = [weights.transient(value)[rows].astype(np.float64) for value in values]
+            result[rows] = np.asarray(combine(name, floats, rows) if combine is not None else _mean(floats))
+            del floats
+        del values
+        merged[name] = weights.kept(result, mapped)
     return merged
+
+
+_BAND_BYTES = 16 << 20  # float64 bytes of one tensor's rows taken at a time (row_bands)
+
+
+def row_bands(shape: tuple[int, ...]) -> list:
+    """Slices of axis 0 of a tensor of ``shape`` holding about ``_BAND_BYTES`` in float64 each
+    (``...``, the whole tensor, for a scalar)."""
+    if not shape:
+        return [...]
+    step = max(1, _BAND_BYTES // (8 * max(int(np.prod(shape[1:], dtype=np.int64)), 1)))
+    return [slice(start, min(shape[0], start + step)) for start in range(0, shape[0], step)]
 
 
 def _mean(floats: list[np.ndarray]) -> np.ndarray:

@@ -78,7 +78,7 @@ def assemble_merged(members: list[Member], split, matchings: dict, base: Member 
         combine = combiner(method, method.make_params(**asdict(options)), members, base, trunk, batches,
                            options.provider, options.seed)
     with np.errstate(over="ignore", invalid="ignore"):  # checked below, in one line
-        parameters = merged_trunk_parameters(members, split, matchings, combine)
+        parameters = merged_trunk_parameters(members, split, matchings, combine, method.elementwise)
     _check_finite(parameters, members[0].model, options)
     return assemble(members, split, matchings, parameters, heads=options.heads)
 
