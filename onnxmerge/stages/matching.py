@@ -55,18 +55,24 @@ def match_spaces(members: list[Member], split, units: list[CaptureUnit], stats: 
     tensors, blocks = {}, reference.graph.block_spaces()
     groups = space_groups(units) if len(stats) else []  # no statistics: spaces matched from the weights
     for indices in progress(groups, "matching", len(groups), "unit"):
-        # read here, a space at a time: grouped statistics are computed a pass at a time
-        unit, unit_stats = units[indices[0]], stats[indices[0]]
-        companions = [(units[k], stats[k]) for k in indices[1:]]
-        for space, matching in match_unit(reference, unit, unit_stats, run, matchings, blocks, companions).items():
+        for space, matching in _match_group(reference, units, stats, indices, run, matchings, blocks).items():
             matchings.setdefault(space, matching)
-            tensors.setdefault(space, [unit.tensor, *(c.tensor for c, _ in companions)])
+            tensors.setdefault(space, [units[k].tensor for k in indices])
     matchings.update(_match_from_weights(members, sorted(set(split.zipped) - set(matchings)), matchings, options))
     rows = [_row(members, space, matching, tensors.get(space, [])) for space, matching in sorted(matchings.items())]
     for row in rows:
         log.debug("space %s (%s): widths %s -> %d, mean correlation %s", row["space"], row["tensor"] or "weights",
                   row["widths"], row["merged_width"], row["mean_correlation"])
     return matchings, rows
+
+
+def _match_group(reference: Member, units: list[CaptureUnit], stats: list, indices: list[int], run, known: dict,
+                 blocks: set[int]) -> dict:
+    """``match_unit`` of one space's chosen unit (``indices[0]``) and its companions. Their
+    statistics are read here, a space at a time (grouped statistics are computed a pass at a
+    time), and dropped on return: none of them is held while the next pass runs."""
+    companions = [(units[k], stats[k]) for k in indices[1:]]
+    return match_unit(reference, units[indices[0]], stats[indices[0]], run, known, blocks, companions)
 
 
 def _row(members: list[Member], space: int, matching: Matching | None, tensors: list[str]) -> dict:
