@@ -17,7 +17,9 @@ from __future__ import annotations
 import atexit
 import mmap
 import os
+import re
 import shutil
+import socket
 import tempfile
 
 import numpy as np
@@ -183,15 +185,41 @@ class Spill:
 _spill: Spill | None = None
 
 
+_SPILL_PREFIX = "onnxmerge-spill-"
+
+
 def spill() -> Spill:
     """This process's spill file, in a temporary folder removed at exit (``TMPDIR`` chooses
-    where: it needs room for the merged model)."""
+    where: it needs room for the merged model), named with this host and process id so that a
+    later process removes it if this one is killed (``sweep_spills``)."""
     global _spill
     if _spill is None:
-        folder = tempfile.mkdtemp(prefix="onnxmerge-spill-")
+        sweep_spills(tempfile.gettempdir())
+        folder = tempfile.mkdtemp(prefix=f"{_SPILL_PREFIX}{socket.gethostname()}-{os.getpid()}-")
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
         _spill = Spill(folder)
     return _spill
+
+
+def sweep_spills(folder: str) -> None:
+    """Remove the spill folders in ``folder`` that processes of this host left when killed
+    (SIGKILL skips the removal at exit): those named with this host and a process id that no
+    longer runs. Another host's folders (a shared ``TMPDIR``) are left alone."""
+    pattern = re.compile(rf"{re.escape(_SPILL_PREFIX + socket.gethostname())}-(\d+)-\w+")
+    for entry in os.scandir(folder):
+        found = pattern.fullmatch(entry.name)
+        if found and entry.is_dir(follow_symlinks=False) and not _running(int(found.group(1))):
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it runs
+        return True
+    return True
 
 
 def kept(value: np.ndarray, mapped: bool) -> np.ndarray:

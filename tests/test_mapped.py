@@ -126,3 +126,20 @@ def test_large_mapped_weights_are_fed_in_place_and_compute_the_same(external, mo
     feed = {in_memory.graph.input[0].name: x}
     for ours, theirs in zip(fed.run(None, feed), given.run(None, feed)):
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_spill_folders_of_killed_processes_are_swept(tmp_path):
+    """A process killed with SIGKILL leaves its spill folder; the next one removes it (this
+    host's, of a process id that no longer runs), never a live process's or another host's."""
+    import socket
+    import subprocess
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # its pid no longer runs
+    host = socket.gethostname()
+    names = {"dead": f"onnxmerge-spill-{host}-{dead.pid}-abc123", "live": f"onnxmerge-spill-{host}-{os.getpid()}-def456",
+             "other host": f"onnxmerge-spill-elsewhere-{dead.pid}-ghi789"}
+    for name in names.values():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "spill.data").write_bytes(b"x")
+    weights.sweep_spills(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([names["live"], names["other host"]])
