@@ -26,6 +26,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .errors import OnnxMergeError
+
 # Read at each use, so that tests can lower it to send small models down the mapped path.
 MAPPED_MIN_BYTES = 1 << 16
 FEED_MIN_BYTES = 1 << 28
@@ -174,12 +176,21 @@ class Spill:
         self._file = open(self.path, "ab")
 
     def store(self, value: np.ndarray) -> np.memmap:
-        """``value`` written to the file; a read-only memory map of it there."""
-        self._file.write(b"\0" * (-self._file.tell() % _ALIGNMENT))
-        offset = self._file.tell()
-        self._file.write(np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<")).tobytes())
-        self._file.flush()
-        return np.memmap(self.path, dtype=value.dtype.newbyteorder("<"), mode="r", offset=offset, shape=value.shape)
+        """``value`` written to the file; a read-only memory map of it there.
+
+        Raises:
+            OnnxMergeError: the file cannot be written (a full disk), in one line.
+        """
+        data = np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<"))
+        try:
+            self._file.write(b"\0" * (-self._file.tell() % _ALIGNMENT))
+            offset = self._file.tell()
+            self._file.write(data.reshape(-1).view(np.uint8))  # its buffer as it is: no bytes copy
+            self._file.flush()
+        except OSError as error:
+            raise OnnxMergeError(f"{self.path}: cannot write the spill file of computed weights ({error.strerror or error}); "
+                                 "free space there or set TMPDIR to a folder with room for the merged model") from error
+        return np.memmap(self.path, dtype=data.dtype, mode="r", offset=offset, shape=value.shape)
 
 
 _spill: Spill | None = None

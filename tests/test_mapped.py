@@ -14,7 +14,7 @@ import pytest
 
 from onnxmerge import io, models, weights
 from onnxmerge.calib.sessions import open_session
-from onnxmerge.errors import InvalidModelError
+from onnxmerge.errors import InvalidModelError, OnnxMergeError
 from onnxmerge.graph.canonical import canonicalize
 
 DIGITS = Path(__file__).resolve().parent.parent / "samples" / "digits"
@@ -143,3 +143,20 @@ def test_spill_folders_of_killed_processes_are_swept(tmp_path):
         (tmp_path / name / "spill.data").write_bytes(b"x")
     weights.sweep_spills(str(tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([names["live"], names["other host"]])
+
+
+def test_a_full_disk_while_spilling_is_one_line(tmp_path, monkeypatch):
+    spill = weights.Spill(str(tmp_path))
+    kept = spill.store(np.arange(6, dtype=np.float32).reshape(2, 3))
+    np.testing.assert_array_equal(kept, np.arange(6).reshape(2, 3))  # what it writes reads back
+
+    class Full:
+        def tell(self):
+            return 0
+
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(spill, "_file", Full())
+    with pytest.raises(OnnxMergeError, match="No space left on device.*TMPDIR"):
+        spill.store(np.zeros(4, np.float32))
