@@ -16,7 +16,7 @@ from .errors import RecipeError, UnsupportedGraphError
 from .match import MatchMethod
 from .match.regmean import gram_matrices, merged_weight, regmean_layers
 from .match.taskvec import check_params
-from .rewrite.merge import Member, row_bands
+from .rewrite.merge import Member
 from . import weights
 
 DRIFT_LIMIT = 1.0
@@ -75,7 +75,7 @@ def _weight(member: Member, inits: dict[str, onnx.TensorProto], name: str) -> np
 def check_fine_tunes(members: list[Member], base: Member | None, names: list[str], labels: list[str]) -> None:
     """Refuse models whose weights are too far from the base's (or, without a base, from model
     0's) to be fine-tunes of one base (``DRIFT_LIMIT``). Tensor by tensor and a band of rows
-    at a time (``row_bands``), in float64: no whole tensor of any model is copied.
+    at a time (``weights.row_bands``), in float64: no whole tensor of any model is copied.
 
     Raises:
         UnsupportedGraphError: names the model and its relative distance.
@@ -89,7 +89,7 @@ def check_fine_tunes(members: list[Member], base: Member | None, names: list[str
             continue
         tuned = [_weight(member, member_inits, name) for member, member_inits in zip(members, inits[1:])]
         squares = np.zeros(1 + len(members))  # |reference|^2, then each |weight - reference|^2
-        for rows in row_bands(reference.shape):
+        for rows in weights.row_bands(reference.shape):
             part = weights.transient(reference)[rows].astype(np.float64)
             squares[0] += np.vdot(part, part)
             for k, weight in enumerate(tuned):

@@ -35,6 +35,9 @@ FEED_MIN_BYTES = 1 << 28
 CPU, read in place, instead of given as initializers, which it copies (twice the memory) but
 can fuse into the layers (Conv with BatchNormalization, ...), a last-bit difference in the
 outputs. Read at each use, so that tests can lower it."""
+BAND_BYTES = 16 << 20
+"""float64 bytes of rows that a step working a band at a time holds (``row_bands``): an (n, n)
+statistic's, a same-base merge's tensor's. Read at each use, so that tests can lower it."""
 _SESSION_LOCATION = "onnxmerge-mapped"  # the stub location onnxruntime sees; the values come from memory
 _ALIGNMENT = 64  # spilled tensors start at offsets numpy can view as any dtype
 
@@ -240,6 +243,16 @@ def kept(value: np.ndarray, mapped: bool) -> np.ndarray:
             and reference(value, "") is None:  # already a file's memory map: nothing to write
         return spill().store(value)
     return value
+
+
+def row_bands(shape: tuple[int, ...]) -> list:
+    """Slices of axis 0 of an array of ``shape`` holding about ``BAND_BYTES`` in float64 each
+    (``...``, the whole array, for a scalar): elementwise work on them holds a band of rows at
+    a time, not the array."""
+    if not shape:
+        return [...]
+    step = max(1, BAND_BYTES // (8 * max(int(np.prod(shape[1:], dtype=np.int64)), 1)))
+    return [slice(start, min(shape[0], start + step)) for start in range(0, shape[0], step)]
 
 
 def session_parts(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str], list[np.ndarray]]:

@@ -237,7 +237,7 @@ def test_the_report_says_merged_not_zipped_for_same_base_methods():
 def test_an_elementwise_method_given_a_row_at_a_time_gives_the_same_model(monkeypatch, method):
     """Elementwise combinations run a band of rows at a time (memory of a band, not a
     tensor); the merged weights are the same bits as from whole tensors."""
-    from onnxmerge.rewrite import merge as merge_module
+    from onnxmerge import weights
     a, b = tuned(1, 0.3), tuned(2, 0.3)
     base = small(BASE) if method == "task-arithmetic" else None
 
@@ -246,10 +246,10 @@ def test_an_elementwise_method_given_a_row_at_a_time_gives_the_same_model(monkey
         return {i.name: numpy_helper.to_array(i) for i in result.model.graph.initializer}
 
     whole = merged()
-    monkeypatch.setattr(merge_module, "_BAND_BYTES", 1)  # one row per band
+    monkeypatch.setattr(weights, "BAND_BYTES", 1)  # one row per band
     bands = []
-    real = merge_module.row_bands
-    monkeypatch.setattr(merge_module, "row_bands", lambda shape: bands.append(len(real(shape))) or real(shape))
+    real = weights.row_bands
+    monkeypatch.setattr(weights, "row_bands", lambda shape: bands.append(len(real(shape))) or real(shape))
     banded = merged()
     assert max(bands) > 1  # the weights really went in several bands
     assert whole.keys() == banded.keys()

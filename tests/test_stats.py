@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from onnxmerge.calib import stats as stats_module
+from onnxmerge import weights
 from onnxmerge.calib.stats import (AFFINE_BAND, ChannelMoments, SpaceStats, Statistics, combine_moments, combine_stats,
                                    load_moments, load_stats, pooled_similarity, save_stats, to_samples)
 from onnxmerge.errors import CalibrationError
@@ -61,7 +61,7 @@ def test_two_shards_combined_equal_one_run():
 def test_moments_by_blocks_add_as_the_whole_matrix(monkeypatch, band_bytes):
     """A moments graph's upper blocks of X^T X add, band by band, to the same numbers as the
     whole (n, n) matrix, and these equal the direct computation on the uncentred rows."""
-    monkeypatch.setattr(stats_module, "_BAND_BYTES", band_bytes)
+    monkeypatch.setattr(weights, "BAND_BYTES", band_bytes)
     first, second = _features(7, 50)
     shift = np.concatenate([first[0], second[0]]).astype(np.float64)
     rows = np.hstack([first, second]).astype(np.float64)

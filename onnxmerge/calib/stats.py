@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .. import weights
 from ..errors import CalibrationError
 from ..io import write_atomically
 from .arrays import ArrayFile
@@ -83,20 +84,12 @@ def to_samples(x: np.ndarray, axis: int, fold: tuple[int, int] = (1, 1), span: i
     return np.moveaxis(x, axis, -1).reshape(-1, width)
 
 
-_BAND_BYTES = 16 << 20  # float64 rows of an (n, n) matrix that elementwise steps take at a time
-
-
-def _bands(n: int) -> list[slice]:
-    """Row bands of an (n, n) float64 matrix of ``_BAND_BYTES`` each."""
-    step = max(1, _BAND_BYTES // (8 * max(n, 1)))
-    return [slice(start, min(n, start + step)) for start in range(0, n, step)]
-
-
 def _symmetrize(matrix: np.ndarray) -> None:
     """``matrix`` := (matrix + matrix^T) / 2 in place, a block at a time (each pair of entries
     gets the same number the whole-matrix expression gives it)."""
-    for rows in _bands(len(matrix)):
-        for cols in _bands(len(matrix)):
+    bands = weights.row_bands(matrix.shape)
+    for rows in bands:
+        for cols in bands:
             if cols.start < rows.start:
                 continue
             mean = (matrix[rows, cols] + matrix[cols, rows].T) / 2
@@ -191,7 +184,7 @@ class SpaceStats:
             model = int(np.searchsorted(np.cumsum(self.widths), bad[0], side="right"))
             raise CalibrationError(f"model {model} produced NaN or Inf features ({len(bad)} channels); "
                                    "check the model on the calibration data with onnxruntime")
-        for rows in _bands(self.width):
+        for rows in weights.row_bands(self.outer.shape):
             band = _band(outer, rows, self.widths)
             if shift is not None:
                 # outer + cross + cross^T + count * shift shift^T, added in this order
@@ -231,7 +224,7 @@ class SpaceStats:
         """(n, n) population covariance E[xx^T] - mu mu^T (divides by count), symmetric."""
         mu = self.mean()
         cov = self.outer / self.count
-        for rows in _bands(len(mu)):  # in bands: one (n, n) array, not four
+        for rows in weights.row_bands(cov.shape):  # in bands: one (n, n) array, not four
             cov[rows] -= np.outer(mu[rows], mu)
         _symmetrize(cov)
         return cov
@@ -265,7 +258,7 @@ class SpaceStats:
         variance = np.diag(corr).copy()
         live = self.live(dead_rtol=dead_rtol)
         std = np.where(live, np.sqrt(np.where(live, variance, 1.0)), 1.0)
-        for rows in _bands(len(std)):
+        for rows in weights.row_bands(corr.shape):
             corr[rows] /= np.outer(std[rows], std)
         corr[~live, :] = 0.0
         corr[:, ~live] = 0.0
@@ -289,7 +282,7 @@ class SpaceStats:
         corr = self.correlation(dead_rtol=dead_rtol)
         dead = ~self.live(dead_rtol=dead_rtol)
         diagonal = np.diagonal(self.outer) / self.count
-        for rows in _bands(len(corr)):  # elementwise, a band of rows at a time: one (n, n) array
+        for rows in weights.row_bands(corr.shape):  # elementwise, a band of rows at a time: one (n, n) array
             second = self.outer[rows] / self.count
             power = diagonal[rows, None] + diagonal[None, :]
             second *= 2.0

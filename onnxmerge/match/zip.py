@@ -40,6 +40,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .. import weights
 from ..errors import RecipeError
 from ..choices import default
 from .matching import Matching, checked_correlation
@@ -118,9 +119,6 @@ def _zip(corr: np.ndarray, widths: list[int], params: ZipParams, space: str) -> 
     return Matching.from_clusters(zipper.labels(), widths, mean_correlation=mean, within_model_merges=zipper.within)
 
 
-_BAND_BYTES = 16 << 20  # rows of the (n, n) scores that a rescan copies at a time
-
-
 class _Zipper:
     """Greedy state: dense scores between cluster representatives, -inf off the active pairs
     (``corr`` is taken over and overwritten), and each active row's best allowed partner
@@ -150,9 +148,8 @@ class _Zipper:
         """Recompute the best allowed partner of ``rows`` (first maximum: smallest column), a
         band of rows at a time (all of them at the start: no copy of the whole matrix)."""
         closed = self.closed()
-        step = max(1, _BAND_BYTES // (8 * max(len(self.score), 1)))
-        for start in range(0, len(rows), step):
-            self._rescan(rows[start:start + step], closed)
+        for band in weights.row_bands((len(rows), len(self.score))):
+            self._rescan(rows[band], closed)
 
     def _rescan(self, rows: np.ndarray, closed: np.ndarray) -> None:
         values = self.score[rows]

@@ -71,7 +71,7 @@ def merged_trunk_parameters(members: list[Member], split: TrunkSplit, matchings:
         if values[0].dtype.kind != "f":  # shapes, axes, indices: identical across models
             merged[name] = np.asarray(values[0]).astype(dtypes[name])
             continue
-        bands = row_bands(values[0].shape) if combine is not None and elementwise else [...]
+        bands = weights.row_bands(values[0].shape) if combine is not None and elementwise else [...]
         result = np.empty(values[0].shape, dtypes[name])
         for rows in bands:
             # a file's rows mapped afresh per band: the pages read leave memory with the band
@@ -81,18 +81,6 @@ def merged_trunk_parameters(members: list[Member], split: TrunkSplit, matchings:
         del values
         merged[name] = weights.kept(result, mapped)
     return merged
-
-
-_BAND_BYTES = 16 << 20  # float64 bytes of one tensor's rows taken at a time (row_bands)
-
-
-def row_bands(shape: tuple[int, ...]) -> list:
-    """Slices of axis 0 of a tensor of ``shape`` holding about ``_BAND_BYTES`` in float64 each
-    (``...``, the whole tensor, for a scalar)."""
-    if not shape:
-        return [...]
-    step = max(1, _BAND_BYTES // (8 * max(int(np.prod(shape[1:], dtype=np.int64)), 1)))
-    return [slice(start, min(shape[0], start + step)) for start in range(0, shape[0], step)]
 
 
 def _mean(floats: list[np.ndarray]) -> np.ndarray:
