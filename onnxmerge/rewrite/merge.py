@@ -50,12 +50,12 @@ def merged_trunk_parameters(members: list[Member], split: TrunkSplit, matchings:
 
     Each model's parameters are carried into the merged feature spaces (producers through
     ``count * M_i``, consumers through ``U_i^T``); a floating tensor is then the mean of the
-    models' (ZipIt!'s merge), or ``combine(name, values, rows)`` of their float64 values when
-    given (the same-base methods, whose matchings are identities; ``rows`` the slice of axis 0
-    they hold, or ``...``). Tensor by tensor: the float64 values of one tensor of every model at a time,
-    and with an ``elementwise`` combine (each entry from the same entry of every model) a band
-    of rows of it at a time; with mapped models (``weights``) each large result is spilled as
-    soon as it exists, so memory holds no whole model.
+    models' (ZipIt!'s merge), or ``combine(name, values, rows=...)`` of their float64 values
+    when given (the same-base methods, whose matchings are identities; ``rows`` the slice of
+    axis 0 the values hold). Tensor by tensor: the float64 values of one tensor of every model
+    at a time, and with an ``elementwise`` combine (each entry from the same entry of every
+    model) a band of rows of it at a time; with mapped models (``weights``) each large result is
+    spilled as soon as it exists, so memory holds no whole model.
     """
     reference = members[0].model
     trunk_inputs = {name for k, node in enumerate(reference.graph.node) if k not in split.head_nodes for name in node.input}
@@ -66,21 +66,35 @@ def merged_trunk_parameters(members: list[Member], split: TrunkSplit, matchings:
                    for i, member in enumerate(members)]
     mapped = any(weights.has_mapped(member.model) for member in members)
     merged: dict[str, np.ndarray] = {}
+    banded = combine is not None and elementwise
     for name in names:
-        values = [transform(member.correspondence.params[name]) for member, transform in zip(members, transformed)]
-        if values[0].dtype.kind != "f":  # shapes, axes, indices: identical across models
-            merged[name] = np.asarray(values[0]).astype(dtypes[name])
+        floats = []
+        for member, transform in zip(members, transformed):
+            value = transform(member.correspondence.params[name])
+            if value.dtype.kind != "f":  # shapes, axes, indices: identical across models
+                merged.setdefault(name, np.asarray(value).astype(dtypes[name]))
+            else:  # kept as it is to be read a band at a time, else its float64 copy alone is kept
+                floats.append(value if banded else value.astype(np.float64))
+            del value
+        if not floats:
             continue
-        bands = weights.row_bands(values[0].shape) if combine is not None and elementwise else [...]
-        result = np.empty(values[0].shape, dtypes[name])
-        for rows in bands:
-            # a file's rows mapped afresh per band: the pages read leave memory with the band
-            floats = [weights.transient(value)[rows].astype(np.float64) for value in values]
-            result[rows] = np.asarray(combine(name, floats, rows) if combine is not None else _mean(floats))
-            del floats
-        del values
-        merged[name] = weights.kept(result, mapped)
+        if banded:
+            result = _banded(name, floats, combine, dtypes[name])
+        else:
+            result = combine(name, floats) if combine is not None else _mean(floats)
+        del floats
+        merged[name] = weights.kept(np.asarray(result).astype(dtypes[name], copy=False), mapped)
     return merged
+
+
+def _banded(name: str, values: list[np.ndarray], combine: Callable[..., np.ndarray], dtype: np.dtype) -> np.ndarray:
+    """An elementwise ``combine`` of the models' tensors a band of rows at a time
+    (``weights.row_bands``): their float64 rows of one band are held, not the tensors."""
+    result = np.empty(values[0].shape, dtype)
+    for rows in weights.row_bands(values[0].shape):
+        # a file's rows mapped afresh per band: the pages read leave memory with the band
+        result[rows] = combine(name, [weights.transient(value)[rows].astype(np.float64) for value in values], rows)
+    return result
 
 
 def _mean(floats: list[np.ndarray]) -> np.ndarray:
