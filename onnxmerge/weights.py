@@ -15,6 +15,7 @@ computations read them, and they cost nothing.
 from __future__ import annotations
 
 import atexit
+import math
 import mmap
 import os
 import re
@@ -253,6 +254,23 @@ def row_bands(shape: tuple[int, ...]) -> list:
         return [...]
     step = max(1, BAND_BYTES // (8 * max(int(np.prod(shape[1:], dtype=np.int64)), 1)))
     return [slice(start, min(shape[0], start + step)) for start in range(0, shape[0], step)]
+
+
+def tile_pairs(n: int) -> list[tuple[slice, slice]]:
+    """The (rows, cols) square tiles on and above the diagonal of an (n, n) float64 matrix,
+    each about ``BAND_BYTES``: work on a tile and its mirror image holds two tiles at a time."""
+    side = max(1, math.isqrt(BAND_BYTES // 8))
+    bands = [slice(start, min(n, start + side)) for start in range(0, n, side)]
+    return [(rows, cols) for k, rows in enumerate(bands) for cols in bands[k:]]
+
+
+def symmetrize(matrix: np.ndarray) -> None:
+    """``matrix`` := (matrix + matrix^T) / 2 in place, a tile at a time (each pair of entries
+    gets the number the whole-matrix expression gives it: a + b is b + a in floating point)."""
+    for rows, cols in tile_pairs(len(matrix)):
+        mean = (matrix[rows, cols] + matrix[cols, rows].T) / 2
+        matrix[rows, cols] = mean
+        matrix[cols, rows] = mean.T
 
 
 def session_parts(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str], list[np.ndarray]]:

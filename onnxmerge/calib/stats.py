@@ -84,19 +84,6 @@ def to_samples(x: np.ndarray, axis: int, fold: tuple[int, int] = (1, 1), span: i
     return np.moveaxis(x, axis, -1).reshape(-1, width)
 
 
-def _symmetrize(matrix: np.ndarray) -> None:
-    """``matrix`` := (matrix + matrix^T) / 2 in place, a block at a time (each pair of entries
-    gets the same number the whole-matrix expression gives it)."""
-    bands = weights.row_bands(matrix.shape)
-    for rows in bands:
-        for cols in bands:
-            if cols.start < rows.start:
-                continue
-            mean = (matrix[rows, cols] + matrix[cols, rows].T) / 2
-            matrix[rows, cols] = mean
-            matrix[cols, rows] = mean.T
-
-
 def _band(outer: np.ndarray | list[list[np.ndarray | None]], rows: slice, widths: tuple[int, ...]) -> np.ndarray:
     """Rows ``rows`` of an (n, n) matrix given whole or by blocks (``SpaceStats.add_moments``),
     in float64 (a view of a float64 array)."""
@@ -222,12 +209,16 @@ class SpaceStats:
 
     def covariance(self) -> np.ndarray:
         """(n, n) population covariance E[xx^T] - mu mu^T (divides by count), symmetric."""
+        return self._derived(self._covariance_tiles())
+
+    def _covariance_tiles(self) -> Callable:
         mu = self.mean()
-        cov = self.outer / self.count
-        for rows in weights.row_bands(cov.shape):  # in bands: one (n, n) array, not four
-            cov[rows] -= np.outer(mu[rows], mu)
-        _symmetrize(cov)
-        return cov
+
+        def tiles(rows: slice, cols: slice, upper: np.ndarray, lower: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            means = np.outer(mu[rows], mu[cols])
+            mean = ((upper - means) + (lower - means)) / 2  # symmetric: the mean of both mirrored entries
+            return mean, mean
+        return tiles
 
     def _variance(self) -> np.ndarray:
         """(n,) the covariance's diagonal, computed as ``covariance`` computes it (same numbers)."""
@@ -254,19 +245,25 @@ class SpaceStats:
         A dead channel (see ``live``) has correlation 0 to everything, itself included; a live
         channel has 1 on the diagonal.
         """
-        corr = self.covariance()
-        variance = np.diag(corr).copy()
-        live = self.live(dead_rtol=dead_rtol)
-        std = np.where(live, np.sqrt(np.where(live, variance, 1.0)), 1.0)
-        for rows in weights.row_bands(corr.shape):
-            corr[rows] /= np.outer(std[rows], std)
-        corr[~live, :] = 0.0
-        corr[:, ~live] = 0.0
-        np.clip(corr, -1.0, 1.0, out=corr)
-        np.fill_diagonal(corr, live.astype(np.float64))
-        return corr
+        return self._derived(self._correlation_tiles(dead_rtol))
 
-    def similarity(self, *, dead_rtol: float = DEAD_RTOL) -> np.ndarray:
+    def _correlation_tiles(self, dead_rtol: float) -> Callable:
+        covariance = self._covariance_tiles()
+        live = self.live(dead_rtol=dead_rtol)
+        std = np.where(live, np.sqrt(np.where(live, self._variance(), 1.0)), 1.0)
+
+        def tiles(rows: slice, cols: slice, upper: np.ndarray, lower: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            corr, _ = covariance(rows, cols, upper, lower)
+            corr /= np.outer(std[rows], std[cols])
+            corr[~live[rows], :] = 0.0
+            corr[:, ~live[cols]] = 0.0
+            np.clip(corr, -1.0, 1.0, out=corr)
+            if rows == cols:
+                np.fill_diagonal(corr, live[rows].astype(np.float64))
+            return corr, corr
+        return tiles
+
+    def similarity(self, *, dead_rtol: float = DEAD_RTOL, consume: bool = False) -> np.ndarray:
         """(n, n) what features are matched on: the correlation, except for pairs that are
         affine functions of each other (live ones correlated at least 1 - ``AFFINE_BAND``, or
         two dead ones) or equal up to rounding (agreement at least 1 - ``EQUAL_RTOL``), which
@@ -278,41 +275,67 @@ class SpaceStats:
         with strangers. Agreement is 1 only for features equal on every sample (the one pair
         merged without error) and falls with the difference of their means and scales, so the
         copy wins; every other pair keeps its correlation. The diagonal is 1.
+
+        Args:
+            consume: compute it in the memory of the statistics' ``outer``, which is gone
+                after (``outer`` becomes None): one (n, n) float64 array in memory, not two.
         """
-        corr = self.correlation(dead_rtol=dead_rtol)
+        correlation = self._correlation_tiles(dead_rtol)
         dead = ~self.live(dead_rtol=dead_rtol)
         diagonal = np.diagonal(self.outer) / self.count
-        for rows in weights.row_bands(corr.shape):  # elementwise, a band of rows at a time: one (n, n) array
-            second = self.outer[rows] / self.count
-            power = diagonal[rows, None] + diagonal[None, :]
+
+        def ranked(rows: slice, cols: slice, corr: np.ndarray, second: np.ndarray) -> np.ndarray:
+            power = diagonal[rows, None] + diagonal[None, cols]
             second *= 2.0
             # two channels that are 0 on every sample are equal
             agreement = np.ones_like(second)
             np.divide(second, power, out=agreement, where=power > 0)
             np.clip(agreement, 0.0, 1.0, out=agreement)
-            affine = corr[rows] >= 1.0 - AFFINE_BAND
-            affine |= np.outer(dead[rows], dead)
+            affine = corr >= 1.0 - AFFINE_BAND
+            affine |= np.outer(dead[rows], dead[cols])
             affine |= agreement >= 1.0 - EQUAL_RTOL
             np.subtract(1.0, agreement, out=agreement)
             agreement *= AFFINE_BAND
             np.subtract(1.0, agreement, out=agreement)
-            np.copyto(corr[rows], agreement, where=affine)
-        return corr
+            return np.where(affine, agreement, corr)
+
+        def tiles(rows: slice, cols: slice, upper: np.ndarray, lower: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            corr, _ = correlation(rows, cols, upper, lower)
+            # agreement reads each entry's own second moment: the two mirrored tiles differ
+            return ranked(rows, cols, corr, upper), ranked(rows, cols, corr, lower)
+        return self._derived(tiles, consume=consume)
+
+    def _derived(self, tiles: Callable, *, consume: bool = False) -> np.ndarray:
+        """The (n, n) matrix whose tiles ``tiles(rows, cols, upper, lower)`` computes from the
+        second moments E[xx^T] of a pair of mirrored tiles (``upper`` at [rows, cols], ``lower``
+        at [cols, rows], transposed), returning both (``lower`` transposed likewise). Written in
+        a new array, or with ``consume`` in place of ``outer`` (then None): each pair of tiles
+        is read before either is written."""
+        source = self.outer
+        result = source if consume else np.empty_like(source)
+        if consume:
+            self.outer = None
+        for rows, cols in weights.tile_pairs(len(source)):
+            upper, lower = tiles(rows, cols, source[rows, cols] / self.count, source[cols, rows].T / self.count)
+            result[cols, rows] = lower.T
+            result[rows, cols] = upper
+        return result
 
 
-def pooled_similarity(stats: Sequence[SpaceStats]) -> np.ndarray:
+def pooled_similarity(stats: Sequence[SpaceStats], *, consume: bool = False) -> np.ndarray:
     """The similarity of features that several tensors show (a residual stream's stem output,
     block outputs and sums): the mean of each tensor's ``similarity``, weighted by its sample
     count. Correlations are averaged rather than read from the summed moments, so that a tensor
     of a larger scale (a conv's output before its BatchNormalization, a sum deep in the stream)
-    does not outweigh the others; one tensor's is its own similarity exactly."""
+    does not outweigh the others; one tensor's is its own similarity exactly. ``consume``: as
+    ``SpaceStats.similarity``'s, for every one of ``stats``."""
     total = sum(s.count for s in stats)
     if len(stats) == 1:
-        return stats[0].similarity()
-    pooled = stats[0].similarity()
+        return stats[0].similarity(consume=consume)
+    pooled = stats[0].similarity(consume=consume)
     pooled *= stats[0].count / total
     for more in stats[1:]:  # summed in place, in the order of the plain sum (the same numbers)
-        similarity = more.similarity()
+        similarity = more.similarity(consume=consume)
         similarity *= more.count / total
         pooled += similarity
         del similarity

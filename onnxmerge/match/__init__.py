@@ -32,7 +32,8 @@ class MatchMethod:
         params: frozen dataclass of the method's parameters, every field with a default.
         needs_calibration: the function reads a feature correlation (else it gets none).
         unequal_widths: the method accepts models of different widths at a space.
-        function: ``function(corr, widths, params, space="") -> Matching`` for one space, or
+        function: ``function(corr, widths, params, space="", overwrite_corr=False) -> Matching``
+            for one space (``overwrite_corr``: it may work in ``corr``'s memory), or
             with ``graph_level``, ``function(members, spaces, params) -> {space: Matching}``.
         graph_level: see ``function``.
         combine: same-base methods (fine-tunes of one base, matched one to one):

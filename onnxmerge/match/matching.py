@@ -7,6 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .. import weights
 from ..errors import CalibrationError
 
 
@@ -125,23 +126,29 @@ def _one_hot(columns: np.ndarray, width: int):
     return _sparse((np.ones(len(columns)), (np.arange(len(columns)), columns)), (len(columns), width))
 
 
-def checked_correlation(corr: np.ndarray, widths: Sequence[int], space: str = "") -> np.ndarray:
+def checked_correlation(corr: np.ndarray, widths: Sequence[int], space: str = "", *,
+                        overwrite: bool = False) -> np.ndarray:
     """``corr`` as a symmetric float64 matrix of side sum(widths).
 
     The correlation of the concatenated features is symmetric in exact arithmetic; averaging it
     with its transpose removes rounding asymmetry (and changes nothing in an exactly symmetric
     matrix), so "the pair (a, b)" has one value whichever way it is read.
 
+    Args:
+        overwrite: symmetrise ``corr`` itself when it is a float64 array (as scipy's
+            ``overwrite_a``): no (n, n) copy; else a copy.
+
     Raises:
         ValueError: wrong shape (a caller bug).
         CalibrationError: non-finite values (the calibration features overflowed).
     """
-    corr = np.asarray(corr, dtype=np.float64)
+    corr = np.asarray(corr, dtype=np.float64) if overwrite else np.array(corr, dtype=np.float64)
     total = sum(int(d) for d in widths)
     if corr.shape != (total, total):
         raise ValueError(f"correlation of shape {corr.shape} for widths {list(widths)}")
-    if not np.isfinite(corr).all():
+    if not all(np.isfinite(corr[rows]).all() for rows in weights.row_bands(corr.shape)):
         where = f"space {space}: " if space else ""
         raise CalibrationError(f"{where}the feature correlation has NaN or infinite values; the calibration "
                                "features overflow float32 somewhere upstream, check the calibration inputs' range")
-    return (corr + corr.T) / 2
+    weights.symmetrize(corr)
+    return corr

@@ -40,7 +40,8 @@ def average(corr: np.ndarray | None, widths: Sequence[int], params: NoParams = N
     return Matching.identity(widths)
 
 
-def permute(corr: np.ndarray, widths: Sequence[int], params: NoParams = NoParams(), space: str = "") -> Matching:
+def permute(corr: np.ndarray, widths: Sequence[int], params: NoParams = NoParams(), space: str = "", *,
+            overwrite_corr: bool = False) -> Matching:
     """Assign every model's features one to one onto model 0's, maximising total correlation.
 
     Model i > 0 is matched to model 0 alone (a Hungarian assignment on the model-0 x model-i
@@ -51,6 +52,8 @@ def permute(corr: np.ndarray, widths: Sequence[int], params: NoParams = NoParams
         corr: (N d) x (N d) correlation of the concatenated features.
         widths: d per model, all equal.
         space: the space's name, for error messages.
+        overwrite_corr: symmetrise ``corr`` in its own memory (a float64 array), as
+            ``zip_clusters``'s.
 
     Returns:
         A width-d matching; ``mean_correlation`` is the mean correlation of the assigned
@@ -60,7 +63,7 @@ def permute(corr: np.ndarray, widths: Sequence[int], params: NoParams = NoParams
         RecipeError: the widths differ.
     """
     require_equal_widths(widths, "permute", space)
-    corr = checked_correlation(corr, widths, space)
+    corr = checked_correlation(corr, widths, space, overwrite=overwrite_corr)
     d = widths[0] if widths else 0
     labels, joined = [np.arange(d)], []
     for i in range(1, len(widths)):

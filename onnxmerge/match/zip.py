@@ -86,7 +86,8 @@ def target_width(widths: Sequence[int], params: ZipParams, space: str = "") -> i
     return target
 
 
-def zip_clusters(corr: np.ndarray, widths: Sequence[int], params: ZipParams = ZipParams(), space: str = "") -> Matching:
+def zip_clusters(corr: np.ndarray, widths: Sequence[int], params: ZipParams = ZipParams(), space: str = "", *,
+                 overwrite_corr: bool = False) -> Matching:
     """Greedy zipping of one space down to ``params.width`` clusters (module docstring).
 
     Args:
@@ -96,6 +97,8 @@ def zip_clusters(corr: np.ndarray, widths: Sequence[int], params: ZipParams = Zi
         widths: d_i per model (0 allowed).
         params: alpha, beta, target width.
         space: the space's name, for error messages.
+        overwrite_corr: work in ``corr``'s memory (a float64 array; its values are lost), as
+            scipy's ``overwrite_a``: the greedy search holds one (n, n) matrix, not two.
 
     Returns:
         The matching; ``mean_correlation`` is the mean score of the joined pairs and
@@ -105,7 +108,8 @@ def zip_clusters(corr: np.ndarray, widths: Sequence[int], params: ZipParams = Zi
         RecipeError: target width, alpha or beta out of range.
         CalibrationError: ``corr`` has non-finite values.
     """
-    return _zip(checked_correlation(corr, widths, space), [int(d) for d in widths], params, space)
+    return _zip(checked_correlation(corr, widths, space, overwrite=overwrite_corr), [int(d) for d in widths], params,
+                space)
 
 
 def _zip(corr: np.ndarray, widths: list[int], params: ZipParams, space: str) -> Matching:

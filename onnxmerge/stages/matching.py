@@ -70,9 +70,10 @@ def _match_group(reference: Member, units: list[CaptureUnit], stats: list, indic
                  blocks: set[int]) -> dict:
     """``match_unit`` of one space's chosen unit (``indices[0]``) and its companions. Their
     statistics are read here, a space at a time (grouped statistics are computed a pass at a
-    time), and dropped on return: none of them is held while the next pass runs."""
+    time), and consumed: their X^T X become the similarity matched on (one (n, n) matrix, not
+    two), so none is read again."""
     companions = [(units[k], stats[k]) for k in indices[1:]]
-    return match_unit(reference, units[indices[0]], stats[indices[0]], run, known, blocks, companions)
+    return match_unit(reference, units[indices[0]], stats[indices[0]], run, known, blocks, companions, consume=True)
 
 
 def _row(members: list[Member], space: int, matching: Matching | None, tensors: list[str]) -> dict:
@@ -122,22 +123,24 @@ def _check_widths(members: list[Member], spaces, method) -> None:
 
 
 def _space_matcher(method, params, width: float | str | None):
-    """The method on one space's correlation, with ``--width`` (a multiple of the widest
-    model's width, or ``min``: the narrowest model's) turned into that space's target width."""
+    """The method on one space's correlation, which it may overwrite (every caller's is a
+    fresh array), with ``--width`` (a multiple of the widest model's width, or ``min``: the
+    narrowest model's) turned into that space's target width."""
     def run(corr: np.ndarray, widths: list[int]) -> Matching:
         if width is None or not method.unequal_widths:
-            return method.function(corr, widths, params)
+            return method.function(corr, widths, params, overwrite_corr=True)
         target = min(widths) if width == "min" else min(sum(widths), max(1, round(width * max(widths))))
         if max(widths) == 1:  # a one-channel axis may broadcast against wider ones: it stays one
             target = 1
-        return method.function(corr, widths, replace(params, width=target))
+        return method.function(corr, widths, replace(params, width=target), overwrite_corr=True)
     return run
 
 
 def match_unit(reference: Member, unit: CaptureUnit, unit_stats, run, known: dict, blocks: set[int],
-               companions: Sequence[tuple[CaptureUnit, SpaceStats]] = ()) -> dict:
+               companions: Sequence[tuple[CaptureUnit, SpaceStats]] = (), *, consume: bool = False) -> dict:
     """Matchings of the spaces of one capture unit, on the similarity pooled over the unit and
-    those of its ``companions`` where every model's features vary (``pooled_similarity``).
+    those of its ``companions`` where every model's features vary (``pooled_similarity``;
+    ``consume``: computed in their statistics' memory, which are unusable after).
     Models with no features there (channels constant, as inside a lifted identity block:
     ``SpaceStats.models_vary``) are matched among the others only, on the unit alone
     (method.md §5.5)."""
@@ -146,8 +149,9 @@ def match_unit(reference: Member, unit: CaptureUnit, unit_stats, run, known: dic
     live = [int(i) for i in np.flatnonzero(unit_stats.models_vary())]
     if not live or len(live) == len(widths):
         shown = [s for _, s in companions if s.models_vary().all()]
-        return _match_features(reference, unit, pooled_similarity([unit_stats, *shown]), widths, run, known, blocks)
-    corr = unit_stats.similarity()
+        corr = pooled_similarity([unit_stats, *shown], consume=consume)
+        return _match_features(reference, unit, corr, widths, run, known, blocks)
+    corr = unit_stats.similarity(consume=consume)
     keep = np.concatenate([np.arange(bounds[i], bounds[i + 1]) for i in live])
     matched = _match_features(reference, unit, corr[np.ix_(keep, keep)], [widths[i] for i in live], run,
                               {}, blocks)
@@ -169,5 +173,5 @@ def _match_features(reference: Member, unit: CaptureUnit, corr: np.ndarray, widt
         return {outer: block, inner: within}
     (space,) = unit.spaces
     if space in blocks:
-        return {space: permute_features(corr, widths, space=reference.graph.space(space).name)}
+        return {space: permute_features(corr, widths, space=reference.graph.space(space).name, overwrite_corr=True)}
     return {space: run(corr, widths)}
