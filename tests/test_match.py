@@ -119,6 +119,21 @@ def test_fast_zip_equals_reference_on_larger_cases(widths, quantum):
         assert_same(zip_clusters(corr, widths, params), reference)
 
 
+@pytest.mark.parametrize("method", [zip_clusters, permute])
+def test_a_method_leaves_the_callers_correlation_unless_told_to_overwrite_it(method):
+    rng = np.random.default_rng(3)
+    features = rng.normal(size=(100, 24))
+    features[:, 12:] = features[:, :12][:, ::-1] + 0.1 * rng.normal(size=(100, 12))
+    corr = np.corrcoef(features, rowvar=False)
+    corr[0, 1] += 1e-9  # rounding asymmetry, which both ways symmetrise
+    given = corr.copy()
+    kept = method(corr, [12, 12])
+    assert np.array_equal(corr, given)
+    overwritten = method(corr, [12, 12], overwrite_corr=True)
+    assert_same(overwritten, kept)
+    assert not np.array_equal(corr, given)  # worked in the caller's memory
+
+
 def test_obvious_cross_matching_of_two_by_two():
     # A0 ~ B1 and A1 ~ B0; within-model and other pairs weak
     corr = np.array([[1.0, 0.1, 0.2, 0.9],

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from onnxmerge import weights
-from onnxmerge.calib.stats import (AFFINE_BAND, ChannelMoments, SpaceStats, Statistics, combine_moments, combine_stats,
-                                   load_moments, load_stats, pooled_similarity, save_stats, to_samples)
+from onnxmerge.calib.stats import (AFFINE_BAND, EQUAL_RTOL, ChannelMoments, SpaceStats, Statistics, combine_moments,
+                                   combine_stats, load_moments, load_stats, pooled_similarity, save_stats, to_samples)
 from onnxmerge.errors import CalibrationError
 from tests.helpers import as_format_1, near_constant_copies
 
@@ -326,3 +326,45 @@ def test_pooled_similarity_is_the_count_weighted_mean_of_the_correlations():
                 + np.corrcoef(np.hstack(_features(2, 100)), rowvar=False)) / 4
     np.testing.assert_allclose(pooled_similarity([first, second]), expected, atol=1e-6)
     np.testing.assert_array_equal(pooled_similarity([first]), first.similarity())
+
+
+def _whole_matrix_similarity(stats: SpaceStats) -> np.ndarray:
+    """The documented formulas on whole matrices, in the order the tiles apply them."""
+    mu = stats.sum / stats.count
+    second = stats.outer / stats.count
+    cov = second - np.outer(mu, mu)
+    cov = (cov + cov.T) / 2
+    variance = np.diagonal(cov).copy()
+    live = stats.live()
+    std = np.where(live, np.sqrt(np.where(live, variance, 1.0)), 1.0)
+    corr = cov / np.outer(std, std)
+    corr[~live, :] = 0.0
+    corr[:, ~live] = 0.0
+    corr = np.clip(corr, -1.0, 1.0)
+    np.fill_diagonal(corr, live.astype(np.float64))
+    diagonal = np.diagonal(second)
+    power = diagonal[:, None] + diagonal[None, :]
+    agreement = np.ones_like(second)
+    np.divide(second * 2.0, power, out=agreement, where=power > 0)
+    agreement = np.clip(agreement, 0.0, 1.0)
+    affine = (corr >= 1.0 - AFFINE_BAND) | np.outer(~live, ~live) | (agreement >= 1.0 - EQUAL_RTOL)
+    return np.where(affine, 1.0 - AFFINE_BAND * (1.0 - agreement), corr)
+
+
+@pytest.mark.parametrize("band_bytes", [weights.BAND_BYTES, 8 * 7 * 7])  # one tile; 7 x 7 tiles (pairs across)
+def test_similarity_by_tiles_is_the_whole_matrix_formula_and_consuming_it_changes_nothing(monkeypatch, band_bytes):
+    monkeypatch.setattr(weights, "BAND_BYTES", band_bytes)
+    rng = np.random.default_rng(5)
+    a = rng.normal(size=(200, 12)).astype(np.float32)
+    b = np.concatenate([a[:, ::-1] * 1.0001 + 0.5, rng.normal(size=(200, 8))], axis=1).astype(np.float32)
+    a[:, 2] = 3.0  # a dead channel
+    stats = SpaceStats.empty((12, 20))
+    for rows in range(0, 200, 50):
+        stats.update([a[rows:rows + 50], b[rows:rows + 50]], precise=False)
+    expected = _whole_matrix_similarity(stats)
+    assert np.array_equal(stats.similarity(), expected)
+    assert np.array_equal(stats.covariance(), stats.covariance().T)
+    outer = stats.outer
+    consumed = stats.similarity(consume=True)
+    assert consumed is outer and stats.outer is None  # computed in the statistics' memory
+    assert np.array_equal(consumed, expected)
