@@ -221,7 +221,8 @@ def calibrate(models: Sequence[ModelLike], calibration: DataLike, *, options: Me
 
 
 def evaluate(models: Sequence[ModelLike], data: str | os.PathLike | Sequence[str | os.PathLike] | dict, *,
-             labels: str = "y", tasks: str | None = None, ensemble: bool = False, provider: str = "auto") -> list[dict]:
+             labels: str = "y", tasks: str | None = None, ensemble: bool = False,
+             provider: str = MergeOptions.provider) -> list[dict]:
     """Accuracy of models on class-split tasks (docs/method.md, evaluation): one row per model,
     or one for their ensemble, each ``{"model", "joint", "tasks": {name: accuracy}, "average"}``
     with accuracies in [0, 1].

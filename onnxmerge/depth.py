@@ -58,7 +58,7 @@ def needs_alignment(structures: list[BlockStructure], method: str) -> bool:
 
 
 def align_depths(named: list[tuple[str, onnx.ModelProto]], structures: list[BlockStructure], method: str,
-                 batches=None, provider: str = "auto") -> DepthAlignment:
+                 batches, provider: str) -> DepthAlignment:
     """Align every model onto the deepest (the first of the deepest on ties).
 
     Args:

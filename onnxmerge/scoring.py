@@ -151,7 +151,7 @@ def _labels(path: str, key: str, labels: np.ndarray) -> np.ndarray:
     return labels.astype(np.int64)
 
 
-def run_heads(model: onnx.ModelProto, inputs: dict[str, np.ndarray] | CalibrationSet, provider: str = "auto",
+def run_heads(model: onnx.ModelProto, inputs: dict[str, np.ndarray] | CalibrationSet, provider: str,
               batch_size: int = 256, *, index: int = 0, name: str = "the model") -> list[np.ndarray]:
     """The floating-point outputs of a model (its heads) over the inputs, batch by batch;
     label outputs (skl2onnx's) and maps are not scores. A single array feeds a single-input

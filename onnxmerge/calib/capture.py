@@ -148,7 +148,7 @@ def _unit_key(layout) -> tuple[tuple[int, ...], tuple[int, int]] | None:
 
 def collect_statistics(models: list[onnx.ModelProto], units: list[list[CaptureUnit]],
                        batches: Iterable[list[dict[str, np.ndarray]]], widths: list[list[int]],
-                       provider: str = "auto", *, threads: int | None = None,
+                       provider: str, *, threads: int | None = None,
                        on_device: bool | None = None) -> tuple[list[SpaceStats], str]:
     """Stream the calibration batches through every model and accumulate unit statistics.
 
@@ -309,7 +309,7 @@ def _rows(graph: gs.Graph, tensor: gs.Tensor, unit: CaptureUnit, rank: int, widt
 
 
 def collect_cka(models: list[onnx.ModelProto], tensors: list[list[str]],
-                batches: Iterable[list[dict[str, np.ndarray]]], provider: str = "auto") -> tuple[CKAStats, str]:
+                batches: Iterable[list[dict[str, np.ndarray]]], provider: str) -> tuple[CKAStats, str]:
     """CKA between every listed tensor of every model (model 0's tensors first, then model 1's ...)."""
     sessions, used = [], set()
     for model, names in zip(models, tensors):

@@ -87,7 +87,7 @@ def measure(session, outputs: dict[str, tuple[str, str]], batches: Iterable[dict
 
 
 def source_moments(models: list[onnx.ModelProto], tensors: Tensors, batches: Callable[[int], Iterable],
-                   provider: str = "auto", *, threads: int | None = None) -> SourceMoments:
+                   provider: str, *, threads: int | None = None) -> SourceMoments:
     """Per model, the pooled per-channel moments of its ``tensors`` (``batches(i)`` gives
     model i's feeds; ``threads`` as for ``open_session``)."""
     result = []

@@ -73,7 +73,7 @@ def _run_errors():
                                "the model runs in onnxruntime and that the data fits its inputs") from error
 
 
-def open_session(model: onnx.ModelProto, provider: str = "auto", *,
+def open_session(model: onnx.ModelProto, provider: str, *,
                  threads: int | None = None) -> tuple[Session, str]:
     """An inference session and the provider that really runs it.
 

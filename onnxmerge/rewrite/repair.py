@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 Batches = Callable[[], Iterable[dict[str, np.ndarray]]]
 
 
-def reset_batch_norm(model: onnx.ModelProto, batches: Batches, provider: str = "auto") -> tuple[onnx.ModelProto, str]:
+def reset_batch_norm(model: onnx.ModelProto, batches: Batches, provider: str) -> tuple[onnx.ModelProto, str]:
     """A copy of ``model`` with BatchNormalization statistics measured on the batches.
 
     Returns the model and the provider that ran the pass.
@@ -105,7 +105,7 @@ TOLERANCE = 1e-4  # corrections that change less than this in a pass are final
 
 
 def insert_repair(model: onnx.ModelProto, targets: list[RepairTarget], batches: Batches,
-                  provider: str = "auto") -> tuple[onnx.ModelProto, str]:
+                  provider: str) -> tuple[onnx.ModelProto, str]:
     """REPAIR: a copy of ``model`` whose target tensors have the target per-channel mean and std
     on the batches, the corrections folded into their producers where these are canonical
     Conv/ConvTranspose/Gemm layers (else kept as per-channel Mul and Add nodes).
