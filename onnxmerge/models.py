@@ -17,6 +17,7 @@ from .graph.canonical import canonicalize, check_finite_parameters, export_like
 from .graph.shapes import infer_shapes
 from .graph.spaces import SpaceGraph, find_spaces
 from .io import check_model
+from .options import MergeOptions
 from .limits import MAX_DEEPEN_PER_BLOCK, check_factor, check_memory, check_range, check_seed
 from .graph.apply import transform_parameters, transformed_graph
 from .rewrite.lift import insert_identities
@@ -41,13 +42,13 @@ def load(model: ModelLike) -> onnx.ModelProto:
     return read_models([model])[0].model
 
 
-def analyse(model: onnx.ModelProto, *, bn: str = "keep") -> tuple[onnx.ModelProto, SpaceGraph]:
+def analyse(model: onnx.ModelProto, *, bn: str = MergeOptions.bn) -> tuple[onnx.ModelProto, SpaceGraph]:
     """Canonicalise a model and find its feature spaces. The input is not modified."""
     canonical = canonicalize(model, bn=bn)
     return canonical, find_spaces(canonical)
 
 
-def inspect(model: ModelLike, *, bn: str = "keep") -> dict:
+def inspect(model: ModelLike, *, bn: str = MergeOptions.bn) -> dict:
     """The ``onnxmerge inspect`` report of a model (docs/inspect-json.md): its feature spaces,
     which are free to permute, and the barriers with their reasons.
 
@@ -61,7 +62,7 @@ def inspect(model: ModelLike, *, bn: str = "keep") -> dict:
     return inspection.describe(source.name, canonical, graph)
 
 
-def permute(model: ModelLike, *, seed: int = 0, bn: str = "keep") -> onnx.ModelProto:
+def permute(model: ModelLike, *, seed: int = MergeOptions.seed, bn: str = MergeOptions.bn) -> onnx.ModelProto:
     """Return a function-preserving copy of ``model`` with every free space randomly permuted.
 
     Attention heads are permuted as whole heads and, jointly, within heads; grouped channels
@@ -81,7 +82,8 @@ def permute(model: ModelLike, *, seed: int = 0, bn: str = "keep") -> onnx.ModelP
     return permuted
 
 
-def widen(model: ModelLike, *, factor: float, seed: int = 0, bn: str = "keep") -> onnx.ModelProto:
+def widen(model: ModelLike, *, factor: float, seed: int = MergeOptions.seed,
+          bn: str = MergeOptions.bn) -> onnx.ModelProto:
     """A function-preserving copy of ``model`` with each widenable space ``factor`` times as wide
     (Net2Net, Chen et al. 2016: copied channels, their consumers' weights split among the
     copies): spaces normalised, reduced or multiplied with other activations stay as they are.
@@ -130,7 +132,8 @@ def _identity_problem(canonical: onnx.ModelProto, structure: BlockStructure, sta
     return None
 
 
-def deepen(model: ModelLike, *, blocks: int, seed: int = 0, bn: str = "keep") -> onnx.ModelProto:
+def deepen(model: ModelLike, *, blocks: int, seed: int = MergeOptions.seed,
+           bn: str = MergeOptions.bn) -> onnx.ModelProto:
     """A function-preserving copy of ``model`` with ``blocks`` identity units inserted at random
     positions of its stages (each a copy of the stage's repeated unit with identity parameters).
     Stages whose repeated unit has no exact identity (a max pool, a concat, an activation of

@@ -20,6 +20,7 @@ from onnx_graphsurgeon.logger import G_LOGGER
 
 from ..choices import BN_MODES
 from ..errors import UnsupportedGraphError
+from ..options import MergeOptions
 from ..runtime import import_onnxruntime
 from .facts import op_facts
 from .ir import export_graph, import_graph
@@ -198,7 +199,7 @@ PASSES: tuple[Callable[[gs.Graph], int], ...] = (
 )
 
 
-def canonicalize(model: onnx.ModelProto, *, bn: str = "keep") -> onnx.ModelProto:
+def canonicalize(model: onnx.ModelProto, *, bn: str = MergeOptions.bn) -> onnx.ModelProto:
     """Return the canonical form of ``model`` with inferred shapes.
 
     Args:

@@ -24,6 +24,7 @@ from ..errors import RecipeError
 from ..graph.layout import leaves
 from ..graph.rules import RULES
 from ..graph.spaces import SpaceGraph, node_label
+from ..options import MergeOptions
 
 
 
@@ -44,7 +45,7 @@ def weight_layers(model: onnx.ModelProto, graph: SpaceGraph) -> list[int]:
                    if p.role == "producer" and RULES[model.graph.node[labels[p.node]].op_type].kind == "new-space"})
 
 
-def split_trunk(model: onnx.ModelProto, graph: SpaceGraph, *, heads: str = "separate",
+def split_trunk(model: onnx.ModelProto, graph: SpaceGraph, *, heads: str = MergeOptions.heads,
                 zip_layers: int | None = None) -> TrunkSplit:
     """Decide the trunk and the heads of a canonical model (the reference of a merge)."""
     if heads not in HEADS:
