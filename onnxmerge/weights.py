@@ -256,6 +256,19 @@ def row_bands(shape: tuple[int, ...]) -> list:
     return [slice(start, min(shape[0], start + step)) for start in range(0, shape[0], step)]
 
 
+def read_rows(array: np.ndarray, rows: slice) -> np.ndarray:
+    """``array[rows]`` as a new array; from a memory map of a file (a spilled array) read with
+    a plain file read, so that its pages are not mapped into this process's memory (a map's
+    pages that were read count in its resident memory until it is closed)."""
+    if not isinstance(array, np.memmap) or array.filename is None or not array.flags.c_contiguous:
+        return np.array(array[rows])
+    row_bytes = array.itemsize * int(np.prod(array.shape[1:], dtype=np.int64))
+    start, stop, _ = rows.indices(len(array))
+    count = (stop - start) * row_bytes // array.itemsize
+    values = np.fromfile(array.filename, dtype=array.dtype, count=count, offset=array.offset + start * row_bytes)
+    return values.reshape((stop - start,) + array.shape[1:])
+
+
 def tile_pairs(n: int) -> list[tuple[slice, slice]]:
     """The (rows, cols) square tiles on and above the diagonal of an (n, n) float64 matrix,
     each about ``BAND_BYTES``: work on a tile and its mirror image holds two tiles at a time."""

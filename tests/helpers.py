@@ -159,3 +159,28 @@ def as_format_1(path) -> None:
     kept["__format__"] = np.array("onnxmerge-stats-1")
     with open(path, "wb") as handle:
         np.savez(handle, **kept)
+
+
+def similarity_formula(stats) -> np.ndarray:
+    """``SpaceStats.similarity`` by its documented formulas on whole matrices (covariance,
+    correlation, agreement), in the order the tiles apply them: the same numbers."""
+    from onnxmerge.calib.stats import AFFINE_BAND, EQUAL_RTOL
+    mu = stats.sum / stats.count
+    second = stats.outer / stats.count
+    cov = second - np.outer(mu, mu)
+    cov = (cov + cov.T) / 2
+    variance = np.diagonal(cov).copy()
+    live = stats.live()
+    std = np.where(live, np.sqrt(np.where(live, variance, 1.0)), 1.0)
+    corr = cov / np.outer(std, std)
+    corr[~live, :] = 0.0
+    corr[:, ~live] = 0.0
+    corr = np.clip(corr, -1.0, 1.0)
+    np.fill_diagonal(corr, live.astype(np.float64))
+    diagonal = np.diagonal(second)
+    power = diagonal[:, None] + diagonal[None, :]
+    agreement = np.ones_like(second)
+    np.divide(second * 2.0, power, out=agreement, where=power > 0)
+    agreement = np.clip(agreement, 0.0, 1.0)
+    affine = (corr >= 1.0 - AFFINE_BAND) | np.outer(~live, ~live) | (agreement >= 1.0 - EQUAL_RTOL)
+    return np.where(affine, 1.0 - AFFINE_BAND * (1.0 - agreement), corr)

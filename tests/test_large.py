@@ -16,6 +16,7 @@ from onnx import numpy_helper
 from onnxmerge import api, io, weights
 from onnxmerge.calib import sessions
 from onnxmerge.graph import shapes
+from tests.helpers import similarity_formula
 
 DIGITS = Path(__file__).resolve().parent.parent / "samples" / "digits"
 A, B, CALIB = (str(DIGITS / name) for name in ("resnet_a.onnx", "resnet_b.onnx", "calib.npz"))
@@ -176,7 +177,7 @@ def _random_stats(seed: int):
 
 def test_statistics_added_in_place_are_the_same_numbers():
     """The memory-saving in-place forms give the numbers of the plain formulas."""
-    from onnxmerge.calib.stats import AFFINE_BAND, EQUAL_RTOL, combine_stats
+    from onnxmerge.calib.stats import combine_stats
     shards = [({"s": _random_stats(seed)}, {}) for seed in (1, 2, 3)]
     plain = combine_stats(shards)["s"]
     shards[2][0]["s"].outer.flags.writeable = False  # a read-only shard (as Ray returns) is only read
@@ -184,21 +185,16 @@ def test_statistics_added_in_place_are_the_same_numbers():
     assert in_place.count == plain.count
     np.testing.assert_array_equal(in_place.outer, plain.outer)
     np.testing.assert_array_equal(in_place.sum, plain.sum)
-    stats = in_place
-    corr, dead = stats.correlation(), ~stats.live()
-    second = stats.outer / stats.count
-    power = np.diag(second)[:, None] + np.diag(second)[None, :]
-    agreement = np.clip(np.divide(2.0 * second, power, out=np.ones_like(second), where=power > 0), 0.0, 1.0)
-    affine = (corr >= 1.0 - AFFINE_BAND) | np.outer(dead, dead) | (agreement >= 1.0 - EQUAL_RTOL)
-    np.testing.assert_array_equal(stats.similarity(), np.where(affine, 1.0 - AFFINE_BAND * (1.0 - agreement), corr))
+    np.testing.assert_array_equal(in_place.similarity(), similarity_formula(in_place))
 
 
 @pytest.mark.parametrize("pair", ["digits", "transformer"])
 def test_statistics_in_passes_give_the_same_merge(monkeypatch, zoo_files, pair):
     """Statistics past the budget are computed a group of spaces at a time, each group in its
-    own pass over the data and matched before the next: the same merged model, byte for byte.
-    Residual streams (a space with companion tensors) and attention heads (grids, whose block
-    assignment later units reuse) included."""
+    own pass over the data and matched before the next, and a space past it alone a block (a
+    pair of models) a pass: the same merged model, byte for byte. Residual streams (a space
+    with companion tensors) and attention heads (grids, whose block assignment later units
+    reuse) included."""
     from onnxmerge.stages import statistics as stage
     if pair == "digits":
         models, calib = [A, B], CALIB
@@ -206,10 +202,12 @@ def test_statistics_in_passes_give_the_same_merge(monkeypatch, zoo_files, pair):
         path, x = zoo_files.get("transformer", "legacy_folded")
         models, calib = [path, api.permute(path, seed=1)], x
     expected = api.merge(models, calib)
-    passes = []
-    real = stage.GroupedStatistics._load
+    passes, blocks = [], []
+    real, block = stage.GroupedStatistics._load, stage.collect_block
     monkeypatch.setattr(stage.GroupedStatistics, "_load", lambda self, index: (passes.append(index), real(self, index)))
-    monkeypatch.setattr(stage, "STATISTICS_BUDGET", 1)  # one space a pass
+    monkeypatch.setattr(stage, "collect_block", lambda *args, **kwargs: (blocks.append(args[4]), block(*args, **kwargs))[1])
+    monkeypatch.setattr(stage, "STATISTICS_BUDGET", 1)  # one space a pass, a space alone a pair of models a pass
     result = api.merge(models, calib)
     assert len(passes) > 2 and passes == sorted(set(passes)), passes  # each pass once, in order
+    assert blocks[:4] == [(0, 0), (0, 1), (1, 0), (1, 1)], blocks
     assert result.model.SerializeToString() == expected.model.SerializeToString()

@@ -1,13 +1,15 @@
 """Streaming statistics against direct numpy computations on all samples at once."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from onnxmerge import weights
-from onnxmerge.calib.stats import (AFFINE_BAND, EQUAL_RTOL, ChannelMoments, SpaceStats, Statistics, combine_moments,
-                                   combine_stats, load_moments, load_stats, pooled_similarity, save_stats, to_samples)
+from onnxmerge.calib.stats import (AFFINE_BAND, BlockStats, ChannelMoments, SpaceStats, Statistics,
+                                   combine_moments, combine_stats, load_moments, load_stats, pooled_similarity, save_stats, to_samples)
 from onnxmerge.errors import CalibrationError
-from tests.helpers import as_format_1, near_constant_copies
+from tests.helpers import as_format_1, near_constant_copies, similarity_formula
 
 WIDTHS = (6, 10)
 
@@ -76,6 +78,36 @@ def test_moments_by_blocks_add_as_the_whole_matrix(monkeypatch, band_bytes):
     # float32 products of the centred rows: relative error ~1e-7 * sqrt(rows) of the centred moments
     np.testing.assert_allclose(blocks.outer, rows.T @ rows, rtol=1e-5, atol=1e-5 * np.abs(rows.T @ rows).max())
     np.testing.assert_allclose(blocks.sum, rows.sum(axis=0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("band_bytes", [8 * 3, 64 << 20])  # a row a band; whole blocks
+def test_statistics_a_block_per_pair_of_models_assemble_to_the_whole_bit_for_bit(monkeypatch, band_bytes):
+    """A space too large to hold whole is computed a pair of models at a time (BlockStats,
+    each pass the block a moments graph computes, transposed below the diagonal): assembled,
+    the same numbers as SpaceStats.add_moments on the whole."""
+    monkeypatch.setattr(weights, "BAND_BYTES", band_bytes)
+    rng = np.random.default_rng(11)
+    widths = (5, 7, 3)
+    whole = SpaceStats.empty(widths)
+    blocks = {(i, j): BlockStats.empty((i, j), widths) for i in range(3) for j in range(3)}
+    for _ in range(4):
+        features = [(rng.normal(size=(20, d)) * (k + 1) + 3).astype(np.float32) for k, d in enumerate(widths)]
+        shifts = [f[0].copy() for f in features]
+        centred = [f - s for f, s in zip(features, shifts)]
+        totals = [c.sum(axis=0, dtype=np.float64) for c in centred]
+        products = [[centred[i].T @ centred[j] if j >= i else None for j in range(3)] for i in range(3)]
+        whole.add_moments(20, np.concatenate(totals), products, np.concatenate(shifts))
+        for (i, j), block in blocks.items():
+            models = [i] if i == j else [i, j]
+            block.add_moments(20, [totals[m] for m in models], products[i][j] if j >= i else products[j][i].T,
+                              [shifts[m] for m in models])
+    spilled = [replace(b, outer=weights.spill().store(b.outer)) for b in blocks.values()]  # as the stage keeps them
+    assembled = SpaceStats.from_blocks(spilled[::-1], widths)
+    np.testing.assert_array_equal(assembled.outer, whole.outer)
+    np.testing.assert_array_equal(assembled.sum, whole.sum)
+    assert assembled.count == whole.count
+    with pytest.raises(CalibrationError, match="one per pair"):
+        SpaceStats.from_blocks(spilled[1:], widths)
 
 
 def test_fast_update_is_close():
@@ -328,29 +360,6 @@ def test_pooled_similarity_is_the_count_weighted_mean_of_the_correlations():
     np.testing.assert_array_equal(pooled_similarity([first]), first.similarity())
 
 
-def _whole_matrix_similarity(stats: SpaceStats) -> np.ndarray:
-    """The documented formulas on whole matrices, in the order the tiles apply them."""
-    mu = stats.sum / stats.count
-    second = stats.outer / stats.count
-    cov = second - np.outer(mu, mu)
-    cov = (cov + cov.T) / 2
-    variance = np.diagonal(cov).copy()
-    live = stats.live()
-    std = np.where(live, np.sqrt(np.where(live, variance, 1.0)), 1.0)
-    corr = cov / np.outer(std, std)
-    corr[~live, :] = 0.0
-    corr[:, ~live] = 0.0
-    corr = np.clip(corr, -1.0, 1.0)
-    np.fill_diagonal(corr, live.astype(np.float64))
-    diagonal = np.diagonal(second)
-    power = diagonal[:, None] + diagonal[None, :]
-    agreement = np.ones_like(second)
-    np.divide(second * 2.0, power, out=agreement, where=power > 0)
-    agreement = np.clip(agreement, 0.0, 1.0)
-    affine = (corr >= 1.0 - AFFINE_BAND) | np.outer(~live, ~live) | (agreement >= 1.0 - EQUAL_RTOL)
-    return np.where(affine, 1.0 - AFFINE_BAND * (1.0 - agreement), corr)
-
-
 @pytest.mark.parametrize("band_bytes", [weights.BAND_BYTES, 8 * 7 * 7])  # one tile; 7 x 7 tiles (pairs across)
 def test_similarity_by_tiles_is_the_whole_matrix_formula_and_consuming_it_changes_nothing(monkeypatch, band_bytes):
     monkeypatch.setattr(weights, "BAND_BYTES", band_bytes)
@@ -361,7 +370,7 @@ def test_similarity_by_tiles_is_the_whole_matrix_formula_and_consuming_it_change
     stats = SpaceStats.empty((12, 20))
     for rows in range(0, 200, 50):
         stats.update([a[rows:rows + 50], b[rows:rows + 50]], precise=False)
-    expected = _whole_matrix_similarity(stats)
+    expected = similarity_formula(stats)
     assert np.array_equal(stats.similarity(), expected)
     assert np.array_equal(stats.covariance(), stats.covariance().T)
     outer = stats.outer

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 import onnx
@@ -18,7 +18,7 @@ from ..graph.surgery import add_node
 from ..graph.layout import Atom, Grid, leaves
 from ..graph.spaces import SpaceGraph, tensor_shapes
 from .device import accumulate, accumulating_model
-from .stats import CKAStats, SpaceStats, to_samples
+from .stats import BlockStats, CKAStats, SpaceStats, to_samples
 
 from ..io import default_opset
 from .sessions import cuda_asked, open_session, require_finite
@@ -208,25 +208,61 @@ def collect_statistics(models: list[onnx.ModelProto], units: list[list[CaptureUn
     return stats, "+".join(sorted(used))
 
 
+def collect_block(models: list[onnx.ModelProto], units: list[CaptureUnit],
+                  batches: Iterable[list[dict[str, np.ndarray]]], widths: list[int], pair: tuple[int, int],
+                  provider: str, *, threads: int | None = None) -> tuple[BlockStats, str]:
+    """The block of one unit's statistics between models ``pair`` (i, j), streamed through a
+    moments graph of those models alone (``moments_model`` with ``pairs``): one pass of a
+    space too large for its whole statistics (``stages.statistics``). Arguments as for
+    ``collect_statistics``, for one unit (``units``: per model; ``widths``: per model).
+
+    Raises:
+        ValueError: the models are not ``fusable`` (a caller bug).
+    """
+    computed = tuple(sorted(pair))  # a block below the diagonal is the transpose of the one above
+    fused = moments_model(models, [[unit] for unit in units], [widths], [computed])
+    if fused is None:
+        raise ValueError("collect_block needs models with a moments graph (fusable)")
+    session, ran = open_session(fused, provider, threads=threads)
+    names = [o.name for o in fused.graph.output]
+    del fused
+    block, models_of = BlockStats.empty(pair, widths), list(dict.fromkeys(pair))
+    for feeds in batches:
+        values = dict(zip(names, session.run(names, _fused_feed(feeds))))
+        require_finite(values)
+        product = values[f"moments0_outer{computed[0]}_{computed[1]}"]
+        block.add_moments(int(values["moments0_size"]) // widths[computed[0]],
+                          [values[f"moments0_sum{i}"] for i in models_of], product if computed == pair else product.T,
+                          [values[f"moments0_shift{i}"].reshape(-1) for i in models_of])
+    return block, ran
+
+
 def _fused_feed(feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """One feed of ``moments_model`` from each model's feed."""
     return {f"m{i}_{name}": value for i, model_feed in enumerate(feeds) for name, value in model_feed.items()}
 
 
-def moments_model(models: list[onnx.ModelProto], units: list[list[CaptureUnit]],
-                  widths: list[list[int]]) -> onnx.ModelProto | None:
+def fusable(models: list[onnx.ModelProto]) -> bool:
+    """Whether ``moments_model`` can run the models in one graph: the same opsets, the default
+    one 13 or later (ReduceSum's axes input)."""
+    opsets = {tuple(sorted((o.domain or "ai.onnx", o.version) for o in m.opset_import)) for m in models}
+    return len(opsets) == 1 and default_opset(models[0]) >= 13
+
+
+def moments_model(models: list[onnx.ModelProto], units: list[list[CaptureUnit]], widths: list[list[int]],
+                  pairs: Sequence[tuple[int, int]] | None = None) -> onnx.ModelProto | None:
     """One graph running every model side by side (names prefixed ``m<i>_``) that also
     computes each unit's batch moments, so onnxruntime does the products and only small
     matrices leave it: per unit k, ``moments<k>_size`` (elements of model 0's features),
     ``moments<k>_shift<i>`` (model i's features at the batch's first position), and of the
     concatenated features minus that shift (float32 products near the mean, stats.py)
     ``moments<k>_sum<i>`` and the blocks ``moments<k>_outer<i>_<j>`` (i <= j) of X^T X; blocks
-    below the diagonal are transposes and are not computed.
+    below the diagonal are transposes and are not computed. With ``pairs``, only those blocks,
+    and the shifts and sums of their models (the nodes no output needs are dropped, so the
+    other models' weights are not read: a pass of ``collect_block``).
     None when the models' opsets differ or predate 13 (ReduceSum's axes input): then features
     are copied out."""
-    opsets = {tuple(sorted((o.domain or "ai.onnx", o.version) for o in m.opset_import)) for m in models}
-    default = default_opset(models[0])
-    if len(opsets) != 1 or default < 13:
+    if not fusable(models):
         return None
     # onnx.compose renames a whole model (subgraphs too) in one call: the IR has no such step
     parts = [import_graph(onnx.compose.add_prefix(m, f"m{i}_")) for i, m in enumerate(models)]
@@ -235,29 +271,32 @@ def moments_model(models: list[onnx.ModelProto], units: list[list[CaptureUnit]],
     known = {name: tensor for p in parts for name, tensor in p.tensors().items()}
     axes = {len(a): gs.Constant(f"moments_axes{len(a)}", np.array(a, np.int64)) for a in ([0], [0, 2])}
     first = gs.Constant("moments_first", np.array([0], np.int64))
+    pairs = sorted(pairs if pairs is not None else ((i, j) for i in range(len(models)) for j in range(i, len(models))))
+    used = sorted({i for pair in pairs for i in pair})
     for k in range(len(units[0])):
-        features, batched = [], False
-        for i, (model, model_units) in enumerate(zip(models, units)):
-            unit = model_units[k]
-            rank = len(tensor_shapes(model)[unit.tensor]) - unit.span + 1
+        features, batched = {}, False
+        for i in used:
+            unit = units[i][k]
+            rank = len(tensor_shapes(models[i])[unit.tensor]) - unit.span + 1
             batched = unit.axis == 1 and rank > 2 and unit.fold == (1, 1)
-            features.append(_rows(graph, known[f"m{i}_{unit.tensor}"], unit, rank, widths[k][i], f"moments{k}_m{i}"))
+            features[i] = _rows(graph, known[f"m{i}_{unit.tensor}"], unit, rank, widths[k][i], f"moments{k}_m{i}")
         # [N, C, L] (channels first: no transpose of the activations) or [rows, C]
         perm, sum_axes = ([0, 2, 1], axes[2]) if batched else ([1, 0], axes[1])
-        centred = [_centred(graph, x, batched, first, f"moments{k}_shift{i}") for i, x in enumerate(features)]
-        graph.outputs += [shift for _, shift in centred]
-        transposed = []
-        for i, (x, _) in enumerate(centred):
+        centred = {i: _centred(graph, x, batched, first, f"moments{k}_shift{i}") for i, x in features.items()}
+        graph.outputs += [shift for _, shift in centred.values()]
+        transposed = {}
+        for i, (x, _) in centred.items():
             graph.outputs.append(add_node(graph, "ReduceSum", [x, sum_axes], f"moments{k}_sum{i}", keepdims=0))
-            transposed.append(add_node(graph, "Transpose", [x], f"{x.name}_t", perm=perm))
-        for i, j in ((i, j) for i in range(len(centred)) for j in range(i, len(centred))):
+            transposed[i] = add_node(graph, "Transpose", [x], f"{x.name}_t", perm=perm)
+        for i, j in pairs:
             block = f"moments{k}_outer{i}_{j}"
             if batched:  # per sample [C_i, L] x [L, C_j], summed over the batch
                 product = add_node(graph, "MatMul", [centred[i][0], transposed[j]], f"{block}_n")
                 graph.outputs.append(add_node(graph, "ReduceSum", [product, axes[1]], block, keepdims=0))
             else:
                 graph.outputs.append(add_node(graph, "MatMul", [transposed[i], centred[j][0]], block))
-        graph.outputs.append(add_node(graph, "Size", [centred[0][0]], f"moments{k}_size"))
+        graph.outputs.append(add_node(graph, "Size", [centred[used[0]][0]], f"moments{k}_size"))
+    graph.cleanup()  # what no output needs: the models' heads, other models' layers, and their weights
     return export_like(graph, models[0])
 
 

@@ -101,6 +101,38 @@ def _band(outer: np.ndarray | list[list[np.ndarray | None]], rows: slice, widths
     return band
 
 
+def _shifted_sum(count: int, total: np.ndarray, shift: np.ndarray | None, widths: Sequence[int],
+                 models: Sequence[int] | None = None) -> np.ndarray:
+    """A batch's sum of the features from the sum of the features minus ``shift``; refuses NaN
+    or Inf features, naming the model (``widths``: the features' models, in order, which are
+    ``models``; default 0, 1, ...)."""
+    shifted = total if shift is None else total + count * shift
+    if not np.isfinite(shifted).all():
+        bad = np.flatnonzero(~np.isfinite(shifted))
+        model = int(np.searchsorted(np.cumsum(widths), bad[0], side="right"))
+        model = model if models is None else models[model]
+        raise CalibrationError(f"model {model} produced NaN or Inf features ({len(bad)} channels); "
+                               "check the model on the calibration data with onnxruntime")
+    return shifted
+
+
+def _add_products(target: np.ndarray, band: np.ndarray, count: int, shifted: tuple | None) -> None:
+    """``target`` += the products of uncentred features: ``band`` (float64, overwritten), entries
+    of sum (x - s)(x - s)^T, plus the shift's cross terms; ``shifted`` is (the rows' shift, the
+    rows' sum of x - s, the columns' shift, the columns' sum), or None: no shift. Refuses
+    products that overflowed."""
+    if shifted is not None:
+        shift_rows, total_rows, shift_cols, total_cols = shifted
+        # outer + cross + cross^T + count * shift shift^T, added in this order
+        band += np.outer(shift_rows, total_cols)
+        band += np.outer(total_rows, shift_cols)
+        band += count * np.outer(shift_rows, shift_cols)
+    if not np.isfinite(band).all():  # finite features whose products overflowed float32
+        raise CalibrationError("the features' products X^T X hold NaN or Inf values (they overflow); check "
+                               "the model on the calibration data with onnxruntime")
+    target += band
+
+
 @dataclass(eq=False)
 class SpaceStats:
     """Count, sum and sum of outer products of the concatenated features at one space.
@@ -122,6 +154,32 @@ class SpaceStats:
         widths = tuple(int(w) for w in widths)
         n = sum(widths)
         return cls(0, np.zeros(n, np.float64), np.zeros((n, n), np.float64), widths)
+
+    @classmethod
+    def from_blocks(cls, blocks: Sequence[BlockStats], widths: Sequence[int]) -> SpaceStats:
+        """The statistics of a space computed a block at a time (``BlockStats``, one for each
+        ordered pair of models, in any order): the same numbers as computed whole. A block may
+        be a memory map (spilled): it is read a band of rows at a time.
+
+        Raises:
+            CalibrationError: a pair missing or given twice, or blocks of different sample counts.
+        """
+        widths = tuple(int(w) for w in widths)
+        pairs = sorted(b.pair for b in blocks)
+        every = [(i, j) for i in range(len(widths)) for j in range(len(widths))]
+        if pairs != every or len({b.count for b in blocks}) != 1:
+            raise CalibrationError(f"blocks {pairs} of different sample counts or not one per pair of models; "
+                                   "compute every pair's block on the same data")
+        edges = np.concatenate([[0], np.cumsum(widths)])
+        stats = cls(blocks[0].count, np.empty(edges[-1]), np.empty((edges[-1], edges[-1])), widths)
+        for block in blocks:
+            i, j = block.pair
+            for model, total in zip(block.pair, block.sums):
+                stats.sum[edges[model]:edges[model + 1]] = total
+            for rows in weights.row_bands(block.outer.shape):
+                band = weights.read_rows(block.outer, rows)
+                stats.outer[edges[i] + rows.start:edges[i] + rows.stop, edges[j]:edges[j + 1]] = band
+        return stats
 
     @property
     def width(self) -> int:
@@ -162,28 +220,13 @@ class SpaceStats:
         Raises:
             CalibrationError: a model produced NaN/Inf features.
         """
-        total = np.asarray(total, np.float64)
-        if shift is not None:
-            shift = np.asarray(shift, np.float64)
-        shifted = total if shift is None else total + count * shift
-        if not np.isfinite(shifted).all():
-            bad = np.flatnonzero(~np.isfinite(shifted))
-            model = int(np.searchsorted(np.cumsum(self.widths), bad[0], side="right"))
-            raise CalibrationError(f"model {model} produced NaN or Inf features ({len(bad)} channels); "
-                                   "check the model on the calibration data with onnxruntime")
+        total, shift = np.asarray(total, np.float64), None if shift is None else np.asarray(shift, np.float64)
+        summed = _shifted_sum(count, total, shift, self.widths)
         for rows in weights.row_bands(self.outer.shape):
-            band = _band(outer, rows, self.widths)
-            if shift is not None:
-                # outer + cross + cross^T + count * shift shift^T, added in this order
-                band += np.outer(shift[rows], total)
-                band += np.outer(total[rows], shift)
-                band += count * np.outer(shift[rows], shift)
-            if not np.isfinite(band).all():  # finite features whose products overflowed float32
-                raise CalibrationError("the features' products X^T X hold NaN or Inf values (they overflow); check "
-                                       "the model on the calibration data with onnxruntime")
-            self.outer[rows] += band
+            shifted = None if shift is None else (shift[rows], total[rows], shift, total)
+            _add_products(self.outer[rows], _band(outer, rows, self.widths), count, shifted)
         self.count += int(count)
-        self.sum += shifted
+        self.sum += summed
 
     def _check_batch(self, features: list[np.ndarray]) -> None:
         if len(features) != len(self.widths):
@@ -320,6 +363,49 @@ class SpaceStats:
             result[cols, rows] = lower.T
             result[rows, cols] = upper
         return result
+
+
+@dataclass(eq=False)
+class BlockStats:
+    """The moments between models i and j (``pair``) at one space: the sample count, each
+    model's feature sums (``sums``: model i's, then model j's when j != i) and the (d_i, d_j)
+    float64 block of X^T X, computed as ``SpaceStats.add_moments`` computes that block of the
+    whole (so the same numbers). What a pass over the data computes of a space whose whole
+    statistics would not fit the memory budget (``SpaceStats.from_blocks`` assembles them).
+    """
+
+    pair: tuple[int, int]
+    count: int
+    sums: list[np.ndarray]
+    outer: np.ndarray
+
+    @classmethod
+    def empty(cls, pair: tuple[int, int], widths: Sequence[int]) -> BlockStats:
+        i, j = pair
+        models = (i,) if i == j else (i, j)
+        return cls(pair, 0, [np.zeros(widths[m]) for m in models], np.zeros((widths[i], widths[j])))
+
+    def add_moments(self, count: int, totals: list[np.ndarray], block: np.ndarray, shifts: list[np.ndarray]) -> None:
+        """Add a batch's moments (as ``SpaceStats.add_moments``, of this pair's models only):
+        per model the sum of x - shift and the shift, and the block of sum (x - s_i)(x - s_j)^T
+        (for i > j, the transpose of the (j, i) block a moments graph computes).
+
+        Raises:
+            CalibrationError: a model produced NaN/Inf features, or the products overflowed.
+        """
+        totals = [np.asarray(t, np.float64) for t in totals]
+        shifts = [np.asarray(s, np.float64) for s in shifts]
+        sizes = [len(t) for t in totals]
+        summed = _shifted_sum(count, np.concatenate(totals), np.concatenate(shifts), sizes,
+                              self.pair[:len(sizes)])
+        for rows in weights.row_bands(self.outer.shape):
+            # entry (a, b) takes model i's shift and sum at a, model j's at b
+            shifted = (shifts[0][rows], totals[0][rows], shifts[-1], totals[-1])
+            _add_products(self.outer[rows], np.asarray(block[rows], np.float64), count, shifted)
+        self.count += int(count)
+        offsets = np.cumsum([0, *sizes])
+        for k, total in enumerate(self.sums):
+            total += summed[offsets[k]:offsets[k + 1]]
 
 
 def pooled_similarity(stats: Sequence[SpaceStats], *, consume: bool = False) -> np.ndarray:

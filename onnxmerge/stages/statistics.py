@@ -12,7 +12,8 @@ from dataclasses import replace
 import numpy as np
 
 from .. import weights
-from ..calib.capture import CaptureUnit, collect_statistics, plan_captures, space_groups
+from ..calib.capture import (CaptureUnit, collect_block, collect_statistics, fusable, plan_captures,
+                             space_groups)
 from ..calib.channels import Tensors, source_moments
 from ..calib.stats import SourceMoments, SpaceStats, Statistics, combine_moments, combine_stats, load_moments, load_stats
 from ..errors import CalibrationError
@@ -63,8 +64,9 @@ def statistics(members: list[Member], split, calib, stats_files, options: MergeO
     shards, provider = [], "none"
     budget = min(STATISTICS_BUDGET, max(STATISTICS_FLOOR, sum(weights.mapped_bytes(m.model) for m in members) // 4))
     passes = _passes(units, widths, budget) if calib is not None and not stats_files and options.ray is None else []
-    if len(passes) > 1:
-        grouped = GroupedStatistics(members, per_model, widths, calib, options, passes)
+    blockwise = _blockwise(members, units, widths, budget) if passes else set()
+    if len(passes) > 1 or blockwise:
+        grouped = GroupedStatistics(members, per_model, widths, calib, options, passes, blockwise)
         return units, grouped, grouped.provider
     if calib is not None:
         computed, _, provider = collect(members, per_model, widths, calib, options)
@@ -93,6 +95,15 @@ def _passes(units: list[CaptureUnit], widths: list[list[int]], budget: int) -> l
     return passes
 
 
+def _blockwise(members: list[Member], units: list[CaptureUnit], widths: list[list[int]], budget: int) -> set[int]:
+    """The units whose statistics are computed a block (pair of models) at a time: each alone
+    in its space and over ``budget`` by itself, of two models or more that one moments graph
+    runs (``capture.fusable``)."""
+    if len(members) < 2 or not fusable([m.model for m in members]):
+        return set()
+    return {group[0] for group in space_groups(units) if len(group) == 1 and _held_bytes(widths[group[0]]) > budget}
+
+
 def _held_bytes(widths: list[int]) -> int:
     """What one unit's statistics and a batch's products take (``STATISTICS_BUDGET``)."""
     n = sum(widths)
@@ -106,9 +117,9 @@ class GroupedStatistics:
     units together, spaces in order), so each pass runs once and memory holds one pass's."""
 
     def __init__(self, members: list[Member], per_model: list[list[CaptureUnit]], widths: list[list[int]],
-                 calib, options: MergeOptions, passes: list[list[int]]):
+                 calib, options: MergeOptions, passes: list[list[int]], blockwise: set[int] = frozenset()):
         self._args = members, per_model, widths, calib, options
-        self._passes = passes
+        self._passes, self._blockwise = passes, blockwise
         self._pass_of = {k: p for p, indices in enumerate(passes) for k in indices}
         self._current: dict[int, SpaceStats] = {}
         self._load(0)  # the first pass now: it says which provider runs
@@ -118,9 +129,29 @@ class GroupedStatistics:
         wanted = self._passes[index]
         self._current = {}  # the previous pass's statistics go first
         log.info("statistics pass %d of %d: %d capture units", index + 1, len(self._passes), len(wanted))
+        if wanted[0] in self._blockwise:
+            self._current = {wanted[0]: self._by_blocks(wanted[0])}
+            return
         computed, _, self.provider = collect(members, [[units[k] for k in wanted] for units in per_model],
                                              [widths[k] for k in wanted], calib, options)
         self._current = dict(zip(wanted, computed))
+
+    def _by_blocks(self, k: int) -> SpaceStats:
+        """Unit k's statistics, a pass over the data per ordered pair of models (i, j), each pass
+        running only models i and j and holding only their block of X^T X (the same numbers as
+        computed whole); the finished blocks wait in the spill file (``weights.spill``), so
+        memory holds one block and the weights it reads."""
+        members, per_model, widths, calib, options = self._args
+        count = len(members)
+        blocks = []
+        for pair in [(i, j) for i in range(count) for j in range(count)]:
+            log.info("statistics of a space too large to hold whole: block of models %d and %d", *pair)
+            block, self.provider = collect_block([m.model for m in members], [units[k] for units in per_model],
+                                                 lockstep_batches(calib, count, options.batch_size), widths[k], pair,
+                                                 options.provider)
+            blocks.append(replace(block, outer=weights.spill().store(block.outer)))
+            del block
+        return SpaceStats.from_blocks(blocks, widths[k])
 
     def __len__(self) -> int:
         return len(self._pass_of)
