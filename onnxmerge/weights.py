@@ -173,11 +173,14 @@ def tensor(value: np.ndarray, name: str) -> onnx.TensorProto:
 
 
 class Spill:
-    """A temporary file that large computed tensors are written to as soon as they exist."""
+    """A temporary file that large computed tensors are written to as soon as they exist, and
+    files of their own, beside it, for arrays held only for a while (``apart``)."""
 
     def __init__(self, folder: str):
+        self.folder = folder
         self.path = os.path.join(folder, "spill.data")
         self._file = open(self.path, "ab")
+        self._apart = 0
 
     def store(self, value: np.ndarray) -> np.memmap:
         """``value`` written to the file; a read-only memory map of it there.
@@ -185,16 +188,39 @@ class Spill:
         Raises:
             OnnxMergeError: the file cannot be written (a full disk), in one line.
         """
-        data = np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<"))
-        try:
-            self._file.write(b"\0" * (-self._file.tell() % _ALIGNMENT))
-            offset = self._file.tell()
-            self._file.write(data.reshape(-1).view(np.uint8))  # its buffer as it is: no bytes copy
-            self._file.flush()
-        except OSError as error:
-            raise OnnxMergeError(f"{self.path}: cannot write the spill file of computed weights ({error.strerror or error}); "
-                                 "free space there or set TMPDIR to a folder with room for the merged model") from error
-        return np.memmap(self.path, dtype=data.dtype, mode="r", offset=offset, shape=value.shape)
+        return _written(self._file, self.path, value)
+
+    def apart(self, value: np.ndarray) -> np.memmap:
+        """``value`` written to a file of its own, which ``discard`` removes; a read-only memory
+        map of it (errors as ``store``)."""
+        self._apart += 1
+        path = os.path.join(self.folder, f"apart-{self._apart}.data")
+        with open(path, "wb") as file:
+            return _written(file, path, value)
+
+
+def discard(array: np.memmap) -> None:
+    """Remove the file of an array ``Spill.apart`` wrote (its pages go when the last map of
+    it is closed)."""
+    os.remove(array.filename)
+
+
+def _written(file, path: str, value: np.ndarray) -> np.memmap:
+    """``value`` appended to the open ``file`` at ``path``; a read-only memory map of it there.
+
+    Raises:
+        OnnxMergeError: the file cannot be written (a full disk), in one line.
+    """
+    data = np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<"))
+    try:
+        file.write(b"\0" * (-file.tell() % _ALIGNMENT))
+        offset = file.tell()
+        file.write(data.reshape(-1).view(np.uint8))  # its buffer as it is: no bytes copy
+        file.flush()
+    except OSError as error:
+        raise OnnxMergeError(f"{path}: cannot write the spill file of computed weights ({error.strerror or error}); "
+                             "free space there or set TMPDIR to a folder with room for the merged model") from error
+    return np.memmap(path, dtype=data.dtype, mode="r", offset=offset, shape=value.shape)
 
 
 _spill: Spill | None = None

@@ -149,6 +149,10 @@ def test_a_full_disk_while_spilling_is_one_line(tmp_path, monkeypatch):
     spill = weights.Spill(str(tmp_path))
     kept = spill.store(np.arange(6, dtype=np.float32).reshape(2, 3))
     np.testing.assert_array_equal(kept, np.arange(6).reshape(2, 3))  # what it writes reads back
+    apart = spill.apart(np.arange(12.0).reshape(4, 3))  # a file of its own, read back without mapping it
+    np.testing.assert_array_equal(weights.read_rows(apart, slice(1, 3)), np.arange(3.0, 9.0).reshape(2, 3))
+    weights.discard(apart)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spill.data"]
 
     class Full:
         def tell(self):

@@ -101,13 +101,15 @@ def test_statistics_a_block_per_pair_of_models_assemble_to_the_whole_bit_for_bit
             models = [i] if i == j else [i, j]
             block.add_moments(20, [totals[m] for m in models], products[i][j] if j >= i else products[j][i].T,
                               [shifts[m] for m in models])
-    spilled = [replace(b, outer=weights.spill().store(b.outer)) for b in blocks.values()]  # as the stage keeps them
+    spilled = [replace(b, outer=weights.spill().apart(b.outer)) for b in blocks.values()]  # as the stage keeps them
     assembled = SpaceStats.from_blocks(spilled[::-1], widths)
     np.testing.assert_array_equal(assembled.outer, whole.outer)
     np.testing.assert_array_equal(assembled.sum, whole.sum)
     assert assembled.count == whole.count
     with pytest.raises(CalibrationError, match="one per pair"):
         SpaceStats.from_blocks(spilled[1:], widths)
+    for block in spilled:
+        weights.discard(block.outer)
 
 
 def test_fast_update_is_close():

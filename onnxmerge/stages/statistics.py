@@ -139,8 +139,8 @@ class GroupedStatistics:
     def _by_blocks(self, k: int) -> SpaceStats:
         """Unit k's statistics, a pass over the data per ordered pair of models (i, j), each pass
         running only models i and j and holding only their block of X^T X (the same numbers as
-        computed whole); the finished blocks wait in the spill file (``weights.spill``), so
-        memory holds one block and the weights it reads."""
+        computed whole); the finished blocks wait in files of their own (``weights.spill``,
+        removed once assembled), so memory holds one block and the weights it reads."""
         members, per_model, widths, calib, options = self._args
         count = len(members)
         blocks = []
@@ -149,9 +149,12 @@ class GroupedStatistics:
             block, self.provider = collect_block([m.model for m in members], [units[k] for units in per_model],
                                                  lockstep_batches(calib, count, options.batch_size), widths[k], pair,
                                                  options.provider)
-            blocks.append(replace(block, outer=weights.spill().store(block.outer)))
+            blocks.append(replace(block, outer=weights.spill().apart(block.outer)))
             del block
-        return SpaceStats.from_blocks(blocks, widths[k])
+        stats = SpaceStats.from_blocks(blocks, widths[k])
+        for block in blocks:
+            weights.discard(block.outer)
+        return stats
 
     def __len__(self) -> int:
         return len(self._pass_of)
