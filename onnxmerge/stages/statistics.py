@@ -51,8 +51,9 @@ statistics computed in its own pass over the data and matched before the next
 (``GroupedStatistics``), so that memory stays near what the models' weights take. A space of
 n = sum of its widths d_i takes 8 n^2 bytes of statistics (float64 X^T X of every model's
 features) and 2 (n^2 + sum d_i^2) bytes of a batch's products (the float32 blocks on and above
-the diagonal, ``capture.moments_model``): 0.7 GB for two models 4096 wide. Read at each use, so
-that tests can lower it."""
+the diagonal, ``capture.moments_model``): 0.7 GB for two models 4096 wide. A space past the
+budget alone is computed a block (pair of models) a pass (``_blockwise``): 12 d_i d_j bytes
+and the two models' weights up to it. Read at each use, so that tests can lower it."""
 STATISTICS_FLOOR = 256 << 20
 
 
