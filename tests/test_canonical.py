@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -14,6 +15,8 @@ from onnxmerge.stages.statistics import plan_units
 from onnxmerge.sources import read_data, read_models
 from onnxmerge.graph.canonical import canonicalize, export_like
 from onnxmerge.graph.ir import import_graph, renamed_copy
+from onnxmerge.graph.shapes import SMALL_CONSTANT, _skeleton, infer_graph_shapes, infer_shapes
+from onnxmerge.graph.surgery import drop_shapes
 from tests.helpers import model, run_all, weights, with_opset
 
 
@@ -138,6 +141,54 @@ def test_one_channel_layout_transpose_is_a_reshape_and_cancels():
     m = graph_model(nodes, {"shape": np.array([-1, 1, 8, 8]), "w1": w(16, 1, 3, 3), "b1": w(16)},
                     ["N", 1, 8, 8], ["N", 16, 6, 6])
     assert canonical_ops(m, w(2, 1, 8, 8)) == ["Conv"]
+
+
+def test_a_constant_shared_behind_two_transposes_gets_one_initializer_per_use():
+    """Two ops reading one constant through layout transposes (torch dynamo's attention scale on
+    q and k): pushing each transpose makes one transposed constant per use, of one name; the
+    graph, kept across rounds, reads them as the model holds them: one tensor, then untied."""
+    nodes = [N("Conv", ["x", "w1"], ["c1"], kernel_shape=[1, 1]), N("Conv", ["x", "w2"], ["c2"], kernel_shape=[1, 1]),
+             N("Relu", ["c1"], ["r1"]), N("Relu", ["c2"], ["r2"]),
+             N("Transpose", ["r1"], ["t1"], perm=[0, 2, 3, 1]), N("Transpose", ["r2"], ["t2"], perm=[0, 2, 3, 1]),
+             N("Mul", ["t1", "scale"], ["m1"]), N("Mul", ["t2", "scale"], ["m2"]), N("Add", ["m1", "m2"], ["s"]),
+             N("Transpose", ["s"], ["out"], perm=[0, 3, 1, 2])]
+    m = graph_model(nodes, {"w1": w(16, 4, 1, 1), "w2": w(16, 4, 1, 1), "scale": w(16) + 1},
+                    ["N", 4, 8, 8], ["N", 16, 8, 8])
+    assert canonical_ops(m, w(2, 4, 8, 8)) == ["Conv", "Conv", "Relu", "Relu", "Mul", "Mul", "Add"]
+    canonical = canonicalize(m)
+    scales = [node.input[1] for node in canonical.graph.node if node.op_type == "Mul"]
+    assert len(set(scales)) == 2 and set(scales) <= {i.name for i in canonical.graph.initializer}
+
+
+def test_graph_shapes_are_a_fresh_import_of_the_inferred_export_without_its_weights():
+    """``infer_graph_shapes`` types each tensor as importing the inferred export would (shape
+    arithmetic on the batch symbol included, which symbolic inference completes), inferring
+    them on an export whose large weights are typed inputs: the skeleton inference always saw."""
+    nodes = [N("Conv", ["x", "w1", "b1"], ["c"], kernel_shape=[3, 3], pads=[1] * 4), N("Shape", ["c"], ["shape"]),
+             N("Gather", ["shape", "zero"], ["n"], axis=0), N("Mul", ["n", "two"], ["n2"]),
+             N("Unsqueeze", ["n2", "zeros"], ["lead"]), N("Concat", ["lead", "rest"], ["target"], axis=0),
+             N("Reshape", ["c", "target"], ["r"]), N("Relu", ["r"], ["out"])]
+    inits = {"w1": w(64, 8, 3, 3), "b1": w(64), "zero": np.array(0), "two": np.array(2), "zeros": np.array([0]),
+             "rest": np.array([-1])}
+    m = graph_model(nodes, inits, ["N", 8, 4, 4], ["M", 512])
+    graph = import_graph(m)
+    full = export_like(graph, m)
+    reference, skeleton = import_graph(infer_shapes(full)), _skeleton(full).SerializeToString()
+    exported = []
+
+    def export(g: gs.Graph) -> onnx.ModelProto:
+        proto = export_like(g, m)
+        exported.append(_skeleton(proto).SerializeToString())
+        assert all(np.prod(i.dims) <= SMALL_CONSTANT for i in proto.graph.initializer)
+        return proto
+
+    drop_shapes(graph)  # what the graph knew is forgotten: inference alone types the tensors
+    infer_graph_shapes(graph, export)
+    assert exported == [skeleton]
+    types = {name: (t.dtype, t.shape, t.type) for name, t in graph.tensors().items() if isinstance(t, gs.Variable)}
+    assert types == {name: (t.dtype, t.shape, t.type) for name, t in reference.tensors().items()
+                     if isinstance(t, gs.Variable)}
+    assert types["c"][1] == ["N", 64, 4, 4] and types["r"][1] == ["2*N", 512]
 
 
 def test_sum_divided_by_size_is_a_global_pool():

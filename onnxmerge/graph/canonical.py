@@ -4,12 +4,14 @@ Each pass takes an onnx-graphsurgeon graph and returns the number of rewrites it
 pipeline runs to a fixpoint under ``MAX_ROUNDS``. Passes for layout transposes are in
 ``transposes.py``, for weight layers, pooling and flattening in ``layers.py``: together they
 make one architecture written by different exporters into one graph, node by node; shape
-inference between rounds is in ``shapes.py``. The canonical model computes the same outputs as
-the input model; the caller's ModelProto is never modified.
+inference between rounds, on the one graph every round rewrites, is in ``shapes.py``. The
+canonical model computes the same outputs as the input model; the caller's ModelProto is
+never modified.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 
@@ -23,13 +25,13 @@ from ..errors import UnsupportedGraphError
 from ..options import MergeOptions
 from ..runtime import import_onnxruntime
 from .facts import op_facts
-from .ir import export_graph, import_graph
+from .ir import export_graph, import_graph, one_tensor_per_name
 from .layers import (CONVOLUTIONS, canonical_attributes, explicit_conv_biases, flatten_reshapes, fold_affine,
                      global_pools, matmul_to_gemm, normalize_gemm, output_channels, scale_output_channels)
 from .merged_axes import gemm_on_merged_rows, heads_through_batch
 from .norms import layer_norms, with_layer_norm_opset
 from .quantized import dequantize
-from .shapes import infer_shapes
+from .shapes import infer_graph_shapes, infer_shapes
 from .surgery import bypass, constant, shape_target
 from .transposes import (compose_transposes, is_noop_reshape, layout_transposes_as_reshapes, merge_reshapes,
                          push_transposes)
@@ -220,19 +222,19 @@ def canonicalize(model: onnx.ModelProto, *, bn: str = MergeOptions.bn) -> onnx.M
     # Folding huge or non-finite weights overflows quietly: merges refuse what results
     # (check_finite_parameters), and a function-preserving rewrite carries it along.
     with G_LOGGER.suppress(G_LOGGER.ERROR), np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        for _ in range(MAX_ROUNDS):
+        graph = import_graph(infer_shapes(proto))  # the one graph every round rewrites
+        del proto  # the graph's constants hold its weights: one copy of them, not two
+        export = functools.partial(export_like, like=source)
+        for index in range(MAX_ROUNDS):
             # passes read inferred shapes (gs folds Shape ops only where they are known), and a
             # round's rewrites can make more shapes known: infer again between rounds
-            graph = import_graph(infer_shapes(proto))
-            del proto  # the graph's constants hold its weights: one copy of them, not two
+            if index:
+                infer_graph_shapes(graph, export)
             changed = sum(p(graph) for p in passes)
             graph.cleanup().toposort()
-            proto = export_like(graph, source)
-            del graph  # before the next round imports another
+            one_tensor_per_name(graph)
             if not changed:
                 break
-        graph = import_graph(proto)
-        del proto
         untie_initializers(graph)
         graph.cleanup().toposort()
         return infer_shapes(export_like(graph, source))

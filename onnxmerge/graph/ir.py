@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.importers.onnx_importer import OnnxImporter
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from .. import weights
@@ -29,6 +30,33 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
         if isinstance(values, LazyValues) and weights.is_mapped(values.tensor):
             tensor._values = _MappedValues(values.tensor)
     return graph
+
+
+def record_types(graph: gs.Graph, model: onnx.ModelProto) -> None:
+    """Give ``graph``'s variables the types and shapes that ``model``, an export of it whose
+    shapes were inferred, records for them, as ``import_graph(model)`` would read them: a value
+    info, else the graph output's type; a variable with neither has none (a graph input keeps
+    its own). The graph then reads as if imported again, and no weight crossed the boundary."""
+    found: dict[str, gs.Variable] = {}
+    for info in list(model.graph.value_info) + list(model.graph.output):
+        found.setdefault(info.name, OnnxImporter.import_tensor(info))
+    inputs = {id(tensor) for tensor in graph.inputs}
+    for name, tensor in graph.tensors().items():
+        if isinstance(tensor, gs.Variable) and (name in found or id(tensor) not in inputs):
+            typed = found[name] if name in found else gs.Variable(name)
+            tensor.dtype, tensor.shape, tensor.type = typed.dtype, typed.shape, typed.type
+
+
+def one_tensor_per_name(graph: gs.Graph) -> None:
+    """Make each node read, under each name, the one tensor an export of ``graph`` writes for it
+    (the last ``graph.tensors()`` meets): a gs graph may hold two tensors of one name (a pass that
+    rewrites each use of a constant makes one per use) where a model holds one, so the graph
+    then reads as if exported and imported again."""
+    named = graph.tensors()
+    for node in graph.nodes:
+        for index, tensor in enumerate(node.inputs):
+            if tensor.name and named[tensor.name] is not tensor:
+                node.inputs[index] = named[tensor.name]
 
 
 def export_graph(graph: gs.Graph, **options) -> onnx.ModelProto:

@@ -1,6 +1,7 @@
 """Shape inference for the rules and passes: ONNX's own, completed by onnxruntime's symbolic
 inference where ONNX leaves a tensor unshaped or names a dimension afresh (the run-time shape
-arithmetic of dynamic axes), on a skeleton of the model without its large weights."""
+arithmetic of dynamic axes), on a skeleton of the model without its large weights; of a
+ModelProto (``infer_shapes``) or of a graphsurgeon graph in place (``infer_graph_shapes``)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,15 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
 from ..errors import UnsupportedGraphError
 from ..io import model_file, too_big
+from .ir import record_types
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +75,33 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     del model.graph.output[:]
     model.graph.output.extend(outputs)
     return model
+
+
+def infer_graph_shapes(graph: gs.Graph, export: Callable[[gs.Graph], onnx.ModelProto]) -> None:
+    """Record inferred shapes and types on ``graph``'s variables, as ``infer_shapes`` finds them
+    on ``export(graph)``, without exporting the weights: ``export`` (the exporter the caller
+    uses for the model: IR version, opsets, declared output types) writes a copy of the graph
+    whose large constants are typed inputs, the skeleton ``infer_shapes`` would make.
+
+    Raises:
+        UnsupportedGraphError: when ONNX's shape inference fails.
+    """
+    record_types(graph, infer_shapes(export(_weightless(graph))))
+
+
+def _weightless(graph: gs.Graph) -> gs.Graph:
+    """A copy of ``graph`` (sharing its weights) whose constants of more than ``SMALL_CONSTANT``
+    elements are typed graph inputs, after its own inputs in the order an export lists
+    initializers: ``_skeleton`` makes the same skeleton of its export as of the graph's."""
+    copy = graph.copy()
+    copy.mapped_weights = False  # exported to be read and dropped: nothing to spill
+    for mine, theirs in zip(copy.inputs, graph.inputs):
+        mine.type = theirs.type  # gs copies every variable as a tensor (a sequence input stays one)
+    for tensor in list(copy.tensors().values()):
+        if isinstance(tensor, gs.Constant) and int(np.prod(tensor.shape)) > SMALL_CONSTANT:
+            copy.inputs.append(tensor.to_variable(shape=list(tensor.shape)))
+            tensor.type = "tensor_type"  # what a Variable is made with; to_variable sets no type
+    return copy
 
 
 def _onnx_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
