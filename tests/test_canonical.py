@@ -160,6 +160,17 @@ def test_a_constant_shared_behind_two_transposes_gets_one_initializer_per_use():
     assert len(set(scales)) == 2 and set(scales) <= {i.name for i in canonical.graph.initializer}
 
 
+def test_a_constant_behind_two_different_transposes_keeps_each_value():
+    """One constant read through two different layout transposes is transposed back two ways:
+    two constants of different names (one name would keep one of them and change the function)."""
+    nodes = [N("Conv", ["x", "w1"], ["c1"], kernel_shape=[1, 1]), N("Conv", ["x", "w2"], ["c2"], kernel_shape=[1, 1]),
+             N("Relu", ["c1"], ["r1"]), N("Relu", ["c2"], ["r2"]),
+             N("Transpose", ["r1"], ["t1"], perm=[0, 2, 3, 1]), N("Transpose", ["r2"], ["t2"], perm=[0, 3, 1, 2]),
+             N("Mul", ["t1", "scale"], ["m1"]), N("Mul", ["t2", "scale"], ["m2"]), N("Add", ["m1", "m2"], ["out"])]
+    m = graph_model(nodes, {"w1": w(8, 4, 1, 1), "w2": w(8, 4, 1, 1), "scale": w(8) + 1}, ["N", 4, 8, 8], ["N", 8, 8, 8])
+    canonical_ops(m, w(2, 4, 8, 8))  # the canonical form computes the model's function
+
+
 def test_graph_shapes_are_a_fresh_import_of_the_inferred_export_without_its_weights():
     """``infer_graph_shapes`` types each tensor as importing the inferred export would (shape
     arithmetic on the batch symbol included, which symbolic inference completes), inferring
