@@ -59,6 +59,12 @@ def one_tensor_per_name(graph: gs.Graph) -> None:
                 node.inputs[index] = named[tensor.name]
 
 
+def has_mapped_weights(graph: gs.Graph) -> bool:
+    """``import_graph``'s ``mapped_weights`` flag; False for a graph made otherwise (a
+    ``copy()``). Read from the instance: gs logs an error for every attribute it lacks."""
+    return vars(graph).get("mapped_weights", False)
+
+
 def export_graph(graph: gs.Graph, **options) -> onnx.ModelProto:
     """``gs.export_onnx(graph, **options)``; a constant whose values are a whole memory map of a
     file is written as a reference to it (``weights.reference``), and in the graph of a model
@@ -66,7 +72,7 @@ def export_graph(graph: gs.Graph, **options) -> onnx.ModelProto:
     weight is recomputed, as REPAIR folds them all) a large computed one is spilled first
     (``weights.kept``), so that the exported model holds no weights in memory either. A copy
     (``graph.copy()``, exported to be read and dropped) spills nothing."""
-    mapped = getattr(graph, "mapped_weights", False)
+    mapped = has_mapped_weights(graph)
     for tensor in graph.tensors().values():
         if isinstance(tensor, gs.Constant) and not isinstance(tensor._values, LazyValues):
             reference = weights.reference(weights.kept(tensor._values, mapped), tensor.name)

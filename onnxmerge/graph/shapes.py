@@ -94,7 +94,6 @@ def _weightless(graph: gs.Graph) -> gs.Graph:
     elements are typed graph inputs, after its own inputs in the order an export lists
     initializers: ``_skeleton`` makes the same skeleton of its export as of the graph's."""
     copy = graph.copy()
-    copy.mapped_weights = False  # exported to be read and dropped: nothing to spill
     for mine, theirs in zip(copy.inputs, graph.inputs):
         mine.type = theirs.type  # gs copies every variable as a tensor (a sequence input stays one)
     for tensor in list(copy.tensors().values()):

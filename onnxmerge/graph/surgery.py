@@ -6,6 +6,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .. import weights
+from .ir import has_mapped_weights
 
 
 def constant(tensor: gs.Tensor) -> np.ndarray | None:
@@ -96,7 +97,7 @@ def replacement(graph: gs.Graph, old: gs.Tensor, values: np.ndarray, suffix: str
     reads ``old``, so folded parameters keep their names. In the graph of a model with mapped
     weights a large one is spilled at once (``weights.kept``): a pass folding every layer
     would otherwise hold all their new weights in memory until the graph is exported."""
-    values = weights.kept(values, getattr(graph, "mapped_weights", False))
+    values = weights.kept(values, has_mapped_weights(graph))
     if isinstance(old, gs.Constant) and len(old.outputs) == 1:
         return gs.Constant(old.name, values)
     return gs.Constant(f"{old.name}_{suffix}", values)
