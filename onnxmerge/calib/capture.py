@@ -213,8 +213,9 @@ def collect_block(models: list[onnx.ModelProto], units: list[CaptureUnit],
                   provider: str, *, threads: int | None = None) -> tuple[BlockStats, str]:
     """The block of one unit's statistics between models ``pair`` (i, j), streamed through a
     moments graph of those models alone (``moments_model`` with ``pairs``): one pass of a
-    space too large for its whole statistics (``stages.statistics``). Arguments as for
-    ``collect_statistics``, for one unit (``units``: per model; ``widths``: per model).
+    space too large for its whole statistics (``stages.statistics``), accumulated on the host
+    whatever runs the graph. Arguments as for ``collect_statistics``, for one unit (``units``:
+    per model; ``widths``: per model).
 
     Raises:
         ValueError: the models are not ``fusable`` (a caller bug).
@@ -253,7 +254,7 @@ def moments_model(models: list[onnx.ModelProto], units: list[list[CaptureUnit]],
                   pairs: Sequence[tuple[int, int]] | None = None) -> onnx.ModelProto | None:
     """One graph running every model side by side (names prefixed ``m<i>_``) that also
     computes each unit's batch moments, so onnxruntime does the products and only small
-    matrices leave it: per unit k, ``moments<k>_size`` (elements of model 0's features),
+    matrices leave it: per unit k, ``moments<k>_size`` (elements of the first model's features),
     ``moments<k>_shift<i>`` (model i's features at the batch's first position), and of the
     concatenated features minus that shift (float32 products near the mean, stats.py)
     ``moments<k>_sum<i>`` and the blocks ``moments<k>_outer<i>_<j>`` (i <= j) of X^T X; blocks
