@@ -25,7 +25,7 @@ from ..errors import UnsupportedGraphError
 from ..options import MergeOptions
 from ..runtime import import_onnxruntime
 from .facts import op_facts
-from .ir import export_graph, import_graph, one_tensor_per_name
+from .ir import export_graph, import_graph, initializers_apart, one_tensor_per_name
 from .layers import (CONVOLUTIONS, canonical_attributes, explicit_conv_biases, flatten_reshapes, fold_affine,
                      global_pools, matmul_to_gemm, normalize_gemm, output_channels, scale_output_channels)
 from .merged_axes import gemm_on_merged_rows, heads_through_batch
@@ -213,7 +213,9 @@ def canonicalize(model: onnx.ModelProto, *, bn: str = MergeOptions.bn) -> onnx.M
     """
     if bn not in BN_MODES:
         raise UnsupportedGraphError(f"unknown BatchNormalization mode {bn!r}; use one of {BN_MODES}")
-    proto = with_layer_norm_opset(infer_shapes(_constant_initializers(model)))
+    # old IR versions list every weight as a graph input too: here they are constants, and the IR
+    # version becomes one where initializers need not be inputs (onnx.checker insists)
+    proto = with_layer_norm_opset(infer_shapes(initializers_apart(model, INITIALIZERS_APART_IR)))
     # what export_like copies from the source, without its weights: a model's worth less memory
     source = onnx.ModelProto(ir_version=proto.ir_version, opset_import=proto.opset_import,
                              metadata_props=proto.metadata_props, graph=onnx.GraphProto(output=proto.graph.output))
@@ -238,17 +240,6 @@ def canonicalize(model: onnx.ModelProto, *, bn: str = MergeOptions.bn) -> onnx.M
         untie_initializers(graph)
         graph.cleanup().toposort()
         return infer_shapes(export_like(graph, source))
-
-
-def _constant_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` whose initializers are constants. Old IR versions list every weight as
-    a graph input too (IR 3 requires it); here they are constants, so those inputs go and the IR
-    version becomes at least 4, where initializers need not be inputs (onnx.checker insists)."""
-    graph = import_graph(model)
-    graph.inputs = [tensor for tensor in graph.inputs if not isinstance(tensor, gs.Constant)]
-    proto = export_like(graph, model)
-    proto.ir_version = max(proto.ir_version, INITIALIZERS_APART_IR)
-    return proto
 
 
 def export_like(graph: gs.Graph, like: onnx.ModelProto, *, provenance: bool = True,

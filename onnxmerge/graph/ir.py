@@ -59,6 +59,21 @@ def one_tensor_per_name(graph: gs.Graph) -> None:
                 node.inputs[index] = named[tensor.name]
 
 
+def initializers_apart(model: onnx.ModelProto, ir_version: int) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph inputs do not list its initializers (IR 3 lists every
+    weight as an input too), of IR version ``ir_version`` at least. A proto copy at the
+    boundary: importing and exporting the graph for it serialised every weight once more
+    (+25 % of the analysis of a BN-folded ResNet-50)."""
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model)  # mapped tensors are references: no weights are copied for them
+    names = {init.name for init in proto.graph.initializer}
+    kept = [tensor for tensor in proto.graph.input if tensor.name not in names]
+    del proto.graph.input[:]
+    proto.graph.input.extend(kept)
+    proto.ir_version = max(proto.ir_version, ir_version)
+    return proto
+
+
 def has_mapped_weights(graph: gs.Graph) -> bool:
     """``import_graph``'s ``mapped_weights`` flag; False for a graph made otherwise (a
     ``copy()``). Read from the instance: gs logs an error for every attribute it lacks."""
