@@ -388,7 +388,8 @@ class BlockStats:
     def add_moments(self, count: int, totals: list[np.ndarray], block: np.ndarray, shifts: list[np.ndarray]) -> None:
         """Add a batch's moments (as ``SpaceStats.add_moments``, of this pair's models only):
         per model the sum of x - shift and the shift, and the block of sum (x - s_i)(x - s_j)^T
-        (for i > j, the transpose of the (j, i) block a moments graph computes).
+        (for i > j, the transpose of the (j, i) block a moments graph computes; a float64
+        block is used in place, as ``SpaceStats.add_moments`` uses its outer products).
 
         Raises:
             CalibrationError: a model produced NaN/Inf features, or the products overflowed.
