@@ -215,7 +215,8 @@ def canonicalize(model: onnx.ModelProto, *, bn: str = MergeOptions.bn) -> onnx.M
         raise UnsupportedGraphError(f"unknown BatchNormalization mode {bn!r}; use one of {BN_MODES}")
     # old IR versions list every weight as a graph input too: here they are constants, and the IR
     # version becomes one where initializers need not be inputs (onnx.checker insists)
-    proto = with_layer_norm_opset(infer_shapes(initializers_apart(model, INITIALIZERS_APART_IR)))
+    inferred = infer_shapes(initializers_apart(model, INITIALIZERS_APART_IR))
+    proto = with_layer_norm_opset(inferred)
     # what export_like copies from the source, without its weights: a model's worth less memory
     source = onnx.ModelProto(ir_version=proto.ir_version, opset_import=proto.opset_import,
                              metadata_props=proto.metadata_props, graph=onnx.GraphProto(output=proto.graph.output))
@@ -224,8 +225,9 @@ def canonicalize(model: onnx.ModelProto, *, bn: str = MergeOptions.bn) -> onnx.M
     # Folding huge or non-finite weights overflows quietly: merges refuse what results
     # (check_finite_parameters), and a function-preserving rewrite carries it along.
     with G_LOGGER.suppress(G_LOGGER.ERROR), np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        graph = import_graph(infer_shapes(proto))  # the one graph every round rewrites
-        del proto  # the graph's constants hold its weights: one copy of them, not two
+        # the one graph every round rewrites (a raised opset's model is inferred again)
+        graph = import_graph(proto if proto is inferred else infer_shapes(proto))
+        del proto, inferred  # the graph's constants hold its weights: one copy of them, not two
         export = functools.partial(export_like, like=source)
         for index in range(MAX_ROUNDS):
             # passes read inferred shapes (gs folds Shape ops only where they are known), and a
