@@ -5,6 +5,9 @@ reference to the file, not copied into the model."""
 
 from __future__ import annotations
 
+import itertools
+
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.importers.onnx_importer import OnnxImporter
@@ -51,12 +54,26 @@ def one_tensor_per_name(graph: gs.Graph) -> None:
     """Make each node read, under each name, the one tensor an export of ``graph`` writes for it
     (the last ``graph.tensors()`` meets): a gs graph may hold two tensors of one name (a pass that
     rewrites each use of a constant makes one per use) where a model holds one, so the graph
-    then reads as if exported and imported again."""
+    then reads as if exported and imported again. A constant of other values than the one kept
+    under its name (the same constant rewritten two ways) is renamed instead: merging it would
+    change the function."""
     named = graph.tensors()
+    taken = set(named)
     for node in graph.nodes:
         for index, tensor in enumerate(node.inputs):
-            if tensor.name and named[tensor.name] is not tensor:
-                node.inputs[index] = named[tensor.name]
+            kept = named.get(tensor.name) if tensor.name else None
+            if kept is None or kept is tensor:
+                continue
+            if _same_constant(kept, tensor) or not isinstance(tensor, gs.Constant):
+                node.inputs[index] = kept
+            else:
+                tensor.name = next(name for k in itertools.count(1) if (name := f"{tensor.name}_{k}") not in taken)
+                taken.add(tensor.name)
+
+
+def _same_constant(a: gs.Tensor, b: gs.Tensor) -> bool:
+    return (isinstance(a, gs.Constant) and isinstance(b, gs.Constant) and a.values.dtype == b.values.dtype
+            and np.array_equal(a.values, b.values))
 
 
 def initializers_apart(model: onnx.ModelProto, ir_version: int) -> onnx.ModelProto:

@@ -119,7 +119,7 @@ def _transpose_operands(graph: gs.Graph, transpose: gs.Node, op: gs.Node, perm: 
             if value.ndim > rank:
                 return False
             full = value.reshape((1,) * (rank - value.ndim) + value.shape)
-            updates[index] = _untransposed(graph, tensor.name, np.ascontiguousarray(full.transpose(inverse)), inverse)
+            updates[index] = gs.Constant(f"{tensor.name}_untransposed", np.ascontiguousarray(full.transpose(inverse)))
             continue
         other = producer(tensor)
         if other is None or _perm(other) != perm or sole_consumer(graph, tensor) is not op:
@@ -128,17 +128,6 @@ def _transpose_operands(graph: gs.Graph, transpose: gs.Node, op: gs.Node, perm: 
     for index, tensor in updates.items():
         op.inputs[index] = tensor
     return True
-
-
-def _untransposed(graph: gs.Graph, name: str, values: np.ndarray, inverse: list[int]) -> gs.Constant:
-    """The constant ``name`` transposed back by ``inverse``, named ``<name>_untransposed``, or
-    with the permutation in its name too when a constant of that name already holds other
-    values (the same constant behind a different transpose): export keeps one tensor per name."""
-    plain = f"{name}_untransposed"
-    taken = graph.tensors().get(plain)
-    if taken is None or (isinstance(taken, gs.Constant) and np.array_equal(taken.values, values)):
-        return gs.Constant(plain, values)
-    return gs.Constant(f"{plain}_{'_'.join(str(int(a)) for a in inverse)}", values)
 
 
 def _transpose_reduction(graph: gs.Graph, op: gs.Node, perm: list[int]) -> list[int] | None:
