@@ -417,10 +417,8 @@ def pooled_similarity(stats: Sequence[SpaceStats], *, consume: bool = False) -> 
     does not outweigh the others; one tensor's is its own similarity exactly. ``consume``: as
     ``SpaceStats.similarity``'s, for every one of ``stats``."""
     total = sum(s.count for s in stats)
-    if len(stats) == 1:
-        return stats[0].similarity(consume=consume)
     pooled = stats[0].similarity(consume=consume)
-    pooled *= stats[0].count / total
+    pooled *= stats[0].count / total  # one tensor's: times 1.0, its similarity exactly
     for more in stats[1:]:  # summed in place, in the order of the plain sum (the same numbers)
         similarity = more.similarity(consume=consume)
         similarity *= more.count / total
